@@ -1,0 +1,193 @@
+"""Content-addressed blob files: the write protocol and verified reads.
+
+A blob is one safetensors file named by the xxh3-128 of its bytes, sharded as
+`blobs/ab/cdef….safetensors`. Writes go temp file → hash → fsync → `os.replace` → fsync the
+shard directory, so a crash leaves either the whole blob or a stale temp file that gc removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import xxhash
+
+from .errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
+from .formats import BLOB_SUFFIX
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_file(fd: int) -> None:
+    """Flush a file to stable storage; on macOS fsync alone stops at the drive's cache."""
+    if sys.platform == "darwin":
+        import fcntl
+
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass  # some filesystems (network, FUSE) refuse F_FULLFSYNC; fsync is the best left
+    os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync_file(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_buffers(buffers: Iterable[bytes | memoryview]) -> str:
+    h = xxhash.xxh3_128()
+    for b in buffers:
+        h.update(b)
+    return h.hexdigest()
+
+
+def _translate_os_error(e: OSError, what: str) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFullError(e.errno, f"disk full while {what}; nothing was committed")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ReadOnlyStoreError(f"cannot write the store while {what}: {e.strerror}")
+    return e
+
+
+class BlobStore:
+    """The `blobs/` and `tmp/` folders of a store."""
+
+    def __init__(self, root: Path, durable: bool = True):
+        self.root = Path(root)
+        self.blob_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.durable = durable
+
+    def ensure_dirs(self) -> None:
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, blob_id: str) -> Path:
+        return self.blob_dir / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(self, buffers: list[bytes | memoryview], blob_id: str | None = None) -> tuple[str, int, bool]:
+        """Store a blob made of `buffers`; return (id, bytes, written) where written is False for a dedup hit.
+
+        An existing file with the same name is re-hashed, not trusted: a damaged one is replaced.
+        The caller fsyncs the shard directories it touched (`sync_dirs`) before committing.
+        """
+        blob_id = blob_id or hash_buffers(buffers)
+        nbytes = sum(len(b) for b in buffers)
+        target = self.path(blob_id)
+        if target.exists() and self.verify(blob_id):
+            try:
+                os.utime(target)  # fresh mtime keeps a concurrent gc's grace period away from it
+            except OSError:
+                pass
+            return blob_id, nbytes, False
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for b in buffers:
+                    view = memoryview(b).cast("B")
+                    while view:
+                        view = view[os.write(fd, view):]
+                if self.durable:
+                    fsync_file(fd)
+            finally:
+                os.close(fd)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise _translate_os_error(e, f"writing blob {blob_id}") from e
+        return blob_id, nbytes, True
+
+    def sync_dirs(self, blob_ids: Iterable[str]) -> None:
+        """fsync each shard directory once: the renames into them become durable."""
+        if not self.durable:
+            return
+        for shard in sorted({b[:2] for b in blob_ids}):
+            fsync_dir(self.blob_dir / shard)
+        fsync_dir(self.blob_dir)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read(self, blob_id: str, agent: str | None = None) -> bytearray:
+        """The blob's bytes, checked against its name."""
+        path = self.path(blob_id)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                data = bytearray(size)
+                view = memoryview(data)
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            who = f" (needed by agent {agent!r})" if agent else ""
+            raise MissingBlobError(f"blob {blob_id} is missing from {self.blob_dir}{who}", blob_id, agent) from None
+        if got != size or xxhash.xxh3_128_hexdigest(data) != blob_id:
+            who = f" (needed by agent {agent!r})" if agent else ""
+            raise CorruptBlobError(f"blob {blob_id} is corrupt: its bytes no longer match its hash{who}",
+                                   blob_id, agent)
+        return data
+
+    def verify(self, blob_id: str) -> bool:
+        try:
+            self.read(blob_id)
+            return True
+        except (CorruptBlobError, MissingBlobError):
+            return False
+
+    # -- listing and removal (gc, fsck) ----------------------------------------------------
+
+    def iter_files(self) -> Iterator[tuple[str, Path]]:
+        """(blob id, path) of every blob-shaped file on disk."""
+        if not self.blob_dir.is_dir():
+            return
+        with os.scandir(self.blob_dir) as shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir():
+                    continue
+                with os.scandir(shard.path) as files:
+                    for entry in files:
+                        if entry.name.endswith(BLOB_SUFFIX):
+                            yield shard.name + entry.name[: -len(BLOB_SUFFIX)], Path(entry.path)
+
+    def iter_temp(self) -> Iterator[Path]:
+        if self.tmp_dir.is_dir():
+            for p in self.tmp_dir.iterdir():
+                yield p
+
+    def remove(self, blob_id: str) -> int:
+        """Delete a blob file; return the bytes freed (0 if it was already gone)."""
+        path = self.path(blob_id)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
+    @staticmethod
+    def age(path: Path, now: float | None = None) -> float:
+        try:
+            return (now or time.time()) - path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0

@@ -1,0 +1,123 @@
+"""Model fingerprints: xxh3-128 over everything that changes KV values.
+
+A cache made by one model must never be loaded into another, so the fingerprint covers the
+canonical config, the identity of every weight file (name, size, content hash), the dtype, the KV
+quantization settings and the format version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .formats import FORMAT_VERSION
+
+# Config keys that do not change a single KV value (bookkeeping written by tools).
+_COSMETIC_KEYS = {"_name_or_path", "transformers_version", "architectures", "kvstore_builtin", "auto_map"}
+_WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf", ".bin")
+_cache_lock = threading.Lock()
+
+
+def _hash_cache_path() -> Path:
+    root = os.environ.get("KVSTORE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvstore")
+    return Path(root) / "weight-hashes.json"
+
+
+def _file_hash(path: Path) -> str:
+    """xxh3-128 of a weight file, cached by (path, mtime, size): hashing 16 GB on every open is too slow."""
+    st = path.stat()
+    cache_key = f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+    cache_file = _hash_cache_path()
+    with _cache_lock:
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if cache_key in cached:
+            return cached[cache_key]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    with _cache_lock:
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        cached[cache_key] = digest
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _from_directory(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in _COSMETIC_KEYS}
+    weights = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        raise FileNotFoundError(f"{path} has no weight files")
+    files = [[p.name, p.stat().st_size, _file_hash(p)] for p in weights]
+    return {"config": config, "weights": files}
+
+
+def _from_module(model: Any) -> dict:
+    """Identity of an already loaded mlx model: its args and a hash of every parameter."""
+    from mlx.utils import tree_flatten
+    import mlx.core as mx
+    import numpy as np
+
+    h = xxhash.xxh3_128()
+    names = []
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        names.append([name, list(value.shape), str(value.dtype)])
+        if value.dtype == mx.bfloat16:
+            value = value.view(mx.uint16)
+        h.update(memoryview(np.asarray(value)).cast("B"))
+    args = getattr(model, "args", None)
+    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
+    config = {k: v for k, v in config.items() if k not in _COSMETIC_KEYS}
+    return {"config": config, "params": names, "params_hash": h.hexdigest()}
+
+
+def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 64, dtype: str | None = None) -> str:
+    """Fingerprint (32 hex chars) of a model directory, a `(model, tokenizer)` pair or a loaded model.
+
+    `kv_bits`/`kv_group_size` name the KV quantization the caches use (None: not quantized);
+    `dtype` the dtype the model computes in, where it differs from its weights.
+    """
+    if isinstance(model, (tuple, list)) and model:
+        model = model[0]
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        ident = _from_directory(path)
+    else:
+        cached = getattr(model, "_kvstore_identity", None)
+        if cached is None:
+            cached = _from_module(model)
+            try:
+                object.__setattr__(model, "_kvstore_identity", cached)
+            except (AttributeError, TypeError):
+                pass
+        ident = cached
+    ident = dict(ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None,
+                 format=FORMAT_VERSION)
+    return xxhash.xxh3_128_hexdigest(_canonical(ident))

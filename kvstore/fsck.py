@@ -1,0 +1,155 @@
+"""fsck: re-hash every blob, check every reference both ways, and optionally repair.
+
+Repair keeps primary data: an agent's snapshots keep their token ids even when the KV of some
+chunks has to go; those snapshots are listed in `needs_recompute` (the agent manager re-prefills
+them on its next turn).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete, func, select, update
+
+from . import db, schema
+from .errors import CorruptBlobError, MissingBlobError
+from .keys import chunk_keys, chunk_spans, tokens_from_bytes
+from .records import FsckReport, Problem
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def _check_blob(store: "Store", blob_id: str, nbytes: int) -> tuple[str, str] | None:
+    """None if the blob is sound, else (kind, detail)."""
+    path = store.blobs.path(blob_id)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing_blob", f"{path} is missing"
+    if size != nbytes:
+        return "corrupt_blob", f"{path} is {size} bytes, the index says {nbytes}"
+    try:
+        store.blobs.read(blob_id)
+    except CorruptBlobError:
+        return "corrupt_blob", f"{path} no longer hashes to its name"
+    except MissingBlobError:
+        return "missing_blob", f"{path} is missing"
+    return None
+
+
+def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | None]]:
+    """Snapshots whose token ids do not re-derive their chunk list, or whose rows point nowhere."""
+    s, sc, m, a = schema.snapshots, schema.snapshot_chunks, schema.models, schema.agents
+    out = []
+    fps = dict(conn.execute(select(m.c.id, m.c.fingerprint)).all())
+    listed = conn.execute(select(sc.c.snapshot_id, sc.c.seq, sc.c.chunk_key).order_by(sc.c.snapshot_id, sc.c.seq))
+    chunk_lists = {sid: [bytes(r.chunk_key) for r in rows] for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)}
+    for sid, model_id, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.tokens)):
+        keys = chunk_keys(fps[model_id], tokens_from_bytes(tokens), chunk_size)
+        if chunk_lists.get(sid, []) != keys:
+            out.append((Problem("token_mismatch", f"snapshot {sid}",
+                                "its token ids do not re-derive the chunks it lists"), sid, None))
+    known_chunks = select(schema.chunks.c.key)
+    for sid, key in conn.execute(select(sc.c.snapshot_id, sc.c.chunk_key).where(sc.c.chunk_key.not_in(known_chunks))):
+        out.append((Problem("dangling_ref", f"snapshot {sid}", f"lists chunk {bytes(key).hex()} which has no row"),
+                    sid, bytes(key)))
+    for name, head in conn.execute(select(a.c.name, a.c.head).where(a.c.head.is_not(None),
+                                                                      a.c.head.not_in(select(s.c.id)))):
+        out.append((Problem("dangling_ref", f"agent {name}", f"head snapshot {head} does not exist"), -1, None))
+    return out
+
+
+def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckReport:
+    t0 = time.perf_counter()
+    problems: list[Problem] = []
+    with db.transaction(store.engine, write=False, what="checking the index") as conn:
+        blob_rows = conn.execute(select(schema.blobs.c.id, schema.blobs.c.nbytes)).all()
+        snap_problems = _check_snapshots(conn, store.chunk_size)
+        cl = schema.chunk_layers
+        dangling_layers = conn.execute(select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id)
+                                       .where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))).all()
+    problems += [p for p, _, _ in snap_problems]
+    problems += [Problem("dangling_ref", f"chunk {bytes(k).hex()} layer {layer}", f"names blob {b} which has no row")
+                 for k, layer, b in dangling_layers]
+
+    bad_blobs: dict[str, Problem] = {}
+    total = len(blob_rows)
+    done = checked_bytes = 0
+    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
+        for (blob_id, nbytes), result in zip(blob_rows, pool.map(lambda r: _check_blob(store, r[0], r[1]), blob_rows)):
+            done += 1
+            checked_bytes += int(nbytes)
+            if result is not None:
+                bad_blobs[blob_id] = Problem(result[0], blob_id, result[1])
+            if progress and (done % 256 == 0 or done == total):
+                progress(done, total)
+    problems += list(bad_blobs.values())
+
+    known = {b for b, _ in blob_rows}
+    now = time.time()
+    stray = [(b, p) for b, p in store.blobs.iter_files() if b not in known and store.blobs.age(p, now) > grace]
+    problems += [Problem("orphan_file", str(p), "a blob file no index row names (a crashed save's leftover)")
+                 for _, p in stray]
+    temps = [p for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace]
+    problems += [Problem("stale_temp", str(p), "an unfinished write's temp file") for p in temps]
+
+    needs_recompute: set[int] = set()
+    if repair and problems:
+        needs_recompute = _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps)
+        problems = [Problem(p.kind, p.subject, p.detail, repaired=True) for p in problems]
+    return FsckReport(blobs_checked=total, bytes_checked=checked_bytes, problems=tuple(problems),
+                      needs_recompute=tuple(sorted(needs_recompute)), repaired=repair,
+                      seconds=round(time.perf_counter() - t0, 3))
+
+
+def _snapshots_using(conn, chunk_keys_: list[bytes]) -> set[int]:
+    sc = schema.snapshot_chunks
+    out: set[int] = set()
+    for i in range(0, len(chunk_keys_), 400):
+        out |= {sid for (sid,) in conn.execute(select(sc.c.snapshot_id).where(sc.c.chunk_key.in_(chunk_keys_[i:i + 400])))}
+    return out
+
+
+def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> set[int]:
+    cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks,
+                       schema.agents)
+    affected: set[int] = set()
+    with db.transaction(store.engine, write=True, what="repairing the store") as conn:
+        bad_ids = list(bad_blobs)
+        lost_chunks = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id.in_(bad_ids)))] \
+            if bad_ids else []
+        lost_chunks += [bytes(k) for k, _, _ in dangling_layers]
+        affected |= _snapshots_using(conn, lost_chunks)
+        if bad_ids:
+            conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))
+            conn.execute(delete(b).where(b.c.id.in_(bad_ids)))
+        for k, layer, _ in dangling_layers:
+            conn.execute(delete(cl).where(cl.c.chunk_key == k, cl.c.layer == layer))
+        fps = dict(conn.execute(select(schema.models.c.id, schema.models.c.fingerprint)).all())
+        for problem, sid, _key in snap_problems:
+            if problem.subject.startswith("agent "):
+                name = problem.subject[len("agent "):]
+                newest = select(func.max(s.c.id)).where(s.c.agent_id == a.c.id).scalar_subquery()
+                conn.execute(update(a).where(a.c.name == name).values(head=newest))
+                continue
+            # The token ids are the primary record: rebuild the chunk list from them.
+            snap = conn.execute(select(s.c.model_id, s.c.tokens).where(s.c.id == sid)).first()
+            keys = chunk_keys(fps[snap.model_id], tokens_from_bytes(snap.tokens), store.chunk_size)
+            spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
+            conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
+            db.insert_ignore(conn, schema.chunks, [{"key": k, "model_id": snap.model_id, "seq": i, "length": ln}
+                                                   for i, (k, (_st, ln)) in enumerate(zip(keys, spans))])
+            if keys:
+                conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+            affected.add(sid)
+        for blob_id in bad_ids:  # files go after their rows, under the same write lock
+            store.blobs.remove(blob_id)
+        for _, path in stray:
+            path.unlink(missing_ok=True)
+        for path in temps:
+            path.unlink(missing_ok=True)
+    return affected

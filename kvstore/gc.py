@@ -1,0 +1,168 @@
+"""Garbage collection: retention, then unreferenced chunks, then blob files past the grace period.
+
+Order matters for safety against concurrent saves: rows go first (one transaction), files only
+after that commit, and only under the write lock once no row names them again and their mtime is
+older than the grace period (a save touches a file it dedups against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from sqlalchemy import and_, delete, func, not_, or_, select, text
+
+from . import db, schema
+from .errors import StoreLockedError
+from .records import GcReport
+from .writer import _ids
+
+if TYPE_CHECKING:
+    from .store import Store
+
+FILE_BATCH = 1000  # files removed per write transaction: keeps the write lock short for savers
+
+
+@contextlib.contextmanager
+def gc_lock(store: "Store") -> Iterator[None]:
+    """One gc at a time per store: a file lock beside a SQLite index, an advisory lock on PostgreSQL."""
+    if store.engine.dialect.name == "postgresql":
+        with store.engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": db.PG_GC_LOCK}).scalar()
+            if not got:
+                raise StoreLockedError("another gc is running on this store")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.PG_GC_LOCK})
+                conn.commit()
+        return
+    path = store.path / "gc.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreLockedError(f"another gc is running on {store.path}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def doomed_snapshots_query(keep_last: int):
+    """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept."""
+    s, a = schema.snapshots, schema.agents
+    newer = (select(func.count()).select_from(s.alias("newer"))
+             .where(and_(text("newer.agent_id = snapshots.agent_id"), text("newer.id > snapshots.id")))
+             .scalar_subquery())
+    heads = select(a.c.head).where(a.c.head.is_not(None))
+    return select(s.c.id).where(and_(newer >= keep_last, not_(s.c.id.in_(heads)), s.c.pinned == False,  # noqa: E712
+                                     s.c.label.is_(None)))
+
+
+def _unreferenced_chunks():
+    sc, c = schema.snapshot_chunks, schema.chunks
+    return select(c.c.key).where(not_(c.c.key.in_(select(sc.c.chunk_key))))
+
+
+def _unreferenced_blobs():
+    cl, b = schema.chunk_layers, schema.blobs
+    return select(b.c.id, b.c.nbytes).where(not_(b.c.id.in_(select(cl.c.blob_id))))
+
+
+def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=None) -> GcReport:
+    if not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be a whole number >= 1, not {keep_last!r}")
+    t0 = time.perf_counter()
+    with gc_lock(store):
+        if dry_run:
+            return _dry_run(store, keep_last, grace, t0)
+        with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
+            doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+            for part in _ids(doomed):
+                conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
+                conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
+            chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
+            for part in _ids(chunk_keys):
+                conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
+                conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))
+            dead = conn.execute(_unreferenced_blobs()).all()
+            for part in _ids([b for b, _ in dead]):
+                conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
+        files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
+        temps = _sweep_temp(store, grace)
+    return GcReport(dry_run=False, snapshots_removed=len(doomed), chunks_removed=len(chunk_keys),
+                    blobs_removed=len(dead), files_removed=files, temp_removed=temps, bytes_freed=freed,
+                    seconds=round(time.perf_counter() - t0, 3))
+
+
+def _known_blob_ids(conn) -> set[str]:
+    return {b for (b,) in conn.execute(select(schema.blobs.c.id))}
+
+
+def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str]) -> tuple[int, int]:
+    """Remove the files of blobs whose rows this gc removed, and files no row names older than the grace period.
+
+    A file without a row may be a save in flight (written, not yet committed): the grace period
+    leaves it alone. Should a save rely on a file removed here anyway, its commit sees it gone and
+    writes it again (writer._commit).
+    """
+    now = time.time()
+    with db.transaction(store.engine, write=False, what="listing blobs") as conn:
+        known = _known_blob_ids(conn)
+    candidates = [(b, p) for b, p in store.blobs.iter_files() if b not in known]
+    candidates = [(b, p) for b, p in candidates if b in unreferenced or store.blobs.age(p, now) > grace]
+    removed = freed = 0
+    total = len(candidates)
+    for i in range(0, total, FILE_BATCH):
+        batch = candidates[i : i + FILE_BATCH]
+        with db.transaction(store.engine, write=True, what="removing blob files") as conn:
+            # Re-check under the write lock: a save may have committed a row for one of them since.
+            back = {b for (b,) in conn.execute(select(schema.blobs.c.id).where(
+                schema.blobs.c.id.in_([b for b, _ in batch])))}
+            for blob_id, path in batch:
+                if blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace):
+                    continue
+                size = store.blobs.remove(blob_id)
+                removed += 1
+                freed += size
+        if progress:
+            progress(min(i + FILE_BATCH, total), total)
+    return removed, freed
+
+
+def _sweep_temp(store: "Store", grace: float) -> int:
+    n = 0
+    for p in list(store.blobs.iter_temp()):
+        if store.blobs.age(p) > grace:
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _dry_run(store: "Store", keep_last: int, grace: float, t0: float) -> GcReport:
+    """What gc would remove, counted without changing anything."""
+    with db.transaction(store.engine, write=False, what="planning gc") as conn:
+        doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+        sc, cl, b = schema.snapshot_chunks, schema.chunk_layers, schema.blobs
+        surviving = select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else \
+            select(sc.c.chunk_key)
+        dead_chunks = [k for (k,) in conn.execute(select(schema.chunks.c.key).where(
+            not_(schema.chunks.c.key.in_(surviving))))]
+        live_blobs = select(cl.c.blob_id).where(cl.c.chunk_key.in_(surviving))
+        dead = conn.execute(select(b.c.id, b.c.nbytes).where(not_(b.c.id.in_(live_blobs)))).all()
+        known = _known_blob_ids(conn)
+    now = time.time()
+    dead_ids = {bid for bid, _ in dead}
+    orphans = [(bid, p) for bid, p in store.blobs.iter_files()
+               if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace]
+    temps = sum(1 for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace)
+    freed = sum(n for _, n in dead) + sum(p.stat().st_size for _, p in orphans)
+    return GcReport(dry_run=True, snapshots_removed=len(doomed), chunks_removed=len(dead_chunks),
+                    blobs_removed=len(dead), files_removed=len(dead) + len(orphans), temp_removed=temps,
+                    bytes_freed=freed, seconds=round(time.perf_counter() - t0, 3))

@@ -1,0 +1,50 @@
+"""Chunk addressing: the xxh3-128 hash chain over a model fingerprint and token ids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import xxhash
+
+KEY_BYTES = 16
+
+
+def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as a little-endian uint32 array (the hashed and stored form)."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must fit in uint32")
+    return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def tokens_to_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    return tokens_to_array(tokens).tobytes()
+
+
+def tokens_from_bytes(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<u4").tolist()
+
+
+def chunk_keys(fingerprint: str, tokens: Sequence[int] | np.ndarray, chunk_size: int) -> list[bytes]:
+    """Keys K_0..K_m: K_0 = H(F || chunk_0), K_i = H(K_{i-1} || chunk_i); a trailing partial chunk too.
+
+    A key names the KV of a chunk given its whole prefix, so equal prefixes give equal keys
+    in any process.
+    """
+    data = tokens_to_array(tokens).tobytes()
+    step = chunk_size * 4
+    prev = bytes.fromhex(fingerprint)
+    keys = []
+    digest = xxhash.xxh3_128_digest
+    for start in range(0, len(data), step):
+        prev = digest(prev + data[start : start + step])
+        keys.append(prev)
+    return keys
+
+
+def chunk_spans(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, length) of each chunk of an n-token sequence."""
+    return [(s, min(chunk_size, n_tokens - s)) for s in range(0, n_tokens, chunk_size)]

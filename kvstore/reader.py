@@ -1,0 +1,209 @@
+"""The read path: find the longest stored prefix, read and check its blobs, build mlx-lm caches."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+from sqlalchemy import select
+
+from . import codec, db, schema, tensorfile
+from .errors import MissingBlobError, ModelMismatchError, TokenMismatchError, UnknownAgentError
+from .keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
+from .records import Match
+from .writer import _ids
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]:
+    """{(chunk key, slot): (blob id, first)} for the given keys."""
+    cl = schema.chunk_layers
+    out = {}
+    for part in _ids(keys):
+        for k, layer, blob_id, first in conn.execute(
+                select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))):
+            out[(bytes(k), layer)] = (blob_id, first)
+    return out
+
+
+def _model_layout(conn, model: str):
+    row = conn.execute(select(schema.models.c.layout).where(schema.models.c.fingerprint == model)).first()
+    return None if row is None else codec.layout_from_json(json.loads(row.layout))
+
+
+def plan(slots, keys: list[bytes], spans, n_tokens: int, layers: dict) -> list[list[tuple[str, int, int]]] | None:
+    """Per slot, the blobs (id, first, chunk start) that rebuild it at n_tokens; None if one is missing."""
+    if n_tokens == 0:
+        return [[] for _ in slots]
+    last = next(i for i, (s, ln) in enumerate(spans) if s + ln == n_tokens)
+    out = []
+    for s, slot in enumerate(slots):
+        if slot.kind == "state":
+            hit = layers.get((keys[last], s))
+            if hit is None:
+                return None
+            out.append([(hit[0], 0, spans[last][0])])
+            continue
+        need_from = codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0
+        got = []
+        for i in range(last + 1):
+            start, length = spans[i]
+            if start + length <= need_from:
+                continue
+            hit = layers.get((keys[i], s))
+            if hit is None or start + hit[1] > max(need_from, start):
+                return None
+            got.append((hit[0], hit[1], start))
+        out.append(got)
+    return out
+
+
+def longest(slots, keys, spans, layers, n_max: int | None = None) -> int:
+    """The longest chunk end (at most n_max) at which every slot can be rebuilt."""
+    limit = len(spans)
+    for s, slot in enumerate(slots):  # a full-attention slot needs an unbroken run from chunk 0
+        if slot.kind == "kv":
+            i = 0
+            while i < limit and (keys[i], s) in layers:
+                i += 1
+            limit = i
+    for i in range(limit - 1, -1, -1):
+        n = spans[i][0] + spans[i][1]
+        if (n_max is None or n <= n_max) and plan(slots, keys, spans, n, layers) is not None:
+            return n
+    return 0
+
+
+def _read_slot(store: "Store", pool, slot: codec.Slot, blobs: list[tuple[str, int, int]], n_tokens: int,
+               agent: str | None) -> Any:
+    datas = list(pool.map(lambda b: store.blobs.read(b[0], agent), blobs))
+    pieces, state_meta = [], None
+    for (blob_id, first, start), data in zip(blobs, datas):
+        arrays, meta = tensorfile.decode(data, blob_id)
+        pieces.append(arrays)
+        state_meta = meta
+    del datas
+    if slot.kind == "rot" and pieces:
+        # The window may start inside the first chunk: cut what lies before it.
+        have_from = blobs[0][2] + blobs[0][1]
+        cut = codec.window_start(slot, n_tokens) - have_from
+        if cut > 0:
+            pieces[0] = {k: v[..., cut:, :] for k, v in pieces[0].items()}
+    leaf = codec.build_leaf(slot, pieces, n_tokens, state_meta)
+    mx.eval([a for a in _leaf_arrays(leaf)])
+    return leaf
+
+
+def _leaf_arrays(leaf) -> list:
+    out = []
+    for attr in ("keys", "values"):
+        v = getattr(leaf, attr, None)
+        if isinstance(v, tuple):
+            out.extend(v)
+        elif v is not None:
+            out.append(v)
+    for a in getattr(leaf, "cache", None) or []:
+        if a is not None:
+            out.append(a)
+    return out
+
+
+def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
+    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
+        leaves = [_read_slot(store, pool, slot, blobs, n_tokens, agent) for slot, blobs in zip(slots, plan_)]
+    return codec.build(tree, leaves)
+
+
+def head_snapshot(conn, name: str, snapshot_id: int | None = None):
+    a, s, m = schema.agents, schema.snapshots, schema.models
+    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, a.c.name)
+         .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+         .where(a.c.name == name))
+    q = q.where(s.c.id == snapshot_id) if snapshot_id is not None else q.where(s.c.id == a.c.head)
+    row = conn.execute(q).first()
+    if row is None:
+        exists = conn.execute(select(a.c.id).where(a.c.name == name)).first()
+        if exists is None:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        raise UnknownAgentError(f"agent {name!r} has no snapshot {snapshot_id}")
+    return row
+
+
+def load(store: "Store", name: str, model: str | None, snapshot_id: int | None):
+    with db.transaction(store.engine, write=False, what=f"loading agent {name!r}") as conn:
+        row = head_snapshot(conn, name, snapshot_id)
+        if model is not None and row.fingerprint != model:
+            raise ModelMismatchError(
+                f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used")
+        tokens = tokens_from_bytes(row.tokens)
+        if len(tokens) != row.n_tokens:
+            raise TokenMismatchError(f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens "
+                                     f"but stores {len(tokens)} token ids")
+        keys = chunk_keys(row.fingerprint, tokens, store.chunk_size)
+        sc = schema.snapshot_chunks
+        stored = [bytes(k) for (k,) in conn.execute(
+            select(sc.c.chunk_key).where(sc.c.snapshot_id == row.id).order_by(sc.c.seq))]
+        if stored != keys:
+            # Never trust a hash alone: the token ids must re-derive the very chunks the snapshot names.
+            raise TokenMismatchError(f"agent {name!r}: snapshot {row.id}'s token ids do not match its chunks; "
+                                     "run `kvstore fsck`")
+        tree, slots = _model_layout(conn, row.fingerprint)
+        layers = _layers(conn, keys)
+    spans = chunk_spans(len(tokens), store.chunk_size)
+    p = plan(slots, keys, spans, len(tokens), layers)
+    if p is None:
+        raise MissingBlobError(f"agent {name!r}: snapshot {row.id} lacks the KV of some chunks "
+                               "(removed by fsck --repair?); recompute it from its tokens", "", name)
+    return build_cache(store, tree, slots, p, len(tokens), name), tokens
+
+
+def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> tuple[Match, Any]:
+    """The longest stored, token-verified prefix of `tokens` (at most `limit` tokens); and its plan."""
+    toks = tokens_to_array(tokens)
+    if limit is not None:
+        toks = toks[:limit]
+    keys = chunk_keys(model, toks, store.chunk_size)
+    spans = chunk_spans(int(toks.size), store.chunk_size)
+    with db.transaction(store.engine, write=False, what="matching a prefix") as conn:
+        layout = _model_layout(conn, model)
+        if layout is None or not keys:
+            return Match(0, model), None
+        layers = _layers(conn, keys)
+        n = longest(layout[1], keys, spans, layers)
+        while n:
+            verified = _verify_prefix(conn, keys, spans, toks, n)
+            if verified == n:
+                break
+            n = longest(layout[1], keys, spans, layers, n_max=verified)
+    if n == 0:
+        return Match(0, model), None
+    n_chunks = next(i for i, (s, ln) in enumerate(spans) if s + ln == n) + 1
+    return Match(n, model, n_chunks, tuple(keys[:n_chunks])), (layout, plan(layout[1], keys, spans, n, layers))
+
+
+def _verify_prefix(conn, keys, spans, toks, n: int) -> int:
+    """How many of the first n tokens agree with a stored snapshot that holds chunk n ends at."""
+    i = next(i for i, (s, ln) in enumerate(spans) if s + ln == n)
+    sc, s = schema.snapshot_chunks, schema.snapshots
+    row = conn.execute(select(s.c.tokens).select_from(sc.join(s, sc.c.snapshot_id == s.c.id))
+                       .where(sc.c.chunk_key == keys[i], sc.c.seq == i).limit(1)).first()
+    if row is None:
+        return 0
+    stored = tokens_to_array(tokens_from_bytes(row.tokens))[:n]
+    mine = toks[:n]
+    if stored.size == n and (stored == mine).all():
+        return n
+    diff = (stored[: min(stored.size, n)] != mine[: min(stored.size, n)]).nonzero()[0]
+    return int(diff[0]) if diff.size else int(min(stored.size, n))
+
+
+def restore(store: "Store", tokens: Any, model: str, limit: int | None = None):
+    m, found = match(store, tokens, model, limit)
+    if found is None:
+        return None, 0
+    (tree, slots), p = found
+    return build_cache(store, tree, slots, p, m.n_tokens, None), m.n_tokens

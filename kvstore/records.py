@@ -1,0 +1,99 @@
+"""What the store hands back: plain frozen dataclasses, JSON-able through `as_dict`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+class _Record:
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Snapshot(_Record):
+    """One saved state of an agent: its exact tokens and the chunks that hold their KV."""
+
+    id: int
+    agent: str
+    model: str
+    n_tokens: int
+    created: float
+    label: str | None = None
+    pinned: bool = False
+    bytes_written: int = 0      # blob bytes this save wrote (0 when every chunk was already stored)
+    blobs_written: int = 0
+    blobs_reused: int = 0
+
+
+@dataclass(frozen=True)
+class Match(_Record):
+    """The longest stored prefix of a token sequence."""
+
+    n_tokens: int
+    model: str
+    n_chunks: int = 0
+    keys: tuple = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class AgentInfo(_Record):
+    name: str
+    model: str
+    n_tokens: int
+    snapshots: int
+    meta: dict
+    created: float
+    updated: float
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class Stats(_Record):
+    path: str
+    url: str
+    format_version: int
+    schema_revision: str
+    chunk_size: int
+    models: int
+    agents: int
+    snapshots: int
+    chunks: int
+    blobs: int
+    bytes_on_disk: int       # bytes of every blob the index records
+    logical_bytes: int       # bytes the agents' head snapshots would take stored one file per agent
+    dedup_ratio: float       # logical / on disk (1.0 when nothing is shared)
+
+
+@dataclass(frozen=True)
+class Problem(_Record):
+    kind: str               # corrupt_blob | missing_blob | orphan_file | stale_temp | dangling_ref | token_mismatch ...
+    subject: str            # the blob id, snapshot id or path it concerns
+    detail: str
+    repaired: bool = False
+
+
+@dataclass(frozen=True)
+class FsckReport(_Record):
+    blobs_checked: int
+    bytes_checked: int
+    problems: tuple[Problem, ...]
+    needs_recompute: tuple[int, ...] = ()   # snapshot ids whose KV is gone: their tokens are kept
+    repaired: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not [p for p in self.problems if not p.repaired]
+
+
+@dataclass(frozen=True)
+class GcReport(_Record):
+    dry_run: bool
+    snapshots_removed: int
+    chunks_removed: int
+    blobs_removed: int
+    files_removed: int
+    temp_removed: int
+    bytes_freed: int
+    seconds: float = 0.0

@@ -1,0 +1,322 @@
+"""`kvstore.open()` and the `Store`: the public face of the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import delete, func, select, update
+
+from . import db, reader, schema, writer
+from .blobs import BlobStore
+from .errors import (AgentExistsError, IncompatibleStoreError, NotAStoreError, ReadOnlyStoreError,
+                     StoreError, UnknownAgentError)
+from .fingerprint import fingerprint
+from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
+from .names import validate_name
+from .records import AgentInfo, Match, Snapshot, Stats
+
+INDEX_FILE = "index.db"
+Progress = Callable[[int, int], None] | None
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("KVSTORE_HOME") or Path.home() / ".kvstore")
+
+
+def _model_id(model: Any) -> str:
+    """A fingerprint from a fingerprint string, a model directory, or a loaded model."""
+    if isinstance(model, str) and len(model) == 32 and all(c in "0123456789abcdef" for c in model):
+        return model
+    if model is None:
+        raise TypeError("model= is required: a fingerprint (kvstore.fingerprint(...)), a model path or a model")
+    return fingerprint(model)
+
+
+class Store:
+    """A kvstore store: an index (SQLite file or database URL) and a folder of blobs.
+
+    Use it as a context manager, or call `close()`.
+    """
+
+    def __init__(self, url: str, root: Path, chunk_size: int | None, durable: bool, timeout: float,
+                 readonly: bool, io_threads: int):
+        self.url = url
+        self.path = root
+        self.readonly = readonly
+        self.io_threads = io_threads
+        self.blobs = BlobStore(root, durable=durable)
+        self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
+        try:
+            self.schema_revision = db.ensure_schema(self.engine, readonly=readonly)
+            self.chunk_size = self._settings(chunk_size)
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def _settings(self, chunk_size: int | None) -> int:
+        with db.transaction(self.engine, write=False, what="reading store settings") as conn:
+            meta = db.read_meta(conn)
+        if not meta:
+            if self.readonly:
+                raise ReadOnlyStoreError(f"{self.url} is an empty index on a read-only store")
+            size = chunk_size or DEFAULT_CHUNK_SIZE
+            if not isinstance(size, int) or size < 1 or size > 1 << 20:
+                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            with db.transaction(self.engine, write=True, what="initialising the store") as conn:
+                if not db.read_meta(conn):  # another process may have won the race
+                    db.write_meta(conn, {"format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})
+                meta = db.read_meta(conn)
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise IncompatibleStoreError(
+                f"the store at {self.path} uses blob format {meta['format_version']}; this kvstore reads up to "
+                f"{FORMAT_VERSION}: upgrade kvstore (pip install -U kvstore)")
+        if meta.get("hash") != HASH_NAME:
+            raise IncompatibleStoreError(f"the store hashes with {meta.get('hash')!r}; this kvstore uses {HASH_NAME}")
+        stored = int(meta["chunk_size"])
+        if chunk_size is not None and chunk_size != stored:
+            raise IncompatibleStoreError(
+                f"the store at {self.path} was created with chunk size {stored}, not {chunk_size}: "
+                "open it without chunk_size, or create a new store for another chunk size")
+        return stored
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<kvstore.Store {self.url} chunk_size={self.chunk_size}>"
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyStoreError(f"the store at {self.path} is read-only: loads work, saves do not")
+
+    # -- the cache API ---------------------------------------------------------------------
+
+    def save(self, name: str, cache: list, tokens: Any, *, model: Any, meta: dict | None = None,
+             label: str | None = None, pinned: bool = False, captured: dict | None = None) -> Snapshot:
+        """Save `cache` (mlx-lm cache list that has seen exactly `tokens`) as agent `name`'s new head.
+
+        Args:
+            name: the agent; created on first save.
+            cache: the model's cache list (e.g. from `make_prompt_cache`), positioned at len(tokens).
+            tokens: the token ids the cache holds, in order.
+            model: the model fingerprint (`kvstore.fingerprint(...)`), a model path, or a loaded model.
+            meta: JSON-able agent metadata (role, messages, ...); None keeps what is stored.
+            label: names the snapshot; labelled and pinned snapshots survive gc's retention.
+            captured: pieces captured during prefill (sliding-window layers; see kvstore.agents).
+
+        Only chunks the store lacks are written. Returns the new Snapshot.
+        """
+        self._writable()
+        return writer.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
+
+    def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
+        """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""
+        validate_name(name)
+        return reader.load(self, name, None if model is None else _model_id(model), snapshot)
+
+    def match(self, tokens: Any, *, model: Any) -> Match:
+        """The longest prefix of `tokens` that the store can restore for `model` (from any agent)."""
+        return reader.match(self, tokens, _model_id(model))[0]
+
+    def restore(self, tokens: Any, *, model: Any, max_tokens: int | None = None) -> tuple[list | None, int]:
+        """(cache, n): the longest stored prefix of `tokens` as a ready cache, or (None, 0)."""
+        return reader.restore(self, tokens, _model_id(model), max_tokens)
+
+    # -- agents ----------------------------------------------------------------------------
+
+    def delete(self, name: str) -> bool:
+        """Forget an agent and its snapshots (their blobs go at the next gc). False if it did not exist."""
+        validate_name(name)
+        self._writable()
+        a = schema.agents
+        with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
+            row = conn.execute(select(a.c.id).where(a.c.name == name)).first()
+            if row is None:
+                return False
+            snaps = select(schema.snapshots.c.id).where(schema.snapshots.c.agent_id == row.id)
+            conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(snaps)))
+            conn.execute(delete(schema.snapshots).where(schema.snapshots.c.agent_id == row.id))
+            conn.execute(delete(a).where(a.c.id == row.id))
+        return True
+
+    def fork(self, name: str, new_name: str) -> Snapshot:
+        """A new agent whose head is a copy of `name`'s head: it shares every chunk, no blob is copied."""
+        validate_name(name)
+        validate_name(new_name)
+        self._writable()
+        a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
+        now = db.now()
+        with db.transaction(self.engine, write=True, what=f"forking {name!r}") as conn:
+            src = reader.head_snapshot(conn, name)
+            if conn.execute(select(a.c.id).where(a.c.name == new_name)).first() is not None:
+                raise AgentExistsError(f"an agent named {new_name!r} already exists")
+            agent = conn.execute(select(a).where(a.c.name == name)).first()
+            snap = conn.execute(select(s).where(s.c.id == src.id)).first()
+            new_agent = conn.execute(a.insert().values(name=new_name, model_id=agent.model_id, meta=agent.meta,
+                                                       created=now, updated=now).returning(a.c.id)).scalar_one()
+            new_snap = conn.execute(s.insert().values(
+                agent_id=new_agent, model_id=snap.model_id, n_tokens=snap.n_tokens, tokens=snap.tokens,
+                created=now, label=None, pinned=False).returning(s.c.id)).scalar_one()
+            rows = conn.execute(select(sc.c.seq, sc.c.chunk_key).where(sc.c.snapshot_id == src.id)).all()
+            if rows:
+                conn.execute(sc.insert(), [{"snapshot_id": new_snap, "seq": r.seq, "chunk_key": r.chunk_key}
+                                           for r in rows])
+            conn.execute(update(a).where(a.c.id == new_agent).values(head=new_snap))
+        return Snapshot(id=new_snap, agent=new_name, model=src.fingerprint, n_tokens=snap.n_tokens, created=now,
+                        blobs_reused=len(rows))
+
+    def set_meta(self, name: str, meta: dict) -> None:
+        """Replace an agent's metadata (its record: role, messages, ...)."""
+        validate_name(name)
+        self._writable()
+        a = schema.agents
+        with db.transaction(self.engine, write=True, what=f"updating agent {name!r}") as conn:
+            n = conn.execute(update(a).where(a.c.name == name).values(
+                meta=json.dumps(meta, sort_keys=True, default=str), updated=db.now())).rowcount
+        if not n:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+
+    def agent(self, name: str) -> AgentInfo:
+        validate_name(name)
+        for info in self._agent_infos(name):
+            return info
+        raise UnknownAgentError(f"no agent named {name!r} in this store")
+
+    def agents(self) -> list[AgentInfo]:
+        """Every agent, by name."""
+        return self._agent_infos(None)
+
+    def _agent_infos(self, name: str | None) -> list[AgentInfo]:
+        a, s, m = schema.agents, schema.snapshots, schema.models
+        counts = select(s.c.agent_id, func.count().label("n")).group_by(s.c.agent_id).subquery()
+        head = s.alias("head")
+        q = (select(a.c.name, m.c.fingerprint, a.c.meta, a.c.created, a.c.updated, a.c.head,
+                    func.coalesce(head.c.n_tokens, 0), func.coalesce(counts.c.n, 0))
+             .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head)
+                          .outerjoin(counts, counts.c.agent_id == a.c.id))
+             .order_by(a.c.name))
+        if name is not None:
+            q = q.where(a.c.name == name)
+        with db.transaction(self.engine, write=False, what="listing agents") as conn:
+            rows = conn.execute(q).all()
+        return [AgentInfo(name=r[0], model=r[1], meta=json.loads(r[2] or "{}"), created=r[3], updated=r[4],
+                          head=r[5], n_tokens=r[6], snapshots=r[7]) for r in rows]
+
+    def snapshots(self, name: str) -> list[Snapshot]:
+        """An agent's snapshots, oldest first."""
+        validate_name(name)
+        a, s, m = schema.agents, schema.snapshots, schema.models
+        with db.transaction(self.engine, write=False, what="listing snapshots") as conn:
+            if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
+                raise UnknownAgentError(f"no agent named {name!r} in this store")
+            rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned, m.c.fingerprint)
+                                .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+                                .where(a.c.name == name).order_by(s.c.id)).all()
+        return [Snapshot(id=r.id, agent=name, model=r.fingerprint, n_tokens=r.n_tokens, created=r.created,
+                         label=r.label, pinned=bool(r.pinned)) for r in rows]
+
+    # -- whole-store operations ------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        """Counts, bytes on disk, and the dedup ratio against one file per agent."""
+        from .inspect import store_stats
+
+        return store_stats(self)
+
+    def fsck(self, *, repair: bool = False, grace: float = 3600.0, progress: Progress = None):
+        """Re-hash every blob and check every reference both ways; `repair=True` fixes what it can."""
+        from .fsck import fsck
+
+        if repair:
+            self._writable()
+        return fsck(self, repair=repair, grace=grace, progress=progress)
+
+    def gc(self, *, dry_run: bool = False, keep_last: int = 1, grace: float = 3600.0, progress: Progress = None):
+        """Drop snapshots past the retention policy, then chunks and blobs nothing retained needs.
+
+        Keeps each agent's last `keep_last` snapshots (and its head, and labelled or pinned ones);
+        blob files no row names are removed only once older than `grace` seconds (a save may be
+        writing them).
+        """
+        from .gc import gc
+
+        if not dry_run:
+            self._writable()
+        return gc(self, dry_run=dry_run, keep_last=keep_last, grace=grace, progress=progress)
+
+    def discard_blob(self, blob_id: str) -> int:
+        """Forget a damaged blob: its file and every index row naming it. Returns the rows removed.
+
+        The snapshots that used it keep their tokens; a later save (or the agent manager's recovery)
+        writes the KV again.
+        """
+        self._writable()
+        cl, b = schema.chunk_layers, schema.blobs
+        with db.transaction(self.engine, write=True, what=f"discarding blob {blob_id}") as conn:
+            n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
+            conn.execute(delete(b).where(b.c.id == blob_id))
+            self.blobs.remove(blob_id)  # under the write lock, after the rows are gone
+        return n
+
+
+def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None,
+         chunk_size: int | None = None, durable: bool = True, timeout: float = 30.0,
+         readonly: bool | None = None, create: bool = True, io_threads: int = 4) -> Store:
+    """Open (or create) a store.
+
+    Args:
+        path_or_url: a folder (default $KVSTORE_HOME or ~/.kvstore), or a SQLAlchemy URL such as
+            "postgresql+psycopg://user@host/db" (then `blobs` names the blob folder).
+        blobs: the blob folder for a URL store (shared storage for a team).
+        chunk_size: tokens per chunk for a new store (default 256); an existing store keeps its own.
+        durable: fsync blobs and directories before committing (turn off only for scratch stores).
+        timeout: seconds to wait for another writer before StoreLockedError.
+        readonly: open without writing anything; None: read-only when the folder is not writable.
+        create: create the store if it does not exist (else NotAStoreError).
+    """
+    target = default_home() if path_or_url is None else path_or_url
+    target = os.fspath(target)
+    if "://" in target:
+        url = target
+        if blobs is None:
+            if url.startswith("sqlite:///"):
+                blobs = Path(url[len("sqlite:///"):]).resolve().parent
+            else:
+                raise TypeError("a database URL store needs blobs=PATH: the (shared) folder that holds the blobs")
+        root = Path(blobs)
+    else:
+        root = Path(target).expanduser()
+        if root.exists() and not root.is_dir():
+            raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
+        if root.is_dir() and not (root / INDEX_FILE).exists() and any(root.iterdir()):
+            raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
+        if not root.exists():
+            if not create:
+                raise NotAStoreError(f"no store at {root}")
+            try:
+                root.mkdir(parents=True)
+            except OSError as e:
+                raise StoreError(f"cannot create a store at {root}: {e.strerror}") from e
+        url = None
+    if readonly is None:
+        readonly = root.exists() and not os.access(root, os.W_OK)
+    if url is None:
+        index = (root / INDEX_FILE).resolve()
+        url = f"sqlite:///file:{index}?mode=ro&uri=true" if readonly else f"sqlite:///{index}"
+    if not readonly:
+        try:
+            BlobStore(root).ensure_dirs()
+        except OSError as e:
+            raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
+    return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)

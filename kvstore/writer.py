@@ -1,0 +1,210 @@
+"""The save path: write missing blobs durably, then commit the snapshot in one transaction."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+from sqlalchemy import and_, insert, select, tuple_, update
+
+from . import codec, db, schema, tensorfile
+from .errors import ModelMismatchError, StoreError
+from .keys import chunk_keys, chunk_spans, tokens_to_array
+from .names import validate_name
+from .records import Snapshot
+
+if TYPE_CHECKING:
+    from .store import Store
+
+MAX_ATTEMPTS = 5
+IN_CHUNK = 400  # keys per IN (...) list: SQLite's default variable limit is generous, PostgreSQL's too
+
+
+class _Retry(Exception):
+    """A concurrent gc removed something this save relied on: plan again."""
+
+
+@dataclass
+class Piece:
+    """KV of one (chunk, slot): positions [chunk start + first, chunk end)."""
+
+    chunk: int
+    slot: int
+    first: int
+    arrays: dict
+    meta: dict | None = None
+
+
+def _ids(seq, n=IN_CHUNK):
+    seq = list(seq)
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def existing_layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], int]:
+    """{(chunk key, slot): first} for the keys the index already has."""
+    out = {}
+    cl = schema.chunk_layers
+    for part in _ids(keys):
+        for k, layer, first in conn.execute(
+            select(cl.c.chunk_key, cl.c.layer, cl.c.first).where(cl.c.chunk_key.in_(part))
+        ):
+            out[(bytes(k), layer)] = first
+    return out
+
+
+def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes],
+                have: dict[tuple[bytes, int], int], captured: dict | None) -> list[Piece]:
+    """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
+    spans = chunk_spans(n_tokens, chunk_size)
+    want: dict[tuple[int, int], Piece] = {}
+    for s, (slot, leaf) in enumerate(zip(slots, leaves)):
+        if slot.kind == "state":
+            if spans and (keys[-1], s) not in have:
+                arrays, meta = codec.extract_state(slot, leaf)
+                want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
+            continue
+        lo, hi = codec.held_range(slot, leaf)
+        for i, (start, length) in enumerate(spans):
+            end = start + length
+            if end <= lo or start >= hi:
+                continue
+            first = max(start, lo) - start
+            if have.get((keys[i], s), length + 1) <= first:
+                continue
+            want[(i, s)] = Piece(i, s, first, codec.extract(slot, leaf, start + first, end))
+    for (i, s), piece in (captured or {}).items():
+        if i >= len(spans):
+            continue
+        best = want.get((i, s))
+        if have.get((keys[i], s), spans[i][1] + 1) > piece.first and (best is None or best.first > piece.first):
+            want[(i, s)] = piece
+    return sorted(want.values(), key=lambda p: (p.slot, p.chunk))
+
+
+def _encode(piece: Piece, slot: codec.Slot, model: str):
+    meta = {"kind": slot.kind, "cls": slot.cls, "first": str(piece.first), "model": model}
+    meta.update(piece.meta or {})
+    return tensorfile.encode(piece.arrays, meta)
+
+
+def write_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list[tuple[Piece, str, int, bool]]:
+    """Encode and put every piece; returns (piece, blob id, bytes, newly written)."""
+    if not pieces:
+        return []
+    mx.eval([a for p in pieces for a in p.arrays.values()])
+
+    def put(piece):
+        blob_id, nbytes, written = store.blobs.put(_encode(piece, slots[piece.slot], model))
+        return piece, blob_id, nbytes, written
+
+    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
+        results = list(pool.map(put, pieces))
+    store.blobs.sync_dirs(r[1] for r in results)
+    return results
+
+
+def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: dict | None,
+         label: str | None, pinned: bool, captured: dict | None) -> Snapshot:
+    validate_name(name)
+    if label is not None:
+        validate_name(label, "snapshot label")
+    if not isinstance(cache, (list, tuple)):
+        raise TypeError(f"cache must be a list of mlx-lm cache objects, not {type(cache).__name__}")
+    toks = tokens_to_array(tokens)
+    n = int(toks.size)
+    tree, slots, leaves = codec.describe(list(cache))
+    codec.check_offsets(leaves, slots, n)
+    layout = json.dumps(codec.layout_json(tree, slots), sort_keys=True)
+    keys = chunk_keys(model, toks, store.chunk_size)
+    spans = chunk_spans(n, store.chunk_size)
+    meta_json = json.dumps(meta if meta is not None else {}, sort_keys=True, default=str)
+    for _ in range(MAX_ATTEMPTS):
+        with db.transaction(store.engine, write=False, what="planning a save") as conn:
+            _check_model_and_agent(conn, name, model, layout)
+            have = existing_layers(conn, keys)
+        pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
+        written = write_pieces(store, pieces, slots, model)
+        try:
+            return _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
+                           meta_json if meta is not None else None, label, pinned)
+        except _Retry:
+            continue
+    raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
+
+
+def _check_model_and_agent(conn, name: str, model: str, layout: str) -> None:
+    m = conn.execute(select(schema.models.c.layout).where(schema.models.c.fingerprint == model)).first()
+    if m is not None and m.layout != layout:
+        raise ModelMismatchError(
+            f"this cache's layers do not match the ones stored for model {model}: "
+            "the cache comes from another model (or other KV quantization) than the fingerprint says")
+    a = conn.execute(
+        select(schema.models.c.fingerprint).select_from(schema.agents.join(schema.models))
+        .where(schema.agents.c.name == name)).first()
+    if a is not None and a.fingerprint != model:
+        raise ModelMismatchError(
+            f"agent {name!r} belongs to model {a.fingerprint}, not {model}; fork or delete it to change models")
+
+
+def _model_id(conn, model: str, layout: str, now: float) -> int:
+    models = schema.models
+    row = conn.execute(select(models.c.id).where(models.c.fingerprint == model)).first()
+    if row:
+        return row.id
+    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now)
+                        .returning(models.c.id)).scalar_one()
+
+
+def _commit(store, name, model, layout, toks, keys, spans, slots, have, written, meta_json, label, pinned):
+    now = db.now()
+    with db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
+        # Under the write lock: everything this snapshot relies on must still exist (a gc may have run).
+        for _piece, blob_id, _n, _w in written:
+            if not store.blobs.path(blob_id).exists():
+                raise _Retry()
+        reused = list(have)
+        if reused:
+            still = existing_layers(conn, sorted({k for k, _ in reused}))
+            if any(key not in still for key in reused):
+                raise _Retry()
+        model_id = _model_id(conn, model, layout, now)
+        db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now} for _, b, nb, _ in written])
+        db.insert_ignore(conn, schema.chunks, [
+            {"key": keys[i], "model_id": model_id, "seq": i, "length": length}
+            for i, (_s, length) in enumerate(spans)])
+        rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b, "first": p.first}
+                for p, b, _nb, _w in written]
+        db.insert_ignore(conn, schema.chunk_layers, rows)
+        cl = schema.chunk_layers
+        for r in rows:  # a fuller piece of a sliding-window chunk replaces a partial one
+            if (r["chunk_key"], r["layer"]) in have:
+                conn.execute(update(cl).where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"],
+                                                   cl.c.first > r["first"]))
+                             .values(blob_id=r["blob_id"], first=r["first"]))
+        agent_id = _agent_row(conn, name, model_id, meta_json, now)
+        snap_id = conn.execute(insert(schema.snapshots).values(
+            agent_id=agent_id, model_id=model_id, n_tokens=int(toks.size), tokens=toks.tobytes(),
+            created=now, label=label, pinned=bool(pinned)).returning(schema.snapshots.c.id)).scalar_one()
+        if keys:
+            conn.execute(insert(schema.snapshot_chunks),
+                         [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+        conn.execute(update(schema.agents).where(schema.agents.c.id == agent_id).values(head=snap_id, updated=now))
+    n_written = sum(1 for w in written if w[3])
+    return Snapshot(id=snap_id, agent=name, model=model, n_tokens=int(toks.size), created=now, label=label,
+                    pinned=bool(pinned), bytes_written=sum(w[2] for w in written if w[3]),
+                    blobs_written=n_written, blobs_reused=len(written) - n_written + len(have))
+
+
+def _agent_row(conn, name: str, model_id: int, meta_json: str | None, now: float) -> int:
+    agents = schema.agents
+    row = conn.execute(select(agents.c.id).where(agents.c.name == name)).first()
+    if row is not None:
+        if meta_json is not None:
+            conn.execute(update(agents).where(agents.c.id == row.id).values(meta=meta_json))
+        return row.id
+    return conn.execute(insert(agents).values(name=name, model_id=model_id, meta=meta_json or "{}",
+                                              created=now, updated=now).returning(agents.c.id)).scalar_one()
