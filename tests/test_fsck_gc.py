@@ -1,0 +1,154 @@
+"""fsck finds every damaged blob and dangling reference; gc keeps what retention needs and nothing else."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import mlx.core as mx
+import pytest
+from sqlalchemy import text
+
+import kvstore
+from cachegen import make_cache, same_cache, tokens
+from conftest import TEST_CHUNK
+
+C = TEST_CHUNK
+FP = "ee" * 16
+
+
+def save(store, name, n, seed):
+    cache = make_cache("kv", n, mx.float16, layers=2, seed=seed)
+    toks = tokens(n, seed=seed)
+    store.save(name, cache, toks, model=FP)
+    return cache, toks
+
+
+def blobs_of(store, name):
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text(
+            "SELECT cl.blob_id FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
+            "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key WHERE a.name = :n ORDER BY sc.seq, cl.layer"),
+            {"n": name})]
+
+
+def test_fsck_finds_each_flip_truncation_and_deletion(store):
+    save(store, "a", 4 * C, seed=1)
+    save(store, "b", 2 * C, seed=2)
+    ids = blobs_of(store, "a")
+    flipped, truncated, deleted = ids[0], ids[3], ids[5]
+    p = store.blobs.path(flipped)
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    p = store.blobs.path(truncated)
+    p.write_bytes(p.read_bytes()[:-7])
+    store.blobs.path(deleted).unlink()
+    report = store.fsck()
+    assert not report.ok
+    assert {(pr.kind, pr.subject) for pr in report.problems} == {
+        ("corrupt_blob", flipped), ("corrupt_blob", truncated), ("missing_blob", deleted)}
+    # Loading the damaged agent names the blob and the agent; the other agent is unaffected.
+    with pytest.raises(kvstore.BlobError) as err:
+        store.load("a", model=FP)
+    assert err.value.agent == "a" and err.value.blob_id in {flipped, truncated, deleted}
+    store.load("b", model=FP)
+    repaired = store.fsck(repair=True)
+    assert repaired.repaired and len(repaired.problems) == 3
+    assert set(repaired.needs_recompute) == {s.id for s in store.snapshots("a")}
+    assert store.fsck().ok
+    # The agent's record (its tokens) survives the repair; only the KV must be recomputed.
+    assert store.agent("a").n_tokens == 4 * C
+
+
+def test_fsck_finds_every_flipped_byte_of_a_blob(store):
+    save(store, "a", C, seed=3)
+    blob = blobs_of(store, "a")[0]
+    path = store.blobs.path(blob)
+    original = path.read_bytes()
+    for offset in range(0, len(original), max(1, len(original) // 64)):
+        damaged = bytearray(original)
+        damaged[offset] ^= 0x80
+        path.write_bytes(bytes(damaged))
+        assert [(p.kind, p.subject) for p in store.fsck().problems] == [("corrupt_blob", blob)], offset
+    path.write_bytes(original)
+    assert store.fsck().ok
+
+
+def test_fsck_finds_dangling_references(store, backend):
+    save(store, "a", 3 * C, seed=4)
+    save(store, "b", 2 * C, seed=5)
+    with store.engine.begin() as conn:
+        if backend == "sqlite":
+            conn.execute(text("PRAGMA foreign_keys = OFF"))
+        # A snapshot whose token ids no longer derive its chunks, and an agent head that points nowhere.
+        conn.execute(text("UPDATE snapshots SET tokens = :t WHERE id = (SELECT head FROM agents WHERE name = 'b')"),
+                     {"t": bytes(4 * 2 * C)})
+        conn.execute(text("UPDATE agents SET head = 9999 WHERE name = 'a'"))
+    kinds = sorted((p.kind, p.subject) for p in store.fsck().problems)
+    assert kinds == [("dangling_ref", "agent a"), ("token_mismatch", f"snapshot {store.snapshots('b')[0].id}")]
+    with pytest.raises(kvstore.TokenMismatchError):
+        store.load("b", model=FP)
+    store.fsck(repair=True)
+    assert store.fsck().ok
+    store.load("a", model=FP)
+
+
+def test_gc_keeps_retained_snapshots_and_removes_the_rest(store):
+    cache1, toks1 = save(store, "a", 2 * C, seed=6)
+    cache2, toks2 = save(store, "a", 3 * C, seed=7)
+    cache3, toks3 = save(store, "a", 3 * C + 2, seed=8)
+    save(store, "gone", 2 * C, seed=9)
+    store.delete("gone")
+    before = {b for b, _ in store.blobs.iter_files()}
+    dry = store.gc(dry_run=True, keep_last=2, grace=0)
+    assert {b for b, _ in store.blobs.iter_files()} == before
+    report = store.gc(keep_last=2, grace=0)
+    assert (dry.snapshots_removed, dry.blobs_removed, dry.bytes_freed) == \
+        (report.snapshots_removed, report.blobs_removed, report.bytes_freed)
+    assert report.snapshots_removed == 1
+    assert [s.n_tokens for s in store.snapshots("a")] == [3 * C, 3 * C + 2]
+    loaded, got = store.load("a", model=FP)
+    assert got == toks3 and same_cache(cache3, loaded)
+    loaded, got = store.load("a", model=FP, snapshot=store.snapshots("a")[0].id)
+    assert got == toks2 and same_cache(cache2, loaded)
+    # Every file left is needed by a retained snapshot, and every unneeded one is gone.
+    needed = set()
+    for snap in store.snapshots("a"):
+        with store.engine.connect() as conn:
+            needed |= {r[0] for r in conn.execute(text(
+                "SELECT cl.blob_id FROM snapshot_chunks sc JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key "
+                "WHERE sc.snapshot_id = :s"), {"s": snap.id})}
+    assert {b for b, _ in store.blobs.iter_files()} == needed
+    assert store.fsck().ok
+
+
+def test_gc_grace_period_spares_young_orphans(store):
+    save(store, "a", C, seed=10)
+    orphan_id, _, written = store.blobs.put([b"not referenced by any row"])
+    assert written
+    (store.blobs.tmp_dir / "left-by-a-crash.tmp").write_bytes(b"partial")
+    assert store.gc(grace=3600).files_removed == 0
+    assert store.blobs.path(orphan_id).exists()
+    old = time.time() - 7200
+    os.utime(store.blobs.path(orphan_id), (old, old))
+    os.utime(store.blobs.tmp_dir / "left-by-a-crash.tmp", (old, old))
+    report = store.gc(grace=3600)
+    assert (report.files_removed, report.temp_removed) == (1, 1)
+    assert not store.blobs.path(orphan_id).exists()
+    assert list(store.blobs.iter_temp()) == []
+    assert store.fsck().ok
+
+
+def test_one_gc_at_a_time(store):
+    from kvstore.gc import gc_lock
+
+    with gc_lock(store):
+        with pytest.raises(kvstore.StoreLockedError, match="another gc"):
+            store.gc()
+    store.gc()
+
+
+def test_keep_last_must_be_positive(store):
+    with pytest.raises(ValueError, match="keep_last"):
+        store.gc(keep_last=0)

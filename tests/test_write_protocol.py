@@ -1,0 +1,81 @@
+"""The write protocol really fsyncs, renames into shards, re-hashes existing files and commits last."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import pytest
+
+import kvstore
+from kvstore import blobs as blobs_mod
+from cachegen import make_cache, tokens
+
+FP = "12" * 16
+
+
+def test_save_fsyncs_every_blob_and_each_shard_directory(tmp_path, monkeypatch):
+    synced = []
+    real = blobs_mod.fsync_file
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(blobs_mod, "fsync_file", spy)
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        snap = store.save("a", make_cache("kv", 40, mx.float16), tokens(40), model=FP)
+        files = [p for _, p in store.blobs.iter_files()]
+        temp_synced = [p for p in synced if p.startswith(str(store.blobs.tmp_dir))]
+        dir_synced = {p for p in synced if os.path.isdir(p)}
+        assert snap.blobs_written == len(files) == 9
+        assert len(temp_synced) == 9  # each blob's temp file, before its rename
+        assert dir_synced == {str(p.parent) for p in files} | {str(store.blobs.blob_dir)}
+        assert list(store.blobs.iter_temp()) == []
+
+
+def test_non_durable_store_skips_fsync(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(blobs_mod, "fsync_file", lambda fd: calls.append(fd))
+    with kvstore.open(tmp_path / "s", chunk_size=16, durable=False) as store:
+        store.save("a", make_cache("kv", 20, mx.float16), tokens(20), model=FP)
+    assert calls == []
+
+
+def test_existing_damaged_file_is_rehashed_and_replaced(tmp_path):
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        blob_id, _, written = store.blobs.put([b"hello ", b"world"])
+        assert written
+        path = store.blobs.path(blob_id)
+        assert path.parent.name == blob_id[:2] and path.name == blob_id[2:] + ".safetensors"
+        path.write_bytes(b"hello w0rld")
+        again_id, _, rewritten = store.blobs.put([b"hello world"])
+        assert again_id == blob_id and rewritten
+        assert path.read_bytes() == b"hello world"
+        assert store.blobs.put([b"hello world"])[2] is False
+
+
+def test_blob_files_are_valid_safetensors(tmp_path):
+    from safetensors.numpy import load_file
+
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        store.save("a", make_cache("kv", 16, mx.float32, layers=1), tokens(16), model=FP)
+        (blob_id, path), = list(store.blobs.iter_files())
+        arrays = load_file(str(path))
+        assert sorted(arrays) == ["k", "v"] and arrays["k"].shape == (1, 2, 16, 8)
+
+
+def test_a_failed_blob_write_commits_nothing(tmp_path, monkeypatch):
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        store.save("a", make_cache("kv", 16, mx.float16), tokens(16), model=FP)
+
+        def full(*_a, **_k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(blobs_mod.os, "write", full)
+        with pytest.raises(kvstore.StoreFullError, match="disk full"):
+            store.save("a", make_cache("kv", 40, mx.float16, seed=3), tokens(40, seed=3), model=FP)
+        monkeypatch.undo()
+        assert [s.n_tokens for s in store.snapshots("a")] == [16]
+        assert list(store.blobs.iter_temp()) == []
+        assert store.fsck().ok
