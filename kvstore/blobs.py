@@ -8,6 +8,7 @@ shard directory, so a crash leaves either the whole blob or a stale temp file th
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
 import time
@@ -17,8 +18,10 @@ from typing import Iterable, Iterator
 
 import xxhash
 
+from ._crash import crash_point
 from .errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from .formats import BLOB_SUFFIX
+from .tensorfile import write_all
 
 TEMP_SUFFIX = ".tmp"
 
@@ -68,6 +71,7 @@ class BlobStore:
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.durable = durable
+        self._new_shards: set[str] = set()  # shard folders made since the last sync_dirs
 
     def ensure_dirs(self) -> None:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -93,35 +97,49 @@ class BlobStore:
             except OSError:
                 pass
             return blob_id, nbytes, False
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        for attempt in range(3):
+            tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
             try:
-                for b in buffers:
-                    view = memoryview(b).cast("B")
-                    while view:
-                        view = view[os.write(fd, view):]
-                if self.durable:
-                    fsync_file(fd)
-            finally:
-                os.close(fd)
-            target.parent.mkdir(exist_ok=True)
-            os.replace(tmp, target)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise _translate_os_error(e, f"writing blob {blob_id}") from e
-        return blob_id, nbytes, True
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    write_all(fd, buffers)
+                    if self.durable:
+                        fsync_file(fd)
+                    if not target.parent.is_dir():
+                        target.parent.mkdir(exist_ok=True)
+                        self._new_shards.add(blob_id[:2])
+                    crash_point("blob.before_rename")
+                    os.replace(tmp, target)
+                    crash_point("blob.after_rename")
+                finally:
+                    os.close(fd)
+                return blob_id, nbytes, True
+            except OSError as e:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                # A gc (grace=0) can take the temp file between its creation and the lock: write it again.
+                if isinstance(e, FileNotFoundError) and attempt < 2:
+                    continue
+                raise _translate_os_error(e, f"writing blob {blob_id}") from e
+        raise AssertionError("unreachable")
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
         """fsync each shard directory once: the renames into them become durable."""
         if not self.durable:
             return
-        for shard in sorted({b[:2] for b in blob_ids}):
-            fsync_dir(self.blob_dir / shard)
-        fsync_dir(self.blob_dir)
+        try:
+            shards = sorted({b[:2] for b in blob_ids})
+            for shard in shards:
+                fsync_dir(self.blob_dir / shard)
+            if self._new_shards.intersection(shards):  # a new shard's own entry lives in blobs/
+                fsync_dir(self.blob_dir)
+                self._new_shards.difference_update(shards)
+        except OSError as e:
+            raise _translate_os_error(e, "syncing the blob folders") from e
 
     # -- reading ---------------------------------------------------------------------------
 

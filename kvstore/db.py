@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import schema
+from ._crash import crash_point
 from .errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError, StoreFullError, StoreLockedError
 
 # Taken by every writer on PostgreSQL: SQLite's BEGIN IMMEDIATE serializes writers, this does the same there.
@@ -56,6 +57,17 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def parse_json(raw: str | None, what: str):
+    """JSON text stored in the index; damage there is an IndexDatabaseError naming the row, never a ValueError."""
+    import json
+
+    try:
+        return json.loads(raw or "{}")
+    except ValueError as e:
+        raise IndexDatabaseError(f"the index holds damaged JSON for {what} ({e}); run `kvstore fsck --repair`"
+                                 ) from None
+
+
 def translate(e: Exception, what: str) -> Exception:
     """A StoreError for a database error a caller can act on."""
     orig = getattr(e, "orig", e)
@@ -82,6 +94,10 @@ def transaction(engine: Engine, write: bool, what: str) -> Iterator[Connection]:
                 if write and engine.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_WRITE_LOCK})
                 yield conn
+                if write:
+                    crash_point("txn.before_commit")
+        if write:
+            crash_point("txn.after_commit")
     except (OperationalError, DBAPIError, sqlite3.Error) as e:
         raise translate(e, what) from e
 
@@ -107,11 +123,14 @@ def _alembic_config(conn: Connection):
     return cfg
 
 
-def ensure_schema(engine: Engine, readonly: bool = False) -> str:
+def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | None = None) -> str:
     """Create a fresh index at head, upgrade an old one, refuse a newer one. Returns the revision."""
-    with engine.connect() as conn:
-        has_tables = inspect(conn).has_table("store_meta")
-        rev = current_revision(conn)
+    try:
+        with engine.connect() as conn:
+            has_tables = inspect(conn).has_table("store_meta")
+            rev = current_revision(conn)
+    except (OperationalError, DBAPIError, sqlite3.Error) as e:  # "file is not a database", malformed, locked
+        raise translate(e, "opening the index") from e
     if rev == schema.SCHEMA_REVISION:
         return rev
     if rev is not None and rev not in known_revisions():
@@ -129,6 +148,8 @@ def ensure_schema(engine: Engine, readonly: bool = False) -> str:
             # A fresh database: create everything at head and stamp it (optuna's way), in one transaction.
             schema.metadata.create_all(conn)
             command.stamp(_alembic_config(conn), "head")
+            if initial_meta and not read_meta(conn):  # settings commit with the tables, or not at all
+                write_meta(conn, initial_meta)
             return schema.SCHEMA_REVISION
     with engine.connect() as conn:
         command.upgrade(_alembic_config(conn), "head")

@@ -7,6 +7,7 @@ them on its next turn).
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
@@ -48,8 +49,17 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     fps = dict(conn.execute(select(m.c.id, m.c.fingerprint)).all())
     listed = conn.execute(select(sc.c.snapshot_id, sc.c.seq, sc.c.chunk_key).order_by(sc.c.snapshot_id, sc.c.seq))
     chunk_lists = {sid: [bytes(r.chunk_key) for r in rows] for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)}
-    for sid, model_id, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.tokens)):
-        keys = chunk_keys(fps[model_id], tokens_from_bytes(tokens), chunk_size)
+    for sid, model_id, n_tokens, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.n_tokens, s.c.tokens)):
+        ids = tokens_from_bytes(tokens)
+        if model_id not in fps:  # only a damaged index gets here (foreign keys forbid it)
+            out.append((Problem("dangling_ref", f"snapshot {sid}", f"names model row {model_id} which is missing"),
+                        sid, b""))
+            continue
+        if len(ids) != n_tokens:
+            out.append((Problem("token_mismatch", f"snapshot {sid}",
+                                f"records {n_tokens} tokens but stores {len(ids)} token ids"), sid, None))
+            continue
+        keys = chunk_keys(fps[model_id], ids, chunk_size)
         if chunk_lists.get(sid, []) != keys:
             out.append((Problem("token_mismatch", f"snapshot {sid}",
                                 "its token ids do not re-derive the chunks it lists"), sid, None))
@@ -60,10 +70,18 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     for name, head in conn.execute(select(a.c.name, a.c.head).where(a.c.head.is_not(None),
                                                                       a.c.head.not_in(select(s.c.id)))):
         out.append((Problem("dangling_ref", f"agent {name}", f"head snapshot {head} does not exist"), -1, None))
+    for name, meta in conn.execute(select(a.c.name, a.c.meta)):
+        try:
+            json.loads(meta or "{}")
+        except ValueError:
+            out.append((Problem("damaged_meta", f"agent {name}", "its metadata is not valid JSON"), -1, None))
     return out
 
 
 def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckReport:
+    from .gc import check_grace, stale_temps
+
+    check_grace(grace)
     t0 = time.perf_counter()
     problems: list[Problem] = []
     with db.transaction(store.engine, write=False, what="checking the index") as conn:
@@ -94,7 +112,7 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
     stray = [(b, p) for b, p in store.blobs.iter_files() if b not in known and store.blobs.age(p, now) > grace]
     problems += [Problem("orphan_file", str(p), "a blob file no index row names (a crashed save's leftover)")
                  for _, p in stray]
-    temps = [p for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace]
+    temps = stale_temps(store, grace, now)  # a live write's temp file (flock'ed) is not a problem
     problems += [Problem("stale_temp", str(p), "an unfinished write's temp file") for p in temps]
 
     needs_recompute: set[int] = set()
@@ -130,7 +148,14 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> s
         for k, layer, _ in dangling_layers:
             conn.execute(delete(cl).where(cl.c.chunk_key == k, cl.c.layer == layer))
         fps = dict(conn.execute(select(schema.models.c.id, schema.models.c.fingerprint)).all())
-        for problem, sid, _key in snap_problems:
+        for problem, sid, key in snap_problems:
+            if problem.kind == "damaged_meta":  # keep the damaged text where a person can still read it
+                name = problem.subject[len("agent "):]
+                raw = conn.execute(select(a.c.meta).where(a.c.name == name)).scalar_one()
+                conn.execute(update(a).where(a.c.name == name).values(meta=json.dumps({"damaged_meta": raw})))
+                continue
+            if key == b"":
+                continue  # no model row: nothing to re-derive chunk keys from
             if problem.subject.startswith("agent "):
                 name = problem.subject[len("agent "):]
                 newest = select(func.max(s.c.id)).where(s.c.agent_id == a.c.id).scalar_subquery()
@@ -141,6 +166,7 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> s
             keys = chunk_keys(fps[snap.model_id], tokens_from_bytes(snap.tokens), store.chunk_size)
             spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
             conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
+            conn.execute(update(s).where(s.c.id == sid).values(n_tokens=len(tokens_from_bytes(snap.tokens))))
             db.insert_ignore(conn, schema.chunks, [{"key": k, "model_id": snap.model_id, "seq": i, "length": ln}
                                                    for i, (k, (_st, ln)) in enumerate(zip(keys, spans))])
             if keys:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import and_, delete, func, not_, or_, select, text
 
 from . import db, schema
+from ._crash import crash_point
 from .errors import StoreLockedError
 from .records import GcReport
 from .writer import _ids
@@ -51,6 +54,14 @@ def gc_lock(store: "Store") -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def check_grace(grace) -> None:
+    """grace is seconds: a number >= 0."""
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)):
+        raise TypeError(f"grace must be a number of seconds, not {type(grace).__name__}")
+    if not grace >= 0:
+        raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
+
+
 def doomed_snapshots_query(keep_last: int):
     """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept."""
     s, a = schema.snapshots, schema.agents
@@ -75,6 +86,7 @@ def _unreferenced_blobs():
 def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=None) -> GcReport:
     if not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be a whole number >= 1, not {keep_last!r}")
+    check_grace(grace)
     t0 = time.perf_counter()
     with gc_lock(store):
         if dry_run:
@@ -91,6 +103,7 @@ def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=Non
             dead = conn.execute(_unreferenced_blobs()).all()
             for part in _ids([b for b, _ in dead]):
                 conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
+        crash_point("gc.after_rows")
         files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
         temps = _sweep_temp(store, grace)
     return GcReport(dry_run=False, snapshots_removed=len(doomed), chunks_removed=len(chunk_keys),
@@ -128,20 +141,45 @@ def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str])
                 size = store.blobs.remove(blob_id)
                 removed += 1
                 freed += size
+                crash_point("gc.file_removed")
         if progress:
             progress(min(i + FILE_BATCH, total), total)
     return removed, freed
 
 
+def temp_in_use(path: Path) -> bool:
+    """Whether a live write holds this temp file (BlobStore.put keeps it flock'ed until the rename).
+
+    A crashed writer's lock died with it, so with grace=0 gc can take every stale temp file and
+    never a live one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # already gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def stale_temps(store: "Store", grace: float, now: float | None = None) -> list[Path]:
+    """Temp files older than `grace` that no live write holds."""
+    now = now or time.time()
+    return [p for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace and not temp_in_use(p)]
+
+
 def _sweep_temp(store: "Store", grace: float) -> int:
     n = 0
-    for p in list(store.blobs.iter_temp()):
-        if store.blobs.age(p) > grace:
-            try:
-                p.unlink()
-                n += 1
-            except OSError:
-                pass
+    for p in stale_temps(store, grace):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
     return n
 
 
@@ -161,7 +199,7 @@ def _dry_run(store: "Store", keep_last: int, grace: float, t0: float) -> GcRepor
     dead_ids = {bid for bid, _ in dead}
     orphans = [(bid, p) for bid, p in store.blobs.iter_files()
                if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace]
-    temps = sum(1 for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace)
+    temps = len(stale_temps(store, grace, now))
     freed = sum(n for _, n in dead) + sum(p.stat().st_size for _, p in orphans)
     return GcReport(dry_run=True, snapshots_removed=len(doomed), chunks_removed=len(dead_chunks),
                     blobs_removed=len(dead), files_removed=len(dead) + len(orphans), temp_removed=temps,

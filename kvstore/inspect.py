@@ -19,12 +19,15 @@ def _count(conn, table) -> int:
 
 
 def head_bytes_query():
-    """(agent name, chunk key, blob id, nbytes) for every chunk layer of every agent's head snapshot."""
+    """(agent name, chunk key, blob id, nbytes) of every blob of every agent's head snapshot.
+
+    Distinct: the layers of a chunk share one blob, which counts once.
+    """
     a, sc, cl, b = schema.agents, schema.snapshot_chunks, schema.chunk_layers, schema.blobs
     return (select(a.c.name, sc.c.chunk_key, cl.c.blob_id, b.c.nbytes)
             .select_from(a.join(sc, sc.c.snapshot_id == a.c.head)
                          .join(cl, cl.c.chunk_key == sc.c.chunk_key)
-                         .join(b, b.c.id == cl.c.blob_id)))
+                         .join(b, b.c.id == cl.c.blob_id)).distinct())
 
 
 def store_stats(store: "Store") -> Stats:

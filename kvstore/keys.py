@@ -12,8 +12,16 @@ KEY_BYTES = 16
 
 def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a little-endian uint32 array (the hashed and stored form)."""
+    if tokens is None or isinstance(tokens, (str, bytes)):
+        raise TypeError(f"tokens must be a sequence of integer token ids, not {type(tokens).__name__}")
     arr = np.asarray(tokens)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u4")
+    if not np.issubdtype(arr.dtype, np.integer):  # floats would be truncated into other token ids
+        raise TypeError(f"token ids must be integers, not {arr.dtype}")
     if arr.ndim != 1:
+        if arr.ndim != 2 or arr.shape[0] != 1:  # (1, n) is one sequence; a batch is not
+            raise ValueError(f"tokens must be one sequence (shape (n,) or (1, n)), not shape {arr.shape}")
         arr = arr.reshape(-1)
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
         raise ValueError("token ids must fit in uint32")

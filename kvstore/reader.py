@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from sqlalchemy import select
 
 from . import codec, db, schema, tensorfile
-from .errors import MissingBlobError, ModelMismatchError, TokenMismatchError, UnknownAgentError
+from .errors import (IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
+                     UnknownAgentError)
 from .keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
 from .records import Match
+from .blobread import ScatterReader
 from .writer import _ids
 
 if TYPE_CHECKING:
@@ -32,7 +33,15 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
 
 def _model_layout(conn, model: str):
     row = conn.execute(select(schema.models.c.layout).where(schema.models.c.fingerprint == model)).first()
-    return None if row is None else codec.layout_from_json(json.loads(row.layout))
+    if row is None:
+        return None
+    try:
+        return codec.layout_from_json(db.parse_json(row.layout, f"model {model}'s cache layout"))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, StoreError):
+            raise
+        raise IndexDatabaseError(f"the index holds a damaged cache layout for model {model}; "
+                                 "restore index.db from a backup") from e
 
 
 def plan(slots, keys: list[bytes], spans, n_tokens: int, layers: dict) -> list[list[tuple[str, int, int]]] | None:
@@ -78,26 +87,6 @@ def longest(slots, keys, spans, layers, n_max: int | None = None) -> int:
     return 0
 
 
-def _read_slot(store: "Store", pool, slot: codec.Slot, blobs: list[tuple[str, int, int]], n_tokens: int,
-               agent: str | None) -> Any:
-    datas = list(pool.map(lambda b: store.blobs.read(b[0], agent), blobs))
-    pieces, state_meta = [], None
-    for (blob_id, first, start), data in zip(blobs, datas):
-        arrays, meta = tensorfile.decode(data, blob_id)
-        pieces.append(arrays)
-        state_meta = meta
-    del datas
-    if slot.kind == "rot" and pieces:
-        # The window may start inside the first chunk: cut what lies before it.
-        have_from = blobs[0][2] + blobs[0][1]
-        cut = codec.window_start(slot, n_tokens) - have_from
-        if cut > 0:
-            pieces[0] = {k: v[..., cut:, :] for k, v in pieces[0].items()}
-    leaf = codec.build_leaf(slot, pieces, n_tokens, state_meta)
-    mx.eval([a for a in _leaf_arrays(leaf)])
-    return leaf
-
-
 def _leaf_arrays(leaf) -> list:
     out = []
     for attr in ("keys", "values"):
@@ -113,8 +102,27 @@ def _leaf_arrays(leaf) -> list:
 
 
 def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
-    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
-        leaves = [_read_slot(store, pool, slot, blobs, n_tokens, agent) for slot, blobs in zip(slots, plan_)]
+    """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
+    spans = {s: ((codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0),) for s, slot in enumerate(slots)}
+    spans = {s: (o[0], n_tokens - o[0]) for s, o in spans.items()}
+    rd = ScatterReader(store.blobs.path, spans, agent, threads=store.io_threads)
+    for s, (slot, blobs) in enumerate(zip(slots, plan_)):
+        if slot.kind != "state":
+            for blob_id, first, start in blobs:
+                rd.add(blob_id, s, start + first)
+    arrays = rd.run()
+    leaves = []
+    for s, (slot, blobs) in enumerate(zip(slots, plan_)):
+        if slot.kind == "state":
+            pieces, state_meta = [], None
+            for blob_id, _first, _start in blobs:
+                got, state_meta = tensorfile.decode(store.blobs.read(blob_id, agent), blob_id)
+                pieces.append(got)
+            leaf = codec.build_leaf(slot, pieces, n_tokens, state_meta)
+        else:
+            leaf = codec.build_leaf(slot, [arrays[s]] if s in arrays else [], n_tokens)
+        leaves.append(leaf)
+    mx.eval([a for leaf in leaves for a in _leaf_arrays(leaf)])
     return codec.build(tree, leaves)
 
 
@@ -133,7 +141,32 @@ def head_snapshot(conn, name: str, snapshot_id: int | None = None):
     return row
 
 
+READ_ATTEMPTS = 5
+
+
+def _reread(store: "Store", read):
+    """Run `read`; when a blob it planned on vanished because a concurrent gc dropped the rows naming it
+    (the agent moved on to a new head), plan and read again. A blob the index still names is really gone.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except MissingBlobError as e:
+            if attempt == READ_ATTEMPTS - 1 or not e.blob_id:
+                raise
+            with db.transaction(store.engine, write=False, what="re-checking a blob") as conn:
+                named = conn.execute(select(schema.chunk_layers.c.layer).where(
+                    schema.chunk_layers.c.blob_id == e.blob_id).limit(1)).first() is not None
+            if named and not store.blobs.path(e.blob_id).exists():
+                raise
+
+
 def load(store: "Store", name: str, model: str | None, snapshot_id: int | None):
+    """(cache, tokens) of a snapshot; see _load_once."""
+    return _reread(store, lambda: _load_once(store, name, model, snapshot_id))
+
+
+def _load_once(store: "Store", name: str, model: str | None, snapshot_id: int | None):
     with db.transaction(store.engine, write=False, what=f"loading agent {name!r}") as conn:
         row = head_snapshot(conn, name, snapshot_id)
         if model is not None and row.fingerprint != model:
@@ -202,6 +235,11 @@ def _verify_prefix(conn, keys, spans, toks, n: int) -> int:
 
 
 def restore(store: "Store", tokens: Any, model: str, limit: int | None = None):
+    """(cache or None, n): the longest stored prefix; see _restore_once."""
+    return _reread(store, lambda: _restore_once(store, tokens, model, limit))
+
+
+def _restore_once(store: "Store", tokens: Any, model: str, limit: int | None = None):
     m, found = match(store, tokens, model, limit)
     if found is None:
         return None, 0

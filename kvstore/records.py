@@ -22,8 +22,8 @@ class Snapshot(_Record):
     label: str | None = None
     pinned: bool = False
     bytes_written: int = 0      # blob bytes this save wrote (0 when every chunk was already stored)
-    blobs_written: int = 0
-    blobs_reused: int = 0
+    blobs_written: int = 0      # blob files this save wrote
+    blobs_reused: int = 0       # blob files it would have written but found already on disk
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from sqlalchemy import delete, func, select, update
 
 from . import db, reader, schema, writer
 from .blobs import BlobStore
-from .errors import (AgentExistsError, IncompatibleStoreError, NotAStoreError, ReadOnlyStoreError,
-                     StoreError, UnknownAgentError)
+from .errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
+                     ReadOnlyStoreError, StoreError, UnknownAgentError)
 from .fingerprint import fingerprint
 from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
 from .names import validate_name
@@ -30,8 +30,9 @@ def _model_id(model: Any) -> str:
     """A fingerprint from a fingerprint string, a model directory, or a loaded model."""
     if isinstance(model, str) and len(model) == 32 and all(c in "0123456789abcdef" for c in model):
         return model
-    if model is None:
-        raise TypeError("model= is required: a fingerprint (kvstore.fingerprint(...)), a model path or a model")
+    if model is None or isinstance(model, (bool, int, float, bytes)):
+        raise TypeError(f"model= must be a fingerprint (kvstore.fingerprint(...)), a model path or a model, "
+                        f"not {model!r}")
     return fingerprint(model)
 
 
@@ -50,7 +51,13 @@ class Store:
         self.blobs = BlobStore(root, durable=durable)
         self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
         try:
-            self.schema_revision = db.ensure_schema(self.engine, readonly=readonly)
+            size = chunk_size or DEFAULT_CHUNK_SIZE
+            if not isinstance(size, int) or size < 1 or size > 1 << 20:
+                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            # A new index gets its settings in the very transaction that creates it: a crash between
+            # the two would leave a store that the next open fills with defaults (crash suite found it).
+            self.schema_revision = db.ensure_schema(self.engine, readonly=readonly, initial_meta={
+                "format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})
             self.chunk_size = self._settings(chunk_size)
         except BaseException:
             self.engine.dispose()
@@ -179,6 +186,8 @@ class Store:
     def set_meta(self, name: str, meta: dict) -> None:
         """Replace an agent's metadata (its record: role, messages, ...)."""
         validate_name(name)
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
         self._writable()
         a = schema.agents
         with db.transaction(self.engine, write=True, what=f"updating agent {name!r}") as conn:
@@ -186,6 +195,13 @@ class Store:
                 meta=json.dumps(meta, sort_keys=True, default=str), updated=db.now())).rowcount
         if not n:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
+
+    def tokens(self, name: str, *, snapshot: int | None = None) -> list[int]:
+        """The exact token ids of an agent's head snapshot (or `snapshot`): primary data, no blob is read."""
+        validate_name(name)
+        with db.transaction(self.engine, write=False, what=f"reading agent {name!r}'s tokens") as conn:
+            row = reader.head_snapshot(conn, name, snapshot)
+        return reader.tokens_from_bytes(row.tokens)
 
     def agent(self, name: str) -> AgentInfo:
         validate_name(name)
@@ -210,7 +226,7 @@ class Store:
             q = q.where(a.c.name == name)
         with db.transaction(self.engine, write=False, what="listing agents") as conn:
             rows = conn.execute(q).all()
-        return [AgentInfo(name=r[0], model=r[1], meta=json.loads(r[2] or "{}"), created=r[3], updated=r[4],
+        return [AgentInfo(name=r[0], model=r[1], meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"), created=r[3], updated=r[4],
                           head=r[5], n_tokens=r[6], snapshots=r[7]) for r in rows]
 
     def snapshots(self, name: str) -> list[Snapshot]:
@@ -301,6 +317,11 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
             raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
         if root.is_dir() and not (root / INDEX_FILE).exists() and any(root.iterdir()):
             raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
+        if (root / INDEX_FILE).is_file() and (root / INDEX_FILE).stat().st_size == 0 \
+                and next(BlobStore(root).iter_files(), None) is not None:
+            # SQLite would take the empty file for a new index, and gc would then sweep every blob.
+            raise IndexDatabaseError(f"{root / INDEX_FILE} is empty but the store holds blobs: the index was "
+                                     "truncated; restore it from a backup (blobs alone cannot rebuild agents)")
         if not root.exists():
             if not create:
                 raise NotAStoreError(f"no store at {root}")
@@ -311,9 +332,15 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
         url = None
     if readonly is None:
         readonly = root.exists() and not os.access(root, os.W_OK)
+    elif not readonly and root.is_dir() and not os.access(root, os.W_OK):
+        raise ReadOnlyStoreError(f"{root} is not writable (a read-only mount?): open it with readonly=True to load")
     if url is None:
         index = (root / INDEX_FILE).resolve()
-        url = f"sqlite:///file:{index}?mode=ro&uri=true" if readonly else f"sqlite:///{index}"
+        # On read-only media SQLite cannot make the WAL's -shm file; with no WAL left (a clean close)
+        # nothing can change the file, and immutable=1 opens it without one.
+        frozen = readonly and not os.access(root, os.W_OK) and not (root / f"{INDEX_FILE}-wal").exists()
+        url = (f"sqlite:///file:{index}?mode=ro{'&immutable=1' if frozen else ''}&uri=true" if readonly
+               else f"sqlite:///{index}")
     if not readonly:
         try:
             BlobStore(root).ensure_dirs()

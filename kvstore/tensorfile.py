@@ -1,13 +1,17 @@
-"""Safetensors bytes to and from mlx arrays, without a temporary file.
+"""Safetensors bytes to and from arrays without temporary copies.
 
-The blob store hashes the exact bytes it writes, so the file is built in memory here rather
-than by `mx.save_safetensors`. bfloat16 travels through numpy as uint16 (numpy has no bf16).
+The blob store hashes the exact bytes it writes, so files are built here rather than by
+`mx.save_safetensors`. Writing takes numpy views of the cache's own memory and emits one buffer
+per contiguous block (no gather copy); reading scatters a file's tensor data straight into the
+destination arrays with `preadv`. bfloat16 travels as uint16 (numpy has no bf16).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -23,28 +27,62 @@ _FROM_ST = {v: k for k, v in _TO_ST.items()}
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
        "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "I64": np.int64,
        "U64": np.uint64, "BOOL": np.bool_, "F64": np.float64}
+HEADER_PROBE = 4096  # one read gets the header of every blob kvstore writes
 
 
-def _as_numpy(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.asarray(a)
+@dataclass(frozen=True)
+class HostArray:
+    """A numpy view (any strides) of array memory, and its safetensors dtype."""
+
+    data: np.ndarray
+    dtype: str
 
 
-def encode(arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> list:
-    """Safetensors file contents as a list of buffers (header, then each tensor's bytes)."""
+def st_dtype(a: mx.array) -> str:
+    """The safetensors name of an array's dtype."""
+    if a.dtype not in _TO_ST:
+        raise TypeError(f"dtype {a.dtype} cannot be stored")
+    return _TO_ST[a.dtype]
+
+
+def host(a: mx.array) -> HostArray:
+    """A zero-copy numpy view of an evaluated mlx array (bf16 viewed as uint16)."""
+    if a.dtype not in _TO_ST:
+        raise TypeError(f"dtype {a.dtype} cannot be stored")
+    st = _TO_ST[a.dtype]
+    return HostArray(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a), st)
+
+
+def blocks(a: np.ndarray) -> list[memoryview]:
+    """The array's bytes in C order as a few contiguous buffers (views, not copies)."""
+    if a.size == 0:
+        return []
+    if a.flags.c_contiguous:
+        return [memoryview(a).cast("B")]
+    # Find the innermost run of dims that is contiguous, and iterate the dims outside it.
+    inner = a.ndim
+    expected = a.itemsize
+    while inner > 0 and (a.shape[inner - 1] == 1 or a.strides[inner - 1] == expected):
+        expected *= a.shape[inner - 1]
+        inner -= 1
+    if inner == a.ndim:
+        return [memoryview(np.ascontiguousarray(a)).cast("B")]
+    return [memoryview(a[idx]).cast("B") for idx in np.ndindex(*a.shape[:inner])]
+
+
+def encode(arrays: dict[str, HostArray | mx.array], metadata: dict[str, str] | None = None) -> list:
+    """Safetensors file contents as a list of buffers: the header, then each tensor's blocks."""
     header: dict = {}
-    datas = []
+    datas: list = []
     offset = 0
     for name in sorted(arrays):
         a = arrays[name]
-        if a.dtype not in _TO_ST:
-            raise TypeError(f"dtype {a.dtype} cannot be stored")
-        data = np.ascontiguousarray(_as_numpy(a))
-        header[name] = {"dtype": _TO_ST[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + data.nbytes]}
-        offset += data.nbytes
-        datas.append(memoryview(data).cast("B") if data.nbytes else b"")
+        if isinstance(a, mx.array):
+            a = host(a)
+        nbytes = a.data.nbytes
+        header[name] = {"dtype": a.dtype, "shape": list(a.data.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        datas.extend(blocks(a.data))
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -52,25 +90,95 @@ def encode(arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) 
     return [struct.pack("<Q", len(raw)) + raw, *datas]
 
 
-def decode(data: bytes | bytearray, blob_id: str = "?") -> tuple[dict[str, mx.array], dict[str, str]]:
-    """Arrays and metadata from safetensors bytes; a malformed file is a CorruptBlobError."""
+def parse_header(data: bytes | bytearray | memoryview, blob_id: str = "?") -> tuple[int, dict, dict]:
+    """(data start, tensor entries, metadata) of a safetensors file's first bytes."""
     try:
         (n,) = struct.unpack_from("<Q", data, 0)
+        if n > 100_000_000:
+            raise ValueError("header length is implausible")
         header = json.loads(bytes(data[8 : 8 + n]))
-        base = 8 + n
         metadata = header.pop("__metadata__", {}) or {}
-        arrays = {}
+        for info in header.values():
+            if info["dtype"] not in _NP:
+                raise ValueError(f"unknown dtype {info['dtype']}")
+        return 8 + n, header, metadata
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise CorruptBlobError(f"blob {blob_id} does not parse as safetensors: {e}", blob_id) from e
+
+
+def decode(data: bytes | bytearray, blob_id: str = "?") -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Arrays (copied into mlx) and metadata from safetensors bytes."""
+    base, header, metadata = parse_header(data, blob_id)
+    arrays = {}
+    try:
         for name, info in header.items():
             st = info["dtype"]
             begin, end = info["data_offsets"]
             count = (end - begin) // np.dtype(_NP[st]).itemsize
-            if base + end > len(data):
-                raise ValueError("tensor data past the end of the file")
+            if base + end > len(data) or count != int(np.prod(info["shape"], dtype=np.int64)):
+                raise ValueError("tensor data does not fit the file")
             view = np.frombuffer(data, dtype=_NP[st], count=count, offset=base + begin)
             arr = mx.array(view.reshape(info["shape"]))
-            if st == "BF16":
-                arr = arr.view(mx.bfloat16)
-            arrays[name] = arr
-        return arrays, metadata
-    except (ValueError, KeyError, TypeError, struct.error) as e:
+            arrays[name] = arr.view(mx.bfloat16) if st == "BF16" else arr
+    except (ValueError, TypeError) as e:
         raise CorruptBlobError(f"blob {blob_id} does not parse as safetensors: {e}", blob_id) from e
+    return arrays, metadata
+
+
+def mlx_dtype(st: str):
+    return _FROM_ST[st]
+
+
+def writable_view(a: mx.array) -> np.ndarray:
+    """A writable numpy view of a freshly evaluated mlx array this code alone holds (bf16 as uint16).
+
+    The caller evaluates the array first (in one batch: an eval per array costs ~0.1 ms).
+
+    Reads scatter file bytes straight into a new cache's memory this way, saving a copy.
+    """
+    if a.dtype == mx.bfloat16:
+        return np.frombuffer(memoryview(a).cast("B"), dtype=np.uint16).reshape(a.shape)
+    return np.asarray(a)
+
+
+IOV_MAX = 1024  # POSIX's usual limit on buffers per preadv/writev call
+
+
+def read_into(fd: int, offset: int, dests: list[memoryview]) -> int:
+    """preadv into dests from offset, looping on short reads and IOV_MAX; returns the bytes read."""
+    got = 0
+    while dests:
+        batch = dests[:IOV_MAX]
+        n = os.preadv(fd, batch, offset + got) if hasattr(os, "preadv") else _pread_loop(fd, batch, offset + got)
+        if n <= 0:
+            break
+        got += n
+        while dests and n >= len(dests[0]):
+            n -= len(dests[0])
+            dests = dests[1:]
+        if dests and n:
+            dests = [dests[0][n:], *dests[1:]]
+    return got
+
+
+def write_all(fd: int, buffers: list) -> None:
+    """writev every buffer, looping on short writes and IOV_MAX."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        n = os.writev(fd, views[:IOV_MAX]) if hasattr(os, "writev") else os.write(fd, views[0])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:], *views[1:]]
+
+
+def _pread_loop(fd: int, dests: list[memoryview], offset: int) -> int:
+    n = 0
+    for d in dests:
+        chunk = os.pread(fd, len(d), offset + n)
+        d[: len(chunk)] = chunk
+        n += len(chunk)
+        if len(chunk) < len(d):
+            break
+    return n

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
-from sqlalchemy import and_, insert, select, tuple_, update
+import numpy as np
+from sqlalchemy import and_, insert, select, update
 
 from . import codec, db, schema, tensorfile
 from .errors import ModelMismatchError, StoreError
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 MAX_ATTEMPTS = 5
+LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock (see save)
 IN_CHUNK = 400  # keys per IN (...) list: SQLite's default variable limit is generous, PostgreSQL's too
 
 
@@ -56,6 +59,26 @@ def existing_layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], int]:
     return out
 
 
+def _host_arrays(slot: codec.Slot, leaf: Any) -> tuple[dict[str, tensorfile.HostArray], int]:
+    """Zero-copy host views of a positional leaf's arrays, and the position of their index 0."""
+    if slot.cls == "QuantizedKVCache":
+        named = {f"{p}{i}": part for p, parts in (("k", leaf.keys), ("v", leaf.values)) for i, part in enumerate(parts)}
+        lo = 0
+    elif slot.kind == "rot":
+        keys, values = codec._rotating_arrays(leaf)
+        named, lo = {"k": keys, "v": values}, codec.held_range(slot, leaf)[0]
+    else:
+        named, lo = {"k": leaf.keys, "v": leaf.values}, 0
+    dtypes = {n: tensorfile.st_dtype(a) for n, a in named.items()}
+    named = {n: a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for n, a in named.items()}
+    mx.eval(list(named.values()))  # one eval for all: host() would otherwise eval each array alone
+    return {n: tensorfile.HostArray(np.asarray(a), dtypes[n]) for n, a in named.items()}, lo
+
+
+def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
+    return {n: tensorfile.HostArray(h.data[..., a:b, :], h.dtype) for n, h in arrays.items()}
+
+
 def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes],
                 have: dict[tuple[bytes, int], int], captured: dict | None) -> list[Piece]:
     """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
@@ -68,6 +91,7 @@ def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes]
                 want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
             continue
         lo, hi = codec.held_range(slot, leaf)
+        host = None
         for i, (start, length) in enumerate(spans):
             end = start + length
             if end <= lo or start >= hi:
@@ -75,7 +99,9 @@ def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes]
             first = max(start, lo) - start
             if have.get((keys[i], s), length + 1) <= first:
                 continue
-            want[(i, s)] = Piece(i, s, first, codec.extract(slot, leaf, start + first, end))
+            if host is None:
+                host, base = _host_arrays(slot, leaf)
+            want[(i, s)] = Piece(i, s, first, _slice(host, start + first - base, end - base))
     for (i, s), piece in (captured or {}).items():
         if i >= len(spans):
             continue
@@ -85,25 +111,49 @@ def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes]
     return sorted(want.values(), key=lambda p: (p.slot, p.chunk))
 
 
-def _encode(piece: Piece, slot: codec.Slot, model: str):
-    meta = {"kind": slot.kind, "cls": slot.cls, "first": str(piece.first), "model": model}
-    meta.update(piece.meta or {})
-    return tensorfile.encode(piece.arrays, meta)
+def _group(pieces: list[Piece], slots) -> list[list[Piece]]:
+    """Pieces that share one blob: every positional layer of a chunk holding the same positions.
+
+    One file per chunk rather than per (chunk, layer): creating and fsyncing a file costs a few
+    milliseconds on ext4 and far more with F_FULLFSYNC on macOS, and a 32-layer model would need
+    32x the files (docs/ARCHITECTURE.md, "Why a blob holds all layers of a chunk").
+    """
+    groups: dict[tuple, list[Piece]] = {}
+    for p in pieces:
+        key = ("state", p.chunk, p.slot) if slots[p.slot].kind == "state" else ("pos", p.chunk, p.first)
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
+def _encode(group: list[Piece], slots, model: str) -> list:
+    first = group[0]
+    if slots[first.slot].kind == "state":
+        meta = {"kind": "state", "cls": slots[first.slot].cls, "slot": str(first.slot), "model": model}
+        meta.update(first.meta or {})
+        return tensorfile.encode(first.arrays, meta)
+    arrays = {f"{p.slot}.{name}": a for p in group for name, a in p.arrays.items()}
+    meta = {"kind": "chunk", "first": str(first.first), "slots": ",".join(str(p.slot) for p in group),
+            "model": model}
+    return tensorfile.encode(arrays, meta)
 
 
 def write_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list[tuple[Piece, str, int, bool]]:
-    """Encode and put every piece; returns (piece, blob id, bytes, newly written)."""
+    """Encode and put every piece, a blob per group; returns (piece, blob id, blob bytes, newly written)."""
     if not pieces:
         return []
-    mx.eval([a for p in pieces for a in p.arrays.values()])
+    mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
 
-    def put(piece):
-        blob_id, nbytes, written = store.blobs.put(_encode(piece, slots[piece.slot], model))
-        return piece, blob_id, nbytes, written
+    def put(group):
+        blob_id, nbytes, written = store.blobs.put(_encode(group, slots, model))
+        return [(p, blob_id, nbytes, written) for p in group]
 
-    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
-        results = list(pool.map(put, pieces))
-    store.blobs.sync_dirs(r[1] for r in results)
+    groups = _group(pieces, slots)
+    if len(groups) > 1 and store.io_threads > 1:
+        with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
+            results = [r for rs in pool.map(put, groups) for r in rs]
+    else:
+        results = [r for g in groups for r in put(g)]
+    store.blobs.sync_dirs({r[1] for r in results})
     return results
 
 
@@ -121,8 +171,20 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
     layout = json.dumps(codec.layout_json(tree, slots), sort_keys=True)
     keys = chunk_keys(model, toks, store.chunk_size)
     spans = chunk_spans(n, store.chunk_size)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
     meta_json = json.dumps(meta if meta is not None else {}, sort_keys=True, default=str)
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
+        if attempt >= LOCKED_AFTER:
+            # A gc keeps sweeping what this save relies on (grace=0 in a loop): plan, write and commit
+            # under the write lock, where no gc removes a file, so this attempt cannot be undone.
+            with db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
+                _check_model_and_agent(conn, name, model, layout)
+                have = existing_layers(conn, keys)
+                pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
+                written = write_pieces(store, pieces, slots, model)
+                return _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
+                               meta_json if meta is not None else None, label, pinned, conn)
         with db.transaction(store.engine, write=False, what="planning a save") as conn:
             _check_model_and_agent(conn, name, model, layout)
             have = existing_layers(conn, keys)
@@ -159,11 +221,13 @@ def _model_id(conn, model: str, layout: str, now: float) -> int:
                         .returning(models.c.id)).scalar_one()
 
 
-def _commit(store, name, model, layout, toks, keys, spans, slots, have, written, meta_json, label, pinned):
+def _commit(store, name, model, layout, toks, keys, spans, slots, have, written, meta_json, label, pinned,
+            locked=None):
     now = db.now()
-    with db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
+    with contextlib.nullcontext(locked) if locked is not None else \
+            db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
         # Under the write lock: everything this snapshot relies on must still exist (a gc may have run).
-        for _piece, blob_id, _n, _w in written:
+        for blob_id in {w[1] for w in written}:
             if not store.blobs.path(blob_id).exists():
                 raise _Retry()
         reused = list(have)
@@ -172,7 +236,8 @@ def _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
             if any(key not in still for key in reused):
                 raise _Retry()
         model_id = _model_id(conn, model, layout, now)
-        db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now} for _, b, nb, _ in written])
+        db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now}
+                                              for b, nb in {b: nb for _, b, nb, _ in written}.items()])
         db.insert_ignore(conn, schema.chunks, [
             {"key": keys[i], "model_id": model_id, "seq": i, "length": length}
             for i, (_s, length) in enumerate(spans)])
@@ -193,10 +258,11 @@ def _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
             conn.execute(insert(schema.snapshot_chunks),
                          [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
         conn.execute(update(schema.agents).where(schema.agents.c.id == agent_id).values(head=snap_id, updated=now))
-    n_written = sum(1 for w in written if w[3])
+    files = {b: (nb, w) for _p, b, nb, w in written}
     return Snapshot(id=snap_id, agent=name, model=model, n_tokens=int(toks.size), created=now, label=label,
-                    pinned=bool(pinned), bytes_written=sum(w[2] for w in written if w[3]),
-                    blobs_written=n_written, blobs_reused=len(written) - n_written + len(have))
+                    pinned=bool(pinned), bytes_written=sum(nb for nb, w in files.values() if w),
+                    blobs_written=sum(1 for _nb, w in files.values() if w),
+                    blobs_reused=sum(1 for _nb, w in files.values() if not w))
 
 
 def _agent_row(conn, name: str, model_id: int, meta_json: str | None, now: float) -> int:

@@ -53,3 +53,9 @@ def store_url(tmp_path, backend):
     if backend == "postgresql":
         return _fresh_pg_database(), {"blobs": str(tmp_path / "blobs-root"), "chunk_size": TEST_CHUNK}
     return str(tmp_path / "store"), {"chunk_size": TEST_CHUNK}
+
+
+def pytest_addoption(parser):
+    """`--long`: the reliability suite's crash harness runs 2,000 kills instead of 200."""
+    parser.addoption("--long", action="store_true", default=False,
+                     help="reliability suite: 2,000 crash-injection kills instead of 200")

@@ -49,9 +49,9 @@ def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
     after_a = blob_files(store)
     snap_b = store.save("b", b, shared_tokens + tokens(9, seed=3), model=FP_A)
     after_b = blob_files(store)
-    # b wrote only its own tail chunk (one blob per layer); the 3 shared chunks x 2 layers were reused.
-    assert snap_b.blobs_written == 2
-    assert len(after_b - after_a) == 2
+    # b wrote only its own tail chunk (one blob holds every layer of a chunk); the 3 shared ones were reused.
+    assert snap_b.blobs_written == 1
+    assert len(after_b - after_a) == 1
     # The same tokens and KV under another model fingerprint share nothing.
     snap_c = store.save("c", prefix_cache(shared, random_kv(5, seed=2)), shared_tokens + tokens(5, seed=2),
                         model=FP_B)
@@ -81,7 +81,7 @@ def test_eight_agents_store_the_prefix_once(store):
         unique_bytes += sum(k.nbytes + v.nbytes for k, v in own)
     unique_bytes += sum(k.nbytes + v.nbytes for k, v in shared)
     stats = store.stats()
-    assert stats.blobs == 2 * (4 + 8)  # 4 shared chunks + 8 private ones, 2 layers each
+    assert stats.blobs == 4 + 8  # 4 shared chunks + 8 private ones, a blob per chunk
     # Each blob is its raw KV plus a safetensors header of a few hundred bytes.
     assert unique_bytes < stats.bytes_on_disk < unique_bytes + stats.blobs * 400
     # One file per agent would hold 8 x 5 chunks; the store holds 12 (all blobs are the same size here).
@@ -92,13 +92,13 @@ def test_incremental_save_writes_only_new_chunks(store):
     history = random_kv(6 * C + 3, seed=5)
     toks = tokens(6 * C + 3, seed=5)
     first = store.save("a", prefix_cache(history, None), toks, model=FP_A)
-    assert first.blobs_written == 2 * 7
+    assert first.blobs_written == 7
     turn = random_kv(C + 4, seed=6)
     longer = prefix_cache(history, turn)
     toks2 = toks + tokens(C + 4, seed=6)
     second = store.save("a", longer, toks2, model=FP_A)
-    # The old tail chunk (3 tokens) is rewritten as a full chunk, plus one new partial chunk: 2 chunks x 2 layers.
-    assert second.blobs_written == 4
+    # The old tail chunk (3 tokens) is rewritten as a full chunk, plus one new partial chunk.
+    assert second.blobs_written == 2
     assert second.bytes_written < first.bytes_written / 3
     loaded, got = store.load("a", model=FP_A)
     assert got == toks2 and same_cache(longer, loaded)

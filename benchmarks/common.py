@@ -1,0 +1,111 @@
+"""Helpers shared by the benchmarks: synthetic caches of real model shapes, timing, page-cache control."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+# (layers, kv heads, head dim) of real models, for synthetic KV of the right size.
+SHAPES = {
+    "qwen2.5-0.5b": (24, 2, 64),
+    "llama-3-8b": (32, 8, 128),
+    "gemma-3-12b": (48, 8, 256),
+}
+
+
+def synthetic_cache(shape: str, n_tokens: int, seed: int = 0, dtype=mx.bfloat16) -> list:
+    """A list of KVCache layers holding n_tokens of random KV in the model's shape."""
+    layers, heads, dim = SHAPES[shape]
+    key = mx.random.key(seed)
+    cache = []
+    for _ in range(layers):
+        key, a, b = mx.random.split(key, 3)
+        c = KVCache()
+        if n_tokens:
+            c.update_and_fetch(mx.random.normal((1, heads, n_tokens, dim), key=a).astype(dtype),
+                               mx.random.normal((1, heads, n_tokens, dim), key=b).astype(dtype))
+        cache.append(c)
+    mx.eval([c.keys for c in cache if c.keys is not None] + [c.values for c in cache if c.values is not None])
+    return cache
+
+
+def extend(cache: list, n_new: int, seed: int) -> None:
+    """Append n_new positions of random KV to every layer (a chat turn)."""
+    key = mx.random.key(seed)
+    for c in cache:
+        key, a, b = mx.random.split(key, 3)
+        _, heads, _, dim = c.keys.shape
+        c.update_and_fetch(mx.random.normal((1, heads, n_new, dim), key=a).astype(c.keys.dtype),
+                           mx.random.normal((1, heads, n_new, dim), key=b).astype(c.keys.dtype))
+    mx.eval([c.keys for c in cache] + [c.values for c in cache])
+
+
+def kv_bytes(shape: str, n_tokens: int, itemsize: int = 2) -> int:
+    layers, heads, dim = SHAPES[shape]
+    return layers * 2 * heads * dim * n_tokens * itemsize
+
+
+def eval_cache(cache: list) -> None:
+    mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])
+
+
+def drop_page_cache() -> bool:
+    """Empty the OS page cache (root on Linux); False where that is not possible."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        try:  # macOS
+            subprocess.run(["purge"], check=True, capture_output=True)
+            return True
+        except (OSError, subprocess.CalledProcessError):
+            return False
+
+
+def timed(fn, repeat: int = 3, before=None) -> dict:
+    """Median, min and max seconds of fn() over `repeat` runs (before() runs untimed first each time)."""
+    times = []
+    for _ in range(repeat):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeat}
+
+
+def fsync_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = 0
+    import mlx_lm
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
