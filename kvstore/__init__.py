@@ -12,6 +12,7 @@ from .errors import (AgentExistsError, ArchiveError, BlobError, CorruptBlobError
                      IndexDatabaseError, InvalidNameError, MissingBlobError, ModelMismatchError, NotAStoreError,
                      ReadOnlyStoreError, SchemaTooNewError, StoreError, StoreFullError, StoreLockedError,
                      TokenMismatchError, UnknownAgentError, UnsupportedCacheError)
+from .archive import export_agent, import_agent
 from .fingerprint import fingerprint
 from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
 from .keys import chunk_keys
@@ -21,7 +22,7 @@ from .store import Store, default_home, open
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "fingerprint", "chunk_keys", "default_home",
+    "open", "Store", "fingerprint", "chunk_keys", "default_home", "export_agent", "import_agent",
     "Snapshot", "Match", "AgentInfo", "Stats", "FsckReport", "Problem", "GcReport",
     "DEFAULT_CHUNK_SIZE", "FORMAT_VERSION",
     "StoreError", "InvalidNameError", "UnknownAgentError", "AgentExistsError", "ModelMismatchError",

@@ -167,8 +167,10 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> s
             spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
             conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
             conn.execute(update(s).where(s.c.id == sid).values(n_tokens=len(tokens_from_bytes(snap.tokens))))
-            db.insert_ignore(conn, schema.chunks, [{"key": k, "model_id": snap.model_id, "seq": i, "length": ln}
-                                                   for i, (k, (_st, ln)) in enumerate(zip(keys, spans))])
+            db.insert_ignore(conn, schema.chunks, [
+                {"key": k, "model_id": snap.model_id, "seq": i, "length": ln,
+                 "parent": keys[i - 1] if i else bytes.fromhex(fps[snap.model_id])}
+                for i, (k, (_st, ln)) in enumerate(zip(keys, spans))])
             if keys:
                 conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
             affected.add(sid)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from sqlalchemy import and_, delete, func, not_, or_, select, text
+from sqlalchemy import and_, delete, func, not_, select, text
 
 from . import db, schema
 from ._crash import crash_point

@@ -1,65 +1,158 @@
-"""Read-only views over the index: store statistics and per-agent byte accounting."""
+"""Read-only views over the index: store statistics, per-agent byte accounting, chunk maps, models.
+
+Everything here is SQL aggregation in the database, a handful of statements per call.
+
+Accounting rules. A chunk's bytes are the bytes of the distinct blobs its layer rows name (the
+layers of a chunk usually share one blob). An agent's bytes are the bytes of the chunks of its
+head snapshot. A chunk is *shared* when another agent's head lists it too, else *unique* to the
+agent: deleting the agent (and running gc) frees its unique bytes. Because a chunk key names
+the chunk given its whole prefix, two heads that share chunk i share chunks 0..i as well: the
+shared chunks of a head are a leading run, found by a binary search per agent instead of a
+probe per chunk (see `SHARED_DEPTH`).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from . import db, schema
+from .errors import UnknownAgentError
 from .formats import FORMAT_VERSION
+from .names import validate_name
 from .records import Stats
 
 if TYPE_CHECKING:
     from .store import Store
+
+__all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary"]
+
+# Bytes of chunk `sc.chunk_key`: IN (...) keeps one blob shared by several layers from counting twice.
+CHUNK_BYTES = ("(SELECT COALESCE(SUM(b.nbytes), 0) FROM blobs b WHERE b.id IN "
+               "(SELECT cl.blob_id FROM chunk_layers cl WHERE cl.chunk_key = sc.chunk_key))")
+
+# Whether chunk `seq` of snapshot `head` is listed by another agent's head.
+_SHARED_AT = """EXISTS (SELECT 1 FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key
+                WHERE x.snapshot_id = bs.head AND x.seq = (bs.lo + bs.hi) / 2 AND y.snapshot_id <> bs.head
+                  AND y.snapshot_id IN (SELECT head FROM agents WHERE head IS NOT NULL))"""
+
+# (agent id, depth): how many leading chunks of each agent's head other agents' heads list too.
+# Binary search over [lo, hi): sharing is prefix-closed, so the predicate is monotone in seq.
+SHARED_DEPTH = f"""
+bs(aid, head, lo, hi) AS (
+    SELECT a.id, a.head, 0, (SELECT COUNT(*) FROM snapshot_chunks c WHERE c.snapshot_id = a.head)
+    FROM agents a WHERE a.head IS NOT NULL {{where}}
+    UNION ALL
+    SELECT aid, head,
+           CASE WHEN {_SHARED_AT} THEN (lo + hi) / 2 + 1 ELSE lo END,
+           CASE WHEN {_SHARED_AT} THEN hi ELSE (lo + hi) / 2 END
+    FROM bs WHERE lo < hi),
+depth(aid, d) AS (SELECT aid, lo FROM bs WHERE lo = hi)"""
 
 
 def _count(conn, table) -> int:
     return conn.execute(select(func.count()).select_from(table)).scalar_one()
 
 
-def head_bytes_query():
-    """(agent name, chunk key, blob id, nbytes) of every blob of every agent's head snapshot.
-
-    Distinct: the layers of a chunk share one blob, which counts once.
-    """
-    a, sc, cl, b = schema.agents, schema.snapshot_chunks, schema.chunk_layers, schema.blobs
-    return (select(a.c.name, sc.c.chunk_key, cl.c.blob_id, b.c.nbytes)
-            .select_from(a.join(sc, sc.c.snapshot_id == a.c.head)
-                         .join(cl, cl.c.chunk_key == sc.c.chunk_key)
-                         .join(b, b.c.id == cl.c.blob_id)).distinct())
-
-
 def store_stats(store: "Store") -> Stats:
+    """Counts, bytes on disk (every blob the index records), logical bytes (every head, stored apart)."""
     with db.transaction(store.engine, write=False, what="reading statistics") as conn:
         counts = {t.name: _count(conn, t) for t in (schema.models, schema.agents, schema.snapshots,
                                                      schema.chunks, schema.blobs)}
         on_disk = conn.execute(select(func.coalesce(func.sum(schema.blobs.c.nbytes), 0))).scalar_one()
-        hb = head_bytes_query().subquery()
-        logical = conn.execute(select(func.coalesce(func.sum(hb.c.nbytes), 0))).scalar_one()
+        logical = conn.execute(text(
+            f"SELECT COALESCE(SUM({CHUNK_BYTES}), 0) FROM agents a "
+            "JOIN snapshot_chunks sc ON sc.snapshot_id = a.head")).scalar_one()
+    on_disk, logical = int(on_disk), int(logical)
     return Stats(path=str(store.path), url=store.engine.url.render_as_string(hide_password=True),
                  format_version=FORMAT_VERSION, schema_revision=store.schema_revision,
                  chunk_size=store.chunk_size, models=counts["models"], agents=counts["agents"],
                  snapshots=counts["snapshots"], chunks=counts["chunks"], blobs=counts["blobs"],
-                 bytes_on_disk=int(on_disk), logical_bytes=int(logical),
+                 bytes_on_disk=on_disk, logical_bytes=logical,
                  dedup_ratio=round(logical / on_disk, 4) if on_disk else 1.0)
 
 
-def agent_bytes(store: "Store") -> dict[str, dict[str, int]]:
-    """Per agent: bytes of its head's blobs that no other agent's head uses (unique) and that others use (shared)."""
-    users: dict[str, set[str]] = {}
-    sizes: dict[str, int] = {}
-    per_agent: dict[str, set[str]] = {}
+def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, int]]:
+    """Per agent (or just `name`): {"unique_bytes", "shared_bytes", "total_bytes"} of its head snapshot."""
+    where, params = "", {}
+    if name is not None:
+        validate_name(name)
+        where, params = "AND a.name = :name", {"name": name}
+    sql = text(f"""
+        WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
+        SELECT a.name, sc.seq < depth.d AS shared, SUM({CHUNK_BYTES})
+        FROM agents a JOIN depth ON depth.aid = a.id JOIN snapshot_chunks sc ON sc.snapshot_id = a.head
+        GROUP BY a.name, sc.seq < depth.d""")
     with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
-        for name, _key, blob_id, nbytes in conn.execute(head_bytes_query()):
-            users.setdefault(blob_id, set()).add(name)
-            sizes[blob_id] = int(nbytes)
-            per_agent.setdefault(name, set()).add(blob_id)
-        names = [n for (n,) in conn.execute(select(schema.agents.c.name))]
-    out = {}
-    for name in names:
-        blobs = per_agent.get(name, set())
-        unique = sum(sizes[b] for b in blobs if len(users[b]) == 1)
-        shared = sum(sizes[b] for b in blobs if len(users[b]) > 1)
-        out[name] = {"unique_bytes": unique, "shared_bytes": shared, "total_bytes": unique + shared}
+        q = select(schema.agents.c.name)
+        names = [n for (n,) in conn.execute(q if name is None else q.where(schema.agents.c.name == name))]
+        if name is not None and not names:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        rows = conn.execute(sql, params).all()
+    out = {n: {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0} for n in names}
+    for agent, shared, nbytes in rows:
+        entry = out[agent]
+        entry["shared_bytes" if shared else "unique_bytes"] += int(nbytes or 0)
+        entry["total_bytes"] += int(nbytes or 0)
+    return out
+
+
+def chunk_runs(store: "Store", name: str) -> list[dict]:
+    """The chunk map of an agent's head: runs of consecutive chunks that the same other agents share.
+
+    Each run: first and last chunk index, token range [start, end), chunk count, bytes, and the
+    names of the other agents whose head lists every chunk of the run.
+    """
+    validate_name(name)
+    a = schema.agents
+    with db.transaction(store.engine, write=False, what=f"mapping agent {name!r}") as conn:
+        row = conn.execute(select(a.c.id, a.c.head).where(a.c.name == name)).first()
+        if row is None:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        if row.head is None:
+            return []
+        chunks = conn.execute(text(
+            f"SELECT sc.seq, c.length, {CHUNK_BYTES} FROM snapshot_chunks sc "
+            "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq"),
+            {"head": row.head}).all()
+        sharers: dict[int, list[str]] = {}
+        for seq, other in conn.execute(text(
+                "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
+                "JOIN agents o ON o.head = y.snapshot_id "
+                "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name"),
+                {"head": row.head, "aid": row.id}):
+            sharers.setdefault(seq, []).append(other)
+    runs: list[dict] = []
+    for seq, length, nbytes in chunks:
+        start = seq * store.chunk_size  # every chunk but the last is full
+        who = sharers.get(seq, [])
+        if runs and runs[-1]["shared_with"] == who and runs[-1]["last"] == seq - 1:
+            run = runs[-1]
+            run.update(last=seq, end=start + int(length or 0), chunks=run["chunks"] + 1,
+                       bytes=run["bytes"] + int(nbytes or 0))
+        else:
+            runs.append({"first": seq, "last": seq, "start": start, "end": start + int(length or 0), "chunks": 1,
+                         "bytes": int(nbytes or 0), "shared_with": who})
+    return runs
+
+
+def model_summary(store: "Store") -> list[dict]:
+    """Every model the store knows: fingerprint, name hint, layer layout, and its agents, snapshots and chunks."""
+    m, a, s, c = schema.models, schema.agents, schema.snapshots, schema.chunks
+    with db.transaction(store.engine, write=False, what="listing models") as conn:
+        models = conn.execute(select(m.c.id, m.c.fingerprint, m.c.name, m.c.layout, m.c.created)
+                              .order_by(m.c.created, m.c.id)).all()
+        per = {}
+        for table, col in ((a, a.c.model_id), (s, s.c.model_id), (c, c.c.model_id)):
+            per[table.name] = dict(conn.execute(select(col, func.count()).group_by(col)).all())
+    out = []
+    for mid, fp, hint, layout, created in models:
+        slots = db.parse_json(layout, f"model {fp}'s cache layout").get("slots", [])
+        kinds: dict[str, int] = {}
+        for cls, _kind, _params in slots:
+            kinds[cls] = kinds.get(cls, 0) + 1
+        out.append({"fingerprint": fp, "name": hint, "created": created, "layers": len(slots), "cache_classes": kinds,
+                    "agents": per["agents"].get(mid, 0), "snapshots": per["snapshots"].get(mid, 0),
+                    "chunks": per["chunks"].get(mid, 0)})
     return out

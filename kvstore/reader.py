@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import xxhash
 from sqlalchemy import select
 
 from . import codec, db, schema, tensorfile
@@ -207,6 +207,8 @@ def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> 
             return Match(0, model), None
         layers = _layers(conn, keys)
         n = longest(layout[1], keys, spans, layers)
+        keys, spans, layers, n = _stored_tail(conn, layout[1], model, toks, keys, spans, layers, n,
+                                              store.chunk_size)
         while n:
             verified = _verify_prefix(conn, keys, spans, toks, n)
             if verified == n:
@@ -216,6 +218,30 @@ def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> 
         return Match(0, model), None
     n_chunks = next(i for i, (s, ln) in enumerate(spans) if s + ln == n) + 1
     return Match(n, model, n_chunks, tuple(keys[:n_chunks])), (layout, plan(layout[1], keys, spans, n, layers))
+
+
+def _stored_tail(conn, slots, model, toks, keys, spans, layers, n: int, chunk_size: int):
+    """Extend a match that ends on a chunk boundary by a stored partial chunk the request continues.
+
+    An agent saved at 149 tokens keys its last 5 tokens as a chunk of its own; a longer request
+    chunks them into a full chunk with another key. Chunks record their parent, so the stored tail
+    is found by its parent and re-hashed over the request's tokens.
+    """
+    if n % chunk_size or n >= toks.size:
+        return keys, spans, layers, n
+    j = n // chunk_size - 1
+    parent = keys[j] if j >= 0 else bytes.fromhex(model)
+    c = schema.chunks
+    rows = conn.execute(select(c.c.key, c.c.length).where(c.c.parent == parent, c.c.seq == j + 1,
+                                                          c.c.length < chunk_size)).all()
+    for key, length in sorted(((bytes(k), ln) for k, ln in rows), key=lambda r: -r[1]):
+        if n + length > toks.size or xxhash.xxh3_128_digest(parent + toks[n : n + length].tobytes()) != key:
+            continue
+        alt_keys, alt_spans = keys[: j + 1] + [key], spans[: j + 1] + [(n, length)]
+        alt_layers = {**layers, **_layers(conn, [key])}
+        if plan(slots, alt_keys, alt_spans, n + length, alt_layers) is not None:
+            return alt_keys, alt_spans, alt_layers, n + length
+    return keys, spans, layers, n
 
 
 def _verify_prefix(conn, keys, spans, toks, n: int) -> int:

@@ -39,6 +39,10 @@ chunks = Table(
     Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
     Column("seq", Integer, nullable=False),              # chunk index: it starts at seq * chunk_size
     Column("length", Integer, nullable=False),           # tokens in the chunk (< chunk_size for a tail)
+    # K_{i-1} (the fingerprint for chunk 0): key = H(parent || tokens). Lets match() find a stored
+    # partial tail chunk that a longer request's own chunking cannot name.
+    Column("parent", LargeBinary(16)),
+    Index("ix_chunks_parent", "parent"),
 )
 
 chunk_layers = Table(

@@ -239,7 +239,8 @@ def _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
         db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now}
                                               for b, nb in {b: nb for _, b, nb, _ in written}.items()])
         db.insert_ignore(conn, schema.chunks, [
-            {"key": keys[i], "model_id": model_id, "seq": i, "length": length}
+            {"key": keys[i], "model_id": model_id, "seq": i, "length": length,
+             "parent": keys[i - 1] if i else bytes.fromhex(model)}
             for i, (_s, length) in enumerate(spans)])
         rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b, "first": p.first}
                 for p, b, _nb, _w in written]

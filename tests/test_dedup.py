@@ -117,3 +117,16 @@ def test_match_and_restore_take_the_longest_verified_prefix(store):
     assert same_cache(expected, cache)
     assert store.restore(request, model=FP_A, max_tokens=2 * C + 1)[1] == 2 * C
     assert store.restore([5, 6, 7], model=FP_A) == (None, 0)
+
+
+def test_match_finds_a_stored_partial_tail(store):
+    """An agent saved mid-chunk is matched to its full length by a longer request (its next turn)."""
+    toks = tokens(3 * C + 5, seed=12)
+    kv = random_kv(3 * C + 5, seed=12)
+    store.save("a", prefix_cache(kv, None), toks, model=FP_A)
+    assert store.match(toks + tokens(30, seed=13), model=FP_A).n_tokens == 3 * C + 5
+    cache, n = store.restore(toks + tokens(30, seed=13), model=FP_A)
+    assert n == 3 * C + 5 and same_cache(prefix_cache(kv, None), cache)
+    # A request that differs inside the tail falls back to the last full chunk.
+    other = toks[: 3 * C + 2] + [999_999] + toks[3 * C + 3 :] + [1, 2, 3]
+    assert store.match(other, model=FP_A).n_tokens == 3 * C

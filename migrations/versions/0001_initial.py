@@ -39,7 +39,9 @@ def upgrade() -> None:
         sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), nullable=False),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("length", sa.Integer, nullable=False),
+        sa.Column("parent", sa.LargeBinary(16)),
     )
+    op.create_index("ix_chunks_parent", "chunks", ["parent"])
     op.create_table(
         "chunk_layers",
         sa.Column("chunk_key", sa.LargeBinary(16), sa.ForeignKey("chunks.key", ondelete="CASCADE"),

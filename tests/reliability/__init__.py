@@ -1,0 +1,1 @@
+"""The reliability suite: crash injection, concurrency, corruption, disk full, bad input, stateful."""
