@@ -1,206 +1,319 @@
-"""Built-in offline models: real mlx-lm architectures with seeded random weights and a real tokenizer.
+"""Tiny mlx-lm models with seeded random weights, built offline, for tests and demos.
 
-No model can be downloaded here (tests, the demo and CI run offline), so kvstore writes its own:
-`config.json`, `model.safetensors` and tokenizer files that `mlx_lm.load(path)` loads like any
-model from a hub. The weights are random, so generated text is gibberish; the KV caches, chat
-templates and sliding windows are exactly those of the real architectures.
+No weights can be downloaded here, so this writes a real mlx-lm model directory (config.json,
+model.safetensors, a locally trained byte-level BPE tokenizer with a chat template) that
+``mlx_lm.load`` reads like any checkpoint. Replies are gibberish; shapes, caches and timings are real.
 
-    python -m kvstore.builtin_models PATH --arch gemma3 --size tiny
+    from kvstore.builtin_models import load_builtin
+    model, tokenizer = load_builtin("gemma3")       # 3 sliding-window layers + 1 global layer
+
+    python -m kvstore.builtin_models PATH --arch gemma3 --size tiny [--set sliding_window=32]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 ARCHITECTURES = ("llama", "gemma3")
-SIZES = {  # hidden, layers, heads, kv heads, head dim, intermediate
-    "tiny": (64, 4, 4, 2, 16, 128),
-    "small": (256, 8, 4, 2, 64, 512),
-    "base": (512, 12, 8, 4, 64, 1536),
+SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128, sliding_window=64),
+    "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  head_dim=32, intermediate_size=512, sliding_window=128),
+    "base": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
+                 head_dim=64, intermediate_size=1536, sliding_window=256),
 }
-VOCAB_SIZE = 1024
-SPECIAL = {
-    "llama": ["<|begin_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
-    "gemma3": ["<bos>", "<start_of_turn>", "<end_of_turn>", "<pad>"],
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # dtype -> safetensors code
+VOCAB_SIZE = 1024  # BPE training target, special tokens included
+BUILD_FORMAT = 1  # recorded in config.json; bump when the files written change
+MARKER = "KVSTORE_BUILTIN.txt"
+
+_CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+           " + '<|im_end|>' + '\\n' }}{%- endfor %}"
+           "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+_GEMMA = ("{{ bos_token }}"
+          "{%- if messages[0]['role'] == 'system' -%}"
+          "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+          "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+          "{%- for message in loop_messages -%}"
+          "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+          "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+          "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+          "{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+# arch -> (special tokens, ids in this order; bos; eos; pad; chat template). The eos is the
+# end-of-turn token, so generation stops at the end of a reply as with the instruct models imitated.
+_TOKENS = {
+    "llama": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", "<|endoftext|>", _CHATML),
+    "gemma3": (("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+               "<bos>", "<end_of_turn>", "<pad>", _GEMMA),
 }
-CHAT_TEMPLATES = {
-    # ChatML, as Qwen and many Llama fine-tunes use.
-    "llama": (
-        "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-        "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    # Gemma's: no system role, the system prompt is folded into the first user turn.
-    "gemma3": (
-        "{{ bos_token }}{% set ns = namespace(system='') %}"
-        "{% for message in messages %}{% if message['role'] == 'system' %}"
-        "{% set ns.system = message['content'] + '\n\n' %}{% else %}"
-        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-        "<start_of_turn>{{ role }}\n{% if loop.index0 == 1 or (loop.first and message['role'] != 'system') %}"
-        "{{ ns.system }}{% endif %}{{ message['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-    ),
-}
-# A few KB of plain English so common words become single tokens.
-_CORPUS = """
-The team met on Monday to review the payment service. A critical bug in the API was returning errors
-for some card payments, and the business analyst wanted to know the impact on revenue and customers.
-The technical specialist traced the failure to a timeout in the database connection pool. The fix was
-to raise the pool size, add a retry with backoff, and write a test that fails without the change.
-The coordinator asked each agent for a short answer, then wrote a summary with the next steps.
-Agents share a long system prompt, so the store keeps that prefix once and every agent starts warm.
-A cache of keys and values for every layer is saved in chunks of tokens, named by a hash of the
-tokens before them. When the process restarts, the agent loads its cache from disk in milliseconds
-instead of reading the whole prompt again. The model, the tokenizer and the chat template decide
-the tokens; the store checks the model's fingerprint so a cache is never used with the wrong model.
-Please explain the steps, the risks, and the cost. What should we do first? Thank you for the help.
-We have a critical API bug affecting payment processing. Analyze technical issues and business impact.
-What are the detailed steps to fix that API bug? Customers, orders, invoices, refunds, latency, logs.
-""" * 4
+
+CORPUS = """\
+The agent opened the file and read the first page. It was a report about the payment service, \
+and the team wanted a short summary before the meeting. The system had been slow since Monday, \
+and nobody knew why. The first agent said that the cache was too small. The second agent said that \
+the database was the problem, because every request had to wait for a lock.
+We asked the model to explain the error in simple words. It said: the user sends a request, the \
+server checks the token, and then the server reads the account from the database. If the token is \
+old, the request fails with an error. If the database is busy, the request waits. When many users \
+send requests at the same time, the queue grows, the memory fills up, and the whole service becomes slow.
+What should we do first? Write a test that shows the bug. Then fix the code, run the tests again, \
+and check the logs. Do not change two things at once. Keep a note of what you tried, what worked, \
+and what did not work. A good note is short, clear and true.
+The manager asked each agent for a plan. The planner wrote a list of steps: read the logs, find the \
+slow query, add an index, measure the time again, and report the result. The coder wrote the patch. \
+The reviewer read the patch and asked two questions. Why is this value stored twice? What happens \
+if the file is empty? The coder answered both questions and changed one line.
+Memory matters for agents. An agent that forgets the conversation has to read the whole history again, \
+and that takes time. An agent that keeps its memory can answer the next question at once. The store \
+keeps the keys and values for every token, so a new turn only needs the new tokens. Shared prefixes \
+are saved once, even when many agents use the same system prompt.
+On Tuesday the team tried again. The new version was faster: the first token came after 40 ms \
+instead of 900 ms, and the server handled 2000 requests per second. Everyone was happy, but the \
+reviewer said we should still watch the memory. Numbers like 1, 2, 3, 10, 100 and 1024 appear in \
+many reports, and so do dates like 2024-05-17 and times like 09:30.
+Here is a short story. Once upon a time there was a small robot who lived in a quiet house near the \
+river. Every morning the robot made tea, opened the window and read the news. One day a bird came \
+to the window and asked for help. Its nest had fallen from the tree. The robot found a box, put some \
+grass inside, and carried the box back to the tree. The bird said thank you, and the robot went home \
+to finish its tea. That night it rained, but the nest was safe and dry.
+Questions and answers help us learn. What is the capital of France? Paris. How many days are in a \
+week? Seven. Which is larger, the sun or the moon? The sun is much larger. Why is the sky blue? \
+Because air scatters blue light more than red light. Can you write a function that adds two numbers? \
+Yes: def add(a, b): return a + b. Please be kind, be brief, and be helpful.
+The user said hello and asked the assistant about the weather. The assistant said it could not see \
+the weather, but it could help with other things: writing an email, fixing a bug, planning a trip, \
+or explaining a new idea. The user asked for a plan for a trip to the mountains. The assistant \
+listed the days, the places to sleep, the food to bring, and the time to leave each morning.
+Hello, world! A critical incident hit the API on Friday: customers saw failed orders and late refunds. \
+The business analyst wrote a detailed analysis of the impact on revenue, and the technical specialist \
+listed the steps to fix it. Summarise the incident, explain the cause, and suggest what to monitor next.
+"""
 
 
-def default_root() -> Path:
-    return Path(os.environ.get("KVSTORE_MODELS") or Path.home() / ".cache" / "kvstore" / "models")
+@lru_cache(maxsize=None)
+def _tokenizer_json(arch: str) -> str:
+    """Train the byte-level BPE for arch on CORPUS and return its tokenizer.json text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-
-def _config(arch: str, size: str, vocab: int, dtype: str, specials: dict, overrides: dict) -> dict:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
-    hidden, layers, heads, kv_heads, head_dim, inter = SIZES[size]
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=inter, vocab_size=vocab,
-                  max_position_embeddings=8192, torch_dtype=dtype,
-                  bos_token_id=specials["bos"], eos_token_id=specials["eos"], pad_token_id=specials["pad"])
-    if arch == "llama":
-        cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
-                   rope_theta=10000.0, tie_word_embeddings=True, **common)
-    else:
-        cfg = dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], rms_norm_eps=1e-6,
-                   rope_theta=1_000_000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=head_dim,
-                   sliding_window=64, sliding_window_pattern=4, **common)
-    cfg.update(overrides)
-    return cfg
-
-
-def _tokenizer(arch: str, out: Path) -> dict:
-    """Train a byte-level BPE on the built-in corpus; write tokenizer files; return special token ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    specials = SPECIAL[arch]
-    tok = Tokenizer(models.BPE(unk_token=None))
+    specials, bos = _TOKENS[arch][:2]
+    tok = Tokenizer(models.BPE())
+    # Byte-level pieces cover every string, so decode(encode(s)) == s with no unknown token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS.split("\n"), trainer)
-    tok.save(str(out / "tokenizer.json"))
-    bos, start, end, pad = specials
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": end, "pad_token": pad,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": 8192, "chat_template": CHAT_TEMPLATES[arch],
-        "added_tokens_decoder": {str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False,
-                                                           "rstrip": False, "normalized": False,
-                                                           "single_word": False} for t in specials},
-    }, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": end,
-                                                              "pad_token": pad}, indent=2))
-    return {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(end), "pad": tok.token_to_id(pad),
-            "vocab": tok.get_vocab_size()}
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    if arch == "gemma3":  # Gemma's tokenizer starts every encoded text with <bos>
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, specials.index(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok.to_str(pretty=True)
 
 
-def _weights(cfg: dict, seed: int, dtype: str) -> dict[str, mx.array]:
-    """Seeded random parameters under the names mlx_lm.load expects."""
-    module = importlib.import_module(f"mlx_lm.models.{cfg['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(cfg))
+def _model_module(model_type: str):
+    """The mlx_lm.models module implementing model_type."""
+    return importlib.import_module(f"mlx_lm.models.{model_type}")
+
+
+def _check(arch: str, size: str, dtype: str) -> None:
+    """Raise ValueError for an unknown arch, size or dtype."""
+    for what, value, choices in (("arch", arch, ARCHITECTURES), ("size", size, SIZES), ("dtype", dtype, DTYPES)):
+        if value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+
+
+def _config(arch: str, size: str, dtype: str, vocab_size: int, overrides: dict) -> dict:
+    """The config.json contents for arch and size, with overrides applied."""
+    specials, bos, eos, pad, _ = _TOKENS[arch]
+    ids = {t: i for i, t in enumerate(specials)}
+    c = dict(SIZES[size], vocab_size=vocab_size, max_position_embeddings=32768, tie_word_embeddings=True,
+             bos_token_id=ids[bos], eos_token_id=ids[eos], pad_token_id=ids[pad], torch_dtype=dtype)
+    if arch == "llama":
+        del c["sliding_window"]  # every Llama layer attends to the whole context
+        c.update(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
+                 rope_theta=10000.0, hidden_act="silu")
+    else:
+        c.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], rms_norm_eps=1e-6,
+                 rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=4,
+                 query_pre_attn_scalar=c["head_dim"], hidden_activation="gelu_pytorch_tanh",
+                 eos_token_id=[ids[eos], ids["<eos>"]])  # both stop generation, as in Gemma's config
+    fields = {f.name for f in dataclasses.fields(_model_module(c["model_type"]).ModelArgs)}
+    unknown = set(overrides) - fields - set(c)
+    if unknown:  # a misspelt override would otherwise be ignored and build a different model
+        raise ValueError(f"unknown config fields for {arch}: {sorted(unknown)}")
+    c.update(overrides)
+    if arch == "gemma3":
+        pattern, n = c["sliding_window_pattern"], c["num_hidden_layers"]
+        if n < pattern:  # gemma3_text takes the global mask from layer pattern-1
+            raise ValueError(f"gemma3 needs num_hidden_layers >= sliding_window_pattern ({n} < {pattern})")
+        c["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
+    return dict(sorted(c.items()))
+
+
+def _weights(config: dict, seed: int, dtype: str) -> dict:
+    """Seeded random weights, named exactly as mlx_lm.load expects: {name: (shape, raw bytes)}."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    module = _model_module(config["model_type"])
+    model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read
+    params = dict(tree_flatten(model.parameters()))
+    params.pop("lm_head.weight", None)  # tied embeddings; gemma3_text's sanitize drops lm_head when absent
     rng = np.random.default_rng(seed)
     out = {}
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        if name.endswith("norm.weight") or ".norm" in name or "layernorm" in name:
-            data = np.ones(value.shape, dtype=np.float32) if cfg["model_type"] == "llama" else \
-                np.zeros(value.shape, dtype=np.float32)  # Gemma's RMSNorm scales by (1 + weight)
-        else:
-            data = rng.standard_normal(value.shape, dtype=np.float32) * 0.05
-        out[name] = mx.array(data).astype(getattr(mx, dtype))
+    for name in sorted(params):  # a fixed order fixes the random stream, and so the bytes
+        p = params[name]
+        if p.ndim >= 2:
+            value = mx.array(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(0.02))
+        else:  # norm scales keep the architecture's own initial value
+            value = p
+        value = value.astype(getattr(mx, dtype))
+        raw = value.view(mx.uint16) if dtype == "bfloat16" else value  # numpy has no bfloat16
+        out[name] = (list(p.shape), np.array(raw).tobytes())
     return out
 
 
-def build_model(path, arch: str = "llama", size: str = "tiny", seed: int = 0, dtype: str = "float32",
-                **overrides) -> Path:
-    """Write the model directory at path (built aside, then renamed into place) and return it."""
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
-    path = Path(path)
+def _write_safetensors(path: Path, tensors: dict, dtype: str) -> None:
+    """Write a safetensors file by hand: sorted names and a fixed header make it byte-reproducible."""
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name, (shape, data) in sorted(tensors.items()):
+        header[name] = {"dtype": DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format allows space padding; it keeps the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for _, (_, data) in sorted(tensors.items()):
+            f.write(data)
+
+
+def _write_files(d: Path, arch: str, size: str, seed: int, dtype: str, overrides: dict) -> None:
+    """Write every file of the model directory into the existing directory d."""
+    _check(arch, size, dtype)
+    tok_json = _tokenizer_json(arch)
+    config = _config(arch, size, dtype, len(json.loads(tok_json)["model"]["vocab"]), overrides)
+    params = dict(arch=arch, size=size, seed=seed, dtype=dtype, overrides=dict(sorted(overrides.items())),
+                  format=BUILD_FORMAT)
+    config["kvstore_builtin"] = params
+    _write_safetensors(d / "model.safetensors", _weights(config, seed, dtype), dtype)
+    specials, bos, eos, pad, template = _TOKENS[arch]
+    special = dict(bos_token=bos, eos_token=eos, pad_token=pad, **({"unk_token": "<unk>"} if arch == "gemma3" else {}))
+    added = {str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+             for i, t in enumerate(specials)}
+    tok_config = dict(tokenizer_class="PreTrainedTokenizerFast", **special, added_tokens_decoder=added,
+                      model_max_length=config["max_position_embeddings"], clean_up_tokenization_spaces=False,
+                      add_bos_token=arch == "gemma3", add_eos_token=False, chat_template=template)
+    files = {
+        "config.json": json.dumps(config, indent=2),
+        "tokenizer.json": tok_json,
+        "tokenizer_config.json": json.dumps(tok_config, indent=2),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+        MARKER: ("Random weights, generated by kvstore, for tests and demos. Not a trained model: its text is "
+                 f"gibberish.\nRebuild: python -m kvstore.builtin_models PATH --arch {arch} --size {size} "
+                 f"--seed {seed} --dtype {dtype}"
+                 + "".join(f" --set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in params["overrides"].items())
+                 + f"\nParameters: {json.dumps(params, sort_keys=True)}"),
+    }
+    for name, text in files.items():
+        (d / name).write_text(text + "\n", encoding="utf-8")
+    d.chmod(0o755)  # mkdtemp makes it private; a model cache should be readable like any download
+
+
+def _replace_files(src: Path, dest: Path) -> None:
+    """Move src's files over dest's one at a time (other files in dest stay), config.json last."""
+    # Readers take config.json as the sign of a complete build, so it lands after the weights.
+    for f in sorted(src.iterdir(), key=lambda f: f.name == "config.json"):
+        os.replace(f, dest / f.name)
+
+
+def build_model(path, arch="llama", size="tiny", seed=0, dtype="float32", **overrides) -> Path:
+    """Write the model directory at path (created; existing files overwritten atomically enough: write into a temp dir in the same parent and os.replace/rename) and return it."""
+    path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".building-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        specials = _tokenizer(arch, work)
-        cfg = _config(arch, size, specials["vocab"], dtype, specials, overrides)
-        cfg["kvstore_builtin"] = {"arch": arch, "size": size, "seed": seed, "dtype": dtype, **overrides}
-        (work / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        mx.save_safetensors(str(work / "model.safetensors"), _weights(cfg, seed, dtype), {"format": "mlx"})
-        (work / "KVSTORE_BUILTIN.txt").write_text(
-            "Random weights, generated by kvstore for tests and demos: the text it writes is gibberish.\n"
-            f"arch={arch} size={size} seed={seed} dtype={dtype} overrides={overrides}\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(work, path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return path
-
-
-def builtin_model_path(arch: str = "llama", size: str = "tiny", seed: int = 0, dtype: str = "float32",
-                       root=None) -> Path:
-    """The cached build's folder under root (default $KVSTORE_MODELS or ~/.cache/kvstore/models), built if missing."""
-    root = Path(root) if root is not None else default_root()
-    path = root / f"{arch}-{size}-s{seed}-{dtype}"
-    if (path / "model.safetensors").is_file():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
-    try:
-        build_model(staging / "model", arch, size, seed, dtype)
-        try:
-            os.rename(staging / "model", path)  # atomic; fails if another process won the race
+        _write_files(tmp, arch, size, int(seed), dtype, overrides)
+        try:  # a new directory appears complete, in one rename
+            os.rename(tmp, path)
         except OSError:
-            if not (path / "model.safetensors").is_file():
+            if not path.is_dir():
                 raise
+            _replace_files(tmp, path)
+        return path
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_builtin(arch: str = "llama", size: str = "tiny", seed: int = 0, dtype: str = "float32", root=None):
-    """(model, tokenizer) of a built-in model, loaded through mlx_lm.load."""
-    from mlx_lm import load
+def _is_current(path: Path) -> bool:
+    """Whether path holds a complete build written by this version of the module."""
+    try:
+        return json.loads((path / "config.json").read_text())["kvstore_builtin"]["format"] == BUILD_FORMAT
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
-    return load(str(builtin_model_path(arch, size, seed, dtype, root)))
+
+def builtin_model_path(arch="llama", size="tiny", seed=0, dtype="float32", root=None) -> Path:
+    """Path of a cached build under root (default $KVSTORE_MODELS or ~/.cache/kvstore/models), building it if missing. Name like f"{arch}-{size}-s{seed}-{dtype}". Safe when two processes call it at once (build into a temp dir, then rename; if the rename loses the race, use the winner's)."""
+    if root is None:
+        root = os.environ.get("KVSTORE_MODELS") or Path.home() / ".cache" / "kvstore" / "models"
+    _check(arch, size, dtype)  # before the name is used as a path
+    final = Path(root).expanduser().absolute() / f"{arch}-{size}-s{int(seed)}-{dtype}"
+    if _is_current(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        _write_files(tmp, arch, size, int(seed), dtype, {})
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_current(final):  # not a rival's fresh build but a broken or outdated one: replace it
+                _replace_files(tmp, final)
+        return final  # ours, or the identical build of a process that renamed first
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Write a built-in offline model (random weights) for mlx-lm.")
-    ap.add_argument("path")
-    ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    args = ap.parse_args(argv)
-    print(build_model(args.path, args.arch, args.size, args.seed, args.dtype))
+def load_builtin(arch="llama", size="tiny", seed=0, dtype="float32", root=None):
+    """(model, tokenizer) via mlx_lm.load(builtin_model_path(...))."""
+    import mlx_lm
+
+    return mlx_lm.load(str(builtin_model_path(arch=arch, size=size, seed=seed, dtype=dtype, root=root)))
+
+
+def _parse_override(text: str) -> tuple:
+    """KEY=VALUE, with VALUE read as JSON when it parses (numbers, booleans, lists), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(prog="python -m kvstore.builtin_models",
+                                 description="Write an mlx-lm model directory with random weights (tests, demos).")
+    ap.add_argument("path")
+    ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=_parse_override, action="append",
+                    default=[], help="override a config field, e.g. --set sliding_window=32")
+    a = ap.parse_args()
+    print(build_model(a.path, arch=a.arch, size=a.size, seed=a.seed, dtype=a.dtype, **dict(a.overrides)))
