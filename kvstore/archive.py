@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import xxhash
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import insert, select, update
 
-from . import codec, db, schema
+from . import codec, db, schema, sizes
 from .blobs import fsync_file
 from .errors import AgentExistsError, ArchiveError, CorruptBlobError, ModelMismatchError, StoreError
 from .formats import BLOB_SUFFIX, FORMAT_VERSION, HASH_NAME
@@ -508,7 +508,7 @@ def _write(store: "Store", tar, members, plan: dict, target: str, have, progress
 
 def _commit(store: "Store", plan: dict, target: str, rows: list[dict], written: dict[str, bool]) -> list[int]:
     """One write transaction: model, blobs, chunks, layer rows, agent, snapshots, head."""
-    a, s, sc, cl = schema.agents, schema.snapshots, schema.snapshot_chunks, schema.chunk_layers
+    a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
     now = db.now()
     with db.transaction(store.engine, write=True, what=f"importing agent {target!r}") as conn:
         _check_target(conn, plan, target)
@@ -528,14 +528,9 @@ def _commit(store: "Store", plan: dict, target: str, rows: list[dict], written: 
                                                      layout=plan["layout"], created=now).returning(m.c.id)).scalar_one()
         db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": plan["sizes"][b], "created": now}
                                               for b in sorted({r["blob_id"] for r in rows})])
-        db.insert_ignore(conn, schema.chunks, [{"key": k, "model_id": model_id, "seq": seq, "length": length}
-                                               for k, (seq, length) in plan["chunks"].items()])
-        db.insert_ignore(conn, cl, rows)
-        for r in rows:  # a fuller piece of a sliding-window chunk replaces the partial one the store held
-            if (r["chunk_key"], r["layer"]) in still:
-                conn.execute(update(cl).where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"],
-                                                   cl.c.first > r["first"])).values(blob_id=r["blob_id"],
-                                                                                     first=r["first"]))
+        # Chunk rows get their parent (the previous key of a snapshot's chain) and sizes, as a save's do.
+        sizes.add_chains(conn, model_id, plan["fingerprint"], [sn["keys"] for sn in plan["snapshots"]],
+                         {k: length for k, (_seq, length) in plan["chunks"].items()}, rows, plan["sizes"])
         agent = plan["agent"]
         agent_id = conn.execute(insert(a).values(
             name=target, model_id=model_id, meta=json.dumps(plan["meta"], sort_keys=True, default=str),

@@ -8,6 +8,7 @@ taken over the bytes where they landed, so nothing unverified is ever returned.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -36,15 +37,49 @@ class _Planned:
     base: int
     header: dict
     uses: dict[int, int] = field(default_factory=dict)  # slot -> first position held in the file
+    _by_slot: dict[int, dict[str, dict]] | None = None
 
     def by_slot(self) -> dict[int, dict[str, dict]]:
-        """Header entries grouped by layer: '3.k' -> {3: {'k': ...}}."""
-        out: dict[int, dict[str, dict]] = {}
-        for name, info in self.header.items():
-            slot, _, arr = name.partition(".")
-            if slot.isdigit():
-                out.setdefault(int(slot), {})[arr] = info
-        return out
+        """Header entries grouped by layer: '3.k' -> {3: {'k': ...}} (grouped once per blob)."""
+        if self._by_slot is None:
+            out: dict[int, dict[str, dict]] = {}
+            for name, info in self.header.items():
+                slot, _, arr = name.partition(".")
+                if slot.isdigit():
+                    out.setdefault(int(slot), {})[arr] = info
+            self._by_slot = out
+        return self._by_slot
+
+
+def _position_runs(flat: memoryview, shape: tuple[int, ...], itemsize: int, start: int, length: int) -> list:
+    """The bytes of positions [start, start + length) of a C-contiguous (..., positions, dim) array, as
+    one memoryview per leading index (one in all when the range covers every position): slices of
+    `flat`, the array's bytes, so nothing is copied."""
+    positions, row = shape[-2], shape[-1] * itemsize
+    if start == 0 and length == positions:
+        return [flat]
+    step = positions * row
+    lo, hi = start * row, (start + length) * row
+    return [flat[o * step + lo : o * step + hi] for o in range(len(flat) // step if step else 0)]
+
+
+HASH_BATCH = 512 << 10  # bytes read per preadv, then hashed at once while they are in the CPU's cache
+
+
+def _batches(buffers: list, limit: int):
+    """Consecutive runs of `buffers` of about `limit` bytes (a longer buffer is split into slices)."""
+    batch, size = [], 0
+    for b in buffers:
+        while len(b) > limit - size:
+            take = limit - size
+            batch.append(b[:take])
+            yield batch
+            batch, size, b = [], 0, b[take:]
+        if len(b):
+            batch.append(b)
+            size += len(b)
+    if batch:
+        yield batch
 
 
 PARALLEL_BYTES = 32 << 20  # below this, thread start-up costs more than overlapping the reads saves
@@ -60,6 +95,7 @@ class ScatterReader:
         self.threads = threads
         self.arrays: dict[int, dict[str, mx.array]] = {}
         self.views: dict[int, dict[str, np.ndarray]] = {}
+        self.flat: dict[int, dict[str, memoryview]] = {}  # the same arrays' bytes, for _position_runs
         self.plans: dict[str, _Planned] = {}
         self.first_plan: dict[int, _Planned] = {}
 
@@ -107,7 +143,8 @@ class ScatterReader:
                 self.arrays[slot][name] = pending[(slot, name)] = mx.zeros(shape, dtype=mlx_dtype(info["dtype"]))
         mx.eval(list(pending.values()))
         for (slot, name), a in pending.items():
-            self.views.setdefault(slot, {})[name] = writable_view(a)
+            view = self.views.setdefault(slot, {})[name] = writable_view(a)
+            self.flat.setdefault(slot, {})[name] = memoryview(view).cast("B")
 
     def run(self) -> dict[int, dict[str, mx.array]]:
         """Read every planned blob and return slot -> arrays (threads for large restores: cold reads overlap)."""
@@ -143,26 +180,31 @@ class ScatterReader:
             dest = file_from + cut - origin
             if (len(shape) != view.ndim or shape[:-2] != list(view.shape[:-2]) or shape[-1] != view.shape[-1]
                     or _NP[info["dtype"]] != view.dtype or length < cut or dest + length - cut > total
-                    or end - begin != int(np.prod(shape, dtype=np.int64)) * view.itemsize):
+                    or end - begin != math.prod(shape) * view.itemsize):
                 raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
             if cut == 0:
-                buffers.extend(blocks(view[..., dest : dest + length, :]))
+                buffers.extend(_position_runs(self.flat[slot][arr], view.shape, view.itemsize, dest, length))
             else:  # the window starts inside this chunk: land it aside, keep the tail
                 tmp = np.empty(shape, dtype=view.dtype)
                 scratch.append((view, dest, tmp[..., cut:, :]))
                 buffers.extend(blocks(tmp))
         if plan.base + expected != plan.size:
             raise _corrupt(plan.blob_id, self.agent, f"it is {plan.size} bytes, its header says {plan.base + expected}")
+        h = xxhash.xxh3_128(plan.head)
         fd = self._open(plan.blob_id)
         try:
-            got = read_into(fd, plan.base, list(buffers))
+            got = 0
+            for batch in _batches(buffers, HASH_BATCH):
+                n = read_into(fd, plan.base + got, batch)
+                got += n
+                if n != sum(len(b) for b in batch):
+                    break
+                for b in batch:  # hashed while still in the CPU cache: no second trip through memory
+                    h.update(b)
         finally:
             os.close(fd)
         if got != expected:
             raise _corrupt(plan.blob_id, self.agent, "it is shorter than its header says")
-        h = xxhash.xxh3_128(plan.head)
-        for b in buffers:
-            h.update(b)
         if h.hexdigest() != plan.blob_id:
             raise _corrupt(plan.blob_id, self.agent, "its bytes no longer match its hash")
         for view, dest, kept in scratch:

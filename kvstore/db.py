@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, inspect, insert, select, text
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from . import schema
 from ._crash import crash_point
@@ -36,13 +37,18 @@ def make_engine(url: str, timeout: float = 30.0, readonly: bool = False) -> Engi
         def _pragmas(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (SQLAlchemy's pysqlite recipe)
             cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            if not readonly:
-                cur.execute("PRAGMA journal_mode = WAL")
-            # FULL: an agent's record is primary data; one WAL fsync per save is cheap next to the blobs.
-            cur.execute("PRAGMA synchronous = FULL")
-            cur.execute("PRAGMA foreign_keys = ON")
-            cur.close()
+            try:
+                cur.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+                if not readonly:
+                    cur.execute("PRAGMA journal_mode = WAL")
+                # FULL: an agent's record is primary data; one WAL fsync per save is cheap next to the blobs.
+                cur.execute("PRAGMA synchronous = FULL")
+                cur.execute("PRAGMA foreign_keys = ON")
+            except UnicodeDecodeError as e:
+                # A damaged header can make SQLite's own error text undecodable: still a damaged database.
+                raise sqlite3.DatabaseError(f"database disk image is malformed (undecodable error: {e})") from None
+            finally:
+                cur.close()
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
@@ -50,7 +56,52 @@ def make_engine(url: str, timeout: float = 30.0, readonly: bool = False) -> Engi
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
+    if make_url(url).get_backend_name() == "postgresql":
+        return _postgres_engine(url, timeout, readonly)
     return create_engine(url, pool_pre_ping=True)
+
+
+def _postgres_engine(url: str, timeout: float, readonly: bool) -> Engine:
+    """A PostgreSQL engine: psycopg 3, READ COMMITTED, lock_timeout = timeout, fork-safe pool."""
+    u = make_url(url)
+    if u.drivername == "postgresql":  # a bare postgresql:// would mean psycopg2; the extra installs psycopg 3
+        u = u.set(drivername="postgresql+psycopg")
+    connect_args = {}
+    if "connect_timeout" not in u.query:
+        connect_args["connect_timeout"] = max(2, int(timeout))  # libpq waits at least 2 s
+    if "application_name" not in u.query:
+        connect_args["application_name"] = "kvstore"  # how a DBA tells our sessions apart
+    try:
+        # READ COMMITTED whatever the server's default: a writer waits for the advisory lock inside its
+        # transaction, and each later statement must see what the writer before it committed
+        # (under REPEATABLE READ its snapshot would predate that commit).
+        engine = create_engine(u, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
+    except ModuleNotFoundError as e:
+        raise IndexDatabaseError(f"a PostgreSQL index needs the psycopg driver ({e}): "
+                                 "pip install 'kvstore[postgres]'") from None
+
+    @event.listens_for(engine, "connect")
+    def _session(dbapi_conn, record):
+        record.info["pid"] = os.getpid()
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True  # SET outside any transaction, so it lasts for the session
+        with dbapi_conn.cursor() as cur:
+            # Waits for the write lock (pg_advisory_xact_lock) and row locks end after `timeout`,
+            # as SQLite's busy_timeout does: StoreLockedError rather than a hang behind a stuck writer.
+            cur.execute(f"SET lock_timeout = {max(1, int(timeout * 1000))}")
+            if readonly:
+                cur.execute("SET default_transaction_read_only = on")
+        dbapi_conn.autocommit = autocommit
+
+    @event.listens_for(engine, "checkout")
+    def _same_process(dbapi_conn, record, proxy):
+        # A pooled connection inherited across fork() shares its socket with the parent: never reuse it
+        # (SQLAlchemy's documented multiprocessing recipe).
+        if record.info.get("pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise DisconnectionError("connection belongs to another process")
+
+    return engine
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -71,6 +122,8 @@ def parse_json(raw: str | None, what: str):
 def translate(e: Exception, what: str) -> Exception:
     """A StoreError for a database error a caller can act on."""
     orig = getattr(e, "orig", e)
+    if type(orig).__module__.split(".")[0] in ("psycopg", "psycopg2"):
+        return _translate_postgres(orig, what)
     msg = str(orig).lower()
     if "locked" in msg or "busy" in msg or "lock timeout" in msg or "could not obtain lock" in msg:
         return StoreLockedError(f"the store stayed locked by another writer while {what}: {orig}")
@@ -81,6 +134,44 @@ def translate(e: Exception, what: str) -> Exception:
     if "malformed" in msg or "not a database" in msg or "disk i/o error" in msg or "corrupt" in msg:
         return IndexDatabaseError(f"the index database is damaged ({orig}); run `kvstore fsck` or restore a backup")
     return IndexDatabaseError(f"index error while {what}: {orig}")
+
+
+# SQLSTATE classes and codes a caller can act on (PostgreSQL manual, appendix A).
+_PG_LOCKED = {"55P03": "lock_timeout passed", "40P01": "deadlock", "40001": "serialization failure"}
+_PG_READONLY = {"25006", "42501"}  # read-only transaction (a standby, or readonly=True); no privilege
+_PG_DAMAGED = {"XX001", "XX002"}   # data or index corrupted
+
+
+def _translate_postgres(orig: Exception, what: str) -> Exception:
+    """A StoreError for a psycopg error, by SQLSTATE; a failed connection has none and is told by its text."""
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if state in _PG_LOCKED:
+        return StoreLockedError(f"the store stayed locked by another writer while {what} ({_PG_LOCKED[state]}): "
+                                "try again, or open the store with a longer timeout=")
+    if state in _PG_READONLY:
+        return ReadOnlyStoreError(f"the index database refuses writes while {what} ({first}): open the store "
+                                  "with readonly=True, or use a primary server and a user allowed to write")
+    if state.startswith("53"):  # insufficient resources: disk full, out of memory, too many connections
+        if state == "53100":
+            return StoreFullError(28, f"the database server's disk is full while {what}; nothing was committed")
+        return IndexDatabaseError(f"the database server is out of resources while {what} ({first}); try again later")
+    if state in _PG_DAMAGED:
+        return IndexDatabaseError(f"the index database is damaged ({first}); restore it from a backup")
+    low = first.lower()
+    if not state and ("connection failed" in low or "could not connect" in low or "could not translate" in low):
+        # libpq's connection errors carry no SQLSTATE: what failed is in the server's FATAL line.
+        if "database" in low and "does not exist" in low:
+            hint = "create the database (createdb NAME, or CREATE DATABASE) or fix the URL"
+        elif "password" in low or "role" in low or "authentication" in low or "pg_hba" in low:
+            hint = "check the user and password in the URL (or ~/.pgpass) and the server's pg_hba.conf"
+        else:
+            hint = "check the URL's host and port, and that the PostgreSQL server is running"
+        return IndexDatabaseError(f"cannot connect to the index database ({first}): {hint}")
+    if state.startswith("08") or state.startswith("57P") or not state and "connection" in low:
+        return IndexDatabaseError(f"lost the connection to the index database while {what} ({first}): "
+                                  "check the server and try again (a write either committed whole or not at all)")
+    return IndexDatabaseError(f"index error while {what}: {first}")
 
 
 @contextlib.contextmanager
@@ -151,10 +242,35 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
             if initial_meta and not read_meta(conn):  # settings commit with the tables, or not at all
                 write_meta(conn, initial_meta)
             return schema.SCHEMA_REVISION
-    with engine.connect() as conn:
+    with engine.connect() as conn, _upgrade_lock(conn):
         command.upgrade(_alembic_config(conn), "head")
-        conn.commit()
+        if conn.in_transaction() and conn.dialect.name != "sqlite":  # SQLite's commits with its lock
+            conn.commit()
     return schema.SCHEMA_REVISION
+
+
+@contextlib.contextmanager
+def _upgrade_lock(conn: Connection) -> Iterator[None]:
+    """Hold the write lock across the upgrade: one process upgrades, the others wait, then find the
+    index at head. SQLite: one BEGIN IMMEDIATE transaction that Alembic joins (it reads the revision
+    under the lock, so a second process does not replay a migration that just committed). PostgreSQL:
+    the advisory write lock, held across Alembic's own per-migration transactions."""
+    if conn.dialect.name == "sqlite":
+        conn.execution_options(kvstore_write=True)
+        with conn.begin():
+            yield
+        return
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_WRITE_LOCK})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()  # a failed migration leaves its transaction open; the unlock needs a fresh one
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_WRITE_LOCK})
+        conn.commit()
 
 
 def migration_status(engine: Engine) -> dict:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 
-from . import db, schema
+from . import db, schema, sizes
 from .errors import CorruptBlobError, MissingBlobError
 from .keys import chunk_keys, chunk_spans, tokens_from_bytes
 from .records import FsckReport, Problem
@@ -90,9 +90,12 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
         cl = schema.chunk_layers
         dangling_layers = conn.execute(select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id)
                                        .where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))).all()
+        wrong_sizes = sizes.check(conn)
     problems += [p for p, _, _ in snap_problems]
     problems += [Problem("dangling_ref", f"chunk {bytes(k).hex()} layer {layer}", f"names blob {b} which has no row")
                  for k, layer, b in dangling_layers]
+    problems += [Problem("wrong_size", f"chunk {k.hex()}", f"records {column} = {got}, its blobs make {want}")
+                 for k, column, got, want in wrong_sizes]
 
     bad_blobs: dict[str, Problem] = {}
     total = len(blob_rows)
@@ -117,7 +120,7 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
 
     needs_recompute: set[int] = set()
     if repair and problems:
-        needs_recompute = _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps)
+        needs_recompute = _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, bool(wrong_sizes))
         problems = [Problem(p.kind, p.subject, p.detail, repaired=True) for p in problems]
     return FsckReport(blobs_checked=total, bytes_checked=checked_bytes, problems=tuple(problems),
                       needs_recompute=tuple(sorted(needs_recompute)), repaired=repair,
@@ -132,7 +135,7 @@ def _snapshots_using(conn, chunk_keys_: list[bytes]) -> set[int]:
     return out
 
 
-def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> set[int]:
+def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool) -> set[int]:
     cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks,
                        schema.agents)
     affected: set[int] = set()
@@ -147,6 +150,10 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> s
             conn.execute(delete(b).where(b.c.id.in_(bad_ids)))
         for k, layer, _ in dangling_layers:
             conn.execute(delete(cl).where(cl.c.chunk_key == k, cl.c.layer == layer))
+        if wrong_sizes:
+            sizes.rebuild(conn)
+        else:
+            sizes.refresh(conn, lost_chunks)  # their KV is gone: so are its bytes, for them and the chunks after
         fps = dict(conn.execute(select(schema.models.c.id, schema.models.c.fingerprint)).all())
         for problem, sid, key in snap_problems:
             if problem.kind == "damaged_meta":  # keep the damaged text where a person can still read it
@@ -167,10 +174,8 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps) -> s
             spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
             conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
             conn.execute(update(s).where(s.c.id == sid).values(n_tokens=len(tokens_from_bytes(snap.tokens))))
-            db.insert_ignore(conn, schema.chunks, [
-                {"key": k, "model_id": snap.model_id, "seq": i, "length": ln,
-                 "parent": keys[i - 1] if i else bytes.fromhex(fps[snap.model_id])}
-                for i, (k, (_st, ln)) in enumerate(zip(keys, spans))])
+            sizes.add_chains(conn, snap.model_id, fps[snap.model_id], [keys],
+                             {k: ln for k, (_st, ln) in zip(keys, spans)}, [], {})
             if keys:
                 conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
             affected.add(sid)

@@ -1,6 +1,7 @@
 """Read-only views over the index: store statistics, per-agent byte accounting, chunk maps, models.
 
-Everything here is SQL aggregation in the database, a handful of statements per call.
+Everything here is SQL over columns the writers keep (kvstore.sizes), a handful of statements per
+call and no blob sizes summed at read time.
 
 Accounting rules. A chunk's bytes are the bytes of the distinct blobs its layer rows name (the
 layers of a chunk usually share one blob). An agent's bytes are the bytes of the chunks of its
@@ -8,7 +9,8 @@ head snapshot. A chunk is *shared* when another agent's head lists it too, else 
 agent: deleting the agent (and running gc) frees its unique bytes. Because a chunk key names
 the chunk given its whole prefix, two heads that share chunk i share chunks 0..i as well: the
 shared chunks of a head are a leading run, found by a binary search per agent instead of a
-probe per chunk (see `SHARED_DEPTH`).
+probe per chunk (see `SHARED_DEPTH`). So a head's bytes are `chunks.prefix_bytes` of its last
+chunk, its shared bytes the prefix bytes of its last shared chunk, and its unique bytes the rest.
 """
 
 from __future__ import annotations
@@ -28,25 +30,41 @@ if TYPE_CHECKING:
 
 __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary"]
 
-# Bytes of chunk `sc.chunk_key`: IN (...) keeps one blob shared by several layers from counting twice.
-CHUNK_BYTES = ("(SELECT COALESCE(SUM(b.nbytes), 0) FROM blobs b WHERE b.id IN "
-               "(SELECT cl.blob_id FROM chunk_layers cl WHERE cl.chunk_key = sc.chunk_key))")
 
-# Whether chunk `seq` of snapshot `head` is listed by another agent's head.
-_SHARED_AT = """EXISTS (SELECT 1 FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key
-                WHERE x.snapshot_id = bs.head AND x.seq = (bs.lo + bs.hi) / 2 AND y.snapshot_id <> bs.head
-                  AND y.snapshot_id IN (SELECT head FROM agents WHERE head IS NOT NULL))"""
+def _prefix_at(snap: str, seq: str) -> str:
+    """SQL: the prefix bytes of chunk `seq` of snapshot `snap` (NULL when it lists no such chunk)."""
+    return (f"(SELECT c.prefix_bytes FROM snapshot_chunks p JOIN chunks c ON c.key = p.chunk_key "
+            f"WHERE p.snapshot_id = {snap} AND p.seq = {seq})")
+
+
+def _n_chunks(snap: str) -> str:
+    """SQL: how many chunks snapshot `snap` lists (its last seq + 1: a seek, where COUNT(*) would scan)."""
+    return f"(SELECT COALESCE(MAX(n.seq) + 1, 0) FROM snapshot_chunks n WHERE n.snapshot_id = {snap})"
+
+
+def _shared_at(head: str, seq: str) -> str:
+    """SQL: whether chunk `seq` of snapshot `head` is listed by another agent's head."""
+    return f"""EXISTS (SELECT 1 FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key
+               WHERE x.snapshot_id = {head} AND x.seq = {seq} AND y.snapshot_id <> {head}
+                 AND y.snapshot_id IN (SELECT head FROM agents WHERE head IS NOT NULL))"""
+
+
+# The next bounds of a binary search step, from `hit`: whether chunk (lo + hi) / 2 is shared.
+_LO = "CASE WHEN hit THEN (lo + hi) / 2 + 1 ELSE lo END"
+_HI = "CASE WHEN hit THEN hi ELSE (lo + hi) / 2 END"
 
 # (agent id, depth): how many leading chunks of each agent's head other agents' heads list too.
-# Binary search over [lo, hi): sharing is prefix-closed, so the predicate is monotone in seq.
+# Binary search over [lo, hi): sharing is prefix-closed, so the predicate is monotone in seq. Each
+# row carries the probe of its own midpoint, so every step runs it once (a CTE's recursive step
+# cannot wrap itself in a subquery to share one).
 SHARED_DEPTH = f"""
-bs(aid, head, lo, hi) AS (
-    SELECT a.id, a.head, 0, (SELECT COUNT(*) FROM snapshot_chunks c WHERE c.snapshot_id = a.head)
-    FROM agents a WHERE a.head IS NOT NULL {{where}}
+heads(aid, head, n) AS (
+    SELECT a.id, a.head, {_n_chunks("a.head")} FROM agents a WHERE a.head IS NOT NULL {{where}}),
+bs(aid, head, lo, hi, hit) AS (
+    SELECT aid, head, 0, n, CASE WHEN n > 0 THEN {_shared_at("head", "n / 2")} ELSE FALSE END FROM heads
     UNION ALL
-    SELECT aid, head,
-           CASE WHEN {_SHARED_AT} THEN (lo + hi) / 2 + 1 ELSE lo END,
-           CASE WHEN {_SHARED_AT} THEN hi ELSE (lo + hi) / 2 END
+    SELECT aid, head, {_LO}, {_HI},
+           CASE WHEN {_LO} < {_HI} THEN {_shared_at("head", f"({_LO} + {_HI}) / 2")} ELSE FALSE END
     FROM bs WHERE lo < hi),
 depth(aid, d) AS (SELECT aid, lo FROM bs WHERE lo = hi)"""
 
@@ -62,8 +80,8 @@ def store_stats(store: "Store") -> Stats:
                                                      schema.chunks, schema.blobs)}
         on_disk = conn.execute(select(func.coalesce(func.sum(schema.blobs.c.nbytes), 0))).scalar_one()
         logical = conn.execute(text(
-            f"SELECT COALESCE(SUM({CHUNK_BYTES}), 0) FROM agents a "
-            "JOIN snapshot_chunks sc ON sc.snapshot_id = a.head")).scalar_one()
+            f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
+            "FROM agents a WHERE a.head IS NOT NULL")).scalar_one()
     on_disk, logical = int(on_disk), int(logical)
     return Stats(path=str(store.path), url=store.engine.url.render_as_string(hide_password=True),
                  format_version=FORMAT_VERSION, schema_revision=store.schema_revision,
@@ -81,9 +99,8 @@ def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, 
         where, params = "AND a.name = :name", {"name": name}
     sql = text(f"""
         WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
-        SELECT a.name, sc.seq < depth.d AS shared, SUM({CHUNK_BYTES})
-        FROM agents a JOIN depth ON depth.aid = a.id JOIN snapshot_chunks sc ON sc.snapshot_id = a.head
-        GROUP BY a.name, sc.seq < depth.d""")
+        SELECT a.name, {_prefix_at("a.head", _n_chunks("a.head") + " - 1")}, {_prefix_at("a.head", "depth.d - 1")}
+        FROM agents a JOIN depth ON depth.aid = a.id""")
     with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
         q = select(schema.agents.c.name)
         names = [n for (n,) in conn.execute(q if name is None else q.where(schema.agents.c.name == name))]
@@ -91,10 +108,9 @@ def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, 
             raise UnknownAgentError(f"no agent named {name!r} in this store")
         rows = conn.execute(sql, params).all()
     out = {n: {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0} for n in names}
-    for agent, shared, nbytes in rows:
-        entry = out[agent]
-        entry["shared_bytes" if shared else "unique_bytes"] += int(nbytes or 0)
-        entry["total_bytes"] += int(nbytes or 0)
+    for agent, total, shared in rows:
+        total, shared = int(total or 0), int(shared or 0)
+        out[agent] = {"unique_bytes": total - shared, "shared_bytes": shared, "total_bytes": total}
     return out
 
 
@@ -113,7 +129,7 @@ def chunk_runs(store: "Store", name: str) -> list[dict]:
         if row.head is None:
             return []
         chunks = conn.execute(text(
-            f"SELECT sc.seq, c.length, {CHUNK_BYTES} FROM snapshot_chunks sc "
+            "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
             "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq"),
             {"head": row.head}).all()
         sharers: dict[int, list[str]] = {}

@@ -128,7 +128,7 @@ def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | 
 
 def head_snapshot(conn, name: str, snapshot_id: int | None = None):
     a, s, m = schema.agents, schema.snapshots, schema.models
-    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, a.c.name)
+    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, a.c.name, a.c.meta)
          .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
          .where(a.c.name == name))
     q = q.where(s.c.id == snapshot_id) if snapshot_id is not None else q.where(s.c.id == a.c.head)
@@ -137,8 +137,23 @@ def head_snapshot(conn, name: str, snapshot_id: int | None = None):
         exists = conn.execute(select(a.c.id).where(a.c.name == name)).first()
         if exists is None:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
-        raise UnknownAgentError(f"agent {name!r} has no snapshot {snapshot_id}")
+        raise UnknownAgentError(f"agent {name!r} has no snapshot {snapshot_id}" if snapshot_id is not None
+                                else f"agent {name!r} has no saved snapshot")
     return row
+
+
+def head(store: "Store", name: str) -> tuple[str, dict, list[int]]:
+    """(model fingerprint, meta, tokens) of an agent's head snapshot, in one query.
+
+    The agent manager's `get` on resume: store.agent() also counts snapshots (a grouped scan).
+    """
+    with db.transaction(store.engine, write=False, what=f"reading agent {name!r}") as conn:
+        row = head_snapshot(conn, name)
+    tokens = tokens_from_bytes(row.tokens)
+    if len(tokens) != row.n_tokens:
+        raise TokenMismatchError(f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens "
+                                 f"but stores {len(tokens)} token ids")
+    return row.fingerprint, db.parse_json(row.meta, f"agent {name!r}'s metadata"), tokens
 
 
 READ_ATTEMPTS = 5

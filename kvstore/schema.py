@@ -7,7 +7,7 @@ from sqlalchemy import (
     Table, Text,
 )
 
-SCHEMA_REVISION = "0001"  # Alembic head; open() refuses an index stamped with a revision it does not know
+SCHEMA_REVISION = "0002"  # Alembic head; open() refuses an index stamped with a revision it does not know
 
 metadata = MetaData()
 
@@ -42,6 +42,10 @@ chunks = Table(
     # K_{i-1} (the fingerprint for chunk 0): key = H(parent || tokens). Lets match() find a stored
     # partial tail chunk that a longer request's own chunking cannot name.
     Column("parent", LargeBinary(16)),
+    # Bytes of the distinct blobs this chunk's layer rows name, and that plus its parent's prefix_bytes:
+    # kept by every writer (kvstore.sizes) so accounting reads them instead of summing blobs.
+    Column("nbytes", BigInteger, nullable=False, server_default="0"),
+    Column("prefix_bytes", BigInteger, nullable=False, server_default="0"),
     Index("ix_chunks_parent", "parent"),
 )
 

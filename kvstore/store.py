@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from sqlalchemy import delete, func, select, update
 
-from . import db, reader, schema, writer
+from . import db, reader, schema, sizes, writer
 from .blobs import BlobStore
 from .errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
                      ReadOnlyStoreError, StoreError, UnknownAgentError)
@@ -215,12 +215,13 @@ class Store:
 
     def _agent_infos(self, name: str | None) -> list[AgentInfo]:
         a, s, m = schema.agents, schema.snapshots, schema.models
-        counts = select(s.c.agent_id, func.count().label("n")).group_by(s.c.agent_id).subquery()
+        # Correlated count: one index range (ix_snapshots_agent) per agent listed, not a grouped scan of
+        # every snapshot in the store for a single agent's record.
+        count = select(func.count()).where(s.c.agent_id == a.c.id).correlate(a).scalar_subquery()
         head = s.alias("head")
         q = (select(a.c.name, m.c.fingerprint, a.c.meta, a.c.created, a.c.updated, a.c.head,
-                    func.coalesce(head.c.n_tokens, 0), func.coalesce(counts.c.n, 0))
-             .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head)
-                          .outerjoin(counts, counts.c.agent_id == a.c.id))
+                    func.coalesce(head.c.n_tokens, 0), count)
+             .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
              .order_by(a.c.name))
         if name is not None:
             q = q.where(a.c.name == name)
@@ -280,8 +281,10 @@ class Store:
         self._writable()
         cl, b = schema.chunk_layers, schema.blobs
         with db.transaction(self.engine, write=True, what=f"discarding blob {blob_id}") as conn:
+            keys = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id == blob_id))]
             n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
             conn.execute(delete(b).where(b.c.id == blob_id))
+            sizes.refresh(conn, keys)
             self.blobs.remove(blob_id)  # under the write lock, after the rows are gone
         return n
 

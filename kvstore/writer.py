@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import insert, select, update
 
-from . import codec, db, schema, tensorfile
+from . import codec, db, schema, sizes, tensorfile
 from .errors import ModelMismatchError, StoreError
 from .keys import chunk_keys, chunk_spans, tokens_to_array
 from .names import validate_name
@@ -238,19 +238,10 @@ def _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
         model_id = _model_id(conn, model, layout, now)
         db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now}
                                               for b, nb in {b: nb for _, b, nb, _ in written}.items()])
-        db.insert_ignore(conn, schema.chunks, [
-            {"key": keys[i], "model_id": model_id, "seq": i, "length": length,
-             "parent": keys[i - 1] if i else bytes.fromhex(model)}
-            for i, (_s, length) in enumerate(spans)])
         rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b, "first": p.first}
                 for p, b, _nb, _w in written]
-        db.insert_ignore(conn, schema.chunk_layers, rows)
-        cl = schema.chunk_layers
-        for r in rows:  # a fuller piece of a sliding-window chunk replaces a partial one
-            if (r["chunk_key"], r["layer"]) in have:
-                conn.execute(update(cl).where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"],
-                                                   cl.c.first > r["first"]))
-                             .values(blob_id=r["blob_id"], first=r["first"]))
+        sizes.add_chains(conn, model_id, model, [keys], {k: length for k, (_s, length) in zip(keys, spans)},
+                         rows, {b: nb for _p, b, nb, _w in written})
         agent_id = _agent_row(conn, name, model_id, meta_json, now)
         snap_id = conn.execute(insert(schema.snapshots).values(
             agent_id=agent_id, model_id=model_id, n_tokens=int(toks.size), tokens=toks.tobytes(),

@@ -11,26 +11,72 @@ import kvstore
 
 TEST_CHUNK = 16  # small chunks so short test caches span several of them
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+BACKENDS = ["sqlite"] + ([pytest.param("postgresql", marks=pytest.mark.postgres)] if PG_URL else [])
+
+# PostgreSQL: one fresh database per store, named for this session so that concurrent sessions against one
+# server never touch each other's; all of them are dropped when the session ends (pytest_sessionfinish).
+# CREATE DATABASE costs ~50 ms on a throwaway cluster (.ci/run), cheaper than emptying a shared one right.
+_PG_SESSION = uuid.uuid4().hex[:8]
+_pg_databases: list[str] = []
+
+
+def _pg_admin():
+    """An AUTOCOMMIT engine on KVSTORE_TEST_PG_URL's database (CREATE/DROP DATABASE cannot run in a transaction)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    return create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
 def _fresh_pg_database() -> str:
-    """A new, empty PostgreSQL database for one test; returns its URL."""
-    from sqlalchemy import create_engine, text
+    """A new, empty PostgreSQL database for one store; returns its URL."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
 
-    name = "kvt_" + uuid.uuid4().hex[:12]
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"kvt_{_PG_SESSION}_{len(_pg_databases)}"
+    admin = _pg_admin()
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return PG_URL.rsplit("/", 1)[0] + "/" + name
+    _pg_databases.append(name)
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_pg_databases() -> None:
+    """Drop every database this session created (FORCE ends connections a failed test left open)."""
+    from sqlalchemy import text
+
+    if not _pg_databases:
+        return
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        for name in _pg_databases:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+    _pg_databases.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _drop_pg_databases()
+
+
+_pg_by_path: dict[str, str] = {}
+
+
+def _pg_store_url(tmp_path) -> str:
+    """The PostgreSQL database of the store under tmp_path (created on first use), as SQLite has one file there."""
+    key = str(tmp_path)
+    if key not in _pg_by_path:
+        _pg_by_path[key] = _fresh_pg_database()
+    return _pg_by_path[key]
 
 
 def make_store(tmp_path, backend: str = "sqlite", **kwargs) -> kvstore.Store:
-    """A store under tmp_path on the given backend (blobs always on local disk)."""
+    """The store under tmp_path on the given backend; a second call reopens it (PostgreSQL: the index in a
+    database of its own, the blobs under tmp_path)."""
     kwargs.setdefault("chunk_size", TEST_CHUNK)
     if backend == "postgresql":
-        url = kwargs.pop("url", None) or _fresh_pg_database()
+        url = kwargs.pop("url", None) or _pg_store_url(tmp_path)
         return kvstore.open(url, blobs=tmp_path / "blobs-root", **kwargs)
     return kvstore.open(tmp_path / "store", **kwargs)
 
@@ -51,7 +97,7 @@ def store(tmp_path, backend):
 def store_url(tmp_path, backend):
     """(open-args, open-kwargs) to reopen the same store, for tests that reopen or use several processes."""
     if backend == "postgresql":
-        return _fresh_pg_database(), {"blobs": str(tmp_path / "blobs-root"), "chunk_size": TEST_CHUNK}
+        return _pg_store_url(tmp_path), {"blobs": str(tmp_path / "blobs-root"), "chunk_size": TEST_CHUNK}
     return str(tmp_path / "store"), {"chunk_size": TEST_CHUNK}
 
 

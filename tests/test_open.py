@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 import mlx.core as mx
 import pytest
@@ -38,7 +37,7 @@ def test_newer_schema_is_refused_naming_both_versions(tmp_path):
     con.close()
     with pytest.raises(kvstore.SchemaTooNewError) as err:
         kvstore.open(tmp_path / "s")
-    assert "0099" in str(err.value) and "0001" in str(err.value)
+    assert "0099" in str(err.value) and kvstore.schema.SCHEMA_REVISION in str(err.value)
 
 
 def test_fresh_index_is_stamped_at_head(tmp_path):
@@ -133,3 +132,46 @@ def test_fork_shares_every_blob(store):
     store.gc(grace=0)
     assert store.load("b", model=FP)[1] == tokens(40)
     assert store.fsck().ok
+
+
+def _open_and_report(path: str, queue) -> None:
+    try:
+        with kvstore.open(path) as store:
+            queue.put(("ok", store.schema_revision))
+    except Exception as e:  # noqa: BLE001 - the parent reports what went wrong
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_processes_opening_an_old_index_at_once_upgrade_it_once(tmp_path):
+    """Four processes open a store whose index is at the first revision: one upgrades, the others
+    wait for its lock and find the index at head (no migration replayed, no error)."""
+    import multiprocessing
+
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    from kvstore import db, schema
+
+    root = tmp_path / "s"
+    with kvstore.open(root) as store:  # a real store (settings, folders), then its index rebuilt at the oldest revision
+        pass
+    (root / "index.db").unlink()
+    engine = create_engine(f"sqlite:///{root / 'index.db'}")
+    with engine.connect() as conn:
+        cfg = db._alembic_config(conn)
+        oldest = list(ScriptDirectory.from_config(cfg).walk_revisions())[-1].revision
+        command.upgrade(cfg, oldest)
+        conn.commit()
+    engine.dispose()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_report, args=(str(root), queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [("ok", schema.SCHEMA_REVISION)] * 4
+    with kvstore.open(root) as store:
+        assert db.migration_status(store.engine)["up_to_date"]

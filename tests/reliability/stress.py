@@ -68,8 +68,9 @@ def collector(store: kvstore.Store, stop, grace: float = 0.0) -> int:
     return passes
 
 
-def run_threads(path: Path, workers: int, saves: int, seed: int) -> dict:
-    """Savers and a gc as threads sharing one Store; returns what each saver committed and the gc passes."""
+def run_threads(path: Path | str, workers: int, saves: int, seed: int, **open_kw) -> dict:
+    """Savers and a gc as threads sharing one Store; returns what each saver committed and the gc passes.
+    `path` and `open_kw` go to kvstore.open (a PostgreSQL URL and blobs= for the shared-store tests)."""
     results: dict = {}
     errors: list[str] = []
     done = threading.Event()
@@ -80,7 +81,8 @@ def run_threads(path: Path, workers: int, saves: int, seed: int) -> dict:
         except BaseException:
             errors.append(traceback.format_exc())
 
-    with kvstore.open(path, chunk_size=synth.CHUNK) as store:
+    open_kw.setdefault("chunk_size", synth.CHUNK)
+    with kvstore.open(path, **open_kw) as store:
         gc_thread = threading.Thread(target=guard, args=("gc", collector, store, done.is_set))
         gc_thread.start()
         threads = [threading.Thread(target=guard, args=(w, saver, store, w, saves, seed + w)) for w in range(workers)]

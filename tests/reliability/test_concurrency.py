@@ -22,10 +22,11 @@ from .oracle import TESTS_DIR
 WORKERS, SAVES = 4, 50
 
 
-def _check_final(path, results: dict) -> int:
-    """Every agent's head is what its saver last committed; gc then fsck are clean. Returns agents checked."""
+def check_final(path, results: dict, **open_kw) -> int:
+    """Every agent's head is what its saver last committed; gc then fsck are clean. Returns agents checked.
+    (test_postgres.py runs it on a PostgreSQL URL with blobs=.)"""
     n = 0
-    with kvstore.open(path) as store:
+    with kvstore.open(path, **open_kw) as store:
         expected = {name: toks for w in range(WORKERS) for name, toks in results[w]["agents"].items()}
         assert sorted(a.name for a in store.agents()) == sorted(expected)
         for name, tokens in expected.items():
@@ -60,7 +61,7 @@ def test_processes_save_while_gc_loops(tmp_path):
     assert [p.returncode for p in savers + [gc_proc]] == [0] * (WORKERS + 1)
     results = {w: json.loads((tmp_path / f"w{w}.json").read_text()) for w in range(WORKERS)}
     gc_passes = json.loads((tmp_path / "gc.json").read_text())["passes"]
-    agents = _check_final(path, results)
+    agents = check_final(path, results)
     assert gc_passes > 0
     report.record("concurrency_processes", saves=WORKERS * SAVES, writers=WORKERS, gc_passes=gc_passes,
                   agents_verified=agents, cross_checks=sum(r["checks"] for r in results.values()), errors=0)
@@ -70,7 +71,7 @@ def test_processes_save_while_gc_loops(tmp_path):
 def test_threads_save_while_gc_loops(tmp_path):
     path = tmp_path / "store"
     results = stress.run_threads(path, WORKERS, SAVES, seed=7)
-    agents = _check_final(path, results)
+    agents = check_final(path, results)
     assert results["gc"] > 0
     report.record("concurrency_threads", saves=WORKERS * SAVES, writers=WORKERS, gc_passes=results["gc"],
                   agents_verified=agents, cross_checks=sum(results[w]["checks"] for w in range(WORKERS)),
