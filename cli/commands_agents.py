@@ -1,0 +1,93 @@
+"""Commands that change agents: rm, fork, export, import; and the agent manager's demo."""
+
+from __future__ import annotations
+
+import click
+
+from kvstore import archive
+from kvstore.errors import UnknownAgentError
+
+from .format import count, progress, size
+from .main import StoreRef, pass_store
+
+
+@click.command()
+@click.argument("names", nargs=-1, required=True, metavar="AGENT...")
+@pass_store
+def rm(ref: StoreRef, names: tuple[str, ...]) -> None:
+    """Remove agents and their snapshots (their blobs go at the next `kvstore gc`)."""
+    store = ref.get()
+    for name in names:  # every name must exist before any is removed
+        store.agent(name)
+    for name in names:
+        if not store.delete(name):
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        click.echo(f"removed agent {name}")
+
+
+@click.command()
+@click.argument("agent")
+@click.argument("new")
+@pass_store
+def fork(ref: StoreRef, agent: str, new: str) -> None:
+    """Make NEW a copy of AGENT's head: it shares every chunk, no blob is copied."""
+    snap = ref.get().fork(agent, new)
+    click.echo(f"forked {agent} -> {new} ({count(snap.n_tokens)} tokens, {snap.blobs_reused} chunks shared)")
+
+
+@click.command("export")
+@click.argument("agent")
+@click.argument("file", type=click.Path(dir_okay=False, writable=True))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@pass_store
+def export_cmd(ref: StoreRef, agent: str, file: str, force: bool) -> None:
+    """Write AGENT (record, snapshots, every blob it needs) to FILE, an archive for `kvstore import`."""
+    with progress(f"exporting {agent}", unit_bytes=True) as cb:
+        got = archive.export_agent(ref.get(), agent, file, progress=cb, overwrite=force)
+    click.echo(f"exported {got.agent} to {file}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens, "
+               f"{count(got.blobs)} blobs ({size(got.bytes)})")
+
+
+@click.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", "new_name", metavar="NEW", help="Import under this name instead of the archived one.")
+@pass_store
+def import_cmd(ref: StoreRef, file: str, new_name: str | None) -> None:
+    """Bring in the agent archived in FILE: every blob is verified first; blobs the store has are reused."""
+    chunk_size = archive.read_manifest(file).get("chunk_size")
+    # A store this import creates takes the archive's chunk size: chunk keys depend on it.
+    store = ref.get(create=True, chunk_size=chunk_size if isinstance(chunk_size, int) else None)
+    with progress("importing", unit_bytes=True) as cb:
+        got = archive.import_agent(store, file, name=new_name, progress=cb)
+    click.echo(f"imported {got.agent}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens; "
+               f"{count(got.blobs_written)} blobs written ({size(got.bytes_written)}), "
+               f"{count(got.blobs_reused)} already in the store")
+
+
+@click.command()
+@click.option("--model", help="A model folder or Hugging Face id (default: the built-in offline model).")
+@click.option("--store", "demo_store", metavar="PATH",
+              help="The demo's store (default: the global --store if given, else <temp dir>/kvstore-demo).")
+@click.option("--session", type=click.Choice(["1", "2"]), help="Run one session only (default: both, in two "
+              "processes).")
+@click.option("--arch", type=click.Choice(["llama", "gemma3"]), default="llama", show_default=True,
+              help="Built-in model architecture.")
+@click.option("--size", "model_size", help="Built-in model size.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Tokens each agent generates per answer.")
+@click.pass_context
+def demo(ctx: click.Context, model: str | None, demo_store: str | None, session: str | None, arch: str,
+         model_size: str | None, max_tokens: int) -> None:
+    """Three agents share a preamble, answer, and resume in a new process from the store."""
+    from kvstore.agents import demo as agents_demo  # imported here: the CLI works without the agent manager
+
+    if demo_store is None and ctx.parent is not None and \
+            ctx.parent.get_parameter_source("location") == click.core.ParameterSource.COMMANDLINE:
+        demo_store = ctx.parent.params["location"]
+    kwargs = {"arch": arch, "max_tokens": max_tokens, "echo": click.echo}
+    if model_size:
+        kwargs["size"] = model_size
+    agents_demo.run_demo(demo_store, model, int(session) if session else None, **kwargs)
+
+
+COMMANDS = [rm, fork, export_cmd, import_cmd, demo]

@@ -1,0 +1,160 @@
+"""Read commands: info, agents, show, models, du."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import click
+
+from kvstore import inspect as accounting
+
+from .format import count, emit_json, fields, short_fp, size, table, when
+from .main import StoreRef, pass_store
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.command()
+@json_option
+@pass_store
+def info(ref: StoreRef, as_json: bool) -> None:
+    """The store: where it is, its format, counts, bytes on disk, logical bytes and dedup ratio."""
+    st = ref.get().stats()
+    if as_json:
+        emit_json(st.as_dict())
+        return
+    click.echo(fields([
+        ("store", st.path),
+        ("index", st.url),
+        ("format", f"{st.format_version} (schema {st.schema_revision})"),
+        ("chunk size", f"{st.chunk_size} tokens"),
+        ("models", count(st.models)),
+        ("agents", count(st.agents)),
+        ("snapshots", count(st.snapshots)),
+        ("chunks", count(st.chunks)),
+        ("blobs", count(st.blobs)),
+        ("on disk", f"{size(st.bytes_on_disk)} ({count(st.bytes_on_disk)} bytes)"),
+        ("logical", f"{size(st.logical_bytes)} ({count(st.logical_bytes)} bytes, every agent's head stored apart)"),
+        ("dedup ratio", f"{st.dedup_ratio:.2f}x"),
+    ]))
+
+
+@click.command()
+@json_option
+@pass_store
+def agents(ref: StoreRef, as_json: bool) -> None:
+    """One row per agent: model, tokens, snapshots, unique and shared bytes, last saved."""
+    store = ref.get()
+    # Two independent reads: the listing runs on a second connection while the byte accounting
+    # (most of the time on a big store) runs here.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        listing = pool.submit(store.agents)
+        nbytes = accounting.agent_bytes(store)
+        infos = listing.result()
+    rows = [dict(info.as_dict(), **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}))
+            for info in infos]
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no agents")
+        return
+    now = time.time()
+    click.echo(table(["AGENT", "MODEL", "TOKENS", "SNAPSHOTS", "UNIQUE", "SHARED", "LAST SAVED"],
+                     [[r["name"], short_fp(r["model"]), count(r["n_tokens"]), r["snapshots"], size(r["unique_bytes"]),
+                       size(r["shared_bytes"]), when(r["updated"], now)] for r in rows], right=(2, 3, 4, 5)))
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    if not names:
+        return "-"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+@click.command()
+@click.argument("agent")
+@json_option
+@pass_store
+def show(ref: StoreRef, agent: str, as_json: bool) -> None:
+    """An agent: its record, its snapshots, and its chunk map (runs of chunks, and who shares them)."""
+    store = ref.get()
+    info = store.agent(agent)
+    snaps = store.snapshots(agent)
+    runs = accounting.chunk_runs(store, agent)
+    nbytes = accounting.agent_bytes(store, agent)[agent]
+    if as_json:
+        emit_json({"agent": dict(info.as_dict(), **nbytes), "snapshots": [s.as_dict() for s in snaps],
+                   "chunk_map": runs})
+        return
+    now = time.time()
+    click.echo(fields([
+        ("agent", info.name), ("model", info.model), ("tokens", count(info.n_tokens)),
+        ("bytes", f"{size(nbytes['total_bytes'])} ({size(nbytes['unique_bytes'])} unique, "
+                  f"{size(nbytes['shared_bytes'])} shared)"),
+        ("created", when(info.created, now)), ("last saved", when(info.updated, now)),
+        ("metadata", ", ".join(sorted(info.meta)) or "-"),
+    ]))
+    click.echo("\nsnapshots")
+    click.echo(table(["ID", "TOKENS", "CREATED", "LABEL", ""],
+                     [[s.id, count(s.n_tokens), when(s.created, now), s.label or "-",
+                       " ".join(w for w, on in (("head", s.id == info.head), ("pinned", s.pinned)) if on)]
+                      for s in snaps], right=(0, 1)))
+    click.echo("\nchunk map (head snapshot)")
+    if not runs:
+        click.echo("no chunks")
+        return
+    click.echo(table(["CHUNKS", "TOKENS", "BYTES", "SHARED WITH"],
+                     [[f"{r['first']}-{r['last']}" if r["last"] != r["first"] else str(r["first"]),
+                       f"{r['start']}-{r['end']}", size(r["bytes"]), _names(r["shared_with"])] for r in runs],
+                     right=(2,)))
+
+
+@click.command()
+@json_option
+@pass_store
+def models(ref: StoreRef, as_json: bool) -> None:
+    """The models whose caches the store holds, with their layer layout and usage."""
+    rows = accounting.model_summary(ref.get())
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no models")
+        return
+    click.echo(table(["FINGERPRINT", "NAME", "LAYERS", "AGENTS", "SNAPSHOTS", "CHUNKS"],
+                     [[r["fingerprint"], r["name"] or "-",
+                       f"{r['layers']} ({', '.join(f'{n} {c}' for c, n in sorted(r['cache_classes'].items()))})",
+                       count(r["agents"]), count(r["snapshots"]), count(r["chunks"])] for r in rows],
+                     right=(3, 4, 5)))
+
+
+@click.command()
+@click.argument("names", nargs=-1, metavar="[AGENT]...")
+@json_option
+@pass_store
+def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
+    """Bytes per agent: unique (freed by `rm` + `gc`) and shared with other agents, largest first."""
+    store = ref.get()
+    if names:
+        nbytes = {}
+        for name in names:
+            nbytes.update(accounting.agent_bytes(store, name))
+    else:
+        nbytes = accounting.agent_bytes(store)
+    rows = sorted(({"name": n, **b} for n, b in nbytes.items()), key=lambda r: (-r["total_bytes"], r["name"]))
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no agents")
+        return
+    total = {k: sum(r[k] for r in rows) for k in ("unique_bytes", "shared_bytes", "total_bytes")}
+    body = [[size(r["total_bytes"]), size(r["unique_bytes"]), size(r["shared_bytes"]), r["name"]] for r in rows]
+    body.append([size(total["total_bytes"]), size(total["unique_bytes"]), size(total["shared_bytes"]),
+                 "(all agents: the logical bytes)"])
+    click.echo(table(["TOTAL", "UNIQUE", "SHARED", "AGENT"], body, right=(0, 1, 2)))
+
+
+COMMANDS = [info, agents, show, models, du]
