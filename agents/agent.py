@@ -1,0 +1,108 @@
+"""An agent: a name, a role (system prompt), its messages and the exact tokens its KV cache has seen."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .records import Reply, TurnStats
+
+if TYPE_CHECKING:
+    from .manager import AgentManager
+
+RECORD_VERSION = 1
+KEEP_TURN_STATS = 64  # the record keeps the last few turns' statistics (the demo compares sessions)
+
+
+class ReplyStream:
+    """Text segments of a reply as they are generated; `.reply` holds the Reply once it is exhausted."""
+
+    def __init__(self, segments: Iterator[str], box: dict):
+        self._segments = segments
+        self._box = box
+
+    def __iter__(self) -> Iterator[str]:
+        return self._segments
+
+    def __next__(self) -> str:
+        return next(self._segments)
+
+    def close(self) -> None:
+        """Stop generating; the turn keeps what was generated so far."""
+        self._segments.close()
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._box.get("reply")
+
+
+class Agent:
+    """A persistent chat agent. Create one with `AgentManager.create`, find one with `get`."""
+
+    def __init__(self, manager: "AgentManager", name: str, system_prompt: str | None,
+                 messages: list[dict] | None = None, tokens: list[int] | None = None,
+                 meta: dict | None = None, turns: list[dict] | None = None):
+        self._manager = manager
+        self.name = name
+        self.system_prompt = system_prompt
+        self.messages: list[dict] = list(messages or [])   # user/assistant turns (the system prompt apart)
+        self.tokens: list[int] = list(tokens or [])        # exactly what the cache has seen, in order
+        self.meta: dict = dict(meta or {})                 # the caller's own metadata
+        self.turns: list[dict] = list(turns or [])         # recent TurnStats, as dicts
+        self._stored: dict | None = None                   # the record as last written to the store
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.name!r} messages={len(self.messages)} tokens={len(self.tokens)}>"
+
+    def chat(self, message: str, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 0.0,
+             top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stream: bool = False):
+        """Answer `message` with the conversation so far as context.
+
+        Args:
+            message: the user's message.
+            max_tokens: at most this many generated tokens.
+            temp, top_p, top_k, min_p: sampling (mlx-lm's make_sampler); temp=0 is greedy.
+            seed: seeds MLX's random generator first, for repeatable sampling.
+            stream: return a ReplyStream of text segments instead of a Reply.
+
+        Returns a Reply (text, tokens, stats, finish_reason), or a ReplyStream when `stream`.
+        """
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        box: dict = {}
+        segments = self._manager._turn(self, message, max_tokens, (temp, top_p, top_k, min_p, seed), box)
+        if stream:
+            return ReplyStream(segments, box)
+        for _ in segments:
+            pass
+        return box["reply"]
+
+    def save(self):
+        """Write this agent's cache and record to the store now (only chunks the store lacks)."""
+        return self._manager.save(self.name)
+
+    @property
+    def resident(self) -> bool:
+        """Whether the agent's KV cache is in memory."""
+        return self._manager.is_resident(self.name)
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        return TurnStats(**self.turns[-1]) if self.turns else None
+
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        """What the chat template renders: the system prompt, then `messages` (default: every turn so far)."""
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return head + (self.messages if messages is None else messages)
+
+    # -- the record stored with every snapshot ---------------------------------------------------
+
+    def record(self) -> dict:
+        """The agent's JSON record (primary data: with the snapshot's tokens it rebuilds the agent)."""
+        return {"kvstore_agent": RECORD_VERSION, "system_prompt": self.system_prompt, "messages": self.messages,
+                "meta": self.meta, "turns": self.turns[-KEEP_TURN_STATS:]}
+
+    @classmethod
+    def from_record(cls, manager: "AgentManager", name: str, record: dict[str, Any], tokens: list[int]) -> "Agent":
+        """An Agent from a stored record and its head snapshot's tokens."""
+        return cls(manager, name, record.get("system_prompt"), record.get("messages"), tokens,
+                   record.get("meta"), record.get("turns"))

@@ -1,0 +1,395 @@
+"""AgentManager: persistent agents on one mlx-lm model, their resident caches (LRU) and the store."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from kvstore import Store, reader
+from kvstore.capture import Capture
+from kvstore.errors import AgentExistsError, BlobError, ModelMismatchError, UnknownAgentError
+from kvstore.names import validate_name
+from kvstore.records import AgentInfo, Snapshot
+
+from . import memory, turn
+from .agent import Agent
+from .model import resolve_model
+from .records import MemoryReport, Reply, TurnStats
+
+MAX_DISCARDS = 64  # damaged blobs one restore may discard before it gives up and prefills from scratch
+
+
+class RecoveryWarning(UserWarning):
+    """A damaged or missing blob was recomputed from the agent's token history."""
+
+
+@dataclass
+class _Resident:
+    """An agent's cache in memory: what it has seen is `Agent.tokens`."""
+
+    cache: list
+    capture: Capture | None     # sliding-window chunks taken during prefill, until the next save
+    dirty: bool = False         # holds tokens the store does not
+
+    def nbytes(self) -> int:
+        return turn.cache_nbytes(self.cache) + (self.capture.nbytes() if self.capture else 0)
+
+
+class AgentManager:
+    """Agents of one model, their caches in memory (at most `max_resident`) and in the store.
+
+    Args:
+        model: a model folder, a Hugging Face id, or a `(model, tokenizer)` pair from `mlx_lm.load`.
+        store: an open `kvstore.Store`.
+        max_resident: caches kept in memory; the least recently used is saved, then evicted.
+        max_resident_bytes: also evict while the resident caches take more bytes than this.
+        autosave: save after every turn (only the chunks the store lacks are written).
+        prefill_step: tokens per prefill step (rounded to a multiple of the store's chunk size).
+        progress: called as progress(agent name, done, total) during long prefills.
+    """
+
+    def __init__(self, model: Any, store: Store, max_resident: int = 3, max_resident_bytes: int | None = None, *,
+                 autosave: bool = True, prefill_step: int = 512,
+                 progress: Callable[[str, int, int], None] | None = None):
+        if max_resident < 0:
+            raise ValueError("max_resident must be 0 or more")
+        self.handle = resolve_model(model)
+        self.store = store
+        self.fingerprint = self.handle.fingerprint
+        self.max_resident = max_resident
+        self.max_resident_bytes = max_resident_bytes
+        self.autosave = autosave and not store.readonly
+        chunk = store.chunk_size
+        self.prefill_step = max(chunk, prefill_step // chunk * chunk)
+        self.progress = progress
+        fresh = self.handle.make_cache()
+        self._sliding = Capture(chunk).needed(fresh)
+        self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
+        self._agents: dict[str, Agent] = {}
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} "
+                f"resident={list(self._resident)}>")
+
+    def __enter__(self) -> "AgentManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def model(self):
+        return self.handle.model
+
+    @property
+    def tokenizer(self):
+        return self.handle.tokenizer
+
+    # -- agents ------------------------------------------------------------------------------
+
+    def create(self, name: str, system_prompt: str | None = None, meta: dict | None = None) -> Agent:
+        """A new agent with a role; its record is stored at once (a new process can `get` it)."""
+        validate_name(name)
+        if name in self._agents or self._exists(name):
+            raise AgentExistsError(f"an agent named {name!r} already exists: get() it, or delete() it first")
+        agent = Agent(self, name, system_prompt, meta=meta)
+        self.store.save(name, self.handle.make_cache(), [], model=self.fingerprint, meta=agent.record())
+        agent._stored = agent.record()
+        self._agents[name] = agent
+        return agent
+
+    def get(self, name: str) -> Agent:
+        """The agent `name`, from memory or from the store's record (its cache loads on its next turn)."""
+        agent = self._agents.get(name)
+        if agent is not None:
+            return agent
+        validate_name(name)
+        model, record, tokens = reader.head(self.store, name)  # one query: this is on every resume's path
+        if model != self.fingerprint:
+            raise ModelMismatchError(f"agent {name!r} belongs to model {model}; this manager runs "
+                                     f"{self.handle.name} ({self.fingerprint})")
+        agent = Agent.from_record(self, name, record, tokens)
+        agent._stored = record
+        self._agents[name] = agent
+        return agent
+
+    def load(self, name: str) -> Agent:
+        """The agent with its cache in memory now (from the store; recomputed where blobs are damaged)."""
+        agent = self.get(name)
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return agent
+        history = list(agent.tokens)
+        res, n, errors = self._materialize(agent, history, len(history))
+        turn.prefill(self.model, res.cache, history, n, len(history), self.prefill_step, res.capture,
+                     self._progress_for(name))
+        agent.tokens = history
+        res.dirty = n < len(history)
+        if errors:
+            self._warn_recovered(name, errors)
+        if res.dirty and self.autosave:
+            self._save(name)
+        self._evict(protect=name)
+        return agent
+
+    def save(self, name: str) -> Snapshot | None:
+        """Write the agent's new chunks and record to the store; None when there was nothing to write."""
+        if name not in self._agents:
+            self.get(name)
+        return self._save(name)
+
+    def save_all(self) -> list[Snapshot]:
+        """Save every agent that holds unsaved tokens."""
+        return [s for s in (self._save(n) for n in list(self._agents)) if s is not None]
+
+    def delete(self, name: str) -> bool:
+        """Forget an agent in memory and in the store. False if the store did not have it."""
+        validate_name(name)
+        self._resident.pop(name, None)
+        self._agents.pop(name, None)
+        return self.store.delete(name)
+
+    def fork(self, name: str, new_name: str) -> Agent:
+        """A copy of `name` as `new_name`: it shares every stored chunk, and a resident cache is copied."""
+        src = self.get(name)
+        validate_name(new_name)
+        if new_name in self._agents:
+            raise AgentExistsError(f"an agent named {new_name!r} already exists")
+        self._save(name)
+        self.store.fork(name, new_name)
+        tokens = self.store.tokens(new_name)
+        agent = Agent(self, new_name, src.system_prompt, copy.deepcopy(src.messages), tokens,
+                      copy.deepcopy(src.meta), copy.deepcopy(src.turns))
+        agent._stored = self.store.agent(new_name).meta
+        self._agents[new_name] = agent
+        res = self._resident.get(name)
+        if res is not None and tokens == src.tokens and self.max_resident > 0:
+            # New arrays: a turn on the fork must never write into the original's buffers.
+            self._resident[new_name] = _Resident(turn.copy_cache(res.cache), Capture(self.store.chunk_size)
+                                                 if self._sliding else None)
+            self._evict(protect=new_name)
+        return agent
+
+    def list(self) -> list[AgentInfo]:
+        """The store's agents that belong to this manager's model."""
+        return [a for a in self.store.agents() if a.model == self.fingerprint]
+
+    def is_resident(self, name: str) -> bool:
+        return name in self._resident
+
+    def resident(self) -> list[str]:
+        """Names of the agents whose caches are in memory, least recently used first."""
+        return list(self._resident)
+
+    def memory_report(self) -> MemoryReport:
+        """Model bytes, each resident cache's bytes and tokens, and the process's footprint."""
+        rss, peak = memory.process_rss()
+        active, mlx_peak = memory.mlx_memory()
+        return MemoryReport(model_bytes=self.handle.nbytes,
+                            caches={n: r.nbytes() for n, r in self._resident.items()},
+                            cache_tokens={n: len(self._agents[n].tokens) for n in self._resident},
+                            rss_bytes=rss, peak_rss_bytes=peak, mlx_active_bytes=active, mlx_peak_bytes=mlx_peak)
+
+    def close(self) -> None:
+        """Save what is unsaved and release the resident caches."""
+        if not self.store.readonly:
+            self.save_all()
+        self._resident.clear()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.store.agent(name)
+        except UnknownAgentError:
+            return False
+        return True
+
+    def _progress_for(self, name: str):
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(name, done, total)
+
+    def _save(self, name: str) -> Snapshot | None:
+        res = self._resident.get(name)
+        agent = self._agents[name]
+        record = agent.record()
+        if res is None or not res.dirty:
+            if agent._stored != record:  # only the record changed (e.g. the caller's meta)
+                self.store.set_meta(name, record)
+                agent._stored = record
+            return None
+        snap = self.store.save(name, res.cache, agent.tokens, model=self.fingerprint, meta=record,
+                               captured=res.capture.pieces if res.capture else None)
+        agent._stored = record
+        res.dirty = False
+        if res.capture:
+            res.capture.pieces.clear()  # stored now; later saves find these chunks in the index
+        return snap
+
+    def _drop(self, name: str) -> None:
+        """Take a cache out of memory, saving it first when it holds unsaved tokens."""
+        if self._resident[name].dirty and not self.store.readonly:
+            self._save(name)
+        del self._resident[name]
+
+    def _evict(self, protect: str | None = None) -> None:
+        """Evict least recently used caches past max_resident or max_resident_bytes."""
+        def over() -> bool:
+            if len(self._resident) > self.max_resident:
+                return True
+            budget = self.max_resident_bytes
+            return budget is not None and sum(r.nbytes() for r in self._resident.values()) > budget
+
+        while self._resident and over():
+            victims = [n for n in self._resident if n != protect]
+            if not victims:
+                if self.max_resident > 0:
+                    break  # the agent in use stays, even over the byte budget
+                victims = [protect]
+            self._drop(victims[0])
+
+    def _damaged(self, errors: list[BlobError], e: BlobError) -> None:
+        errors.append(e)
+        if e.blob_id and not self.store.readonly:
+            self.store.discard_blob(e.blob_id)  # the next save writes this KV again
+
+    def _warn_recovered(self, name: str, errors: list[BlobError]) -> None:
+        fix = "repaired the store" if self.autosave else "the next save repairs the store"
+        warnings.warn(f"agent {name!r}: {len(errors)} damaged or missing blob(s) ({errors[0]}); recomputed its "
+                      f"KV from the token history and {fix}", RecoveryWarning, stacklevel=4)
+
+    def _materialize(self, agent: Agent, target: list[int], limit: int) -> tuple[_Resident, int, list[BlobError]]:
+        """A new resident cache holding the longest stored prefix of target[:limit]; (it, tokens held, errors)."""
+        errors: list[BlobError] = []
+        cache, n = None, 0
+        own = agent.tokens
+        keep = min(turn.common_prefix(own, target), limit)
+        # The agent's own snapshot, trimmed to what the prompt shares with it: the very cache an
+        # uninterrupted process would hold, so a resumed conversation computes the same tokens.
+        trimmable = keep == len(own) or self._window is None or len(own) < self._window
+        if keep > 0 and trimmable:
+            try:
+                cache, toks = self.store.load(agent.name, model=self.fingerprint)
+                if toks == own and turn.trim_to(cache, len(own), keep):
+                    n = keep
+                else:
+                    cache = None  # another process saved this agent since: use only what matches our prompt
+            except BlobError as e:
+                self._damaged(errors, e)
+                cache = None
+        for _ in range(MAX_DISCARDS):
+            if cache is not None:
+                break
+            try:
+                cache, n = self.store.restore(target, model=self.fingerprint, max_tokens=limit)
+                break
+            except BlobError as e:
+                self._damaged(errors, e)
+                if not e.blob_id or self.store.readonly:
+                    break  # nothing was discarded, so another restore would fail the same way
+        if cache is None:
+            cache, n = self.handle.make_cache(), 0
+        agent.tokens = list(target[:n])
+        res = _Resident(cache, Capture(self.store.chunk_size) if self._sliding else None)
+        self._resident[agent.name] = res
+        return res, n, errors
+
+    def _turn(self, agent: Agent, message: str, max_tokens: int, sampling: tuple, box: dict) -> Iterator[str]:
+        """One chat turn as a generator of text segments; puts the Reply in box["reply"]."""
+        t0 = time.perf_counter()
+        name = agent.name
+        messages = agent.messages + [{"role": "user", "content": message}]
+        prompt = turn.render(self.tokenizer, agent.conversation(messages))
+        if not prompt:
+            raise ValueError("the chat template rendered an empty prompt")
+        limit = len(prompt) - 1  # the last prompt token is fed by the generator
+        before = list(agent.tokens)
+        reused = restored = 0
+        errors: list[BlobError] = []
+        restore_s = 0.0
+        try:
+            res = self._resident.get(name)
+            if res is not None:
+                keep = min(turn.common_prefix(agent.tokens, prompt), limit)
+                if keep > 0 and turn.trim_to(res.cache, len(agent.tokens), keep):
+                    agent.tokens = agent.tokens[:keep]
+                    if res.capture:
+                        res.capture.drop_from(keep)
+                    reused = keep
+                else:  # nothing in common, or a rotated sliding window: start from the store
+                    self._drop(name)
+                    res = None
+            if res is None:
+                tr = time.perf_counter()
+                res, restored, errors = self._materialize(agent, prompt, limit)
+                restore_s = time.perf_counter() - tr
+            self._resident.move_to_end(name)
+            tp = time.perf_counter()
+            turn.prefill(self.model, res.cache, prompt, reused + restored, limit, self.prefill_step, res.capture,
+                         self._progress_for(name))
+            prefill_s = time.perf_counter() - tp
+            out: dict = {}
+            segments = turn.generate(self.model, self.tokenizer, res.cache, prompt[limit:], max_tokens,
+                                     turn.sampler_for(*sampling), out, res.capture, limit)
+        except BaseException:
+            self._resident.pop(name, None)  # a cache in an unknown state is never used again
+            agent.tokens = before
+            raise
+        finish = None
+        try:
+            for segment in segments:
+                yield segment
+        except GeneratorExit:
+            segments.close()
+            finish = "interrupted"
+            raise
+        except BaseException:
+            self._resident.pop(name, None)
+            agent.tokens = before
+            raise
+        finally:
+            if name in self._resident:
+                self._finish_turn(agent, res, prompt, messages, out, finish, box, errors,
+                                  (t0, restore_s, prefill_s, reused, restored))
+
+    def _finish_turn(self, agent: Agent, res: _Resident, prompt: list[int], messages: list[dict], out: dict,
+                     finish: str | None, box: dict, errors: list, times: tuple) -> None:
+        t0, restore_s, prefill_s, reused, restored = times
+        name = agent.name
+        generated = out.get("tokens", [])
+        history = prompt + generated
+        seen = turn.cache_offset(res.cache)
+        if seen > len(history):  # cannot happen with mlx-lm's generate_step; never trust such a cache
+            del self._resident[name]
+            seen = len(prompt)
+        agent.tokens = history[:seen]
+        text = out.get("text", "")
+        agent.messages = messages + [{"role": "assistant", "content": text}]
+        res.dirty = True
+        now = time.perf_counter()
+        first = out.get("first") or now
+        n_gen = len(generated)
+        tps = (n_gen - 1) / (now - first) if n_gen > 1 and now > first else 0.0
+        stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reused, restored_tokens=restored,
+                          prefilled_tokens=len(prompt) - reused - restored, generated_tokens=n_gen,
+                          ttft=round(first - t0, 6), tokens_per_second=round(tps, 3),
+                          restore_seconds=round(restore_s, 6), prefill_seconds=round(prefill_s, 6),
+                          source="resident" if reused else "store" if restored else "cold", recovered=bool(errors))
+        agent.turns.append(stats.as_dict())
+        if errors:
+            self._warn_recovered(name, errors)
+        if self.autosave and name in self._resident:
+            ts = time.perf_counter()
+            snap = self._save(name)
+            stats = TurnStats(**dict(stats.as_dict(), save_seconds=round(time.perf_counter() - ts, 6),
+                                     bytes_saved=snap.bytes_written if snap else 0))
+            agent.turns[-1] = stats.as_dict()
+        self._evict(protect=name)
+        box["reply"] = Reply(text=text, tokens=tuple(generated), stats=stats,
+                             finish_reason=finish or out.get("finish", "length"), agent=name)

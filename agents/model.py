@@ -1,0 +1,82 @@
+"""The model an agent manager runs: resolved from a path, a Hugging Face id or a loaded pair."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore import fingerprint
+from kvstore.errors import StoreError
+
+
+class ModelLoadError(StoreError):
+    """The model could not be found or loaded."""
+
+
+@dataclass
+class ModelHandle:
+    """A loaded mlx-lm model, its tokenizer, and the fingerprint its caches are stored under."""
+
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    name: str
+    path: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the model's parameters."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def make_cache(self) -> list:
+        """A fresh, empty prompt cache for this model."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+
+def _local_dir(ref: str) -> Path:
+    """A local model folder for a path or a Hugging Face id (the hub cache; downloads when online)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not an mlx-lm model folder (no config.json)")
+        return path
+    if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"no model at {ref}: give a model folder or a Hugging Face id such as "
+                             "mlx-community/Llama-3.2-1B-Instruct-4bit")
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(ref))
+    except Exception as e:  # the hub client raises many types (offline, 404, auth)
+        raise ModelLoadError(f"cannot get model {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                             "download it while online, or pass a local model folder") from e
+
+
+def resolve_model(model: Any) -> ModelHandle:
+    """A ModelHandle for a folder, a Hugging Face id, a `(model, tokenizer)` pair or a ModelHandle."""
+    if isinstance(model, ModelHandle):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        path = _local_dir(os.fspath(model))
+        from mlx_lm import load
+
+        try:
+            loaded, tokenizer = load(str(path))[:2]
+        except Exception as e:  # mlx-lm raises ValueError/KeyError/OSError for unsupported or broken models
+            raise ModelLoadError(f"mlx-lm cannot load the model in {path}: {e}") from e
+        return ModelHandle(loaded, tokenizer, fingerprint(path), name=str(model), path=path)
+    if isinstance(model, (tuple, list)) and len(model) == 2:
+        loaded, tokenizer = model
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        if not isinstance(tokenizer, TokenizerWrapper):
+            tokenizer = TokenizerWrapper(tokenizer)
+        return ModelHandle(loaded, tokenizer, fingerprint(loaded), name=type(loaded).__module__)
+    raise TypeError("model must be a model folder, a Hugging Face id, or a (model, tokenizer) pair "
+                    f"from mlx_lm.load, not {type(model).__name__}")

@@ -1,0 +1,176 @@
+"""The mechanics of one chat turn: render the prompt, prefill in chunk-aligned steps, generate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from kvstore import codec
+from kvstore.capture import Capture
+
+Progress = Callable[[int, int], None] | None
+
+
+def render(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Prompt token ids: the tokenizer's chat template over `messages`, ready for the assistant's turn."""
+    if getattr(tokenizer, "chat_template", None) or getattr(tokenizer, "_chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict):  # transformers 5 may hand back a BatchEncoding
+            out = out["input_ids"]
+        return [int(t) for t in out]
+    # A base model without a template: a plain transcript, so turns still share their prefix.
+    text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant: "
+    return [int(t) for t in tokenizer.encode(text)]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.nonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))[0]
+    return int(diff[0]) if diff.size else n
+
+
+def cache_offset(cache: list) -> int:
+    """Tokens the cache has processed (from its first positional layer)."""
+    _tree, _slots, leaves = codec.describe(list(cache))
+    for leaf in leaves:
+        off = codec.leaf_offset(leaf)
+        if off is not None:
+            return off
+    raise ValueError("this model's cache has no positional layer: its length is unknown")
+
+
+def cache_nbytes(cache: list) -> int:
+    """Bytes held by a cache's arrays (allocated, including growth padding)."""
+    _tree, _slots, leaves = codec.describe(list(cache))
+    total = 0
+    for leaf in leaves:
+        try:
+            total += int(leaf.nbytes)
+        except (AttributeError, TypeError):
+            total += sum(a.nbytes for a in leaf.state if isinstance(a, mx.array))
+    return total
+
+
+def min_window(cache: list) -> int | None:
+    """The smallest sliding window among a cache's layers (None when every layer holds everything)."""
+    _tree, slots, _leaves = codec.describe(list(cache))
+    sizes = [s.param("max_size") for s in slots if s.cls == "RotatingKVCache"]
+    return min(sizes) if sizes else None
+
+
+def trim_to(cache: list, have: int, keep: int) -> bool:
+    """Trim a cache that has seen `have` tokens down to its first `keep`; False where it cannot be trimmed."""
+    if keep == have:
+        return True
+    if keep > have or not can_trim_prompt_cache(cache):
+        return False  # e.g. a sliding-window layer that has already rotated past its window
+    trim_prompt_cache(cache, have - keep)
+    return cache_offset(cache) == keep
+
+
+def copy_cache(cache: list) -> list:
+    """A deep copy with new arrays: appending to one never shows in the other."""
+    from kvstore import codec as c
+
+    tree, _slots, leaves = c.describe(list(cache))
+    fresh = []
+    for leaf in leaves:
+        new = type(leaf).__new__(type(leaf))
+        new.__dict__.update(leaf.__dict__)
+        for attr in ("keys", "values"):
+            v = getattr(leaf, attr, None)
+            if isinstance(v, tuple):
+                setattr(new, attr, tuple(mx.array(a) for a in v))
+            elif isinstance(v, mx.array):
+                setattr(new, attr, mx.array(v))
+        if isinstance(getattr(leaf, "cache", None), list):
+            new.cache = [None if a is None else mx.array(a) for a in leaf.cache]
+        fresh.append(new)
+    mx.eval([a for leaf in fresh for a in _arrays(leaf)])
+    return c.build(tree, fresh)
+
+
+def _arrays(leaf) -> list:
+    out = []
+    for attr in ("keys", "values"):
+        v = getattr(leaf, attr, None)
+        out.extend(v if isinstance(v, tuple) else [v] if isinstance(v, mx.array) else [])
+    out.extend(a for a in getattr(leaf, "cache", None) or [] if isinstance(a, mx.array))
+    return out
+
+
+def prefill(model: Any, cache: list, tokens: list[int], start: int, end: int, step: int,
+            capture: Capture | None, progress: Progress = None) -> None:
+    """Run tokens[start:end] through the model into `cache`, with step boundaries at multiples of `step`.
+
+    `step` is a multiple of the store's chunk size, so after every step each sliding-window layer
+    still holds the chunks that step completed, and `capture` copies them before they rotate out.
+    """
+    pos = start
+    while pos < end:
+        stop = min(end, (pos // step + 1) * step)
+        model(mx.array(tokens[pos:stop])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        if capture is not None:
+            capture.take(cache)
+        pos = stop
+        if progress is not None:
+            progress(pos - start, end - start)
+    mx.clear_cache()
+
+
+def sampler_for(temp: float, top_p: float, top_k: int, min_p: float, seed: int | None):
+    """An mlx-lm sampler; greedy (argmax) when temp is 0."""
+    if seed is not None:
+        mx.random.seed(seed)
+    return make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def generate(model: Any, tokenizer: Any, cache: list, last: list[int], max_tokens: int,
+             sampler, out: dict, capture: Capture | None = None, fed: int = 0) -> Iterator[str]:
+    """Generate from the prompt's last token; yields text segments and fills `out`.
+
+    `out` gets "tokens" (generated ids, an end-of-turn token included: the cache has seen it too),
+    "first" (perf_counter at the first token), "finish" ("stop" | "length").
+    mlx-lm's generate_step feeds each token into the cache before yielding it, so when this
+    stops, the cache has seen exactly prompt + out["tokens"]. `fed` is how many tokens the cache
+    held before `last`; with a `capture`, every chunk the answer completes is taken while it is
+    still inside the sliding window.
+    """
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    out.update(tokens=[], first=None, finish="length")
+    steps = generate_step(mx.array(last), model, prompt_cache=cache, max_tokens=max_tokens, sampler=sampler)
+    try:
+        for token, _logprobs in steps:
+            token = int(token)
+            if out["first"] is None:
+                out["first"] = time.perf_counter()
+            out["tokens"].append(token)
+            if capture is not None and (fed + len(last) + len(out["tokens"])) % capture.chunk_size == 0:
+                capture.take(cache)
+            if token in eos:
+                out["finish"] = "stop"
+                break
+            detok.add_token(token)
+            segment = detok.last_segment  # reading it consumes it
+            if segment:
+                yield segment
+            if len(out["tokens"]) >= max_tokens:
+                break
+    finally:
+        steps.close()
+        detok.finalize()
+        tail = detok.last_segment
+        out["text"] = detok.text
+    if tail:
+        yield tail
