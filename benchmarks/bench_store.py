@@ -21,12 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
 import kvstore  # noqa: E402
 from common import (drop_page_cache, eval_cache, extend, fsync_path, kv_bytes, machine,  # noqa: E402
-                    synthetic_cache, timed)
+                    synthetic_cache, timed, timed_pair, touch_memory)
 
 FP = "be" * 16
 RESULTS = Path(__file__).resolve().parent / "results" / "store.json"
@@ -47,26 +46,32 @@ def bench_size(root: Path, shape: str, n: int, repeat: int, cold: bool) -> dict:
         # First save of a new agent (nothing to dedup against: other tokens, other KV each run).
         ours, theirs = [], []
         for r, cache in enumerate(caches):
-            os.sync()  # start each timed save with no one else's dirty pages in the way
-            t0 = time.perf_counter()
-            store.save(f"agent-{r}", cache, list(range(r * n, (r + 1) * n)), model=FP)
-            ours.append(time.perf_counter() - t0)
-            os.sync()
             # A new agent gets a new file (one file per agent), as a new agent gets new blobs here.
             mlx_file = root / f"{shape}-{n}-agent-{r}.safetensors"
-            t0 = time.perf_counter()
-            save_prompt_cache(str(mlx_file), cache)
-            fsync_path(mlx_file)  # durable like ours: the issue times mlx-lm with an fsync added
-            theirs.append(time.perf_counter() - t0)
+
+            def save_ours(r=r, cache=cache):
+                store.save(f"agent-{r}", cache, list(range(r * n, (r + 1) * n)), model=FP)
+
+            def save_mlx(cache=cache, mlx_file=mlx_file):
+                save_prompt_cache(str(mlx_file), cache)
+                fsync_path(mlx_file)  # durable like ours: the issue times mlx-lm with an fsync added
+
+            sides = [(save_ours, ours), (save_mlx, theirs)]
+            for fn, into in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first
+                os.sync()  # start each timed save with no one else's dirty pages in the way
+                t0 = time.perf_counter()
+                fn()
+                into.append(time.perf_counter() - t0)
         out["first_save"] = {"kvstore": _stats(ours), "mlx_lm": _stats(theirs)}
         last = f"agent-{repeat - 1}"
         load = lambda: eval_cache(store.load(last, model=FP)[0])  # noqa: E731
         mlx_load = lambda: eval_cache(load_prompt_cache(str(mlx_file)))  # noqa: E731
         load(), mlx_load()  # warm the page cache and the code paths
-        out["restore_warm"] = {"kvstore": timed(load, repeat), "mlx_lm": timed(mlx_load, repeat)}
+        warm = timed_pair(load, mlx_load, 2 * repeat + 1)  # cheap, so more runs: a steadier median
+        out["restore_warm"] = {"kvstore": warm[0], "mlx_lm": warm[1]}
         if cold:
-            out["restore_cold"] = {"kvstore": timed(load, repeat, before=drop_page_cache),
-                                   "mlx_lm": timed(mlx_load, repeat, before=drop_page_cache)}
+            cold_runs = timed_pair(load, mlx_load, repeat, before=drop_page_cache)
+            out["restore_cold"] = {"kvstore": cold_runs[0], "mlx_lm": cold_runs[1]}
     finally:
         store.close()
     for key in ("first_save", "restore_warm", "restore_cold"):
@@ -183,13 +188,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512 and 2048 tokens of Qwen2.5-0.5B only")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir beside the results)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)
     ap.add_argument("--peak-path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_child:
         return _peak_child(args)
     root = Path(tempfile.mkdtemp(prefix="kvbench-", dir=args.dir or RESULTS.parent.parent))
+    touch_memory()
     cold = drop_page_cache()
     plan = [("qwen2.5-0.5b", n) for n in (512, 2048, 4096)] + [("llama-3-8b", n) for n in (512, 2048, 4096)]
     if args.quick:

@@ -29,8 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache  # noqa: E402
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
 import kvstore  # noqa: E402
 from common import eval_cache, extend, fsync_path, kv_bytes, machine, synthetic_cache  # noqa: E402
@@ -93,6 +92,9 @@ def bench_restore(root: Path, sizes: list[int], repeat: int) -> list[dict]:
                 save_t.append(time.perf_counter() - t0)
             if r:
                 shutil.rmtree(d)
+            # A new file each run, as kvstore writes new blobs each run (rewriting one file is cheaper).
+            if f.exists():
+                f.unlink()
             t0 = time.perf_counter()
             mlx_save(f, cache)
             mlx_save_t.append(time.perf_counter() - t0)
@@ -202,96 +204,38 @@ def bench_turns(root: Path, start: int, turns: int, per_turn: int, repeat: int) 
 
 # -- time to first token on the built-in model -------------------------------------------------
 
-def _filler(tokenizer, n: int) -> str:
-    """Text of about n tokens for the built-in tokenizer (a system prompt of a chosen length)."""
-    words = ("the service keeps each agent's notes about payments refunds ledgers retries and audit "
-             "trails so that answers stay consistent across sessions and teams ").split()
-    text, i = [], 0
-    while len(tokenizer.encode(" ".join(text))) < n:
-        text.append(words[i % len(words)])
-        i += 1
-    return " ".join(text)
-
-
-def _prefill(model, cache, tokens: list[int]) -> None:
-    """Run `tokens` through the model into `cache` in 2048-token steps (mlx-lm's default step)."""
-    for i in range(0, len(tokens), 2048):
-        model(mx.array(tokens[i : i + 2048])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-
-
-def _first_token(model, cache, tokens: list[int]) -> None:
-    """Prefill all but the last token, then evaluate the greedy first token."""
-    _prefill(model, cache, tokens[:-1])
-    mx.eval(mx.argmax(model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :], axis=-1))
-
-
 def bench_ttft(root: Path, contexts: list[int], repeat: int) -> dict:
-    """Second-turn time to first token: cold prefill vs mlx-lm file resume vs kvstore.agents resume."""
+    """Second-turn time to first token: cold prefill vs mlx-lm file resume vs kvstore.agents resume.
+
+    The measurement is bench_agents.bench_resume's (one method for both reports): both resumes render
+    the chat template, trim to the common prefix and prefill the rest with generate_step; they differ
+    only in where the cache comes from. Rounds alternate which side goes first.
+    """
     try:
-        from kvstore.agents import AgentManager
-        from kvstore.builtin_models import builtin_model_path, load_builtin
+        from bench_agents import bench_resume
+
+        from kvstore.agents import resolve_model
+        from kvstore.builtin_models import builtin_model_path
     except ImportError as e:
         return {"skipped": f"kvstore.agents or the built-in models are not available ({e})"}
     model_dir = builtin_model_path(arch="llama", size=TTFT_SIZE)
-    model, tokenizer = load_builtin(arch="llama", size=TTFT_SIZE)
-    fp = kvstore.fingerprint((model, tokenizer))  # what AgentManager stores a loaded pair's caches under
+    handle = resolve_model(str(model_dir))
     config = json.loads((Path(model_dir) / "config.json").read_text())
     rows = []
     for n in contexts:
-        system = _filler(tokenizer, n)
-        q1, q2 = "Summarise the payment incident.", "What are the detailed steps to fix that API bug?"
-        res = {"cold": [], "mlx_lm_file": [], "kvstore": [], "kvstore_first_turn": [], "kvstore_restored": [],
-               "kvstore_prefilled": []}
-        for r in range(repeat):
-            d = root / f"ttft-{n}-{r}"
-            with kvstore.open(d) as store:
-                mgr = AgentManager((model, tokenizer), store)
-                agent = mgr.create("agent", system_prompt=system)
-                first = agent.chat(q1, max_tokens=8, temp=0.0)
-                res["kvstore_first_turn"].append(first.stats.ttft)  # a new agent on an empty store: cold
-                mgr.save_all()
-                history = list(agent.tokens)
-            # mlx-lm's way: one file per agent holding the cache after turn 1 (the same KV, bit for bit).
-            f = root / f"ttft-{n}-{r}.safetensors"
-            with kvstore.open(d) as store:
-                cache, saved = store.load("agent", model=fp)
-            assert saved == history, "the store must hold the agent's whole history after save_all"
-            mlx_save(f, cache)
-            del cache
-            with kvstore.open(d) as store:
-                mgr = AgentManager((model, tokenizer), store)  # a new session: nothing resident
-                agent = mgr.get("agent")  # record only: the cache is restored inside the timed turn
-                reply = agent.chat(q2, max_tokens=1, temp=0.0)
-                res["kvstore"].append(reply.stats.ttft)
-                res["kvstore_restored"].append(reply.stats.restored_tokens)
-                res["kvstore_prefilled"].append(reply.stats.prefilled_tokens)
-                prompt = list(agent.tokens)[: reply.stats.prompt_tokens]
-            common = next((i for i, (a, b) in enumerate(zip(history, prompt)) if a != b), len(history))
-            t0 = time.perf_counter()
-            cache = load_prompt_cache(str(f))
-            for c in cache:
-                c.trim(len(history) - common)  # the template may render the last turn differently
-            _first_token(model, cache, prompt[common:])
-            res["mlx_lm_file"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            _first_token(model, make_prompt_cache(model), prompt)
-            res["cold"].append(time.perf_counter() - t0)
-            f.unlink()
-            shutil.rmtree(d)
-        row = {"context": len(history), "prompt_tokens": len(prompt), "first_prompt_tokens": first.stats.prompt_tokens,
-               "tokens_restored": res["kvstore_restored"][0], "tokens_prefilled": res["kvstore_prefilled"][0]}
-        for k in ("cold", "mlx_lm_file", "kvstore", "kvstore_first_turn"):
-            row[k] = stats(res[k])
-        row["speedup_vs_cold"] = round(row["cold"]["median"] / row["kvstore"]["median"], 2)
-        row["ratio_vs_mlx_lm_file"] = round(row["kvstore"]["median"] / row["mlx_lm_file"]["median"], 3)
+        r = bench_resume(root, handle, n, repeat, cold_repeat=3)
+        row = {"context": r["context_tokens"], "prompt_tokens": r["prompt_tokens"],
+               "tokens_restored": r["prompt_tokens"] - r["prefilled_tokens"], "tokens_prefilled": r["prefilled_tokens"],
+               "cold": r["cold"], "mlx_lm_file": r["mlx_file"], "kvstore": r["ours"],
+               "speedup_vs_cold": round(r["speedup_vs_cold"], 2),
+               "ratio_vs_mlx_lm_file": round(r["ratio_vs_mlx_file"], 3)}
         rows.append(row)
         print(f"  ttft    {row['context']:5d} tokens: cold {row['cold']['median'] * 1e3:7.1f} ms, mlx-lm file "
               f"{row['mlx_lm_file']['median'] * 1e3:7.1f} ms, kvstore {row['kvstore']['median'] * 1e3:7.1f} ms",
               flush=True)
     return {"model": {"arch": "llama", "size": TTFT_SIZE, "weights": "random weights",
                       "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
-                      "kv_heads": config.get("num_key_value_heads"), "fingerprint": fp}, "rows": rows}
+                      "kv_heads": config.get("num_key_value_heads"), "fingerprint": handle.fingerprint}, "rows": rows}
 
 
 def _load() -> list[float] | None:

@@ -82,6 +82,35 @@ def timed(fn, repeat: int = 3, before=None) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeat}
 
 
+def touch_memory(gib: float = 6.0) -> None:
+    """Write, then free, `gib` GiB once before timing anything.
+
+    On a virtual machine the host backs guest memory lazily: the first use of a page costs far more than
+    later ones, and whichever side of a comparison happens to get fresh pages (for its arrays or for
+    page cache) looks slow. Touching the memory up front gives both sides the same, already-backed pages.
+    """
+    import numpy as np
+
+    step = 1 << 30
+    for _ in range(int(gib)):
+        a = np.ones(step, dtype=np.uint8)
+        del a
+
+
+def timed_pair(ours, theirs, repeat: int = 3, before=None) -> tuple[dict, dict]:
+    """timed() of two functions run alternately (ours, theirs, ours, ...): on a busy machine both
+    sides see the same background load, so their ratio stays meaningful."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, out in ((ours, times[0]), (theirs, times[1])):
+            if before:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return tuple({"median": statistics.median(t), "min": min(t), "max": max(t), "runs": repeat} for t in times)
+
+
 def fsync_path(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -56,9 +56,12 @@ def render_tables(r: dict) -> str:
             out.append(f"Built-in offline model (Llama-style, {md['layers']} layers, hidden size {md['hidden_size']}, "
                        f"{md['kv_heads']} KV heads; {md['weights']}). An agent's first turn is saved; a new "
                        "session then asks a second question. *Cold* prefills the whole second-turn prompt; "
-                       "*mlx-lm file* loads the agent's `save_prompt_cache` file and prefills the rest; *kvstore* "
-                       "is `AgentManager.get(...).chat(...)` in a new manager (restore from the store, then "
-                       "prefill the rest), its own reported time to first token.\n")
+                       "*mlx-lm file* renders the chat template, loads the agent's `save_prompt_cache` file, trims it "
+                       "to the common prefix and prefills the rest; *kvstore* is `AgentManager.get(...).chat(...)` "
+                       "in a new manager (restore from the store, then prefill the rest). Both end at the first "
+                       "token of `generate_step`; rounds alternate which side goes first "
+                       "(`bench_agents.bench_resume`, also used by `benchmarks/bench_agents.py`). The ratio column is "
+                       "the median of each round's pair ratio.\n")
             out.append("| context tokens | cold ms | mlx-lm file ms | kvstore ms | speedup vs cold | "
                        "kvstore / mlx-lm file | restored / prefilled | cold prefill tok/s |")
             out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
