@@ -272,7 +272,7 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
             results["session2"] = session_two(store, chosen, echo, max_tokens)
     elif session != 1:
         raise ValueError(f"session must be 1, 2 or None, not {session!r}")
-    if "session2" in results:
+    if session is None:  # once, after both sessions (a session-2 child leaves it to its parent)
         echo(f"\nThe store is kept in {path}: look inside with `kvstore --store {path} agents` (or `du`, `fsck`).")
     if json_out is not None:
         Path(json_out).write_text(json.dumps(results, indent=2, default=str))

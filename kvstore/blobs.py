@@ -24,6 +24,7 @@ from .formats import BLOB_SUFFIX
 from .tensorfile import write_all
 
 TEMP_SUFFIX = ".tmp"
+SHARDS = [f"{i:02x}" for i in range(256)]  # blob files live in blobs/<first two hex digits of the id>/
 
 
 def fsync_file(fd: int) -> None:
@@ -71,11 +72,24 @@ class BlobStore:
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.durable = durable
-        self._new_shards: set[str] = set()  # shard folders made since the last sync_dirs
 
     def ensure_dirs(self) -> None:
+        """The blob and temp folders, and all 256 shard folders up front: a save then never creates a
+        folder, and so never has to fsync `blobs/` to make a new one durable."""
+        if (self.blob_dir / SHARDS[-1]).is_dir() and self.tmp_dir.is_dir():
+            return
+        made = not self.blob_dir.is_dir() or not self.tmp_dir.is_dir()
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for shard in SHARDS:
+            try:
+                (self.blob_dir / shard).mkdir()
+                made = True
+            except FileExistsError:
+                pass
+        if made and self.durable:
+            fsync_dir(self.blob_dir)
+            fsync_dir(self.root)
 
     def path(self, blob_id: str) -> Path:
         return self.blob_dir / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
@@ -86,7 +100,9 @@ class BlobStore:
         """Store a blob made of `buffers`; return (id, bytes, written) where written is False for a dedup hit.
 
         An existing file with the same name is re-hashed, not trusted: a damaged one is replaced.
-        The caller fsyncs the shard directories it touched (`sync_dirs`) before committing.
+        A blob it writes is durable when this returns (file, then its shard folder after the rename).
+        For a dedup hit the caller fsyncs the shard folder (`sync_dirs`) before committing: another
+        process may have renamed the file there without having synced the folder yet.
         """
         blob_id = blob_id or hash_buffers(buffers)
         nbytes = sum(len(b) for b in buffers)
@@ -107,12 +123,15 @@ class BlobStore:
                     write_all(fd, buffers)
                     if self.durable:
                         fsync_file(fd)
-                    if not target.parent.is_dir():
+                    if not target.parent.is_dir():  # a store made before shards were created up front
                         target.parent.mkdir(exist_ok=True)
-                        self._new_shards.add(blob_id[:2])
+                        if self.durable:
+                            fsync_dir(self.blob_dir)
                     crash_point("blob.before_rename")
                     os.replace(tmp, target)
                     crash_point("blob.after_rename")
+                    if self.durable:  # here, in the writer's thread: the folder syncs of a save overlap
+                        fsync_dir(target.parent)
                 finally:
                     os.close(fd)
                 return blob_id, nbytes, True
@@ -128,16 +147,12 @@ class BlobStore:
         raise AssertionError("unreachable")
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
-        """fsync each shard directory once: the renames into them become durable."""
+        """fsync each shard directory once: renames into them (by any process) become durable."""
         if not self.durable:
             return
         try:
-            shards = sorted({b[:2] for b in blob_ids})
-            for shard in shards:
+            for shard in sorted({b[:2] for b in blob_ids}):
                 fsync_dir(self.blob_dir / shard)
-            if self._new_shards.intersection(shards):  # a new shard's own entry lives in blobs/
-                fsync_dir(self.blob_dir)
-                self._new_shards.difference_update(shards)
         except OSError as e:
             raise _translate_os_error(e, "syncing the blob folders") from e
 

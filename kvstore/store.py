@@ -346,7 +346,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
                else f"sqlite:///{index}")
     if not readonly:
         try:
-            BlobStore(root).ensure_dirs()
+            BlobStore(root, durable=durable).ensure_dirs()
         except OSError as e:
             raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
     return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)

@@ -153,7 +153,7 @@ def write_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list
             results = [r for rs in pool.map(put, groups) for r in rs]
     else:
         results = [r for g in groups for r in put(g)]
-    store.blobs.sync_dirs({r[1] for r in results})
+    store.blobs.sync_dirs({r[1] for r in results if not r[3]})  # dedup hits; put() synced what it wrote
     return results
 
 

@@ -24,13 +24,19 @@ def test_save_fsyncs_every_blob_and_each_shard_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(blobs_mod, "fsync_file", spy)
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        # Creating the store made its folders durable: the store root's entries and blobs/'s shards.
+        assert {str(tmp_path / "s"), str(store.blobs.blob_dir)} <= set(synced)
+        synced.clear()
         snap = store.save("a", make_cache("kv", 40, mx.float16), tokens(40), model=FP)
         files = [p for _, p in store.blobs.iter_files()]
         temp_synced = [p for p in synced if p.startswith(str(store.blobs.tmp_dir))]
         dir_synced = {p for p in synced if os.path.isdir(p)}
         assert snap.blobs_written == len(files) == 3  # 40 tokens in chunks of 16: 3 chunk blobs
         assert len(temp_synced) == 3  # each blob's temp file, before its rename
-        assert dir_synced == {str(p.parent) for p in files} | {str(store.blobs.blob_dir)}
+        # Each shard folder a blob was renamed into; blobs/ itself was synced when open() made all
+        # 256 shard folders, so a save creates no folder and needs no sync of blobs/.
+        assert dir_synced == {str(p.parent) for p in files}
+        assert sorted(p.name for p in store.blobs.blob_dir.iterdir()) == [f"{i:02x}" for i in range(256)]
         assert list(store.blobs.iter_temp()) == []
 
 
