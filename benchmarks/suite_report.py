@@ -60,8 +60,7 @@ def render_tables(r: dict) -> str:
                        "to the common prefix and prefills the rest; *kvstore* is `AgentManager.get(...).chat(...)` "
                        "in a new manager (restore from the store, then prefill the rest). Both end at the first "
                        "token of `generate_step`; rounds alternate which side goes first "
-                       "(`bench_agents.bench_resume`, also used by `benchmarks/bench_agents.py`). The ratio column is "
-                       "the median of each round's pair ratio.\n")
+                       "(`bench_agents.bench_resume`, also used by `benchmarks/bench_agents.py`).\n")
             out.append("| context tokens | cold ms | mlx-lm file ms | kvstore ms | speedup vs cold | "
                        "kvstore / mlx-lm file | restored / prefilled | cold prefill tok/s |")
             out.append("|---:|---:|---:|---:|---:|---:|---:|---:|")

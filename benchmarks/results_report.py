@@ -1,0 +1,158 @@
+"""Render the per-issue benchmark results (benchmarks/results/*.json) into docs/BENCHMARKS.md.
+
+    python benchmarks/results_report.py
+
+Rewrites the block between `<!-- results:begin -->` and `<!-- results:end -->` from store.json,
+agents.json, cli.json and postgres.json, so the page shows exactly what the scripts measured.
+A result file that is missing is named as not measured; nothing is filled in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from suite_report import machine_line, replace_block  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f}"
+
+
+def _verdict(value: float, limit: float, below: bool = True) -> str:
+    ok = value <= limit if below else value >= limit
+    return "met" if ok else "**not met**"
+
+
+def store_section(r: dict) -> list[str]:
+    out = ["### Storage engine against mlx-lm's file per agent (`bench_store.py`)\n",
+           f"_{machine_line(r['machine'])}; page cache dropped for the cold runs: {r['page_cache_dropped']}; "
+           f"{r['sizes'][0]['first_save']['kvstore']['runs']} interleaved rounds per figure (warm restores "
+           f"{r['sizes'][0]['restore_warm']['kvstore']['runs']}), medians in ms; ratio = kvstore / mlx-lm._\n",
+           "| shape | tokens | MiB | first save (durable) | ratio | restore warm | ratio | restore cold | ratio |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in r["sizes"]:
+        cells = []
+        for k in ("first_save", "restore_warm", "restore_cold"):
+            x = s.get(k)
+            cells += ([f"{_ms(x['kvstore']['median'])} / {_ms(x['mlx_lm']['median'])}", f"{x['ratio']:.2f}"]
+                      if x else ["—", "—"])
+        out.append(f"| {s['shape']} | {s['tokens']} | {s['kv_bytes'] / 2**20:.0f} | " + " | ".join(cells) + " |")
+    t, sh, k, pk = r["turn_32_on_4096"], r["shared_prefix_8x"], r["chunk_keys"], r["restore_peak_memory"]
+    out += ["", "| limit (issue 2) | measured | must | |", "|---|---:|---:|---|"]
+    for name, row in r["summary"].items():
+        out.append(f"| {name.replace('_', ' ')} | {row['value']} | ≤ {row['must']} | "
+                   f"{'met' if row['met'] else '**not met**'} |")
+    out += ["",
+            f"A 32-token turn on a 4096-token {t['shape']} agent writes {t['kvstore_bytes'] / 2**20:.1f} MiB in "
+            f"{_ms(t['kvstore_s'])} ms; mlx-lm rewrites {t['mlx_lm_bytes'] / 2**20:.0f} MiB in {_ms(t['mlx_lm_s'])} ms. "
+            f"Eight agents sharing a 2048-token prefix ({sh['shape']}) take {sh['ratio']:.3f}× their unique KV bytes on "
+            f"disk ({sh['vs_mlx_lm']:.2f}× mlx-lm's eight files). Chunk keys for {k['tokens']:,} tokens: {k['ms']} ms. "
+            f"Peak memory of a {pk['tokens']}-token {pk['shape']} restore: {pk['kvstore']['ratio_to_cache']}× the "
+            f"cache's bytes above the baseline (mlx-lm {pk['mlx_lm']['ratio_to_cache']}×).\n",
+            "Where the ratio is above 1 (first save and warm restore of caches under about 100 MiB): a save "
+            "writes one blob per 256-token chunk and makes each durable (file fsync, then its folder after the "
+            "rename), then commits the index, where mlx-lm writes and fsyncs one file; a restore allocates "
+            "zero-filled arrays (MLX has no uninitialized allocation), reads every blob into them and re-hashes "
+            "it, where mlx-lm reads one file into fresh arrays and checks nothing. On this virtual machine the "
+            "first touch of a page costs about 2.5 µs, so which side gets recycled memory moves small "
+            "restores by tens of percent between runs. Above about 200 MiB kvstore is faster on every line "
+            "(parallel reads and writes across chunks).\n"]
+    return out
+
+
+def agents_section(r: dict) -> list[str]:
+    w = r["warm_start"]
+    out = ["### Agent manager: resume and warm start (`bench_agents.py`)\n",
+           f"_{machine_line(r['machine'])}; {r['model']} ({r['model_bytes'] / 2**20:.0f} MiB of parameters, random "
+           f"weights); {r['repeat']} interleaved rounds; ms are medians._\n",
+           "A new manager asks an agent its next question. *kvstore* restores the agent's cache from the store; "
+           "*mlx-lm file* renders the same chat template, loads the agent's `save_prompt_cache` file and trims it; "
+           "both prefill the same new tokens with `generate_step` up to the first token. *Cold* prefills everything.\n",
+           "| context tokens | prefilled | kvstore | mlx-lm file | cold | kvstore / file | faster than cold |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["resume"]:
+        out.append(f"| {x['context_tokens']} | {x['prefilled_tokens']} | {_ms(x['ours']['median'])} | "
+                   f"{_ms(x['mlx_file']['median'])} | {_ms(x['cold']['median'])} | {x['ratio_vs_mlx_file']:.2f} "
+                   f"({_verdict(x['ratio_vs_mlx_file'], r['targets']['resume_vs_mlx_file'])}) | "
+                   f"{x['speedup_vs_cold']:.1f}× |")
+    out += ["", f"Warm start of a new agent on another agent's stored {w['preamble_tokens_restored']}-token preamble "
+                f"({w['prompt_tokens']}-token prompt): {_ms(w['warm']['median'])} ms to first token against "
+                f"{_ms(w['restore']['median'])} ms restore + {_ms(w['prefill_own']['median'])} ms prefill of its own "
+                f"tokens: {w['ratio_vs_restore_plus_prefill']:.2f}× (must ≤ {r['targets']['warm_vs_restore_plus_prefill']}, "
+                f"{_verdict(w['ratio_vs_restore_plus_prefill'], r['targets']['warm_vs_restore_plus_prefill'])}); "
+                f"{w['speedup_vs_cold']:.1f}× faster than its cold start.\n"]
+    return out
+
+
+def _readers(f: dict) -> str:
+    """How the disk's read speed was taken: one plain reader, or also as many as fsck uses."""
+    many = [k.split("_")[1] for k in f if k.startswith("disk_") and k.endswith("_readers_mb_s")]
+    return f"the better of one plain reader and {many[0]} in parallel" if many else "one plain reader"
+
+
+def cli_section(r: dict) -> list[str]:
+    s, q, g, f, lim = r["store"], r["queries"], r["gc"], r["fsck"], r["limits"]
+    return ["### The command at scale (`bench_cli.py`)\n",
+            f"_{machine_line(r['machine'])}; medians of {q['info']['runs']} runs (min–max)._\n",
+            f"Store: {s['agents']:,} agents, {s['snapshots']:,} snapshots, {s['chunks']:,} chunks, "
+            f"{s['chunk_layers']:,} layer rows, {s['snapshot_chunks']:,} snapshot-chunk rows; index "
+            f"{s['index_bytes'] / 2**30:.1f} GiB.\n",
+            "| command | measured | limit | |", "|---|---:|---:|---|",
+            f"| `kvstore info --json` | {q['info']['median']:.2f} s ({q['info']['min']:.2f}–{q['info']['max']:.2f}) | "
+            f"< {lim['info_s']:g} s | {_verdict(q['info']['median'], lim['info_s'])} |",
+            f"| `kvstore agents --json` | {q['agents']['median']:.2f} s ({q['agents']['min']:.2f}–{q['agents']['max']:.2f}) | "
+            f"< {lim['agents_s']:g} s | {_verdict(q['agents']['median'], lim['agents_s'])} |",
+            f"| `kvstore gc` of {g['unreferenced_blobs']:,} unreferenced blobs | {g['times']['median']:.1f} s "
+            f"({g['times']['min']:.1f}–{g['times']['max']:.1f}) | < {lim['gc_100k_s']:g} s | "
+            f"{_verdict(g['times']['median'], lim['gc_100k_s'])} |",
+            f"| `kvstore fsck` over {f['bytes'] / 2**30:.1f} GiB, page cache dropped | {max(f['fsck_mb_s']):,.0f} MB/s = "
+            f"{f['ratio']:.2f}× the disk's cold read ({max(f['disk_mb_s']):,.0f} MB/s, {_readers(f)}) | "
+            f"≥ {lim['fsck_vs_disk']:g}× | "
+            f"{_verdict(f['ratio'], lim['fsck_vs_disk'], below=False)} |", ""]
+
+
+def postgres_section(r: dict) -> list[str]:
+    s, sv = r["store"], r["server"]
+    out = ["### Shared store: PostgreSQL against SQLite (`bench_postgres.py`)\n",
+           f"_{machine_line(r['machine'])}; PostgreSQL {sv['version']} over {sv['connection'].split()[0]} loopback, "
+           f"fsync {sv['fsync']}, synchronous_commit {sv['synchronous_commit']}; SQLite synchronous=FULL._\n",
+           f"The same generated store on both: {s['agents']} agents, {s['snapshots_before_gc']} snapshots, "
+           f"{s['chunks']:,} chunks, {s['bytes_on_disk'] / 2**20:.0f} MiB of blobs on the same local disk.\n",
+           "| operation | SQLite ms | PostgreSQL ms | PG / SQLite | round trips (PG) |", "|---|---:|---:|---:|---:|"]
+    for name, op in r["operations"].items():
+        out.append(f"| {name} | {op['sqlite']['median_ms']:.2f} | {op['postgresql']['median_ms']:.2f} | "
+                   f"{op['ratio']:.2f} | {op['postgresql']['round_trips']:g} |")
+    out += ["", "Figures are medians over all runs of each operation (gc: one run per state). Over a real "
+                "network add one round-trip time per round trip; see [SHARED_STORE.md](SHARED_STORE.md).\n"]
+    return out
+
+
+def render() -> str:
+    out: list[str] = []
+    for name, section in (("store", store_section), ("agents", agents_section), ("cli", cli_section),
+                          ("postgres", postgres_section)):
+        r = _load(name)
+        out += section(r) if r else [f"_`benchmarks/results/{name}.json` is missing: not measured yet._\n"]
+    return "\n".join(out)
+
+
+def main() -> None:
+    if not replace_block(DOC, "results", render()):
+        raise SystemExit(f"{DOC} has no <!-- results:begin --> / <!-- results:end --> block")
+    print(f"updated {DOC}")
+
+
+if __name__ == "__main__":
+    main()
