@@ -40,6 +40,17 @@ def info(ref: StoreRef, as_json: bool) -> None:
     ]))
 
 
+def _printed_json_or_nothing(rows: list[dict], as_json: bool) -> bool:
+    """Print the rows as JSON, or say there are no agents; False when a table is still to print."""
+    if as_json:
+        emit_json(rows)
+        return True
+    if not rows:
+        click.echo("no agents")
+        return True
+    return False
+
+
 @click.command()
 @json_option
 @pass_store
@@ -54,11 +65,7 @@ def agents(ref: StoreRef, as_json: bool) -> None:
         infos = listing.result()
     rows = [dict(info.as_dict(), **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}))
             for info in infos]
-    if as_json:
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no agents")
+    if _printed_json_or_nothing(rows, as_json):
         return
     now = time.time()
     click.echo(table(["AGENT", "MODEL", "TOKENS", "SNAPSHOTS", "UNIQUE", "SHARED", "LAST SAVED"],
@@ -144,11 +151,7 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
     else:
         nbytes = accounting.agent_bytes(store)
     rows = sorted(({"name": n, **b} for n, b in nbytes.items()), key=lambda r: (-r["total_bytes"], r["name"]))
-    if as_json:
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no agents")
+    if _printed_json_or_nothing(rows, as_json):
         return
     total = {k: sum(r[k] for r in rows) for k in ("unique_bytes", "shared_bytes", "total_bytes")}
     body = [[size(r["total_bytes"]), size(r["unique_bytes"]), size(r["shared_bytes"]), r["name"]] for r in rows]
