@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
 import kvstore  # noqa: E402
-from common import eval_cache, extend, fsync_path, kv_bytes, machine, synthetic_cache, touch_memory  # noqa: E402
+from common import eval_cache, extend, fsync_path, kv_bytes, machine, synthetic_cache, timed_pair, touch_memory  # noqa: E402
 from suite_report import machine_line, make_plots, render_headline, render_tables, replace_block  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite.json"
@@ -98,20 +98,14 @@ def bench_restore(root: Path, sizes: list[int], repeat: int) -> list[dict]:
             t0 = time.perf_counter()
             mlx_save(f, cache)
             mlx_save_t.append(time.perf_counter() - t0)
-        ours, theirs = [], []
         with kvstore.open(root / f"restore-{n}-0") as s:
             eval_cache(s.load("agent", model=FP)[0])  # warm code paths and page cache on both sides
             eval_cache(load_prompt_cache(str(f)))
-            sides = [(lambda: eval_cache(s.load("agent", model=FP)[0]), ours),
-                     (lambda: eval_cache(load_prompt_cache(str(f))), theirs)]
-            for i in range(repeat):
-                for fn, into in sides if i % 2 == 0 else sides[::-1]:  # alternate who goes first
-                    t0 = time.perf_counter()
-                    fn()
-                    into.append(time.perf_counter() - t0)
+            ours, theirs = timed_pair(lambda: eval_cache(s.load("agent", model=FP)[0]),
+                                      lambda: eval_cache(load_prompt_cache(str(f))), repeat)
         row = {"tokens": n, "kv_bytes": kv_bytes(SHAPE, n), "mlx_lm_file_bytes": f.stat().st_size,
                "kvstore_blob_bytes": dir_bytes(root / f"restore-{n}-0" / "blobs"),
-               "restore": {"kvstore": stats(ours), "mlx_lm": stats(theirs)},
+               "restore": {"kvstore": ours, "mlx_lm": theirs},
                "save": {"kvstore": stats(save_t), "mlx_lm": stats(mlx_save_t)}}
         for k in ("restore", "save"):
             row[k]["ratio"] = round(row[k]["kvstore"]["median"] / row[k]["mlx_lm"]["median"], 3)

@@ -98,11 +98,12 @@ def touch_memory(gib: float = 6.0) -> None:
 
 
 def timed_pair(ours, theirs, repeat: int = 3, before=None) -> tuple[dict, dict]:
-    """timed() of two functions run alternately (ours, theirs, ours, ...): on a busy machine both
-    sides see the same background load, so their ratio stays meaningful."""
+    """timed() of two functions run in alternating rounds, which one goes first alternating too: on a
+    busy machine both sides see the same background load, so their ratio stays meaningful."""
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeat):
-        for fn, out in ((ours, times[0]), (theirs, times[1])):
+    for i in range(repeat):
+        sides = ((ours, times[0]), (theirs, times[1]))
+        for fn, out in sides if i % 2 == 0 else sides[::-1]:
             if before:
                 before()
             t0 = time.perf_counter()

@@ -244,8 +244,6 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
             return schema.SCHEMA_REVISION
     with engine.connect() as conn, _upgrade_lock(conn):
         command.upgrade(_alembic_config(conn), "head")
-        if conn.in_transaction() and conn.dialect.name != "sqlite":  # SQLite's commits with its lock
-            conn.commit()
     return schema.SCHEMA_REVISION
 
 
@@ -262,11 +260,15 @@ def _upgrade_lock(conn: Connection) -> Iterator[None]:
         return
     if conn.dialect.name != "postgresql":
         yield
+        if conn.in_transaction():
+            conn.commit()
         return
     conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_WRITE_LOCK})
     conn.commit()
     try:
         yield
+        if conn.in_transaction():
+            conn.commit()
     finally:
         conn.rollback()  # a failed migration leaves its transaction open; the unlock needs a fresh one
         conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_WRITE_LOCK})

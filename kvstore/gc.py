@@ -135,19 +135,6 @@ def _big_page_cache(conn):
     return lambda: conn.exec_driver_sql(f"PRAGMA cache_size = {int(before)}")
 
 
-def _unlink_all(paths: list[Path]) -> list[int]:
-    """Delete files; the bytes each freed (0 if it was already gone)."""
-    freed = []
-    for path in paths:
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-            freed.append(size)
-        except FileNotFoundError:
-            freed.append(0)
-    return freed
-
-
 def _known_blob_ids(conn) -> set[str]:
     return {b for (b,) in conn.execute(select(schema.blobs.c.id))}
 
@@ -176,13 +163,13 @@ def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str])
                 # Re-check under the write lock: a save may have committed a row for one of them since.
                 back = {b for (b,) in conn.execute(select(schema.blobs.c.id).where(
                     schema.blobs.c.id.in_([b for b, _ in batch])))}
-                doomed = [path for blob_id, path in batch
+                doomed = [blob_id for blob_id, path in batch
                           if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))]
                 # Unlinks overlap: each is a metadata write (and a TRIM on a disk mounted with discard).
                 # A slice per thread, not a task per file: 100,000 futures cost seconds of Python.
                 slices = [doomed[j::UNLINK_THREADS] for j in range(UNLINK_THREADS)]
-                for sizes in pool.map(_unlink_all, slices):
-                    for size in sizes:
+                for freed_each in pool.map(lambda ids: [store.blobs.remove(b) for b in ids], slices):
+                    for size in freed_each:
                         removed += 1
                         freed += size
                         crash_point("gc.file_removed")

@@ -95,14 +95,17 @@ def store_stats(store: "Store") -> Stats:
 PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two halves on two connections
 
 
-def _agent_rows(store: "Store", where: str, params: dict) -> list:
-    """(name, head bytes, shared prefix bytes) of the agents `where` selects, in one read transaction."""
-    sql = text(f"""
+def _agent_rows(conn, where: str, params: dict) -> list:
+    """(name, head bytes, shared prefix bytes) of the agents `where` selects."""
+    return conn.execute(text(f"""
         WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
         SELECT a.name, {_prefix_at("a.head", _n_chunks("a.head") + " - 1")}, {_prefix_at("a.head", "depth.d - 1")}
-        FROM agents a JOIN depth ON depth.aid = a.id""")
+        FROM agents a JOIN depth ON depth.aid = a.id"""), params).all()
+
+
+def _agent_half(store: "Store", k: int) -> list:
     with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
-        return conn.execute(sql, params).all()
+        return _agent_rows(conn, f"AND a.id % 2 = {k}", {})
 
 
 def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, int]]:
@@ -114,17 +117,16 @@ def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, 
     with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
         q = select(schema.agents.c.name)
         names = [n for (n,) in conn.execute(q if name is None else q.where(schema.agents.c.name == name))]
-    if name is not None and not names:
-        raise UnknownAgentError(f"no agent named {name!r} in this store")
-    if name is None and len(names) >= PARALLEL_AGENTS and store.io_threads > 1:
+        if name is not None and not names:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        parallel = name is None and len(names) >= PARALLEL_AGENTS and store.io_threads > 1
+        rows = [] if parallel else _agent_rows(conn, where, params)
+    if parallel:
         # The binary searches are independent per agent and the database drivers release the GIL while a
         # statement runs: two halves on two connections use two cores. (Like any report, each half is
         # one consistent read; a save committing in between can show in one half only.)
         with ThreadPoolExecutor(max_workers=2) as pool:
-            rows = [r for part in pool.map(lambda k: _agent_rows(store, f"AND a.id % 2 = {k}", {}), (0, 1))
-                    for r in part]
-    else:
-        rows = _agent_rows(store, where, params)
+            rows = [r for part in pool.map(lambda k: _agent_half(store, k), (0, 1)) for r in part]
     out = {n: {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0} for n in names}
     for agent, total, shared in rows:
         total, shared = int(total or 0), int(shared or 0)

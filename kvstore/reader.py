@@ -149,11 +149,16 @@ def head(store: "Store", name: str) -> tuple[str, dict, list[int]]:
     """
     with db.transaction(store.engine, write=False, what=f"reading agent {name!r}") as conn:
         row = head_snapshot(conn, name)
+    return row.fingerprint, db.parse_json(row.meta, f"agent {name!r}'s metadata"), _snapshot_tokens(row, name)
+
+
+def _snapshot_tokens(row, name: str) -> list[int]:
+    """A head_snapshot row's token ids, checked against the count it records."""
     tokens = tokens_from_bytes(row.tokens)
     if len(tokens) != row.n_tokens:
         raise TokenMismatchError(f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens "
                                  f"but stores {len(tokens)} token ids")
-    return row.fingerprint, db.parse_json(row.meta, f"agent {name!r}'s metadata"), tokens
+    return tokens
 
 
 READ_ATTEMPTS = 5
@@ -187,10 +192,7 @@ def _load_once(store: "Store", name: str, model: str | None, snapshot_id: int | 
         if model is not None and row.fingerprint != model:
             raise ModelMismatchError(
                 f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used")
-        tokens = tokens_from_bytes(row.tokens)
-        if len(tokens) != row.n_tokens:
-            raise TokenMismatchError(f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens "
-                                     f"but stores {len(tokens)} token ids")
+        tokens = _snapshot_tokens(row, name)
         keys = chunk_keys(row.fingerprint, tokens, store.chunk_size)
         sc = schema.snapshot_chunks
         stored = [bytes(k) for (k,) in conn.execute(
