@@ -61,14 +61,20 @@ def store_section(r: dict) -> list[str]:
             f"disk ({sh['vs_mlx_lm']:.2f}× mlx-lm's eight files). Chunk keys for {k['tokens']:,} tokens: {k['ms']} ms. "
             f"Peak memory of a {pk['tokens']}-token {pk['shape']} restore: {pk['kvstore']['ratio_to_cache']}× the "
             f"cache's bytes above the baseline (mlx-lm {pk['mlx_lm']['ratio_to_cache']}×).\n",
-            "Where the ratio is above 1 (first save and warm restore of caches under about 100 MiB): a save "
-            "writes one blob per 256-token chunk and makes each durable (file fsync, then its folder after the "
-            "rename), then commits the index, where mlx-lm writes and fsyncs one file; a restore allocates "
-            "zero-filled arrays (MLX has no uninitialized allocation), reads every blob into them and re-hashes "
-            "it, where mlx-lm reads one file into fresh arrays and checks nothing. On this virtual machine the "
-            "first touch of a page costs about 2.5 µs, so which side gets recycled memory moves small "
-            "restores by tens of percent between runs. Above about 200 MiB kvstore is faster on every line "
-            "(parallel reads and writes across chunks).\n"]
+            "Where the ratio is above 1: a first save writes one blob per 256-token chunk and makes each "
+            "durable (file fsync, then its folder after the rename), then commits the index, where mlx-lm "
+            "writes and fsyncs one file; a restore zero-fills its arrays (MLX has no uninitialized allocation), "
+            "reads every blob into them and re-hashes it, where mlx-lm reads one file into fresh arrays and "
+            "checks nothing. Warm restores swing most between runs, and for a reason outside both programs: "
+            "glibc hands freed memory back to the kernel or keeps it by its own heuristics, and on this virtual "
+            "machine a page touched for the first time costs about 2.5 µs. Whichever side gets fresh pages "
+            "pays ~40 ms per 64 MiB, more than the whole restore otherwise takes; two runs on 2026-11-23 gave a "
+            "512 MiB warm restore 0.44× and 6.4× (the second on this code, which does less work per restore), "
+            "with mlx-lm's own time moving between 260 and 42 ms. With glibc's thresholds pinned (`MALLOC_MMAP_THRESHOLD_=33554432 "
+            "MALLOC_TRIM_THRESHOLD_=17179869184`), so that neither side page-faults, the same interleaved "
+            "warm-restore loop measured kvstore / mlx-lm 1.05 (qwen2.5-0.5b, 512 tokens), 1.97 (2048), "
+            "2.43 (4096), 1.62 (llama-3-8b, 512) and 1.94 (2048) on 2026-11-23: the extra zero-fill and hash "
+            "passes and per-blob bookkeeping, not I/O, are what is left to win.\n"]
     return out
 
 

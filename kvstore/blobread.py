@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 import xxhash
 
-from .errors import CorruptBlobError, MissingBlobError
-from .tensorfile import HEADER_PROBE, _NP, blocks, mlx_dtype, parse_header, read_into, writable_view
+from .errors import CorruptBlobError, MissingBlobError, StoreError
+from .iopool import IoPool
+from .tensorfile import HEADER_PROBE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
 
 
 def _corrupt(blob_id: str, agent: str | None, why: str) -> CorruptBlobError:
@@ -27,28 +29,76 @@ def _corrupt(blob_id: str, agent: str | None, why: str) -> CorruptBlobError:
     return CorruptBlobError(f"blob {blob_id} is corrupt: {why}{who}", blob_id, agent)
 
 
-@dataclass
-class _Planned:
-    """One blob's header, and the slots it fills with which positions."""
+@dataclass(frozen=True)
+class _Layout:
+    """A chunk blob's header, parsed: its tensors in file order as (begin, end, slot, array, dtype, shape)."""
 
-    blob_id: str
-    size: int
     head: bytes
     base: int
-    header: dict
-    uses: dict[int, int] = field(default_factory=dict)  # slot -> first position held in the file
-    _by_slot: dict[int, dict[str, dict]] | None = None
+    entries: tuple[tuple[int, int, int, str, str, tuple[int, ...]], ...]
 
-    def by_slot(self) -> dict[int, dict[str, dict]]:
-        """Header entries grouped by layer: '3.k' -> {3: {'k': ...}} (grouped once per blob)."""
-        if self._by_slot is None:
-            out: dict[int, dict[str, dict]] = {}
-            for name, info in self.header.items():
-                slot, _, arr = name.partition(".")
-                if slot.isdigit():
-                    out.setdefault(int(slot), {})[arr] = info
-            self._by_slot = out
-        return self._by_slot
+    @property
+    def size(self) -> int:
+        return self.base + (self.entries[-1][1] if self.entries else 0)
+
+    def by_slot(self) -> dict[int, dict[str, tuple[str, tuple[int, ...]]]]:
+        out: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
+        for _b, _e, slot, arr, dtype, shape in self.entries:
+            out.setdefault(slot, {})[arr] = (dtype, shape)
+        return out
+
+
+def _data_start(entry) -> int:
+    return entry[1]["data_offsets"][0]
+
+
+def _parse_layout(head: bytes, blob_id: str, agent: str | None) -> _Layout:
+    try:
+        base, header, _meta = parse_header(head, blob_id)
+    except CorruptBlobError as e:
+        raise _corrupt(blob_id, agent, f"its header does not parse ({e.__cause__})") from e
+    entries, expected = [], 0
+    for name, info in sorted(header.items(), key=_data_start):
+        begin, end = info["data_offsets"]
+        slot, _, arr = name.partition(".")
+        if begin != expected or not slot.isdigit():
+            raise _corrupt(blob_id, agent, "its tensor layout is not a chunk blob's")
+        expected = end
+        entries.append((begin, end, int(slot), arr, info["dtype"], tuple(info["shape"])))
+    return _Layout(bytes(head[:base]), base, tuple(entries))
+
+
+# Layouts of blobs whose bytes were verified in this process. A blob's name is the hash of its bytes,
+# so a verified layout stays true of that name for good: restores of shared or repeated prefixes skip
+# opening, reading and parsing those headers again (JSON is most of a small restore's own work).
+# Only what verified goes in: a damaged header read once must not be reused after a repair.
+_VERIFIED: OrderedDict[str, _Layout] = OrderedDict()
+_VERIFIED_MAX = 4096
+_verified_lock = threading.Lock()
+
+
+def _known_layout(blob_id: str) -> _Layout | None:
+    with _verified_lock:
+        layout = _VERIFIED.get(blob_id)
+        if layout is not None:
+            _VERIFIED.move_to_end(blob_id)
+        return layout
+
+
+def _remember_layout(blob_id: str, layout: _Layout) -> None:
+    with _verified_lock:
+        _VERIFIED[blob_id] = layout
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+
+
+@dataclass
+class _Planned:
+    """One blob's layout, and the slots it fills with which positions."""
+
+    blob_id: str
+    layout: _Layout
+    uses: dict[int, int] = field(default_factory=dict)  # slot -> first position held in the file
 
 
 def _position_runs(flat: memoryview, shape: tuple[int, ...], itemsize: int, start: int, length: int) -> list:
@@ -82,20 +132,33 @@ def _batches(buffers: list, limit: int):
         yield batch
 
 
-PARALLEL_BYTES = 32 << 20  # below this, thread start-up costs more than overlapping the reads saves
+PARALLEL_BYTES = 32 << 20  # below this one thread is faster: the GIL-bound bookkeeping of several
+# threads contends, and there are few page faults to overlap
+_SERIAL = IoPool(1)
+
+
+@dataclass
+class _Dest:
+    """Where one array's positions land: writable views of it, and what a blob's tensor must match."""
+
+    view: np.ndarray
+    flat: memoryview  # its bytes, for _position_runs
+    dtype: str  # safetensors name
+    lead: tuple[int, ...]  # the shape before (positions, row)
+    row: int
+    position_bytes: int  # bytes of one position across the leading dimensions
 
 
 class ScatterReader:
     """Builds the positional slots' arrays: slot -> (origin, total positions) from the blobs given."""
 
-    def __init__(self, blob_path, spans: dict[int, tuple[int, int]], agent: str | None, threads: int = 2):
+    def __init__(self, blob_path, spans: dict[int, tuple[int, int]], agent: str | None, io: IoPool | None = None):
         self.blob_path = blob_path
         self.spans = spans
         self.agent = agent
-        self.threads = threads
+        self.io = io or IoPool(1)
         self.arrays: dict[int, dict[str, mx.array]] = {}
-        self.views: dict[int, dict[str, np.ndarray]] = {}
-        self.flat: dict[int, dict[str, memoryview]] = {}  # the same arrays' bytes, for _position_runs
+        self.dests: dict[tuple[int, str], _Dest] = {}
         self.plans: dict[str, _Planned] = {}
         self.first_plan: dict[int, _Planned] = {}
 
@@ -110,92 +173,104 @@ class ScatterReader:
         """Note that `slot`'s positions from file_from are in this blob (reads its header once)."""
         plan = self.plans.get(blob_id)
         if plan is None:
-            fd = self._open(blob_id)
-            try:
-                size = os.fstat(fd).st_size
-                head = os.pread(fd, HEADER_PROBE, 0)
-                if len(head) >= 8:
-                    (n,) = struct.unpack_from("<Q", head, 0)
-                    if 8 + n > len(head) and n < size:
-                        head = os.pread(fd, 8 + n, 0)
-            finally:
-                os.close(fd)
-            if len(head) < 8:
-                raise _corrupt(blob_id, self.agent, "it is truncated")
-            base, header, _meta = parse_header(head, blob_id)
-            plan = self.plans[blob_id] = _Planned(blob_id, size, head[:base], base, header)
+            layout = _known_layout(blob_id) or self._read_layout(blob_id)
+            plan = self.plans[blob_id] = _Planned(blob_id, layout)
         plan.uses[slot] = file_from
         if slot not in self.first_plan:
             self.first_plan[slot] = plan
 
+    def _read_layout(self, blob_id: str) -> _Layout:
+        fd = self._open(blob_id)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER_PROBE, 0)
+            if len(head) >= 8:
+                (n,) = struct.unpack_from("<Q", head, 0)
+                if 8 + n > len(head) and n < size:
+                    head = os.pread(fd, 8 + n, 0)
+        finally:
+            os.close(fd)
+        if len(head) < 8:
+            raise _corrupt(blob_id, self.agent, "it is truncated")
+        return _parse_layout(head, blob_id, self.agent)
+
     def _allocate(self) -> None:
-        """Every slot's arrays, shaped from the first blob naming it, in one evaluation."""
-        pending = {}
+        """Every slot's arrays, shaped from the first blob naming it (zero-filled: MLX has no uninitialized
+        allocation)."""
+        names, specs = [], []
         for slot, plan in self.first_plan.items():
             origin, total = self.spans[slot]
-            by_slot = plan.by_slot()
+            by_slot = plan.layout.by_slot()
             if slot not in by_slot:
                 raise _corrupt(plan.blob_id, self.agent, f"it holds no tensors of layer {slot}")
-            self.arrays[slot] = {}
-            for name, info in by_slot[slot].items():
-                shape = list(info["shape"])
-                shape[-2] = total
-                self.arrays[slot][name] = pending[(slot, name)] = mx.zeros(shape, dtype=mlx_dtype(info["dtype"]))
-        mx.eval(list(pending.values()))
-        for (slot, name), a in pending.items():
-            view = self.views.setdefault(slot, {})[name] = writable_view(a)
-            self.flat.setdefault(slot, {})[name] = memoryview(view).cast("B")
+            for name, (dtype, shape) in by_slot[slot].items():
+                if len(shape) < 2:
+                    raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
+                names.append((slot, name))
+                specs.append((shape[:-2] + (total, shape[-1]), mlx_dtype(dtype)))
+        arrays = [mx.zeros(shape, dtype=dtype) for shape, dtype in specs]
+        mx.eval(arrays)  # one evaluation for all: one each costs ~0.1 ms
+        for (slot, name), a in zip(names, arrays):
+            self.arrays.setdefault(slot, {})[name] = a
+            view, flat = writable_view(a)
+            self.dests[(slot, name)] = _Dest(view, flat, st_dtype(a), tuple(view.shape[:-2]), view.shape[-1],
+                                             math.prod(view.shape[:-2]) * view.shape[-1] * view.itemsize)
 
     def run(self) -> dict[int, dict[str, mx.array]]:
-        """Read every planned blob and return slot -> arrays (threads for large restores: cold reads overlap)."""
+        """Read every planned blob and return slot -> arrays (blobs side by side on the store's I/O
+        threads: preadv lets go of the GIL, so copies out of the page cache and cold reads overlap)."""
         self._allocate()
+        landed: dict[tuple[int, str], int] = {}
         plans = list(self.plans.values())
-        if self.threads > 1 and len(plans) > 1 and sum(p.size for p in plans) >= PARALLEL_BYTES:
-            with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                list(pool.map(self._fill, plans))
-        else:
-            for p in plans:
-                self._fill(p)
+        io = self.io if sum(p.layout.size for p in plans) >= PARALLEL_BYTES else _SERIAL
+        for got in io.map(self._fill, plans):
+            for key, n in got.items():
+                landed[key] = landed.get(key, 0) + n
+        # Every position must have come from a blob: the plan guarantees it, and this keeps a wrong
+        # plan from ever handing out a cache with zeros where KV should be.
+        for slot, arrays in self.arrays.items():
+            for name in arrays:
+                if landed.get((slot, name), 0) != self.spans[slot][1]:
+                    raise StoreError(f"restore of layer {slot} filled {landed.get((slot, name), 0)} of "
+                                     f"{self.spans[slot][1]} positions; nothing was returned")
         return self.arrays
 
-    def _fill(self, plan: _Planned) -> None:
-        buffers, scratch, expected = [], [], 0
-        for name, info in sorted(plan.header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-            slot_s, _, arr = name.partition(".")
-            if begin != expected or not slot_s.isdigit():
-                raise _corrupt(plan.blob_id, self.agent, "its tensor layout is not a chunk blob's")
-            expected = end
-            slot = int(slot_s)
-            view = self.views.get(slot, {}).get(arr) if slot in plan.uses else None
-            if view is None:  # a layer of this blob the restore does not need: land it aside for the hash
-                tmp = np.empty(max(0, end - begin), dtype=np.uint8)
-                buffers.extend(blocks(tmp))
+    def _fill(self, plan: _Planned) -> dict[tuple[int, str], int]:
+        """Read one blob into its layers' arrays; returns (slot, array) -> positions written."""
+        layout = plan.layout
+        head = bytearray(layout.base)  # read again with the data: the hash covers the bytes as they are now
+        buffers, scratch, landed = [head], [], {}
+        for begin, end, slot, arr, dtype, shape in layout.entries:
+            dest = self.dests.get((slot, arr)) if slot in plan.uses else None
+            if dest is None:  # a layer of this blob the restore does not need: land it aside for the hash
+                buffers.extend(blocks(np.empty(end - begin, dtype=np.uint8)))
                 continue
             origin, total = self.spans[slot]
             file_from = plan.uses[slot]
-            length = shape[-2] if shape else 0
+            length = shape[-2] if len(shape) >= 2 else 0
             cut = max(0, origin - file_from)
-            dest = file_from + cut - origin
-            if (len(shape) != view.ndim or shape[:-2] != list(view.shape[:-2]) or shape[-1] != view.shape[-1]
-                    or _NP[info["dtype"]] != view.dtype or length < cut or dest + length - cut > total
-                    or end - begin != math.prod(shape) * view.itemsize):
+            at = file_from + cut - origin
+            # Checked against what the array was made from: a string and tuple compare, not numpy's.
+            if (dtype != dest.dtype or len(shape) != len(dest.lead) + 2 or shape[-1] != dest.row
+                    or shape[:-2] != dest.lead or length < cut or at + length - cut > total
+                    or end - begin != length * dest.position_bytes):
                 raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
+            landed[(slot, arr)] = length - cut
             if cut == 0:
-                buffers.extend(_position_runs(self.flat[slot][arr], view.shape, view.itemsize, dest, length))
+                buffers.extend(_position_runs(dest.flat, dest.view.shape, dest.view.itemsize, at, length))
             else:  # the window starts inside this chunk: land it aside, keep the tail
-                tmp = np.empty(shape, dtype=view.dtype)
-                scratch.append((view, dest, tmp[..., cut:, :]))
+                tmp = np.empty(shape, dtype=dest.view.dtype)
+                scratch.append((dest.view, at, tmp[..., cut:, :]))
                 buffers.extend(blocks(tmp))
-        if plan.base + expected != plan.size:
-            raise _corrupt(plan.blob_id, self.agent, f"it is {plan.size} bytes, its header says {plan.base + expected}")
-        h = xxhash.xxh3_128(plan.head)
+        h = xxhash.xxh3_128()
         fd = self._open(plan.blob_id)
         try:
+            size = os.fstat(fd).st_size
+            if size != layout.size:
+                raise _corrupt(plan.blob_id, self.agent, f"it is {size} bytes, its header says {layout.size}")
             got = 0
             for batch in _batches(buffers, HASH_BATCH):
-                n = read_into(fd, plan.base + got, batch)
+                n = read_into(fd, got, batch)
                 got += n
                 if n != sum(len(b) for b in batch):
                     break
@@ -203,9 +278,13 @@ class ScatterReader:
                     h.update(b)
         finally:
             os.close(fd)
-        if got != expected:
+        if got != layout.size:
             raise _corrupt(plan.blob_id, self.agent, "it is shorter than its header says")
         if h.hexdigest() != plan.blob_id:
             raise _corrupt(plan.blob_id, self.agent, "its bytes no longer match its hash")
+        if head != layout.head:  # verified bytes, but not the header this plan was made from (rewritten since)
+            raise _corrupt(plan.blob_id, self.agent, "its header changed while it was being read")
+        _remember_layout(plan.blob_id, layout)
         for view, dest, kept in scratch:
             view[..., dest : dest + kept.shape[-2], :] = kept
+        return landed

@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, update
 
 from . import db, reader, schema, sizes, writer
 from .blobs import BlobStore
+from .iopool import IoPool
 from .errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
                      ReadOnlyStoreError, StoreError, UnknownAgentError)
 from .fingerprint import fingerprint
@@ -48,6 +49,7 @@ class Store:
         self.path = root
         self.readonly = readonly
         self.io_threads = io_threads
+        self.io = IoPool(io_threads)
         self.blobs = BlobStore(root, durable=durable)
         self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
         try:
@@ -92,6 +94,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
+        self.io.close()
         self.engine.dispose()
 
     def __enter__(self) -> "Store":

@@ -1,0 +1,120 @@
+"""The read path's shortcuts keep every check: the I/O pool, cached blob layouts, full coverage."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kvstore
+from kvstore import blobread
+from kvstore.iopool import IoPool
+from cachegen import make_cache, tokens
+
+FP = "34" * 16
+
+
+def test_io_pool_waits_for_every_call_before_raising():
+    finished = []
+
+    def work(i):
+        if i == 0:
+            raise OSError(28, "No space left on device")
+        time.sleep(0.05)
+        finished.append(i)
+        return i
+
+    pool = IoPool(4)
+    try:
+        with pytest.raises(OSError):
+            pool.map(work, range(4))
+        assert sorted(finished) == [1, 2, 3]  # nothing still running once the error is out
+        assert pool.map(lambda i: i * 2, range(5)) == [0, 2, 4, 6, 8]
+    finally:
+        pool.close()
+
+
+def test_io_pool_starts_its_threads_once():
+    pool = IoPool(2)
+    try:
+        pool.map(lambda i: i, range(4))
+        before = {t.ident for t in threading.enumerate() if t.name.startswith("kvstore-io")}
+        pool.map(lambda i: i, range(4))
+        after = {t.ident for t in threading.enumerate() if t.name.startswith("kvstore-io")}
+        assert before and after == before
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_io_pool_works_in_a_forked_child():
+    pool = IoPool(2)
+    pool.map(lambda i: i, range(4))  # threads exist in the parent only
+    pid = os.fork()
+    if pid == 0:
+        ok = pool.map(lambda i: i + 1, range(4)) == [1, 2, 3, 4]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    pool.close()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _only_blob(store):
+    return next(p for _, p in store.blobs.iter_files())
+
+
+def test_a_damaged_header_is_refused_even_after_a_good_read(tmp_path):
+    """A verified layout is remembered by blob name; the bytes on disk are still read and hashed."""
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        cache = make_cache("kv", 16, mx.float16)
+        store.save("a", cache, tokens(16), model=FP)
+        store.load("a", model=FP)  # remembers the blob's layout
+        path = _only_blob(store)
+        good = path.read_bytes()
+        bad = bytearray(good)
+        bad[12] ^= 0x01  # inside the JSON header
+        path.write_bytes(bytes(bad))
+        with pytest.raises(kvstore.CorruptBlobError):
+            store.load("a", model=FP)
+        path.write_bytes(good)
+        restored, _ = store.load("a", model=FP)
+        assert np.array_equal(np.asarray(restored[0].keys), np.asarray(cache[0].keys[..., :16, :]))
+
+
+def test_a_layout_read_from_a_damaged_file_is_not_remembered(tmp_path):
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        cache = make_cache("kv", 16, mx.float16)
+        store.save("a", cache, tokens(16), model=FP)
+        path = _only_blob(store)
+        good = path.read_bytes()
+        # Same length, a header that parses and fits, and a wrong shape: the hash must catch it.
+        bad = good.replace(b'"shape":[1,2,16,', b'"shape":[2,1,16,', 1)
+        assert bad != good
+        path.write_bytes(bad)
+        with pytest.raises(kvstore.CorruptBlobError):
+            store.load("a", model=FP)
+        path.write_bytes(good)  # repaired: the next restore must use the true header
+        restored, _ = store.load("a", model=FP)
+        assert np.array_equal(np.asarray(restored[0].keys), np.asarray(cache[0].keys[..., :16, :]))
+
+
+def test_a_plan_that_leaves_positions_unfilled_returns_nothing(tmp_path, monkeypatch):
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        store.save("a", make_cache("kv", 40, mx.float16), tokens(40), model=FP)
+        real_add = blobread.ScatterReader.add
+        seen = set()
+
+        def skip_one_chunk(self, blob_id, slot, file_from):
+            if file_from == 16:  # drop the middle chunk from the plan
+                seen.add(blob_id)
+                return
+            real_add(self, blob_id, slot, file_from)
+
+        monkeypatch.setattr(blobread.ScatterReader, "add", skip_one_chunk)
+        with pytest.raises(kvstore.StoreError, match="filled 24 of 40 positions"):
+            store.load("a", model=FP)
+        assert seen
