@@ -14,6 +14,7 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +42,7 @@ class _Layout:
     def size(self) -> int:
         return self.base + (self.entries[-1][1] if self.entries else 0)
 
+    @cached_property  # once per layout: a restore asks it for every layer, and layouts are kept
     def by_slot(self) -> dict[int, dict[str, tuple[str, tuple[int, ...]]]]:
         out: dict[int, dict[str, tuple[str, tuple[int, ...]]]] = {}
         for _b, _e, slot, arr, dtype, shape in self.entries:
@@ -156,7 +158,7 @@ class ScatterReader:
         self.blob_path = blob_path
         self.spans = spans
         self.agent = agent
-        self.io = io or IoPool(1)
+        self.io = io or _SERIAL
         self.arrays: dict[int, dict[str, mx.array]] = {}
         self.dests: dict[tuple[int, str], _Dest] = {}
         self.plans: dict[str, _Planned] = {}
@@ -200,7 +202,7 @@ class ScatterReader:
         names, specs = [], []
         for slot, plan in self.first_plan.items():
             origin, total = self.spans[slot]
-            by_slot = plan.layout.by_slot()
+            by_slot = plan.layout.by_slot
             if slot not in by_slot:
                 raise _corrupt(plan.blob_id, self.agent, f"it holds no tensors of layer {slot}")
             for name, (dtype, shape) in by_slot[slot].items():
