@@ -25,7 +25,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E4
 
 import kvstore  # noqa: E402
 from common import (drop_page_cache, eval_cache, extend, fsync_path, kv_bytes, machine,  # noqa: E402
-                    synthetic_cache, timed, timed_pair, touch_memory)
+                    mlx_cache_like_macos, synthetic_cache, timed, timed_pair, touch_memory)
 
 FP = "be" * 16
 RESULTS = Path(__file__).resolve().parent / "results" / "store.json"
@@ -196,6 +196,7 @@ def main() -> None:
         return _peak_child(args)
     root = Path(tempfile.mkdtemp(prefix="kvbench-", dir=args.dir or RESULTS.parent.parent))
     touch_memory()
+    cache_limit = mlx_cache_like_macos()
     cold = drop_page_cache()
     plan = [("qwen2.5-0.5b", n) for n in (512, 2048, 4096)] + [("llama-3-8b", n) for n in (512, 2048, 4096)]
     if args.quick:
@@ -215,7 +216,7 @@ def main() -> None:
         keys = bench_chunk_keys()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    results = {"machine": machine(), "page_cache_dropped": cold, "seconds": round(time.perf_counter() - t_start, 1),
+    results = {"machine": machine(), "mlx_cache_limit": cache_limit, "page_cache_dropped": cold, "seconds": round(time.perf_counter() - t_start, 1),
                "sizes": sizes, "turn_32_on_4096": turn, "shared_prefix_8x": shared, "chunk_keys": keys,
                "restore_peak_memory": peak, "targets": TARGETS}
     results["summary"] = summary(results)

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
 import kvstore  # noqa: E402
-from common import eval_cache, extend, fsync_path, kv_bytes, machine, synthetic_cache, timed_pair, touch_memory  # noqa: E402
+from common import (eval_cache, extend, fsync_path, kv_bytes, machine, mlx_cache_like_macos,  # noqa: E402
+                    synthetic_cache, timed_pair, touch_memory)
 from suite_report import machine_line, make_plots, render_headline, render_tables, replace_block  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite.json"
@@ -255,8 +256,9 @@ def main() -> None:
     only = set(args.only.split(","))
     root = Path(tempfile.mkdtemp(prefix="suite-", dir=args.dir or ROOT / "benchmarks"))
     touch_memory()  # both sides then start on memory the VM has already backed (see common.touch_memory)
+    cache_limit = mlx_cache_like_macos()  # both sides reuse freed MLX buffers, as on a Mac
     t_start = time.perf_counter()
-    r = {"machine": machine(), "quick": args.quick, "repeat": repeat, "date": time.strftime("%Y-%m-%d"),
+    r = {"machine": machine(), "mlx_cache_limit": cache_limit, "quick": args.quick, "repeat": repeat, "date": time.strftime("%Y-%m-%d"),
          "shape": SHAPE, "plan": plan, "load_average_start": _load()}
     print(f"kvstore benchmark suite ({'quick' if args.quick else 'full'}, {repeat} runs) on {machine_line(r['machine'])}")
     try:

@@ -99,17 +99,49 @@ def touch_memory(gib: float = 6.0) -> None:
 
 def timed_pair(ours, theirs, repeat: int = 3, before=None) -> tuple[dict, dict]:
     """timed() of two functions run in alternating rounds, which one goes first alternating too: on a
-    busy machine both sides see the same background load, so their ratio stays meaningful."""
+    busy machine both sides see the same background load, so their ratio stays meaningful.
+
+    Each side also reports its median count of minor page faults per run: on a virtual machine a
+    fault costs microseconds, so a side that was handed fresh memory shows it there, not in its code.
+    """
     times: tuple[list[float], list[float]] = ([], [])
+    faults: tuple[list[int], list[int]] = ([], [])
     for i in range(repeat):
-        sides = ((ours, times[0]), (theirs, times[1]))
-        for fn, out in sides if i % 2 == 0 else sides[::-1]:
+        sides = ((ours, times[0], faults[0]), (theirs, times[1], faults[1]))
+        for fn, out, flt in sides if i % 2 == 0 else sides[::-1]:
             if before:
                 before()
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-    return tuple({"median": statistics.median(t), "min": min(t), "max": max(t), "runs": repeat} for t in times)
+            flt.append(_minor_faults() - f0)
+    return tuple({"median": statistics.median(t), "min": min(t), "max": max(t), "runs": repeat,
+                  "page_faults": int(statistics.median(f))} for t, f in zip(times, faults))
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix: no counts
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def mlx_cache_like_macos() -> int:
+    """Let MLX keep freed buffers for reuse up to its memory limit, as it does by default on macOS.
+
+    On a Mac, MLX's Metal allocator caches freed buffers up to the memory limit, so a process that
+    restores caches again and again gets recycled memory. MLX's Linux CPU backend caches only 32 MiB
+    by default; larger arrays go back to glibc, which returns them to the kernel or keeps them by its
+    own rules, and a page touched again for the first time costs ~2.5 us on this virtual machine. Which
+    side of a comparison then paid for fresh pages changed from run to run (a 512 MiB warm restore
+    measured 0.44x one day and 6.4x the next). Set for both sides alike; returns the limit set.
+    """
+    limit = mx.set_memory_limit(1 << 62)
+    mx.set_memory_limit(limit)
+    mx.set_cache_limit(limit)
+    return limit
 
 
 def fsync_path(path) -> None:

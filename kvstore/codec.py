@@ -194,11 +194,16 @@ def _build_state(slot: Slot, arrays: dict, meta: dict, n_tokens: int) -> Any:
 
 def build(tree: list, leaves: list[Any]) -> list:
     """The model cache list from a layout tree and its rebuilt leaves."""
-    def make(node):
-        if isinstance(node, dict):
-            return mlc.CacheList(*[make(n) for n in node["CacheList"]])
-        return leaves[node]
-    return [make(n) for n in tree]
+    return [_build_node(n, leaves) for n in tree]
+
+
+# Module level, not a closure: a nested recursive function is a reference cycle (it holds its own
+# cell), and that kept every restored cache's arrays alive after the caller dropped them, until
+# Python's cycle collector happened to run.
+def _build_node(node, leaves: list[Any]):
+    if isinstance(node, dict):
+        return mlc.CacheList(*[_build_node(n, leaves) for n in node["CacheList"]])
+    return leaves[node]
 
 
 def window_start(slot: Slot, n_tokens: int) -> int:

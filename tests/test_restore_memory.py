@@ -1,0 +1,102 @@
+"""Restores build arrays without zero-filling them first, and give their memory back when dropped."""
+
+from __future__ import annotations
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import kvstore
+from kvstore import uninit
+from kvstore.tensorfile import writable_view
+from cachegen import DTYPES, KINDS, make_cache, same_cache, tokens
+
+FP = "5a" * 16
+C = 16
+
+
+@pytest.fixture
+def uninitialized(monkeypatch):
+    """Every restore takes the uninitialized path, with buffers small enough that layers share them
+    and a restore spans several (the real thresholds only reach it from 16 MiB up)."""
+    monkeypatch.setattr(uninit, "ZEROS_BELOW", 0)
+    monkeypatch.setattr(uninit, "GROUP_BYTES", 4096)
+    # Leave non-zero garbage in MLX's buffer cache, where the next allocations come from: a position
+    # the restore failed to write would then show up as a difference, not as a lucky zero.
+    junk = [mx.full((n,), 7, dtype=mx.uint8) for n in (4096, 4096, 2048, 1024, 8192)]
+    mx.eval(junk)
+    del junk
+
+
+def test_this_mlx_allocates_without_writing():
+    """The fast path is live on the installed MLX (a loader change would fall back to zeros silently)."""
+    flats = uninit._flats([4096, 64])
+    assert flats is not None
+    assert [f.shape for f in flats] == [(4096,), (64,)] and all(f.dtype == mx.uint8 for f in flats)
+
+
+def test_uninitialized_arrays_are_separate_writable_and_shaped():
+    specs = [((1, 2, 5, 3), mx.bfloat16), ((1, 2, 5, 3), mx.float32), ((7,), mx.float16), ((3, 4), mx.int32)]
+    arrays = uninit.empty(specs)
+    assert [(tuple(a.shape), a.dtype) for a in arrays] == [(s, d) for s, d in specs]
+    for i, a in enumerate(arrays):
+        view, _ = writable_view(a)
+        view[...] = np.arange(view.size, dtype=view.dtype).reshape(view.shape) + i * 10
+    for i, a in enumerate(arrays):  # each array kept its own values: no two share bytes
+        got = np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).ravel()
+        assert np.array_equal(got, np.arange(got.size, dtype=got.dtype) + i * 10)
+
+
+def test_arrays_come_from_zeros_when_the_loader_refuses(monkeypatch):
+    monkeypatch.setattr(uninit, "ZEROS_BELOW", 0)
+    monkeypatch.setattr(uninit, "_flats", lambda sizes: None)
+    arrays = uninit.empty([((2, 3), mx.float16), ((4,), mx.bfloat16)])
+    assert [tuple(a.shape) for a in arrays] == [(2, 3), (4,)]
+    assert all(not bool(mx.any(a).item()) for a in arrays)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_restores_into_uninitialized_arrays_are_bit_exact(tmp_path, uninitialized, kind, dtype):
+    n = 3 * C + 5
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        cache = make_cache(kind, n, DTYPES[dtype], seed=3, window=24, stepped=True)
+        store.save("a", cache, tokens(n), model=FP)
+        loaded, _ = store.load("a", model=FP)
+        assert same_cache(cache, loaded)
+
+
+def test_layers_sharing_a_buffer_do_not_see_each_others_writes(tmp_path, uninitialized):
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        cache = make_cache("kv", 2 * C, mx.float16, layers=4)
+        store.save("a", cache, tokens(2 * C), model=FP)
+        loaded, _ = store.load("a", model=FP)
+        before = [mx.array(c.keys) for c in loaded]
+        loaded[0].keys[..., :2, :] = 7.0  # in place if MLX may: it must not reach layers 1-3
+        k = mx.ones((1, 2, 3, 8), dtype=mx.float16)
+        loaded[1].update_and_fetch(k, k)
+        mx.eval([c.keys for c in loaded])
+        assert all(bool(mx.array_equal(b, c.keys).item()) for b, c in zip(before[2:], loaded[2:]))
+        assert not bool(mx.array_equal(before[0], loaded[0].keys).item())
+
+
+def test_a_dropped_restore_frees_its_memory_without_the_cycle_collector(tmp_path):
+    """Restored caches held in a reference cycle stayed allocated until Python's cycle collector ran:
+    a multi-agent process then held dropped caches' memory, and the next restore got fresh pages."""
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        cache = make_cache("cachelist", 4 * C, mx.float32, layers=3)
+        store.save("a", cache, tokens(4 * C), model=FP)
+        del cache
+        gc.collect()
+        gc.disable()
+        try:
+            baseline = mx.get_active_memory()
+            loaded, _ = store.load("a", model=FP)
+            held = mx.get_active_memory() - baseline
+            assert held > 0
+            del loaded
+            assert mx.get_active_memory() - baseline < held // 10
+        finally:
+            gc.enable()
