@@ -120,24 +120,37 @@ HASH_BATCH = 512 << 10  # bytes read per preadv, then hashed at once while they 
 
 
 def _batches(buffers: list, limit: int):
-    """Consecutive runs of `buffers` of about `limit` bytes (a longer buffer is split into slices)."""
+    """Consecutive runs of `buffers` of about `limit` bytes (a longer buffer is split into slices),
+    each with its size."""
     batch, size = [], 0
     for b in buffers:
         while len(b) > limit - size:
             take = limit - size
             batch.append(b[:take])
-            yield batch
+            yield batch, limit
             batch, size, b = [], 0, b[take:]
         if len(b):
             batch.append(b)
             size += len(b)
     if batch:
-        yield batch
+        yield batch, size
 
 
 PARALLEL_BYTES = 32 << 20  # below this one thread is faster: the GIL-bound bookkeeping of several
 # threads contends, and there are few page faults to overlap
 _SERIAL = IoPool(1)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """How every blob with one tensor list fills this restore's arrays, up to a shift in position:
+    (array bytes, offset at position 0, bytes, bytes per position) per run, in file order; read
+    batches as (run index range counting the header as 0, bytes); and what lands where."""
+
+    runs: list
+    batches: list
+    landed: dict
+    last_at: int  # the furthest position a blob of this layout may start at
 
 
 @dataclass
@@ -164,6 +177,7 @@ class ScatterReader:
         self.dests: dict[tuple[int, str], _Dest] = {}
         self.plans: dict[str, _Planned] = {}
         self.first_plan: dict[int, _Planned] = {}
+        self._templates: dict = {}
 
     def _open(self, blob_id: str) -> int:
         try:
@@ -241,6 +255,99 @@ class ScatterReader:
         """Read one blob into its layers' arrays; returns (slot, array) -> positions written."""
         layout = plan.layout
         head = bytearray(layout.base)  # read again with the data: the hash covers the bytes as they are now
+        fast = self._shifted_runs(plan, head)
+        if fast is not None:
+            buffers, batches, landed = fast
+            scratch = []
+        else:
+            buffers, scratch, landed = self._runs(plan, head)
+            batches = None
+        h = xxhash.xxh3_128()
+        fd = self._open(plan.blob_id)
+        try:
+            size = os.fstat(fd).st_size
+            if size != layout.size:
+                raise _corrupt(plan.blob_id, self.agent, f"it is {size} bytes, its header says {layout.size}")
+            got = 0
+            for batch, nbytes in batches or _batches(buffers, HASH_BATCH):
+                if batches is not None:
+                    batch = buffers[batch[0] : batch[1]]
+                n = read_into(fd, got, batch)
+                got += n
+                if n != nbytes:
+                    break
+                for b in batch:  # hashed while still in the CPU cache: no second trip through memory
+                    h.update(b)
+        finally:
+            os.close(fd)
+        if got != layout.size:
+            raise _corrupt(plan.blob_id, self.agent, "it is shorter than its header says")
+        if h.hexdigest() != plan.blob_id:
+            raise _corrupt(plan.blob_id, self.agent, "its bytes no longer match its hash")
+        if head != layout.head:  # verified bytes, but not the header this plan was made from (rewritten since)
+            raise _corrupt(plan.blob_id, self.agent, "its header changed while it was being read")
+        _remember_layout(plan.blob_id, layout)
+        for view, dest, kept in scratch:
+            view[..., dest : dest + kept.shape[-2], :] = kept
+        return landed
+
+    def _shifted_runs(self, plan: _Planned, head: bytearray):
+        """The common case done once per restore instead of once per blob: every tensor of the blob
+        lands whole, all at one position. Blobs of full chunks share their layout's tensor list, so
+        the checks, destinations and batches are worked out for the first such blob and only shifted
+        by the position for the others. Returns (buffers, batches, landed), or None for the general
+        path."""
+        shift = None
+        for slot, file_from in plan.uses.items():
+            at = file_from - self.spans[slot][0]
+            if at < 0 or (shift is not None and at != shift):
+                return None
+            shift = at
+        key = (plan.layout.entries, tuple(plan.uses))
+        template = self._templates.get(key, False)
+        if template is False:
+            template = self._templates[key] = self._template(plan)
+        if template is None or shift > template.last_at:
+            return None  # the general path checks and reports it
+        views = [head]
+        for flat, offset, nbytes, row in template.runs:
+            lo = offset + shift * row
+            views.append(flat[lo : lo + nbytes])
+        return views, template.batches, template.landed
+
+    def _template(self, plan: _Planned) -> "_Template | None":
+        runs, landed, last_at = [], {}, None
+        for begin, end, slot, arr, dtype, shape in plan.layout.entries:
+            dest = self.dests.get((slot, arr)) if slot in plan.uses else None
+            if dest is None or len(shape) < 2:
+                return None
+            length = shape[-2]
+            total = self.spans[slot][1]
+            if (dtype != dest.dtype or len(shape) != len(dest.lead) + 2 or shape[-1] != dest.row
+                    or shape[:-2] != dest.lead or length > total or end - begin != length * dest.position_bytes):
+                return None
+            landed[(slot, arr)] = length
+            last_at = total - length if last_at is None else min(last_at, total - length)
+            positions, row = dest.view.shape[-2], dest.view.shape[-1] * dest.view.itemsize
+            if length == positions:
+                runs.append((dest.flat, 0, len(dest.flat), 0))
+            else:
+                step = positions * row
+                runs.extend((dest.flat, o * step, length * row, row)
+                            for o in range(len(dest.flat) // step if step else 0))
+        sizes = [plan.layout.base] + [n for _f, _o, n, _r in runs]
+        batches, i0, total_bytes = [], 0, 0
+        for i, n in enumerate(sizes):  # whole runs up to about HASH_BATCH bytes a read
+            total_bytes += n
+            if total_bytes >= HASH_BATCH or i == len(sizes) - 1:
+                batches.append(((i0, i + 1), total_bytes))
+                i0, total_bytes = i + 1, 0
+        return _Template(runs, batches, landed, last_at if last_at is not None else 0)
+
+    def _runs(self, plan: _Planned, head: bytearray):
+        """Buffers to read the blob into, in file order; (array view, position, tail) for tensors the
+        window starts inside; and (slot, array) -> positions written."""
+        layout = plan.layout
         buffers, scratch, landed = [head], [], {}
         for begin, end, slot, arr, dtype, shape in layout.entries:
             dest = self.dests.get((slot, arr)) if slot in plan.uses else None
@@ -264,29 +371,4 @@ class ScatterReader:
                 tmp = np.empty(shape, dtype=dest.view.dtype)
                 scratch.append((dest.view, at, tmp[..., cut:, :]))
                 buffers.extend(blocks(tmp))
-        h = xxhash.xxh3_128()
-        fd = self._open(plan.blob_id)
-        try:
-            size = os.fstat(fd).st_size
-            if size != layout.size:
-                raise _corrupt(plan.blob_id, self.agent, f"it is {size} bytes, its header says {layout.size}")
-            got = 0
-            for batch in _batches(buffers, HASH_BATCH):
-                n = read_into(fd, got, batch)
-                got += n
-                if n != sum(len(b) for b in batch):
-                    break
-                for b in batch:  # hashed while still in the CPU cache: no second trip through memory
-                    h.update(b)
-        finally:
-            os.close(fd)
-        if got != layout.size:
-            raise _corrupt(plan.blob_id, self.agent, "it is shorter than its header says")
-        if h.hexdigest() != plan.blob_id:
-            raise _corrupt(plan.blob_id, self.agent, "its bytes no longer match its hash")
-        if head != layout.head:  # verified bytes, but not the header this plan was made from (rewritten since)
-            raise _corrupt(plan.blob_id, self.agent, "its header changed while it was being read")
-        _remember_layout(plan.blob_id, layout)
-        for view, dest, kept in scratch:
-            view[..., dest : dest + kept.shape[-2], :] = kept
-        return landed
+        return buffers, scratch, landed

@@ -25,9 +25,9 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
     cl = schema.chunk_layers
     out = {}
     for part in _ids(keys):
-        for k, layer, blob_id, first in conn.execute(
-                select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))):
-            out[(bytes(k), layer)] = (blob_id, first)
+        rows = conn.execute(  # .all(): one fetch, not one per row (a row per chunk and layer)
+            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))).all()
+        out.update({(bytes(k), layer): (blob_id, first) for k, layer, blob_id, first in rows})
     return out
 
 

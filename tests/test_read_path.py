@@ -13,7 +13,7 @@ import pytest
 import kvstore
 from kvstore import blobread
 from kvstore.iopool import IoPool
-from cachegen import make_cache, tokens
+from cachegen import make_cache, same_cache, tokens
 
 FP = "34" * 16
 
@@ -118,3 +118,27 @@ def test_a_plan_that_leaves_positions_unfilled_returns_nothing(tmp_path, monkeyp
         with pytest.raises(kvstore.StoreError, match="filled 24 of 40 positions"):
             store.load("a", model=FP)
         assert seen
+
+
+def test_chunk_blobs_are_placed_from_one_template_per_tensor_list(tmp_path, monkeypatch):
+    """Full chunks (and the partial tail, with its own tensor list) skip the per-blob general path."""
+    general = []
+    real_runs = blobread.ScatterReader._runs
+
+    def counted(self, plan, head):
+        general.append(plan.blob_id)
+        return real_runs(self, plan, head)
+
+    monkeypatch.setattr(blobread.ScatterReader, "_runs", counted)
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        cache = make_cache("kv", 4 * 16 + 5, mx.float16, layers=3)
+        store.save("a", cache, tokens(69), model=FP)
+        restored, _ = store.load("a", model=FP)
+        assert same_cache(cache, restored)
+        assert general == []
+        # A sliding window that starts inside a chunk still takes the general path, and is exact.
+        rot = make_cache("rotating", 4 * 16 + 5, mx.float16, window=24, stepped=True)
+        store.save("r", rot, tokens(69, seed=1), model="35" * 16)
+        restored, _ = store.load("r", model="35" * 16)
+        assert same_cache(rot, restored)
+        assert general
