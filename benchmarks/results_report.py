@@ -63,19 +63,28 @@ def store_section(r: dict) -> list[str]:
             f"cache's bytes above the baseline (mlx-lm {pk['mlx_lm']['ratio_to_cache']}×).\n",
             "Where the ratio is above 1: a first save writes one blob per 256-token chunk and makes each "
             "durable (file fsync, then its folder after the rename), then commits the index, where mlx-lm "
-            "writes and fsyncs one file; a restore zero-fills its arrays (MLX has no uninitialized allocation), "
-            "reads every blob into them and re-hashes it, where mlx-lm reads one file into fresh arrays and "
-            "checks nothing. Warm restores swing most between runs, and for a reason outside both programs: "
-            "glibc hands freed memory back to the kernel or keeps it by its own heuristics, and on this virtual "
-            "machine a page touched for the first time costs about 2.5 µs. Whichever side gets fresh pages "
-            "pays ~40 ms per 64 MiB, more than the whole restore otherwise takes; two runs on 2026-11-23 gave a "
-            "512 MiB warm restore 0.44× and 6.4× (the second on this code, which does less work per restore), "
-            "with mlx-lm's own time moving between 260 and 42 ms. With glibc's thresholds pinned (`MALLOC_MMAP_THRESHOLD_=33554432 "
-            "MALLOC_TRIM_THRESHOLD_=17179869184`), so that neither side page-faults, the same interleaved "
-            "warm-restore loop measured kvstore / mlx-lm 1.05 (qwen2.5-0.5b, 512 tokens), 1.97 (2048), "
-            "2.43 (4096), 1.62 (llama-3-8b, 512) and 1.94 (2048) on 2026-11-23: the extra zero-fill and hash "
-            "passes and per-blob bookkeeping, not I/O, are what is left to win.\n"]
+            "writes and fsyncs one file: two device flushes in sequence against one, and per-save work "
+            "(planning, encoding, hashing, the SQL transaction) that a small save cannot hide. A restore "
+            "scatters every blob into the new arrays and re-hashes it, and looks its chunks up in the index, "
+            "where mlx-lm reads one file with two threads and checks nothing.\n",
+            _memory_note(r)]
     return out
+
+
+def _memory_note(r: dict) -> str:
+    """How memory was handled in the warm restores, with the page faults each side took."""
+    limit = r.get("mlx_cache_limit")
+    faults = [(s["restore_warm"]["kvstore"].get("page_faults"), s["restore_warm"]["mlx_lm"].get("page_faults"))
+              for s in r["sizes"]]
+    if limit is None or any(f is None for pair in faults for f in pair):
+        return "This run did not record MLX's buffer cache limit or page faults.\n"
+    worst = max(max(pair) for pair in faults)
+    return (f"Both sides ran with MLX's buffer cache limit at {limit / 2**30:.1f} GiB (its memory limit), which is "
+            "MLX's default on macOS; its Linux CPU backend keeps only 32 MiB, hands larger freed arrays back to "
+            "glibc, and whichever side then got fresh pages from the kernel paid ~2.5 µs a page on this virtual "
+            "machine, enough to swing a 512 MiB warm restore between 0.44× and 6.4× on two runs of one day. "
+            f"With the limit set, the warm restores above took at most {worst} minor page faults a run on either "
+            "side, so their ratios measure the two programs' work.\n")
 
 
 def agents_section(r: dict) -> list[str]:
