@@ -161,16 +161,31 @@ def read_into(fd: int, offset: int, dests: list[memoryview]) -> int:
     return got
 
 
+WRITE_BYTES = 1 << 20  # data per writev call
+
+
 def write_all(fd: int, buffers: list) -> None:
-    """writev every buffer, looping on short writes and IOV_MAX."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        n = os.writev(fd, views[:IOV_MAX]) if hasattr(os, "writev") else os.write(fd, views[0])
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:], *views[1:]]
+    """writev every buffer, about WRITE_BYTES a call, looping on short writes.
+
+    Calls of ~1 MiB, not one call per IOV_MAX buffers (a whole 32 MiB blob): on this Linux VM two
+    threads each writing 32 MiB to a new file in one call took 83 ms, and in 1 MiB calls 9.5 ms.
+    """
+    views = []
+    for b in buffers:
+        v = memoryview(b).cast("B")
+        views.extend(v[o : o + WRITE_BYTES] for o in range(0, len(v), WRITE_BYTES))
+    i = 0
+    while i < len(views):
+        j, size = i, 0
+        while j < len(views) and j - i < IOV_MAX and (size == 0 or size + len(views[j]) <= WRITE_BYTES):
+            size += len(views[j])
+            j += 1
+        n = os.writev(fd, views[i:j]) if hasattr(os, "writev") else os.write(fd, views[i])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:  # a short write ended inside views[i]
+            views[i] = views[i][n:]
 
 
 def _pread_loop(fd: int, dests: list[memoryview], offset: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import kvstore
@@ -88,3 +89,38 @@ def test_a_failed_blob_write_commits_nothing(tmp_path, monkeypatch):
         assert [s.n_tokens for s in store.snapshots("a")] == [16]
         assert list(store.blobs.iter_temp()) == []
         assert store.fsck().ok
+
+
+class _WritevSpy:
+    """The real os module, with writev recording each call's bytes and, if asked, writing only part."""
+
+    def __init__(self, short: bool):
+        self.short, self.calls = short, []
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def writev(self, fd, buffers):
+        size = sum(len(b) for b in buffers)
+        self.calls.append(size)
+        if not self.short or size < 2:
+            return os.writev(fd, buffers)
+        return os.write(fd, b"".join(bytes(b) for b in buffers)[: size // 2 + 1])  # a real short write
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_write_all_writes_every_byte_in_bounded_calls(tmp_path, monkeypatch, short):
+    from kvstore import tensorfile
+
+    rng = np.random.default_rng(5)
+    buffers = [b"", rng.bytes(1), rng.bytes(3 * tensorfile.WRITE_BYTES + 17)] + [rng.bytes(10_000) for _ in range(300)]
+    spy = _WritevSpy(short)
+    monkeypatch.setattr(tensorfile, "os", spy)
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        tensorfile.write_all(fd, [memoryview(b) for b in buffers])
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(buffers)
+    assert max(spy.calls) <= tensorfile.WRITE_BYTES and len(spy.calls) >= 6
