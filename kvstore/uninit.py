@@ -1,7 +1,7 @@
 """Evaluated mlx arrays whose memory is not written before the caller fills it.
 
 MLX has no uninitialized allocation in Python (`mx.empty` is `mx.zeros`), and zero-filling a restore's
-arrays cost more than a third of a large restore: MLX's fill runs at ~20 GB/s on one core here, for
+arrays cost about a quarter of a large restore: MLX's fill runs at ~20 GB/s on one core here, for
 memory that preadv then overwrites. MLX's safetensors loader does allocate without writing: it
 reads each tensor from a file object into fresh memory with `readinto`. Handing it a file that
 serves only a header, and whose `readinto` leaves the buffer as it is, yields uninitialized arrays.
