@@ -104,16 +104,15 @@ class _Planned:
     uses: dict[int, int] = field(default_factory=dict)  # slot -> first position held in the file
 
 
-def _position_runs(flat: memoryview, shape: tuple[int, ...], itemsize: int, start: int, length: int) -> list:
-    """The bytes of positions [start, start + length) of a C-contiguous (..., positions, dim) array, as
-    one memoryview per leading index (one in all when the range covers every position): slices of
-    `flat`, the array's bytes, so nothing is copied."""
-    positions, row = shape[-2], shape[-1] * itemsize
-    if start == 0 and length == positions:
-        return [flat]
+def _run_offsets(view: np.ndarray, length: int) -> tuple[int, list[tuple[int, int]]]:
+    """Where `length` positions from position 0 of a C-contiguous (..., positions, dim) array lie in its
+    bytes: (bytes per position, [(offset, bytes)] per leading index, or the whole array when they are
+    all of it). Positions from `at` on lie `at` times the bytes per position further on."""
+    positions, row = view.shape[-2], view.shape[-1] * view.itemsize
+    if length == positions:
+        return row, [(0, view.nbytes)]
     step = positions * row
-    lo, hi = start * row, (start + length) * row
-    return [flat[o * step + lo : o * step + hi] for o in range(len(flat) // step if step else 0)]
+    return row, [(o * step, length * row) for o in range(view.nbytes // step if step else 0)]
 
 
 HASH_BATCH = 512 << 10  # bytes read per preadv, then hashed at once while they are in the CPU's cache
@@ -158,11 +157,17 @@ class _Dest:
     """Where one array's positions land: writable views of it, and what a blob's tensor must match."""
 
     view: np.ndarray
-    flat: memoryview  # its bytes, for _position_runs
+    flat: memoryview  # its bytes, sliced into read buffers
     dtype: str  # safetensors name
     lead: tuple[int, ...]  # the shape before (positions, row)
     row: int
     position_bytes: int  # bytes of one position across the leading dimensions
+
+    def fits(self, dtype: str, shape: tuple[int, ...], nbytes: int) -> bool:
+        """A blob tensor of this dtype, shape and size can land in this array (where is checked apart).
+        String and tuple compares, not numpy's."""
+        return (dtype == self.dtype and len(shape) == len(self.lead) + 2 and shape[-1] == self.row
+                and shape[:-2] == self.lead and nbytes == shape[-2] * self.position_bytes)
 
 
 class ScatterReader:
@@ -257,11 +262,11 @@ class ScatterReader:
         head = bytearray(layout.base)  # read again with the data: the hash covers the bytes as they are now
         fast = self._shifted_runs(plan, head)
         if fast is not None:
-            buffers, batches, landed = fast
+            batches, landed = fast
             scratch = []
         else:
             buffers, scratch, landed = self._runs(plan, head)
-            batches = None
+            batches = _batches(buffers, HASH_BATCH)
         h = xxhash.xxh3_128()
         fd = self._open(plan.blob_id)
         try:
@@ -269,9 +274,7 @@ class ScatterReader:
             if size != layout.size:
                 raise _corrupt(plan.blob_id, self.agent, f"it is {size} bytes, its header says {layout.size}")
             got = 0
-            for batch, nbytes in batches or _batches(buffers, HASH_BATCH):
-                if batches is not None:
-                    batch = buffers[batch[0] : batch[1]]
+            for batch, nbytes in batches:
                 n = read_into(fd, got, batch)
                 got += n
                 if n != nbytes:
@@ -295,8 +298,7 @@ class ScatterReader:
         """The common case done once per restore instead of once per blob: every tensor of the blob
         lands whole, all at one position. Blobs of full chunks share their layout's tensor list, so
         the checks, destinations and batches are worked out for the first such blob and only shifted
-        by the position for the others. Returns (buffers, batches, landed), or None for the general
-        path."""
+        by the position for the others. Returns (read batches, landed), or None for the general path."""
         shift = None
         for slot, file_from in plan.uses.items():
             at = file_from - self.spans[slot][0]
@@ -313,29 +315,22 @@ class ScatterReader:
         for flat, offset, nbytes, row in template.runs:
             lo = offset + shift * row
             views.append(flat[lo : lo + nbytes])
-        return views, template.batches, template.landed
+        return [(views[i:j], nbytes) for (i, j), nbytes in template.batches], template.landed
 
-    def _template(self, plan: _Planned) -> "_Template | None":
+    def _template(self, plan: _Planned) -> _Template | None:
         runs, landed, last_at = [], {}, None
         for begin, end, slot, arr, dtype, shape in plan.layout.entries:
             dest = self.dests.get((slot, arr)) if slot in plan.uses else None
-            if dest is None or len(shape) < 2:
+            if dest is None or len(shape) < 2 or not dest.fits(dtype, shape, end - begin):
                 return None
-            length = shape[-2]
-            total = self.spans[slot][1]
-            if (dtype != dest.dtype or len(shape) != len(dest.lead) + 2 or shape[-1] != dest.row
-                    or shape[:-2] != dest.lead or length > total or end - begin != length * dest.position_bytes):
+            length, total = shape[-2], self.spans[slot][1]
+            if length > total:
                 return None
             landed[(slot, arr)] = length
             last_at = total - length if last_at is None else min(last_at, total - length)
-            positions, row = dest.view.shape[-2], dest.view.shape[-1] * dest.view.itemsize
-            if length == positions:
-                runs.append((dest.flat, 0, len(dest.flat), 0))
-            else:
-                step = positions * row
-                runs.extend((dest.flat, o * step, length * row, row)
-                            for o in range(len(dest.flat) // step if step else 0))
-        sizes = [plan.layout.base] + [n for _f, _o, n, _r in runs]
+            row, offsets = _run_offsets(dest.view, length)
+            runs.extend((dest.flat, offset, nbytes, row) for offset, nbytes in offsets)
+        sizes = [plan.layout.base] + [nbytes for _f, _o, nbytes, _r in runs]
         batches, i0, total_bytes = [], 0, 0
         for i, n in enumerate(sizes):  # whole runs up to about HASH_BATCH bytes a read
             total_bytes += n
@@ -359,14 +354,13 @@ class ScatterReader:
             length = shape[-2] if len(shape) >= 2 else 0
             cut = max(0, origin - file_from)
             at = file_from + cut - origin
-            # Checked against what the array was made from: a string and tuple compare, not numpy's.
-            if (dtype != dest.dtype or len(shape) != len(dest.lead) + 2 or shape[-1] != dest.row
-                    or shape[:-2] != dest.lead or length < cut or at + length - cut > total
-                    or end - begin != length * dest.position_bytes):
+            if not (len(shape) >= 2 and dest.fits(dtype, shape, end - begin)) or length < cut \
+                    or at + length - cut > total:
                 raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
             landed[(slot, arr)] = length - cut
             if cut == 0:
-                buffers.extend(_position_runs(dest.flat, dest.view.shape, dest.view.itemsize, at, length))
+                row, offsets = _run_offsets(dest.view, length)
+                buffers.extend(dest.flat[o + at * row : o + at * row + n] for o, n in offsets)
             else:  # the window starts inside this chunk: land it aside, keep the tail
                 tmp = np.empty(shape, dtype=dest.view.dtype)
                 scratch.append((dest.view, at, tmp[..., cut:, :]))
