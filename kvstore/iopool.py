@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, TypeVar
+
+# Cores this process may run on: the width of CPU-bound work (hashing, copies out of the page cache).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,18 +25,62 @@ class IoPool:
         self._pid = 0
         self._lock = threading.Lock()
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """fn over items on the pool's threads (in the caller's thread for one item or one thread).
+    def map(self, fn: Callable[[T], R], items: Iterable[T], width: int | None = None) -> list[R]:
+        """fn over items, at most `width` (default: the pool's threads) at a time; results in order.
 
-        Returns only when every call has ended, also when one raised (its error is raised then): a
-        failed save must not leave writes running behind it, to finish after it has reported.
+        The calling thread works through the items too, next to width - 1 of the pool's threads
+        (one item, or a width of one, runs in the caller alone). After a call raises, no new item
+        starts; map returns only when every call started has ended, then raises the error of the
+        first item that failed: a failed save must not leave writes running behind it.
         """
         items = list(items)
-        if self.threads <= 1 or len(items) <= 1:
+        width = min(width or self.threads, self.threads, len(items))
+        if width <= 1:
             return [fn(x) for x in items]
-        futures = [self._executor().submit(fn, x) for x in items]
-        wait(futures)
-        return [f.result() for f in futures]
+        results: list = [None] * len(items)
+        errors: dict[int, BaseException] = {}
+        todo = iter(range(len(items)))
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = None if errors else next(todo, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = fn(items[i])
+                except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                    with lock:
+                        errors[i] = e
+
+        helpers = [self._executor().submit(work) for _ in range(width - 1)]
+        work()
+        # A helper still queued has nothing left to do: cancelled, not waited for. Waiting could
+        # deadlock when map itself runs on a pool thread (start) and the other threads are busy.
+        # (wait() would count a cancelled future as pending until a thread dequeues it.)
+        running = [h for h in helpers if not h.cancel()]
+        wait(running)
+        for h in running:
+            h.result()
+        if errors:
+            raise errors[min(errors)]
+        return results
+
+    def start(self, fn: Callable[[T], R], items: Iterable[T], width: int | None = None) -> Future:
+        """map() on one of the pool's threads, leaving the caller free; the future holds its results.
+
+        With a single thread nothing runs beside the caller: the map runs here, the future is done.
+        """
+        items = list(items)
+        if self.threads <= 1:
+            done: Future = Future()
+            try:
+                done.set_result(self.map(fn, items, width))
+            except BaseException as e:  # noqa: BLE001 - the future reports it, as a pool thread's would
+                done.set_exception(e)
+            return done
+        return self._executor().submit(self.map, fn, items, width)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,9 @@ import numpy as np
 from sqlalchemy import insert, select, update
 
 from . import codec, db, schema, sizes, tensorfile
+from .blobs import hash_buffers
 from .errors import ModelMismatchError, StoreError
+from .iopool import CORES
 from .keys import chunk_keys, chunk_spans, tokens_to_array
 from .names import validate_name
 from .records import Snapshot
@@ -147,19 +150,40 @@ def _encode(group: list[Piece], slots, model: str) -> list:
     return tensorfile.encode(arrays, meta)
 
 
-def write_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list[tuple[Piece, str, int, bool]]:
-    """Encode and put every piece, a blob per group; returns (piece, blob id, blob bytes, newly written)."""
+@dataclass
+class _Blob:
+    """One group of pieces, encoded: the file's buffers and the id (hash) they are stored under."""
+
+    group: list[Piece]
+    buffers: list
+    blob_id: str
+    nbytes: int
+
+
+def encode_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list[_Blob]:
+    """Every group of pieces encoded and hashed, a blob each (CPU work: one thread per core)."""
     if not pieces:
         return []
     mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
 
-    def put(group):
-        blob_id, nbytes, written = store.blobs.put(_encode(group, slots, model))
-        return [(p, blob_id, nbytes, written) for p in group]
+    def encode(group):
+        buffers = _encode(group, slots, model)
+        return _Blob(group, buffers, hash_buffers(buffers), sum(len(b) for b in buffers))
 
-    results = [r for rs in store.io.map(put, _group(pieces, slots)) for r in rs]
-    store.blobs.sync_dirs({r[1] for r in results if not r[3]})  # dedup hits; put() synced what it wrote
-    return results
+    return store.io.map(encode, _group(pieces, slots), width=CORES)
+
+
+def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
+    """Put the blobs on the store's I/O threads; the future holds, per blob, whether it was written
+    (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit)."""
+    return store.io.start(lambda b: store.blobs.put(b.buffers, b.blob_id)[2], blobs)
+
+
+def finish_writes(store: "Store", blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
+    """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
+    flags = pending.result()
+    store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote
+    return [(p, b.blob_id, b.nbytes, w) for b, w in zip(blobs, flags) for p in b.group]
 
 
 def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: dict | None,
@@ -187,17 +211,18 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
                 _check_model_and_agent(conn, name, model, layout)
                 have = existing_layers(conn, keys)
                 pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
-                written = write_pieces(store, pieces, slots, model)
-                return _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
-                               meta_json if meta is not None else None, label, pinned, conn)
+                blobs = encode_pieces(store, pieces, slots, model)
+                return _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs,
+                               start_writes(store, blobs), meta_json if meta is not None else None, label,
+                               pinned, conn)
         with db.transaction(store.engine, write=False, what="planning a save") as conn:
             _check_model_and_agent(conn, name, model, layout)
             have = existing_layers(conn, keys)
         pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
-        written = write_pieces(store, pieces, slots, model)
+        blobs = encode_pieces(store, pieces, slots, model)
         try:
-            return _commit(store, name, model, layout, toks, keys, spans, slots, have, written,
-                           meta_json if meta is not None else None, label, pinned)
+            return _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs,
+                           start_writes(store, blobs), meta_json if meta is not None else None, label, pinned)
         except _Retry:
             continue
     raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
@@ -226,35 +251,47 @@ def _model_id(conn, model: str, layout: str, now: float) -> int:
                         .returning(models.c.id)).scalar_one()
 
 
-def _commit(store, name, model, layout, toks, keys, spans, slots, have, written, meta_json, label, pinned,
-            locked=None):
+def _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs: list[_Blob], pending: Future,
+            meta_json, label, pinned, locked=None):
+    """Commit the snapshot once its blobs are durable.
+
+    The blob writes (`pending`) run while this fills in the transaction: the statements cost a few
+    milliseconds of CPU, about what the fsyncs of a small save wait. The commit itself comes after
+    every blob and folder is synced (the write protocol's order), and the write lock is held from
+    the start, so no gc can remove a blob between its rename and the commit.
+    """
     now = db.now()
-    with contextlib.nullcontext(locked) if locked is not None else \
-            db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
-        # Under the write lock: everything this snapshot relies on must still exist (a gc may have run).
-        for blob_id in {w[1] for w in written}:
-            if not store.blobs.path(blob_id).exists():
-                raise _Retry()
-        reused = list(have)
-        if reused:
-            still = existing_layers(conn, sorted({k for k, _ in reused}))
-            if any(key not in still for key in reused):
-                raise _Retry()
-        model_id = _model_id(conn, model, layout, now)
-        db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": nb, "created": now}
-                                              for b, nb in {b: nb for _, b, nb, _ in written}.items()])
-        rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b, "first": p.first}
-                for p, b, _nb, _w in written]
-        sizes.add_chains(conn, model_id, model, [keys], {k: length for k, (_s, length) in zip(keys, spans)},
-                         rows, {b: nb for _p, b, nb, _w in written})
-        agent_id = _agent_row(conn, name, model_id, meta_json, now)
-        snap_id = conn.execute(insert(schema.snapshots).values(
-            agent_id=agent_id, model_id=model_id, n_tokens=int(toks.size), tokens=toks.tobytes(),
-            created=now, label=label, pinned=bool(pinned)).returning(schema.snapshots.c.id)).scalar_one()
-        if keys:
-            conn.execute(insert(schema.snapshot_chunks),
-                         [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
-        conn.execute(update(schema.agents).where(schema.agents.c.id == agent_id).values(head=snap_id, updated=now))
+    try:
+        with contextlib.nullcontext(locked) if locked is not None else \
+                db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
+            # Under the write lock: the chunks this snapshot reuses must still exist (a gc may have run).
+            reused = list(have)
+            if reused:
+                still = existing_layers(conn, sorted({k for k, _ in reused}))
+                if any(key not in still for key in reused):
+                    raise _Retry()
+            model_id = _model_id(conn, model, layout, now)
+            db.insert_ignore(conn, schema.blobs, [{"id": b.blob_id, "nbytes": b.nbytes, "created": now}
+                                                  for b in {b.blob_id: b for b in blobs}.values()])
+            rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
+                    for b in blobs for p in b.group]
+            sizes.add_chains(conn, model_id, model, [keys], {k: length for k, (_s, length) in zip(keys, spans)},
+                             rows, {b.blob_id: b.nbytes for b in blobs})
+            agent_id = _agent_row(conn, name, model_id, meta_json, now)
+            snap_id = conn.execute(insert(schema.snapshots).values(
+                agent_id=agent_id, model_id=model_id, n_tokens=int(toks.size), tokens=toks.tobytes(),
+                created=now, label=label, pinned=bool(pinned)).returning(schema.snapshots.c.id)).scalar_one()
+            if keys:
+                conn.execute(insert(schema.snapshot_chunks),
+                             [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+            conn.execute(update(schema.agents).where(schema.agents.c.id == agent_id).values(head=snap_id,
+                                                                                            updated=now))
+            written = finish_writes(store, blobs, pending)
+            for blob_id in {w[1] for w in written}:
+                if not store.blobs.path(blob_id).exists():
+                    raise _Retry()
+    finally:
+        pending.exception()  # a failed commit never leaves blob writes running behind it
     files = {b: (nb, w) for _p, b, nb, w in written}
     return Snapshot(id=snap_id, agent=name, model=model, n_tokens=int(toks.size), created=now, label=label,
                     pinned=bool(pinned), bytes_written=sum(nb for nb, w in files.values() if w),

@@ -18,11 +18,12 @@ from cachegen import make_cache, same_cache, tokens
 FP = "34" * 16
 
 
-def test_io_pool_waits_for_every_call_before_raising():
-    finished = []
+def test_io_pool_starts_nothing_after_an_error_and_waits_for_what_runs():
+    started, finished = [], []
 
     def work(i):
-        if i == 0:
+        started.append(i)
+        if i == 1:
             raise OSError(28, "No space left on device")
         time.sleep(0.05)
         finished.append(i)
@@ -31,9 +32,70 @@ def test_io_pool_waits_for_every_call_before_raising():
     pool = IoPool(4)
     try:
         with pytest.raises(OSError):
-            pool.map(work, range(4))
-        assert sorted(finished) == [1, 2, 3]  # nothing still running once the error is out
+            pool.map(work, range(40))
+        settled = sorted(finished)
+        assert settled == sorted(set(started) - {1})  # every call started has ended when the error is out
+        time.sleep(0.1)
+        assert sorted(finished) == settled and len(started) < 40  # and no new one began
         assert pool.map(lambda i: i * 2, range(5)) == [0, 2, 4, 6, 8]
+    finally:
+        pool.close()
+
+
+def test_io_pool_runs_at_most_width_calls_at_once():
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+        return i
+
+    pool = IoPool(4)
+    try:
+        for width, most in ((2, 2), (None, 4), (9, 4), (1, 1)):
+            peak[0] = 0
+            assert pool.map(work, range(16), width=width) == list(range(16))
+            assert 1 <= peak[0] <= most
+    finally:
+        pool.close()
+
+
+def test_io_pool_start_leaves_the_caller_free_and_reports_errors():
+    gate = threading.Event()
+
+    def work(i):
+        gate.wait(5)
+        if i == 3:
+            raise OSError(28, "No space left on device")
+        return i * 2
+
+    for threads in (4, 1):
+        pool = IoPool(threads)
+        try:
+            if threads > 1:
+                running = pool.start(work, range(3))
+                assert not running.done()  # the caller goes on while the pool works
+                gate.set()
+                assert running.result(timeout=5) == [0, 2, 4]
+            gate.set()
+            assert pool.start(work, range(3)).result(timeout=5) == [0, 2, 4]
+            assert isinstance(pool.start(work, range(5)).exception(timeout=5), OSError)
+        finally:
+            pool.close()
+        gate.clear()
+
+
+def test_io_pool_maps_started_on_every_thread_at_once_finish():
+    """A started map runs on a pool thread and asks for helpers. With every thread taken by such maps,
+    a helper still queued must not be waited for: that would deadlock."""
+    pool = IoPool(2)
+    try:
+        started = [pool.start(lambda i: (time.sleep(0.002), i)[1], range(6)) for _ in range(5)]
+        assert [f.result(timeout=20) for f in started] == [list(range(6))] * 5
     finally:
         pool.close()
 
