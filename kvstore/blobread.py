@@ -22,7 +22,7 @@ import xxhash
 
 from .errors import CorruptBlobError, MissingBlobError, StoreError
 from . import uninit
-from .iopool import IoPool
+from .iopool import CORES, IoPool
 from .tensorfile import HEADER_PROBE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
 
 
@@ -49,6 +49,11 @@ class _Layout:
         for _b, _e, slot, arr, dtype, shape in self.entries:
             out.setdefault(slot, {})[arr] = (dtype, shape)
         return out
+
+    @cached_property
+    def page_phase(self) -> dict[tuple[int, str], int]:
+        """(slot, array) -> where its data starts within a page of the file."""
+        return {(slot, arr): (self.base + begin) % uninit.PAGE for begin, _e, slot, arr, _d, _s in self.entries}
 
 
 def _data_start(entry) -> int:
@@ -138,6 +143,9 @@ def _batches(buffers: list, limit: int):
 PARALLEL_BYTES = 32 << 20  # below this one thread is faster: the GIL-bound bookkeeping of several
 # threads contends, and there are few page faults to overlap
 _SERIAL = IoPool(1)
+# Blobs read side by side: one per core. Copies out of the page cache are CPU work, and more readers
+# than cores only contend (qwen 4096 warm: 9.2 ms on 2 threads, 11-12 ms on the pool's 4).
+READ_WIDTH = CORES
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,7 @@ class ScatterReader:
     def _allocate(self) -> None:
         """Every slot's arrays, shaped from the first blob naming it (not written first: the reads fill every
         position, and run() checks that they did)."""
-        names, specs = [], []
+        names, specs, phases = [], [], []
         for slot, plan in self.first_plan.items():
             origin, total = self.spans[slot]
             by_slot = plan.layout.by_slot
@@ -230,7 +238,10 @@ class ScatterReader:
                     raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
                 names.append((slot, name))
                 specs.append((shape[:-2] + (total, shape[-1]), mlx_dtype(dtype)))
-        arrays = uninit.empty(specs)
+                # Placed as its data lies in the file: the kernel copies page-congruent bytes fastest.
+                phase = plan.layout.page_phase[(slot, name)]
+                phases.append(phase if phase % specs[-1][1].size == 0 else None)
+        arrays = uninit.empty(specs, phases)
         for (slot, name), a in zip(names, arrays):
             self.arrays.setdefault(slot, {})[name] = a
             view, flat = writable_view(a)
@@ -244,7 +255,7 @@ class ScatterReader:
         landed: dict[tuple[int, str], int] = {}
         plans = list(self.plans.values())
         io = self.io if sum(p.layout.size for p in plans) >= PARALLEL_BYTES else _SERIAL
-        for got in io.map(self._fill, plans):
+        for got in io.map(self._fill, plans, width=READ_WIDTH):
             for key, n in got.items():
                 landed[key] = landed.get(key, 0) + n
         # Every position must have come from a blob: the plan guarantees it, and this keeps a wrong

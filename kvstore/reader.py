@@ -31,12 +31,31 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
     return out
 
 
+def _snapshot_layers(conn, snapshot_id: int) -> tuple[list[bytes], dict[tuple[bytes, int], tuple[str, int]]]:
+    """A snapshot's chunk keys in order, and _layers() of them, in one query (a load's largest)."""
+    sc, cl = schema.snapshot_chunks, schema.chunk_layers
+    rows = conn.execute(select(sc.c.seq, sc.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first)
+                        .select_from(sc.outerjoin(cl, cl.c.chunk_key == sc.c.chunk_key))
+                        .where(sc.c.snapshot_id == snapshot_id).order_by(sc.c.seq)).all()
+    keys: dict[int, bytes] = {}
+    layers = {}
+    for seq, key, layer, blob_id, first in rows:
+        key = keys.get(seq) or keys.setdefault(seq, bytes(key))
+        if layer is not None:  # a chunk whose layers fsck --repair removed: load reports it
+            layers[(key, layer)] = (blob_id, first)
+    return list(keys.values()), layers
+
+
 def _model_layout(conn, model: str):
     row = conn.execute(select(schema.models.c.layout).where(schema.models.c.fingerprint == model)).first()
     if row is None:
         return None
+    return _parse_layout(row.layout, model)
+
+
+def _parse_layout(text, model: str):
     try:
-        return codec.layout_from_json(db.parse_json(row.layout, f"model {model}'s cache layout"))
+        return codec.layout_from_json(db.parse_json(text, f"model {model}'s cache layout"))
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, StoreError):
             raise
@@ -128,7 +147,7 @@ def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | 
 
 def head_snapshot(conn, name: str, snapshot_id: int | None = None):
     a, s, m = schema.agents, schema.snapshots, schema.models
-    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, a.c.name, a.c.meta)
+    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, m.c.layout, a.c.name, a.c.meta)
          .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
          .where(a.c.name == name))
     q = q.where(s.c.id == snapshot_id) if snapshot_id is not None else q.where(s.c.id == a.c.head)
@@ -193,16 +212,13 @@ def _load_once(store: "Store", name: str, model: str | None, snapshot_id: int | 
             raise ModelMismatchError(
                 f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used")
         tokens = _snapshot_tokens(row, name)
-        keys = chunk_keys(row.fingerprint, tokens, store.chunk_size)
-        sc = schema.snapshot_chunks
-        stored = [bytes(k) for (k,) in conn.execute(
-            select(sc.c.chunk_key).where(sc.c.snapshot_id == row.id).order_by(sc.c.seq))]
-        if stored != keys:
-            # Never trust a hash alone: the token ids must re-derive the very chunks the snapshot names.
-            raise TokenMismatchError(f"agent {name!r}: snapshot {row.id}'s token ids do not match its chunks; "
-                                     "run `kvstore fsck`")
-        tree, slots = _model_layout(conn, row.fingerprint)
-        layers = _layers(conn, keys)
+        stored, layers = _snapshot_layers(conn, row.id)
+    keys = chunk_keys(row.fingerprint, tokens, store.chunk_size)
+    if stored != keys:
+        # Never trust a hash alone: the token ids must re-derive the very chunks the snapshot names.
+        raise TokenMismatchError(f"agent {name!r}: snapshot {row.id}'s token ids do not match its chunks; "
+                                 "run `kvstore fsck`")
+    tree, slots = _parse_layout(row.layout, row.fingerprint)
     spans = chunk_spans(len(tokens), store.chunk_size)
     p = plan(slots, keys, spans, len(tokens), layers)
     if p is None:

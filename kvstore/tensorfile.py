@@ -27,7 +27,9 @@ _FROM_ST = {v: k for k, v in _TO_ST.items()}
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
        "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "I64": np.int64,
        "U64": np.uint64, "BOOL": np.bool_, "F64": np.float64}
-HEADER_PROBE = 4096  # one read gets the header of every blob kvstore writes
+HEADER_PROBE = 16384  # one read gets a chunk blob's header (and its padding) for models of up to ~100 layers
+PAGE = 4096
+PAGE_ALIGN_FROM = 1 << 20  # data sections of at least this many bytes start on a page
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,11 @@ def encode(arrays: dict[str, HostArray | mx.array], metadata: dict[str, str] | N
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    # The data section starts on a page when it is large (padding then costs at most 0.4 %): a
+    # restore places each array as its data lies in the file, and page-aligned copies out of the page
+    # cache run ~1.5x as fast as misaligned ones here. Otherwise on 8 bytes, as safetensors does.
+    align = PAGE if offset >= PAGE_ALIGN_FROM else 8
+    raw += b" " * (-(8 + len(raw)) % align)
     return [struct.pack("<Q", len(raw)) + raw, *datas]
 
 

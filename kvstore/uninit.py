@@ -16,11 +16,14 @@ overwrites every byte (the restore checks that every position landed).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
 
 import mlx.core as mx
+
+from .tensorfile import PAGE
 
 GROUP_BYTES = 16 << 20
 ZEROS_BELOW = 16 << 20  # smaller requests are zero-filled: carving views costs more than writing them
@@ -89,40 +92,53 @@ def _flats(sizes: list[int]) -> list[mx.array] | None:
     return flats
 
 
-def _groups(sizes: list[int]) -> list[list[int]]:
+def _groups(spans: list[int]) -> list[list[int]]:
     """Indexes of consecutive arrays packed into buffers of at most GROUP_BYTES (a larger array alone)."""
     out, group, used = [], [], 0
-    for i, n in enumerate(sizes):
+    for i, n in enumerate(spans):
         if group and used + n > GROUP_BYTES:
             out.append(group)
             group, used = [], 0
         group.append(i)
-        used += -(-n // ALIGN) * ALIGN
+        used += n
     if group:
         out.append(group)
     return out
 
 
-def empty(specs: list[tuple[tuple[int, ...], mx.Dtype]]) -> list[mx.array]:
-    """Evaluated, C-contiguous arrays of these (shape, dtype)s, in order, with unspecified contents."""
+def _address(a: mx.array) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a).cast("B")))
+
+
+def empty(specs: list[tuple[tuple[int, ...], mx.Dtype]], phases: list[int | None] | None = None) -> list[mx.array]:
+    """Evaluated, C-contiguous arrays of these (shape, dtype)s, in order, with unspecified contents.
+
+    phases[i], when given, is where array i should start within a memory page (its address modulo
+    PAGE); a multiple of its dtype's size. A caller that reads a file into the array passes the
+    file offset its data starts at: the kernel copies from the page cache much faster when source
+    and destination lie at the same place within their pages (512 MiB: ~37 ms against ~60 ms here).
+    """
     sizes = [math.prod(shape) * dtype.size for shape, dtype in specs]
+    phases = phases or [None] * len(specs)
     if sum(sizes) < ZEROS_BELOW:
         out = [mx.zeros(shape, dtype=dtype) for shape, dtype in specs]
         mx.eval(out)  # one evaluation for all: one each costs ~0.1 ms
         return out
-    placed, group_sizes = [], []  # placed[i] = (group, byte offset in it)
-    for g, group in enumerate(_groups(sizes)):
+    # Each array's room: its bytes, and slack to move its start to a cache line or to its phase.
+    spans = [n + (PAGE if p is not None else ALIGN) for n, p in zip(sizes, phases)]
+    groups = _groups(spans)
+    flats = _flats([sum(spans[i] for i in group) for group in groups]) if any(sizes) else None
+    out = [None] * len(specs)
+    for g, group in enumerate(groups):
+        start = _address(flats[g]) if flats is not None else 0
         end = 0
         for i in group:
-            placed.append((g, end))
-            end += -(-sizes[i] // ALIGN) * ALIGN
-        group_sizes.append(end)
-    flats = _flats(group_sizes) if any(group_sizes) else None
-    out = []
-    for (shape, dtype), n, (g, at) in zip(specs, sizes, placed):
-        if flats is None or n == 0:
-            out.append(mx.zeros(shape, dtype=dtype))
-        else:
-            out.append(flats[g][at : at + n].view(dtype).reshape(shape))
+            (shape, dtype), n, phase = specs[i], sizes[i], phases[i]
+            at = end + ((phase - start - end) % PAGE if phase is not None else (-(start + end)) % ALIGN)
+            end = at + n
+            if flats is None or n == 0:
+                out[i] = mx.zeros(shape, dtype=dtype)
+            else:
+                out[i] = flats[g][at : at + n].view(dtype).reshape(shape)
     mx.eval(out)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 
 import mlx.core as mx
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import uninit
+from kvstore import tensorfile, uninit
 from kvstore.tensorfile import writable_view
 from cachegen import DTYPES, KINDS, make_cache, same_cache, tokens
 
@@ -47,6 +48,41 @@ def test_uninitialized_arrays_are_separate_writable_and_shaped():
     for i, a in enumerate(arrays):  # each array kept its own values: no two share bytes
         got = np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).ravel()
         assert np.array_equal(got, np.arange(got.size, dtype=got.dtype) + i * 10)
+
+
+def address(a: mx.array) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a).cast("B")))
+
+
+def test_arrays_start_at_the_page_phase_asked_for(uninitialized):
+    specs = [((1, 2, 64, 8), mx.bfloat16), ((3, 5), mx.float32), ((1, 2, 64, 8), mx.float16), ((100,), mx.float32)]
+    phases = [0, None, 1216, 8]
+    arrays = uninit.empty(specs, phases)
+    for a, phase in zip(arrays, phases):
+        assert address(a) % (uninit.PAGE if phase is not None else uninit.ALIGN) == (phase or 0)
+    spans = sorted((address(a), address(a) + a.nbytes) for a in arrays)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # none overlap
+
+
+@pytest.mark.parametrize("page_aligned", [True, False])
+def test_restored_arrays_lie_in_memory_as_their_data_lies_in_the_blob(tmp_path, uninitialized, monkeypatch,
+                                                                     page_aligned):
+    """The kernel copies out of the page cache fastest when source and destination share their place in
+    a page: each restored array starts where its tensor's data starts, modulo a page (also in blobs
+    written before data sections were page-aligned)."""
+    monkeypatch.setattr(tensorfile, "PAGE_ALIGN_FROM", 0 if page_aligned else 1 << 40)
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        cache = make_cache("kv", C, mx.float16, layers=3)
+        store.save("a", cache, tokens(C), model=FP)
+        (_blob_id, path), = list(store.blobs.iter_files())
+        base, header, _meta = tensorfile.parse_header(path.read_bytes())
+        assert (base % uninit.PAGE == 0) == page_aligned
+        loaded, _ = store.load("a", model=FP)
+        for slot, c in enumerate(loaded):
+            for arr, name in ((c.keys, "k"), (c.values, "v")):
+                begin = header[f"{slot}.{name}"]["data_offsets"][0]
+                assert address(arr) % uninit.PAGE == (base + begin) % uninit.PAGE
+        assert same_cache(cache, loaded)
 
 
 def test_arrays_come_from_zeros_when_the_loader_refuses(monkeypatch):

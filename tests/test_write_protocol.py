@@ -10,6 +10,7 @@ import pytest
 
 import kvstore
 from kvstore import blobs as blobs_mod
+from kvstore import tensorfile
 from cachegen import make_cache, tokens
 
 FP = "12" * 16
@@ -70,6 +71,34 @@ def test_blob_files_are_valid_safetensors(tmp_path):
         (blob_id, path), = list(store.blobs.iter_files())
         arrays = load_file(str(path))
         assert sorted(arrays) == ["0.k", "0.v"] and arrays["0.k"].shape == (1, 2, 16, 8)
+
+
+@pytest.mark.parametrize("layers", [1, 40])
+def test_large_blobs_start_their_data_on_a_page(tmp_path, layers):
+    """40 layers of 16 positions hold 1.25 MiB: their data section is page-aligned (restores place arrays
+    congruent with it); one layer's 64 KiB is padded only to 8 bytes, as safetensors does."""
+    from safetensors.numpy import load_file
+
+    cache = make_cache("kv", 16, mx.float32, layers=layers)
+    for c in cache:  # 2 heads x 16 positions x 256 dims x 4 bytes = 32 KiB per array
+        c.keys = mx.random.normal((1, 2, 16, 256))
+        c.values = mx.random.normal((1, 2, 16, 256))
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        store.save("a", cache, tokens(16), model=FP)
+        (blob_id, path), = list(store.blobs.iter_files())
+        raw = path.read_bytes()
+        base, header, _meta = tensorfile.parse_header(raw)
+        data = max(end for _b, end in (info["data_offsets"] for info in header.values()))
+        assert data == layers * 2 * (32 << 10)
+        padding = base - 8 - len(raw[8:base].rstrip(b" "))
+        if data >= tensorfile.PAGE_ALIGN_FROM:
+            assert base % tensorfile.PAGE == 0 and padding < tensorfile.PAGE
+        else:
+            assert base % 8 == 0 and padding < 8
+        arrays = load_file(str(path))  # the padding is safetensors' own: other readers take it
+        assert np.array_equal(arrays["0.k"], np.array(cache[0].keys))
+        loaded, _ = store.load("a", model=FP)
+        assert all(bool(mx.array_equal(a.keys, b.keys).item()) for a, b in zip(cache, loaded))
 
 
 def test_a_failed_blob_write_commits_nothing(tmp_path, monkeypatch):
