@@ -181,9 +181,11 @@ class _Dest:
 class ScatterReader:
     """Builds the positional slots' arrays: slot -> (origin, total positions) from the blobs given."""
 
-    def __init__(self, blob_path, spans: dict[int, tuple[int, int]], agent: str | None, io: IoPool | None = None):
+    def __init__(self, blob_path, spans: dict[int, tuple[int, int]], agent: str | None, io: IoPool | None = None,
+                 windowed: frozenset[int] = frozenset()):
         self.blob_path = blob_path
         self.spans = spans
+        self.windowed = windowed  # slots of sliding-window layers: their arrays outlive the others'
         self.agent = agent
         self.io = io or _SERIAL
         self.arrays: dict[int, dict[str, mx.array]] = {}
@@ -227,7 +229,7 @@ class ScatterReader:
     def _allocate(self) -> None:
         """Every slot's arrays, shaped from the first blob naming it (not written first: the reads fill every
         position, and run() checks that they did)."""
-        names, specs, phases = [], [], []
+        names, specs, phases, lifetimes = [], [], [], []
         for slot, plan in self.first_plan.items():
             origin, total = self.spans[slot]
             by_slot = plan.layout.by_slot
@@ -241,7 +243,8 @@ class ScatterReader:
                 # Placed as its data lies in the file: the kernel copies page-congruent bytes fastest.
                 phase = plan.layout.page_phase[(slot, name)]
                 phases.append(phase if phase % specs[-1][1].size == 0 else None)
-        arrays = uninit.empty(specs, phases)
+                lifetimes.append(slot in self.windowed)
+        arrays = uninit.empty(specs, phases, lifetimes)
         for (slot, name), a in zip(names, arrays):
             self.arrays.setdefault(slot, {})[name] = a
             view, flat = writable_view(a)

@@ -124,7 +124,8 @@ def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | 
     """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
     spans = {s: ((codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0),) for s, slot in enumerate(slots)}
     spans = {s: (o[0], n_tokens - o[0]) for s, o in spans.items()}
-    rd = ScatterReader(store.blobs.path, spans, agent, store.io)
+    rd = ScatterReader(store.blobs.path, spans, agent, store.io,
+                       windowed=frozenset(s for s, slot in enumerate(slots) if slot.kind == "rot"))
     for s, (slot, blobs) in enumerate(zip(slots, plan_)):
         if slot.kind != "state":
             for blob_id, first, start in blobs:

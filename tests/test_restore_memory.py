@@ -64,6 +64,21 @@ def test_arrays_start_at_the_page_phase_asked_for(uninitialized):
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # none overlap
 
 
+@pytest.mark.parametrize("apart", [True, False])
+def test_arrays_of_different_lifetimes_never_share_a_buffer(uninitialized, monkeypatch, apart):
+    """A sliding-window layer's arrays live as long as its cache; a full-attention layer's are replaced
+    at its first append. Sharing a buffer would keep the replaced ones' memory alive."""
+    monkeypatch.setattr(uninit, "GROUP_BYTES", 64 << 20)
+    mib = 1 << 20
+    base = mx.get_active_memory()
+    arrays = uninit.empty([((256, 1024), mx.float32)] * 4, lifetimes=[True, False, True, False] if apart else None)
+    kept = arrays[0], arrays[2]
+    held = mx.get_active_memory() - base
+    del arrays
+    freed = held - (mx.get_active_memory() - base)
+    assert len(kept) == 2 and ((freed >= 2 * mib) if apart else (freed == 0))
+
+
 @pytest.mark.parametrize("page_aligned", [True, False])
 def test_restored_arrays_lie_in_memory_as_their_data_lies_in_the_blob(tmp_path, uninitialized, monkeypatch,
                                                                      page_aligned):
