@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import xxhash
 
@@ -97,8 +97,11 @@ class BlobStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, buffers: list[bytes | memoryview], blob_id: str | None = None) -> tuple[str, int, bool]:
+    def put(self, buffers: list[bytes | memoryview], blob_id: str | None = None,
+            copied: Callable[[], None] | None = None) -> tuple[str, int, bool]:
         """Store a blob made of `buffers`; return (id, bytes, written) where written is False for a dedup hit.
+
+        `copied` is called once the bytes are in the kernel's hands (before the fsync), if it writes.
 
         An existing file with the same name is re-hashed, not trusted: a damaged one is replaced.
         A blob it writes is durable when this returns (file, then its shard folder after the rename).
@@ -122,6 +125,8 @@ class BlobStore:
                     # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     write_all(fd, buffers)
+                    if copied is not None:
+                        copied()
                     if self.durable:
                         fsync_file(fd)
                     if not target.parent.is_dir():  # a store made before shards were created up front

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -175,8 +176,38 @@ def encode_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> lis
 
 def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
     """Put the blobs on the store's I/O threads; the future holds, per blob, whether it was written
-    (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit)."""
-    return store.io.start(lambda b: store.blobs.put(b.buffers, b.blob_id)[2], blobs)
+    (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
+
+    Returns once every blob's bytes are copied to the kernel (or its put ended otherwise): the
+    fsyncs that follow need no GIL, the copies' Python does, and a caller running SQL from the start
+    held them off by a millisecond or two.
+    """
+    left, lock, copied = [len(blobs)], threading.Lock(), threading.Event()
+
+    def one_done() -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] <= 0:
+                copied.set()
+
+    def put(b: _Blob) -> bool:
+        signalled = []
+
+        def on_copied() -> None:
+            signalled.append(True)
+            one_done()
+
+        try:
+            return store.blobs.put(b.buffers, b.blob_id, copied=on_copied)[2]
+        finally:
+            if not signalled:  # a dedup hit, or a failure: nothing more to wait for
+                one_done()
+
+    if not blobs:
+        copied.set()
+    pending = store.io.start(put, blobs)
+    copied.wait()
+    return pending
 
 
 def finish_writes(store: "Store", blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
