@@ -203,9 +203,10 @@ def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
             if not signalled:  # a dedup hit, or a failure: nothing more to wait for
                 one_done()
 
-    if not blobs:
-        copied.set()
     pending = store.io.start(put, blobs)
+    # Also when the writes end early: after a failure the pool starts no further put, and those
+    # never report their bytes copied.
+    pending.add_done_callback(lambda _f: copied.set())
     copied.wait()
     return pending
 
