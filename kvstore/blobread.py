@@ -23,7 +23,7 @@ import xxhash
 from .errors import CorruptBlobError, MissingBlobError, StoreError
 from . import uninit
 from .iopool import CORES, IoPool
-from .tensorfile import HEADER_PROBE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
+from .tensorfile import HEADER_PROBE, PAGE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
 
 
 def _corrupt(blob_id: str, agent: str | None, why: str) -> CorruptBlobError:
@@ -53,7 +53,7 @@ class _Layout:
     @cached_property
     def page_phase(self) -> dict[tuple[int, str], int]:
         """(slot, array) -> where its data starts within a page of the file."""
-        return {(slot, arr): (self.base + begin) % uninit.PAGE for begin, _e, slot, arr, _d, _s in self.entries}
+        return {(slot, arr): (self.base + begin) % PAGE for begin, _e, slot, arr, _d, _s in self.entries}
 
 
 def _data_start(entry) -> int:

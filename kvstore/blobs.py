@@ -127,6 +127,7 @@ class BlobStore:
                     write_all(fd, buffers)
                     if copied is not None:
                         copied()
+                        copied = None  # once, also when a retry writes the bytes again
                     if self.durable:
                         fsync_file(fd)
                     if not target.parent.is_dir():  # a store made before shards were created up front

@@ -184,27 +184,20 @@ def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
     """
     left, lock, copied = [len(blobs)], threading.Lock(), threading.Event()
 
-    def one_done() -> None:
+    def one_copied() -> None:
         with lock:
             left[0] -= 1
             if left[0] <= 0:
                 copied.set()
 
     def put(b: _Blob) -> bool:
-        signalled = []
-
-        def on_copied() -> None:
-            signalled.append(True)
-            one_done()
-
-        try:
-            return store.blobs.put(b.buffers, b.blob_id, copied=on_copied)[2]
-        finally:
-            if not signalled:  # a dedup hit, or a failure: nothing more to wait for
-                one_done()
+        written = store.blobs.put(b.buffers, b.blob_id, copied=one_copied)[2]
+        if not written:  # a dedup hit copies nothing
+            one_copied()
+        return written
 
     pending = store.io.start(put, blobs)
-    # Also when the writes end early: after a failure the pool starts no further put, and those
+    # Also when the writes end early: a put that fails, and those the pool then no longer starts,
     # never report their bytes copied.
     pending.add_done_callback(lambda _f: copied.set())
     copied.wait()
