@@ -6,23 +6,50 @@
         store.save("tech", cache, tokens, model=fp)     # writes only chunks the store lacks
         cache, tokens = store.load("tech", model=fp)    # bit-exact, verified
         cache, n = store.restore(new_tokens, model=fp)  # longest stored prefix, from any agent
+
+Importing kvstore is cheap: the engine (and with it mlx and mlx-lm) loads on first use of a name
+below, so the command line starts fast and `kvstore.use_openblas()` can still run before mlx does.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .blas import use_openblas
 from .errors import (AgentExistsError, ArchiveError, BlobError, CorruptBlobError, IncompatibleStoreError,
                      IndexDatabaseError, InvalidNameError, MissingBlobError, ModelMismatchError, NotAStoreError,
                      ReadOnlyStoreError, SchemaTooNewError, StoreError, StoreFullError, StoreLockedError,
                      TokenMismatchError, UnknownAgentError, UnsupportedCacheError)
-from .archive import export_agent, import_agent
 from .fingerprint import fingerprint
 from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
 from .keys import chunk_keys
 from .records import AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
-from .store import Store, default_home, open
 
 __version__ = "0.1.0"
 
+# name -> module that defines it; imported on first access (PEP 562)
+_LAZY = {
+    "open": ".store", "Store": ".store", "default_home": ".store",
+    "export_agent": ".archive", "import_agent": ".archive",
+}
+
+if TYPE_CHECKING:
+    from .archive import export_agent, import_agent
+    from .store import Store, default_home, open
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
-    "open", "Store", "fingerprint", "chunk_keys", "default_home", "export_agent", "import_agent",
+    "open", "Store", "fingerprint", "chunk_keys", "default_home", "export_agent", "import_agent", "use_openblas",
     "Snapshot", "Match", "AgentInfo", "Stats", "FsckReport", "Problem", "GcReport",
     "DEFAULT_CHUNK_SIZE", "FORMAT_VERSION",
     "StoreError", "InvalidNameError", "UnknownAgentError", "AgentExistsError", "ModelMismatchError",
