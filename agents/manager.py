@@ -9,8 +9,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from kvstore import Store, reader
-from kvstore.capture import Capture
+from kvstore import Store
+from kvstore.ops import restore
+from kvstore.cache.capture import Capture
 from kvstore.errors import AgentExistsError, BlobError, ModelMismatchError, UnknownAgentError
 from kvstore.names import validate_name
 from kvstore.records import AgentInfo, Snapshot
@@ -109,7 +110,7 @@ class AgentManager:
         if agent is not None:
             return agent
         validate_name(name)
-        model, record, tokens = reader.head(self.store, name)  # one query: this is on every resume's path
+        model, record, tokens = restore.head(self.store, name)  # one query: this is on every resume's path
         if model != self.fingerprint:
             raise ModelMismatchError(f"agent {name!r} belongs to model {model}; this manager runs "
                                      f"{self.handle.name} ({self.fingerprint})")

@@ -11,8 +11,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from kvstore import codec
-from kvstore.capture import Capture
+from kvstore.cache import codec
+from kvstore.cache.capture import Capture
 
 Progress = Callable[[int, int], None] | None
 
@@ -79,7 +79,7 @@ def trim_to(cache: list, have: int, keep: int) -> bool:
 
 def copy_cache(cache: list) -> list:
     """A deep copy with new arrays: appending to one never shows in the other."""
-    from kvstore import codec as c
+    from kvstore.cache import codec as c
 
     tree, _slots, leaves = c.describe(list(cache))
     fresh = []

@@ -2,7 +2,7 @@
 
 A store of 10,000 agents and 1,000,000 chunk rows is generated straight through SQL bulk inserts
 (real chunk keys from real token ids, their parents, four layer rows per chunk, a blob row per chunk),
-then its chunk sizes are filled by the same SQL that fsck --repair runs (kvstore.sizes.rebuild; the
+then its chunk sizes are filled by the same SQL that fsck --repair runs (kvstore.index.sizes.rebuild; the
 0002 migration's backfill does the same); gc gets 100,000 unreferenced small blob files with rows (the
 agents it is timed on have 4 KiB blobs from the start, so the index agrees with the files);
 fsck runs on a second store of 1 MiB blobs
@@ -33,9 +33,11 @@ from click.testing import CliRunner  # noqa: E402
 from mlx_lm.models.cache import KVCache  # noqa: E402
 
 import kvstore  # noqa: E402
-from kvstore import codec, db, sizes  # noqa: E402
+from kvstore import sizes  # noqa: E402
+from kvstore.cache import codec
+from kvstore.index import db
 from kvstore.formats import BLOB_SUFFIX  # noqa: E402
-from kvstore.keys import chunk_keys  # noqa: E402
+from kvstore.cache.keys import chunk_keys  # noqa: E402
 from common import drop_page_cache, machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cli.json"
@@ -260,7 +262,7 @@ def bench_queries(root: Path, repeat: int) -> dict:
             times.append(dt)
         out[cmd] = _times(times)
         out[cmd]["rows"] = len(data) if isinstance(data, list) else data["agents"]
-    from kvstore import inspect as accounting
+    from kvstore.ops import accounting as accounting
 
     with kvstore.open(root) as store:
         parts = {"open": lambda: kvstore.open(root).close(), "stats": store.stats, "agents_list": store.agents,

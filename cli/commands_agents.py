@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kvstore import archive
+from kvstore.ops import archive
 from kvstore.errors import UnknownAgentError
 
 from .format import count, progress, size

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 
-from kvstore import inspect as accounting
+from kvstore.ops import accounting
 
 from .format import count, emit_json, fields, short_fp, size, table, when
 from .main import StoreRef, pass_store

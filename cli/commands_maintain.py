@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kvstore import db, schema
+from kvstore.index import db
+from kvstore.index import schema
 
 from .format import count, emit_json, fields, progress, size
 from .main import CliError, StoreRef, pass_store

@@ -16,27 +16,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .blas import use_openblas
-from .errors import (AgentExistsError, ArchiveError, BlobError, CorruptBlobError, IncompatibleStoreError,
+from kvstore.blas import use_openblas
+from kvstore.errors import (AgentExistsError, ArchiveError, BlobError, CorruptBlobError, IncompatibleStoreError,
                      IndexDatabaseError, InvalidNameError, MissingBlobError, ModelMismatchError, NotAStoreError,
                      ReadOnlyStoreError, SchemaTooNewError, StoreError, StoreFullError, StoreLockedError,
                      TokenMismatchError, UnknownAgentError, UnsupportedCacheError)
-from .fingerprint import fingerprint
-from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
-from .keys import chunk_keys
-from .records import AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
+from kvstore.cache.fingerprint import fingerprint
+from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
+from kvstore.cache.keys import chunk_keys
+from kvstore.records import AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
 
 __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first access (PEP 562)
 _LAZY = {
     "open": ".store", "Store": ".store", "default_home": ".store",
-    "export_agent": ".archive", "import_agent": ".archive",
+    "export_agent": ".ops.archive", "import_agent": ".ops.archive",
 }
 
 if TYPE_CHECKING:
-    from .archive import export_agent, import_agent
-    from .store import Store, default_home, open
+    from kvstore.ops.archive import export_agent, import_agent
+    from kvstore.store import Store, default_home, open
 
 
 def __getattr__(name: str):

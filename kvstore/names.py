@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidNameError
+from kvstore.errors import InvalidNameError
 
 MAX_NAME_LENGTH = 200
 # Letters, digits and a few separators; no leading dot or dash so a name is never a

@@ -9,15 +9,19 @@ from typing import Any, Callable
 
 from sqlalchemy import delete, func, select, update
 
-from . import db, reader, schema, sizes, writer
-from .blobs import BlobStore
-from .iopool import IoPool
-from .errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
+from kvstore.index import db
+from kvstore.ops import restore
+from kvstore.index import schema
+from kvstore.index import sizes
+from kvstore.ops import save
+from kvstore.blob.local import BlobStore
+from kvstore.blob.iopool import IoPool
+from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
                      ReadOnlyStoreError, StoreError, UnknownAgentError)
-from .fingerprint import fingerprint
-from .formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
-from .names import validate_name
-from .records import AgentInfo, Match, Snapshot, Stats
+from kvstore.cache.fingerprint import fingerprint
+from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
+from kvstore.names import validate_name
+from kvstore.records import AgentInfo, Match, Snapshot, Stats
 
 INDEX_FILE = "index.db"
 Progress = Callable[[int, int], None] | None
@@ -128,20 +132,20 @@ class Store:
         Only chunks the store lacks are written. Returns the new Snapshot.
         """
         self._writable()
-        return writer.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
+        return save.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
         """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""
         validate_name(name)
-        return reader.load(self, name, None if model is None else _model_id(model), snapshot)
+        return restore.load(self, name, None if model is None else _model_id(model), snapshot)
 
     def match(self, tokens: Any, *, model: Any) -> Match:
         """The longest prefix of `tokens` that the store can restore for `model` (from any agent)."""
-        return reader.match(self, tokens, _model_id(model))[0]
+        return restore.match(self, tokens, _model_id(model))[0]
 
     def restore(self, tokens: Any, *, model: Any, max_tokens: int | None = None) -> tuple[list | None, int]:
         """(cache, n): the longest stored prefix of `tokens` as a ready cache, or (None, 0)."""
-        return reader.restore(self, tokens, _model_id(model), max_tokens)
+        return restore.restore(self, tokens, _model_id(model), max_tokens)
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -168,7 +172,7 @@ class Store:
         a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
         now = db.now()
         with db.transaction(self.engine, write=True, what=f"forking {name!r}") as conn:
-            src = reader.head_snapshot(conn, name)
+            src = restore.head_snapshot(conn, name)
             if conn.execute(select(a.c.id).where(a.c.name == new_name)).first() is not None:
                 raise AgentExistsError(f"an agent named {new_name!r} already exists")
             agent = conn.execute(select(a).where(a.c.name == name)).first()
@@ -203,8 +207,8 @@ class Store:
         """The exact token ids of an agent's head snapshot (or `snapshot`): primary data, no blob is read."""
         validate_name(name)
         with db.transaction(self.engine, write=False, what=f"reading agent {name!r}'s tokens") as conn:
-            row = reader.head_snapshot(conn, name, snapshot)
-        return reader.tokens_from_bytes(row.tokens)
+            row = restore.head_snapshot(conn, name, snapshot)
+        return restore.tokens_from_bytes(row.tokens)
 
     def agent(self, name: str) -> AgentInfo:
         validate_name(name)
@@ -250,13 +254,13 @@ class Store:
 
     def stats(self) -> Stats:
         """Counts, bytes on disk, and the dedup ratio against one file per agent."""
-        from .inspect import store_stats
+        from kvstore.ops.accounting import store_stats
 
         return store_stats(self)
 
     def fsck(self, *, repair: bool = False, grace: float = 3600.0, progress: Progress = None):
         """Re-hash every blob and check every reference both ways; `repair=True` fixes what it can."""
-        from .fsck import fsck
+        from kvstore.ops.fsck import fsck
 
         if repair:
             self._writable()
@@ -269,7 +273,7 @@ class Store:
         blob files no row names are removed only once older than `grace` seconds (a save may be
         writing them).
         """
-        from .gc import gc
+        from kvstore.ops.gc import gc
 
         if not dry_run:
             self._writable()

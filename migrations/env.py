@@ -1,9 +1,9 @@
-"""Alembic environment: kvstore runs it in-process with a connection of its own (see kvstore.db)."""
+"""Alembic environment: kvstore runs it in-process with a connection of its own (see kvstore.index.db)."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from kvstore.schema import metadata
+from kvstore.index.schema import metadata
 
 config = context.config
 

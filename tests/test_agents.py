@@ -288,7 +288,7 @@ def test_fork_shares_blobs_and_is_independent(tmp_path, handles, arch):
 
 
 def _arrays(cache):
-    from kvstore import codec
+    from kvstore.cache import codec
 
     _tree, _slots, leaves = codec.describe(list(cache))
     return [a for leaf in leaves for a in leaf.state if isinstance(a, mx.array)]
@@ -299,7 +299,8 @@ def _arrays(cache):
 def _blob_of_first_chunk(store, name: str) -> str:
     from sqlalchemy import select
 
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
 
     sc, cl, a = schema.snapshot_chunks, schema.chunk_layers, schema.agents
     with db.transaction(store.engine, write=False, what="test") as conn:

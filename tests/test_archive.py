@@ -13,8 +13,8 @@ from sqlalchemy import select, text
 import kvstore
 from cachegen import KINDS, make_cache, same_cache, tokens
 from conftest import TEST_CHUNK
-from kvstore import schema
-from kvstore.archive import read_manifest
+from kvstore.index import schema
+from kvstore.ops.archive import read_manifest
 
 C = TEST_CHUNK
 FP = "a1" * 16

@@ -105,7 +105,7 @@ def test_help_demo_and_missing_store_create_nothing(tmp_path):
     run(["demo", "--help"], env=env)
     run(["info", "--help"], env=env)
     status = json.loads(run(["migrate", "--status", "--json"], env=env).stdout)
-    assert status["exists"] is False and status["head"] == kvstore.schema.SCHEMA_REVISION
+    assert status["exists"] is False and status["head"] == kvstore.index.schema.SCHEMA_REVISION
     one_line_error(run(["info"], env=env, code=1), "no store at", str(home))
     assert not home.exists()
 
@@ -275,8 +275,8 @@ def test_store_from_env_and_sqlite_url(home):
 
 def test_migrate(home):
     assert json.loads(run(["migrate", "--status", "--json"], home).stdout) == {
-        "store": str(home), "exists": True, "current": kvstore.schema.SCHEMA_REVISION,
-        "head": kvstore.schema.SCHEMA_REVISION, "up_to_date": True}
+        "store": str(home), "exists": True, "current": kvstore.index.schema.SCHEMA_REVISION,
+        "head": kvstore.index.schema.SCHEMA_REVISION, "up_to_date": True}
     assert "up to date" in run(["migrate", "--status"], home).stdout
     assert "nothing to do" in run(["migrate"], home).stdout
 

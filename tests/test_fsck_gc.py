@@ -141,7 +141,7 @@ def test_gc_grace_period_spares_young_orphans(store):
 
 
 def test_one_gc_at_a_time(store):
-    from kvstore.gc import gc_lock
+    from kvstore.ops.gc import gc_lock
 
     with gc_lock(store):
         with pytest.raises(kvstore.StoreLockedError, match="another gc"):

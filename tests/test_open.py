@@ -37,11 +37,12 @@ def test_newer_schema_is_refused_naming_both_versions(tmp_path):
     con.close()
     with pytest.raises(kvstore.SchemaTooNewError) as err:
         kvstore.open(tmp_path / "s")
-    assert "0099" in str(err.value) and kvstore.schema.SCHEMA_REVISION in str(err.value)
+    assert "0099" in str(err.value) and kvstore.index.schema.SCHEMA_REVISION in str(err.value)
 
 
 def test_fresh_index_is_stamped_at_head(tmp_path):
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
 
     with kvstore.open(tmp_path / "s") as store:
         assert db.migration_status(store.engine) == {"current": schema.SCHEMA_REVISION,
@@ -53,7 +54,8 @@ def test_old_index_is_upgraded_by_alembic(tmp_path):
     from alembic import command
     from sqlalchemy import create_engine, inspect
 
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
 
     engine = create_engine(f"sqlite:///{tmp_path / 'm.db'}")
     with engine.connect() as conn:
@@ -151,7 +153,8 @@ def test_processes_opening_an_old_index_at_once_upgrade_it_once(tmp_path):
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
 
     root = tmp_path / "s"
     with kvstore.open(root) as store:  # a real store (settings, folders), then its index rebuilt at the oldest revision

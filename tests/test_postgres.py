@@ -60,7 +60,7 @@ def _counts(store: kvstore.Store) -> dict:
     with store.engine.connect() as conn:
         from sqlalchemy import func, select
 
-        from kvstore import schema
+        from kvstore.index import schema
 
         layers = conn.execute(select(func.count()).select_from(schema.chunk_layers)).scalar_one()
     return {"blobs": st.blobs, "chunks": st.chunks, "chunk_layers": layers, "bytes_on_disk": st.bytes_on_disk,
@@ -141,7 +141,7 @@ def test_two_processes_saving_shared_prefixes_dedup_against_each_other(tmp_path)
 
 def test_gc_advisory_lock_excludes_a_second_gc(tmp_path):
     """While one gc holds the lock, another store's gc on the same database is refused; a gc elsewhere is not."""
-    from kvstore.gc import gc_lock
+    from kvstore.ops.gc import gc_lock
 
     url, blobs = _fresh(tmp_path)
     other_url, other_blobs = _fresh(tmp_path, "other-blobs")
@@ -186,7 +186,7 @@ def test_writer_waits_for_the_write_lock_then_gives_up_with_store_locked(tmp_pat
     """The write lock is a transaction-level advisory lock: a second writer waits `timeout`, then StoreLockedError."""
     from reliability import synth
 
-    from kvstore import db
+    from kvstore.index import db
 
     url, blobs = _fresh(tmp_path)
     tokens = synth.PREFIXES[0]
@@ -236,7 +236,8 @@ def test_alembic_migration_from_empty_stamps_head(tmp_path):
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.pool import NullPool
 
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
     from reliability import synth
 
     url, blobs = _fresh(tmp_path)
@@ -265,7 +266,7 @@ def test_cli_migrate_on_an_empty_database_stamps_head(tmp_path):
     """`kvstore --store URL --blobs PATH migrate` sets up an empty database, and says it is up to date after."""
     from click.testing import CliRunner
 
-    from kvstore import schema
+    from kvstore.index import schema
     from kvstore.cli.main import cli
 
     url, blobs = _fresh(tmp_path)
@@ -301,7 +302,8 @@ def test_readonly_store_is_refused_by_the_server_too(tmp_path):
     """readonly=True makes every transaction read-only on the server, not just in kvstore's own checks."""
     from sqlalchemy import insert
 
-    from kvstore import db, schema
+    from kvstore.index import db
+    from kvstore.index import schema
     from reliability import synth
 
     url, blobs = _fresh(tmp_path)
@@ -395,7 +397,7 @@ def main(argv: list[str]) -> int:
                 stop, out = Path(argv[3]), Path(argv[4])
                 out.write_text(json.dumps({"passes": stress.collector(store, stop.exists)}))
             elif role == "hold-gc-lock":
-                from kvstore.gc import gc_lock
+                from kvstore.ops.gc import gc_lock
 
                 with gc_lock(store):
                     print("locked", flush=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import blobread
-from kvstore.iopool import IoPool
+from kvstore.blob import scatter
+from kvstore.blob.iopool import IoPool
 from cachegen import make_cache, same_cache, tokens
 
 FP = "34" * 16
@@ -167,7 +167,7 @@ def test_a_layout_read_from_a_damaged_file_is_not_remembered(tmp_path):
 def test_a_plan_that_leaves_positions_unfilled_returns_nothing(tmp_path, monkeypatch):
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         store.save("a", make_cache("kv", 40, mx.float16), tokens(40), model=FP)
-        real_add = blobread.ScatterReader.add
+        real_add = scatter.ScatterReader.add
         seen = set()
 
         def skip_one_chunk(self, blob_id, slot, file_from):
@@ -176,7 +176,7 @@ def test_a_plan_that_leaves_positions_unfilled_returns_nothing(tmp_path, monkeyp
                 return
             real_add(self, blob_id, slot, file_from)
 
-        monkeypatch.setattr(blobread.ScatterReader, "add", skip_one_chunk)
+        monkeypatch.setattr(scatter.ScatterReader, "add", skip_one_chunk)
         with pytest.raises(kvstore.StoreError, match="filled 24 of 40 positions"):
             store.load("a", model=FP)
         assert seen
@@ -185,13 +185,13 @@ def test_a_plan_that_leaves_positions_unfilled_returns_nothing(tmp_path, monkeyp
 def test_chunk_blobs_are_placed_from_one_template_per_tensor_list(tmp_path, monkeypatch):
     """Full chunks (and the partial tail, with its own tensor list) skip the per-blob general path."""
     general = []
-    real_runs = blobread.ScatterReader._runs
+    real_runs = scatter.ScatterReader._runs
 
     def counted(self, plan, head):
         general.append(plan.blob_id)
         return real_runs(self, plan, head)
 
-    monkeypatch.setattr(blobread.ScatterReader, "_runs", counted)
+    monkeypatch.setattr(scatter.ScatterReader, "_runs", counted)
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         cache = make_cache("kv", 4 * 16 + 5, mx.float16, layers=3)
         store.save("a", cache, tokens(69), model=FP)

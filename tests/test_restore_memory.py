@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import tensorfile, uninit
-from kvstore.tensorfile import writable_view
+from kvstore.blob import tensorfile
+from kvstore.blob import uninit
+from kvstore.blob.tensorfile import writable_view
 from cachegen import DTYPES, KINDS, make_cache, same_cache, tokens
 
 FP = "5a" * 16

@@ -15,8 +15,9 @@ from sqlalchemy import MetaData, create_engine, select, text
 import kvstore
 from cachegen import make_cache, tokens
 from conftest import TEST_CHUNK, make_store
-from kvstore import db, inspect as accounting
-from kvstore.capture import Capture
+from kvstore.index import db
+from kvstore.ops import accounting as accounting
+from kvstore.cache.capture import Capture
 
 C = TEST_CHUNK
 FP = "5a" * 16
@@ -243,7 +244,7 @@ def old_index(tmp_path, backend):
 def test_open_upgrades_an_index_at_0001_to_the_same_figures(old_index):
     src, location, kwargs = old_index
     with kvstore.open(location, **kwargs) as store:
-        assert store.schema_revision == kvstore.schema.SCHEMA_REVISION
+        assert store.schema_revision == kvstore.index.schema.SCHEMA_REVISION
         assert _figures(store) == _figures(src)
         assert _parents(store) == _parents(src)  # the import's chunks got their parents back
         assert_fast_equals_slow(store)
@@ -265,7 +266,7 @@ def test_kvstore_migrate_upgrades_an_index_at_0001(old_index, backend):
         return json.loads(result.stdout)
 
     assert run("migrate", "--status", "--json")["current"] == "0001"
-    assert run("migrate", "--json") == {"from": "0001", "to": kvstore.schema.SCHEMA_REVISION, "upgraded": True}
+    assert run("migrate", "--json") == {"from": "0001", "to": kvstore.index.schema.SCHEMA_REVISION, "upgraded": True}
     info = run("info", "--json")
     want = src.stats().as_dict()
     assert {k: info[k] for k in ("logical_bytes", "bytes_on_disk", "chunks", "agents", "dedup_ratio")} == \

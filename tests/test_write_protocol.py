@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import blobs as blobs_mod
-from kvstore import tensorfile
+from kvstore.blob import local as blobs_mod
+from kvstore.blob import tensorfile
 from cachegen import make_cache, tokens
 
 FP = "12" * 16
@@ -108,7 +108,7 @@ def test_a_failed_blob_write_commits_nothing(tmp_path, monkeypatch):
         def full(*_a, **_k):
             raise OSError(28, "No space left on device")
 
-        from kvstore import tensorfile
+        from kvstore.blob import tensorfile
 
         monkeypatch.setattr(tensorfile.os, "write", full)
         monkeypatch.setattr(tensorfile.os, "writev", full)
@@ -139,7 +139,7 @@ class _WritevSpy:
 
 @pytest.mark.parametrize("short", [False, True])
 def test_write_all_writes_every_byte_in_bounded_calls(tmp_path, monkeypatch, short):
-    from kvstore import tensorfile
+    from kvstore.blob import tensorfile
 
     rng = np.random.default_rng(5)
     buffers = [b"", rng.bytes(1), rng.bytes(3 * tensorfile.WRITE_BYTES + 17)] + [rng.bytes(10_000) for _ in range(300)]

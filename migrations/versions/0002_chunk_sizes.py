@@ -5,7 +5,7 @@ and blob sizes, prefix_bytes by walking every chain from its chunk 0. Chunks an 
 stored without a parent get it back first (the previous key of a snapshot that lists them, or the
 model fingerprint for chunk 0), since the walk and every later size change follow parent links.
 
-The SQL is written out here rather than imported from kvstore.sizes: a revision must keep doing
+The SQL is written out here rather than imported from kvstore.index.sizes: a revision must keep doing
 what it did when later code changes.
 
 Revision ID: 0002

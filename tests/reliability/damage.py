@@ -61,7 +61,7 @@ def token_history(store: kvstore.Store) -> dict[int, tuple[str, list[int]]]:
     """snapshot id -> (agent, token ids): the primary record, read straight from the index."""
     with store.engine.connect() as conn:
         rows = conn.execute(text("SELECT s.id, a.name, s.tokens FROM snapshots s JOIN agents a ON a.id = s.agent_id"))
-        return {sid: (name, kvstore.keys.tokens_from_bytes(bytes(tokens))) for sid, name, tokens in rows}
+        return {sid: (name, kvstore.cache.keys.tokens_from_bytes(bytes(tokens))) for sid, name, tokens in rows}
 
 
 def check_restores(store: kvstore.Store, snaps: dict[int, tuple[str, list[int]]]) -> dict[int, str]:

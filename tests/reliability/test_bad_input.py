@@ -74,7 +74,7 @@ def test_schema_newer_than_the_code(store):
     store.close()
     with pytest.raises(kvstore.SchemaTooNewError) as info:
         kvstore.open(path)
-    assert "9999_from_the_future" in str(info.value) and kvstore.schema.SCHEMA_REVISION in str(info.value)
+    assert "9999_from_the_future" in str(info.value) and kvstore.index.schema.SCHEMA_REVISION in str(info.value)
     assert "upgrade kvstore" in str(info.value)
 
 

@@ -2,7 +2,7 @@
 
 No error may reach a caller, every agent's head is its last committed save, bit-exact, and fsck is
 clean at the end. grace=0 is the hardest case: gc may take any file not yet named by a committed
-row, so the save path's re-check under the write lock (kvstore.writer) is all that protects it.
+row, so the save path's re-check under the write lock (kvstore.ops.save) is all that protects it.
 """
 
 from __future__ import annotations

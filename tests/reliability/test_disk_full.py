@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import event
 
 import kvstore
-import kvstore.blobs
-import kvstore.tensorfile
+import kvstore.blob.local
+import kvstore.blob.tensorfile
 
 from . import report, synth
 from .damage import check_restores, populate
@@ -80,8 +80,8 @@ def test_enospc_in_the_blob_write_path(tmp_path, monkeypatch, point):
     exp = populate(store, agents=3)
     tokens = synth.agent_tokens(random.Random(3)) + [7] * 20
     fake = _FailingOs(*POINTS[point])
-    monkeypatch.setattr(kvstore.blobs, "os", fake)
-    monkeypatch.setattr(kvstore.tensorfile, "os", fake)  # the blob bytes go out through tensorfile.write_all
+    monkeypatch.setattr(kvstore.blob.local, "os", fake)
+    monkeypatch.setattr(kvstore.blob.tensorfile, "os", fake)  # the blob bytes go out through tensorfile.write_all
     with pytest.raises(kvstore.StoreFullError) as info:
         store.save("late", synth.make_cache(tokens), tokens, model=synth.FP)
     monkeypatch.undo()

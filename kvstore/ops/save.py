@@ -13,16 +13,20 @@ import mlx.core as mx
 import numpy as np
 from sqlalchemy import insert, select, update
 
-from . import codec, db, schema, sizes, tensorfile
-from .blobs import hash_buffers
-from .errors import ModelMismatchError, StoreError
-from .iopool import CORES
-from .keys import chunk_keys, chunk_spans, tokens_to_array
-from .names import validate_name
-from .records import Snapshot
+from kvstore.cache import codec
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.index import sizes
+from kvstore.blob import tensorfile
+from kvstore.blob.local import hash_buffers
+from kvstore.errors import ModelMismatchError, StoreError
+from kvstore.blob.iopool import CORES
+from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
+from kvstore.names import validate_name
+from kvstore.records import Snapshot
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 MAX_ATTEMPTS = 5
 LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock (see save)

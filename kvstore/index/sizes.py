@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from sqlalchemy import Column, BigInteger, LargeBinary, MetaData, Table, and_, bindparam, select, text, update
 
-from . import db, schema
+from kvstore.index import db
+from kvstore.index import schema
 
 __all__ = ["add_chains", "refresh", "check", "rebuild"]
 

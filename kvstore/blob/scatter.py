@@ -20,10 +20,10 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
-from .errors import CorruptBlobError, MissingBlobError, StoreError
-from . import uninit
-from .iopool import CORES, IoPool
-from .tensorfile import HEADER_PROBE, PAGE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
+from kvstore.errors import CorruptBlobError, MissingBlobError, StoreError
+from kvstore.blob import uninit
+from kvstore.blob.iopool import CORES, IoPool
+from kvstore.blob.tensorfile import HEADER_PROBE, PAGE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
 
 
 def _corrupt(blob_id: str, agent: str | None, why: str) -> CorruptBlobError:

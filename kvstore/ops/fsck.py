@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 
-from . import db, schema, sizes
-from .keys import chunk_keys, chunk_spans, tokens_from_bytes
-from .records import FsckReport, Problem
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.index import sizes
+from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes
+from kvstore.records import FsckReport, Problem
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 
 def _check_blob(store: "Store", blob_id: str, nbytes: int) -> tuple[str, str] | None:
@@ -85,7 +87,7 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
 
 
 def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckReport:
-    from .gc import check_grace, stale_temps
+    from kvstore.ops.gc import check_grace, stale_temps
 
     check_grace(grace)
     t0 = time.perf_counter()

@@ -27,17 +27,20 @@ from typing import TYPE_CHECKING, Any, Callable
 import xxhash
 from sqlalchemy import insert, select, update
 
-from . import codec, db, schema, sizes
-from .blobs import fsync_file
-from .errors import AgentExistsError, ArchiveError, CorruptBlobError, ModelMismatchError, StoreError
-from .formats import BLOB_SUFFIX, FORMAT_VERSION, HASH_NAME
-from .keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
-from .names import validate_name
-from .tensorfile import HEADER_PROBE, parse_header
-from .writer import _ids, existing_layers
+from kvstore.cache import codec
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.index import sizes
+from kvstore.blob.local import fsync_file
+from kvstore.errors import AgentExistsError, ArchiveError, CorruptBlobError, ModelMismatchError, StoreError
+from kvstore.formats import BLOB_SUFFIX, FORMAT_VERSION, HASH_NAME
+from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
+from kvstore.names import validate_name
+from kvstore.blob.tensorfile import HEADER_PROBE, parse_header
+from kvstore.ops.save import _ids, existing_layers
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 __all__ = ["export_agent", "import_agent", "read_manifest", "ArchiveSummary", "ARCHIVE_VERSION"]
 
@@ -73,7 +76,7 @@ class ArchiveSummary:
 
 def _collect(store: "Store", name: str) -> dict:
     """The manifest of agent `name`, read in one transaction."""
-    from .reader import head_snapshot
+    from kvstore.ops.restore import head_snapshot
 
     a, m, s, sc, c, cl, b = (schema.agents, schema.models, schema.snapshots, schema.snapshot_chunks,
                              schema.chunks, schema.chunk_layers, schema.blobs)

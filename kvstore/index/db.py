@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, event, inspect, insert, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
-from . import schema
-from ._crash import crash_point
-from .errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError, StoreFullError, StoreLockedError
+from kvstore.index import schema
+from kvstore._crash import crash_point
+from kvstore.errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError, StoreFullError, StoreLockedError
 
 # Taken by every writer on PostgreSQL: SQLite's BEGIN IMMEDIATE serializes writers, this does the same there.
 PG_WRITE_LOCK = 0x6B7673746F7265  # "kvstore"

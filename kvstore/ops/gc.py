@@ -17,14 +17,15 @@ from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import and_, delete, func, not_, select, text
 
-from . import db, schema
-from ._crash import crash_point
-from .errors import StoreLockedError
-from .records import GcReport
-from .writer import _ids
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore._crash import crash_point
+from kvstore.errors import StoreLockedError
+from kvstore.records import GcReport
+from kvstore.ops.save import _ids
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 FILE_BATCH = 1000  # files removed per write transaction: keeps the write lock short for savers
 UNLINK_THREADS = 16  # concurrent unlinks (issue 4: 100,000 files in 35 s one by one, ~6 s overlapped)
@@ -144,7 +145,7 @@ def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str])
 
     A file without a row may be a save in flight (written, not yet committed): the grace period
     leaves it alone. Should a save rely on a file removed here anyway, its commit sees it gone and
-    writes it again (writer._commit).
+    writes it again (ops.save).
     """
     now = time.time()
     with db.transaction(store.engine, write=False, what="listing blobs") as conn:

@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Iterator
 
 import xxhash
 
-from ._crash import crash_point
-from .errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
-from .formats import BLOB_SUFFIX
-from .tensorfile import write_all
+from kvstore._crash import crash_point
+from kvstore.errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
+from kvstore.formats import BLOB_SUFFIX
+from kvstore.blob.tensorfile import write_all
 
 TEMP_SUFFIX = ".tmp"
 VERIFY_BUFFER = 1 << 20  # verify() streams a file through this much memory, whatever the blob's size

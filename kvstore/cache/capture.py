@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import codec
-from .keys import chunk_spans
-from .writer import Piece
+from kvstore.cache import codec
+from kvstore.cache.keys import chunk_spans
+from kvstore.ops.save import Piece
 
 
 class Capture:

@@ -1,6 +1,6 @@
 """Read-only views over the index: store statistics, per-agent byte accounting, chunk maps, models.
 
-Everything here is SQL over columns the writers keep (kvstore.sizes), a handful of statements per
+Everything here is SQL over columns the writers keep (kvstore.index.sizes), a handful of statements per
 call and no blob sizes summed at read time.
 
 Accounting rules. A chunk's bytes are the bytes of the distinct blobs its layer rows name (the
@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, text
 
-from . import db, schema
-from .errors import UnknownAgentError
-from .formats import FORMAT_VERSION
-from .names import validate_name
-from .records import Stats
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.errors import UnknownAgentError
+from kvstore.formats import FORMAT_VERSION
+from kvstore.names import validate_name
+from kvstore.records import Stats
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary"]
 

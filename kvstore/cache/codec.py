@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models import cache as mlc
 
-from .errors import StoreError, UnsupportedCacheError
+from kvstore.errors import StoreError, UnsupportedCacheError
 
 # The explicit registry of known classes; exact types only (a subclass may change the layout).
 _KNOWN = {

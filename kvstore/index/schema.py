@@ -43,7 +43,7 @@ chunks = Table(
     # partial tail chunk that a longer request's own chunking cannot name.
     Column("parent", LargeBinary(16)),
     # Bytes of the distinct blobs this chunk's layer rows name, and that plus its parent's prefix_bytes:
-    # kept by every writer (kvstore.sizes) so accounting reads them instead of summing blobs.
+    # kept by every writer (kvstore.index.sizes) so accounting reads them instead of summing blobs.
     Column("nbytes", BigInteger, nullable=False, server_default="0"),
     Column("prefix_bytes", BigInteger, nullable=False, server_default="0"),
     Index("ix_chunks_parent", "parent"),

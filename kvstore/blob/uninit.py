@@ -24,7 +24,7 @@ import struct
 
 import mlx.core as mx
 
-from .tensorfile import PAGE
+from kvstore.blob.tensorfile import PAGE
 
 GROUP_BYTES = 64 << 20  # a qwen-0.5b 4096-token cache (48 MiB) in one buffer: one load instead of three
 ZEROS_BELOW = 16 << 20  # smaller requests are zero-filled: carving views costs more than writing them

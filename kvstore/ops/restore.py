@@ -8,16 +8,19 @@ import mlx.core as mx
 import xxhash
 from sqlalchemy import select
 
-from . import codec, db, schema, tensorfile
-from .errors import (IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
+from kvstore.cache import codec
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.blob import tensorfile
+from kvstore.errors import (IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
                      UnknownAgentError)
-from .keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
-from .records import Match
-from .blobread import ScatterReader
-from .writer import _ids
+from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
+from kvstore.records import Match
+from kvstore.blob.scatter import ScatterReader
+from kvstore.ops.save import _ids
 
 if TYPE_CHECKING:
-    from .store import Store
+    from kvstore.store import Store
 
 
 def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import xxhash
 
-from .formats import FORMAT_VERSION
+from kvstore.formats import FORMAT_VERSION
 
 # Config keys that do not change a single KV value (bookkeeping written by tools).
 _COSMETIC_KEYS = {"_name_or_path", "transformers_version", "architectures", "kvstore_builtin", "auto_map"}

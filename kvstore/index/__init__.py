@@ -1,0 +1,1 @@
+"""The index database: engine and pragmas, schema, byte accounting columns, shared row queries."""

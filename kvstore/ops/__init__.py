@@ -1,0 +1,1 @@
+"""Operations on a store: save, restore, gc, fsck, accounting, export/import."""
