@@ -33,7 +33,7 @@ from click.testing import CliRunner  # noqa: E402
 from mlx_lm.models.cache import KVCache  # noqa: E402
 
 import kvstore  # noqa: E402
-from kvstore import sizes  # noqa: E402
+from kvstore.index import sizes  # noqa: E402
 from kvstore.cache import codec
 from kvstore.index import db
 from kvstore.formats import BLOB_SUFFIX  # noqa: E402
@@ -262,7 +262,7 @@ def bench_queries(root: Path, repeat: int) -> dict:
             times.append(dt)
         out[cmd] = _times(times)
         out[cmd]["rows"] = len(data) if isinstance(data, list) else data["agents"]
-    from kvstore.ops import accounting as accounting
+    from kvstore.ops import accounting
 
     with kvstore.open(root) as store:
         parts = {"open": lambda: kvstore.open(root).close(), "stats": store.stats, "agents_list": store.agents,
