@@ -21,6 +21,7 @@ from kvstore.blob import tensorfile
 from kvstore.blob.local import hash_buffers
 from kvstore.errors import ModelMismatchError, StoreError
 from kvstore.blob.iopool import CORES
+from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.names import validate_name
 from kvstore.records import Snapshot
@@ -276,7 +277,7 @@ def _model_id(conn, model: str, layout: str, now: float) -> int:
     row = conn.execute(select(models.c.id).where(models.c.fingerprint == model)).first()
     if row:
         return row.id
-    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now)
+    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now, name=model_name(model))
                         .returning(models.c.id)).scalar_one()
 
 
