@@ -50,9 +50,12 @@ def chat(ref: StoreRef, agent: str, message: str, model_name: str | None, system
     The next `kvstore chat AGENT ...`, in any process, restores the agent's cache from the store
     and prefills only the new message.
     """
+    import sys
+
     import kvstore
 
-    kvstore.use_openblas()  # before anything imports mlx.core: ~25x faster fp32 matmuls on Linux CPUs
+    if "mlx.core" not in sys.modules:  # (in a process that already runs MLX, it is too late to choose)
+        kvstore.use_openblas()  # before anything imports mlx.core: ~25x faster fp32 matmuls on Linux CPUs
     from kvstore.agents import AgentManager
 
     store = ref.get(create=True)

@@ -28,13 +28,15 @@ def _fingerprint(model: str) -> str:
 
 def _tokens(value: str) -> list[int]:
     """--tokens: a JSON file holding a list of token ids, or the ids themselves, comma-separated."""
-    path = Path(value).expanduser()
     try:
-        data = json.loads(path.read_text()) if path.is_file() else [int(t) for t in value.split(",") if t.strip()]
+        if value.replace(",", "").replace(" ", "").isdigit():
+            data = [int(t) for t in value.split(",") if t.strip()]
+        else:
+            data = json.loads(Path(value).expanduser().read_text())
         if not isinstance(data, list):
             raise ValueError("not a list")
         return [int(t) for t in data]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         raise CliError(f"--tokens {value}: expected a JSON file with a list of token ids, or ids separated by "
                        f"commas ({e})") from None
 
