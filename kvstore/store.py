@@ -10,10 +10,8 @@ from typing import Any, Callable
 from sqlalchemy import delete, func, literal_column, select, text, update
 
 from kvstore.index import db
-from kvstore.ops import restore
 from kvstore.index import schema
 from kvstore.index import sizes
-from kvstore.ops import save
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
 from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
@@ -132,19 +130,27 @@ class Store:
         Only chunks the store lacks are written. Returns the new Snapshot.
         """
         self._writable()
+        from kvstore.ops import save  # (here, not at the top: read-only commands start without MLX)
+
         return save.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
         """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""
         validate_name(name)
+        from kvstore.ops import restore
+
         return restore.load(self, name, None if model is None else _model_id(model), snapshot)
 
     def match(self, tokens: Any, *, model: Any) -> Match:
         """The longest prefix of `tokens` that the store can restore for `model` (from any agent)."""
+        from kvstore.ops import restore
+
         return restore.match(self, tokens, _model_id(model))[0]
 
     def restore(self, tokens: Any, *, model: Any, max_tokens: int | None = None) -> tuple[list | None, int]:
         """(cache, n): the longest stored prefix of `tokens` as a ready cache, or (None, 0)."""
+        from kvstore.ops import restore
+
         return restore.restore(self, tokens, _model_id(model), max_tokens)
 
     # -- agents ----------------------------------------------------------------------------
@@ -169,6 +175,8 @@ class Store:
         validate_name(name)
         validate_name(new_name)
         self._writable()
+        from kvstore.ops import restore
+
         a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
         now = db.now()
         with db.transaction(self.engine, write=True, what=f"forking {name!r}") as conn:
@@ -206,6 +214,8 @@ class Store:
     def tokens(self, name: str, *, snapshot: int | None = None) -> list[int]:
         """The exact token ids of an agent's head snapshot (or `snapshot`): primary data, no blob is read."""
         validate_name(name)
+        from kvstore.ops import restore
+
         with db.transaction(self.engine, write=False, what=f"reading agent {name!r}'s tokens") as conn:
             row = restore.head_snapshot(conn, name, snapshot)
         return restore.tokens_from_bytes(row.tokens)
