@@ -274,10 +274,13 @@ def _check_model_and_agent(conn, name: str, model: str, layout: str) -> None:
 
 def _model_id(conn, model: str, layout: str, now: float) -> int:
     models = schema.models
-    row = conn.execute(select(models.c.id).where(models.c.fingerprint == model)).first()
+    row = conn.execute(select(models.c.id, models.c.name).where(models.c.fingerprint == model)).first()
+    name = model_name(model)
     if row:
+        if row.name is None and name is not None:  # a model first saved by its bare fingerprint gets its name
+            conn.execute(update(models).where(models.c.id == row.id).values(name=name))
         return row.id
-    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now, name=model_name(model))
+    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now, name=name)
                         .returning(models.c.id)).scalar_one()
 
 
