@@ -64,13 +64,18 @@ def _fresh_environment(folder: Path) -> dict[str, str]:
     return env
 
 
+def runnable(doc: Path) -> list[tuple[int, str, str]]:
+    return [(line, lang, code) for line, lang, code in code_blocks(doc, {"python"} | SHELL) if SKIP not in code]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", doc_ids())
+@pytest.mark.parametrize("doc", [p for p in doc_ids() if runnable(p.values[0])])
 def test_code_blocks_run_as_written(doc, tmp_path, monkeypatch):
-    """Run the document's blocks in order in a fresh folder; a failure names the block's line."""
-    blocks = [(line, lang, code) for line, lang, code in code_blocks(doc, {"python"} | SHELL) if SKIP not in code]
-    if not blocks:
-        pytest.skip(f"{doc.name} has no block that runs here (each says why in its `# doctest: skip (...)`)")
+    """Run the document's blocks in order in a fresh folder; a failure names the block's line.
+
+    (Documents whose every block says why it cannot run here are covered by test_every_skip_says_why.)
+    """
+    blocks = runnable(doc)
     work = tmp_path / "fresh"
     work.mkdir()
     env = _fresh_environment(tmp_path)
@@ -141,3 +146,19 @@ def test_shown_cli_commands_exist(command):
 
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_test_run_writes_no_tracked_file(monkeypatch, tmp_path):
+    """The reliability figures of a test run go to an ignored file; only an explicit publish writes the tracked one."""
+    from reliability import report
+
+    monkeypatch.delenv(report.PUBLISH_ENV, raising=False)
+    assert report.results_path() == report.LOCAL
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(report.LOCAL)], cwd=ROOT)
+    if (ROOT / ".git").exists():
+        assert ignored.returncode == 0, f"{report.LOCAL} is not ignored by git"
+    monkeypatch.setenv(report.PUBLISH_ENV, "1")
+    assert report.results_path() == report.PUBLISHED
+    target = tmp_path / "figures.json"
+    report.record("probe", runs=2)
+    assert report.write(target) == target and '"probe"' in target.read_text()
