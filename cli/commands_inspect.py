@@ -120,7 +120,7 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
     if conversation:
         click.echo("\nconversation")
         for role, content in conversation:
-            click.echo(f"[{role}] {content}")
+            click.echo(f"[{_printable(role)}] {_printable(content)}")
     click.echo("\nsnapshots")
     click.echo(table(["ID", "TOKENS", "CREATED", "LABEL", ""],
                      [[s.id, count(s.n_tokens), when(s.created, now), s.label or "-",
@@ -134,6 +134,11 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
                      [[f"{r['first']}-{r['last']}" if r["last"] != r["first"] else str(r["first"]),
                        f"{r['start']}-{r['end']}", size(r["bytes"]), _names(r["shared_with"])] for r in runs],
                      right=(2,)))
+
+
+def _printable(text: str) -> str:
+    """Model output and stored records are untrusted: control characters (terminal escapes) are shown escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
 def _conversation(meta: dict) -> list[tuple[str, str]]:

@@ -257,3 +257,14 @@ def test_mlx_lm_cache_files_in_and_out(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     assert "not a safetensors file" in run(["import-mlx", str(bad), "x", "--model", "builtin", "--tokens", "1",
                                             "--store", str(store)], code=1).stderr
+
+
+def test_show_escapes_control_characters_in_the_conversation(tmp_path):
+    record = {"kvstore_agent": 1, "system_prompt": "be brief", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "\x1b]0;owned\x07ok\nline two"}]}
+    with kvstore.open(tmp_path / "s", chunk_size=16) as store:
+        t = tokens(20, seed=1)
+        store.save("a", make_cache("kv", len(t), seed=1), t, model="c1" * 16, meta=record)
+    out = run(["show", "a", "--store", str(tmp_path / "s")]).stdout
+    assert "\x1b" not in out and "\x07" not in out
+    assert "[assistant] \\x1b]0;owned\\x07ok\nline two" in out and "[system] be brief\n[user] hi" in out
