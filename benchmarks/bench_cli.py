@@ -7,9 +7,12 @@ then its chunk sizes are filled by the same SQL that fsck --repair runs (kvstore
 agents it is timed on have 4 KiB blobs from the start, so the index agrees with the files);
 fsck runs on a second store of 1 MiB blobs
 written by real saves, with the page cache dropped, against a plain sequential read of the same
-files in the same run. Prints a table and writes benchmarks/results/cli.json.
+files in the same run. It also times the command's start-up (issue 17): `import kvstore`, `kvstore --help`,
+`kvstore info` and `kvstore agents` on a small store, each as a fresh process, against `python -c pass`.
+Prints a table and writes benchmarks/results/cli.json (full runs only).
 
     python benchmarks/bench_cli.py [--quick] [--dir DIR] [--fsck-gib 3]
+    python benchmarks/bench_cli.py --startup-only     # the start-up table alone, in about a minute
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +52,7 @@ BYTES_PER_TOKEN = LAYERS * 2 * 8 * 128 * 2   # 4 layers of K and V, 8 KV heads x
 FAMILY = 100                    # agents per family; a family shares a 20-chunk prefix (system prompt, document)
 PREFIX_CHUNKS = 20
 OLD_SNAPSHOT_EVERY = 5          # every 5th agent also keeps an older snapshot
-LIMITS = {"info_s": 1.0, "agents_s": 1.0, "gc_100k_s": 30.0, "fsck_vs_disk": 0.8}
+LIMITS = {"info_s": 1.0, "agents_s": 1.0, "gc_100k_s": 30.0, "fsck_vs_disk": 0.8, "startup_s": 0.3}
 
 
 def _layout(layers: int) -> str:
@@ -334,8 +339,61 @@ def bench_fsck(root: Path, gib: float, rounds: int) -> dict:
             "ratio": round(best_fsck / best_disk, 3)}
 
 
+def _wall(argv: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    dt = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} exited {done.returncode}: {done.stderr.decode()[-500:]}")
+    return dt
+
+
+def bench_startup(root: Path, rounds: int = 10) -> dict:
+    """Wall time of fresh processes: the interpreter alone, `import kvstore`, and three commands.
+
+    The commands are the installed console script; `info` and `agents` read a store of two agents.
+    Each is run `rounds` times, interleaved, after one unmeasured warm-up round (the page cache).
+    """
+    with kvstore.open(root, chunk_size=CHUNK) as store:
+        for name, seed in (("tech", 1), ("biz", 2)):
+            cache = [KVCache() for _ in range(2)]
+            for c in cache:
+                c.update_and_fetch(mx.ones((1, 2, 300, 8)), mx.ones((1, 2, 300, 8)))
+            store.save(name, cache, list(range(seed, seed + 300)), model="ab" * 16)
+    script = str(Path(sys.executable).parent / "kvstore")
+    env = {**os.environ, "KVSTORE_HOME": str(root)}
+    cases = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import kvstore'": [sys.executable, "-c", "import kvstore"],
+        "kvstore --help": [script, "--help"],
+        "kvstore info": [script, "info"],
+        "kvstore agents": [script, "agents"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(rounds + 1):
+        for name, argv in cases.items():
+            dt = _wall(argv, env)
+            if r:
+                times[name].append(dt)
+    base = statistics.median(times["python -c pass"])
+    return {name: {"median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
+                   "over_python_s": round(statistics.median(t) - base, 3), "rounds": rounds}
+            for name, t in times.items()}
+
+
+def print_startup(rows: dict) -> None:
+    print(f"\nstart-up, fresh processes (median of {next(iter(rows.values()))['rounds']}; "
+          f"target < {LIMITS['startup_s']} s):")
+    print(f"{'command':30} {'median s':>9} {'min s':>7} {'- python':>9}")
+    for name, r in rows.items():
+        verdict = "" if name.startswith("python -c pass") else (
+            "ok" if r["median_s"] < LIMITS["startup_s"] else "MISSED")
+        print(f"{name:30} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['over_python_s']:9.3f}  {verdict}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--startup-only", action="store_true", help="only time the command's start-up")
     p.add_argument("--quick", action="store_true", help="1,000 agents, ~10,000 gc blobs, 0.5 GiB for fsck")
     p.add_argument("--dir", help="where to build the stores (default: a temporary folder, removed at the end)")
     p.add_argument("--fsck-gib", type=float, default=3.0, help="GiB of 1 MiB blobs for the fsck run")
@@ -343,12 +401,21 @@ def main() -> None:
     args = p.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="kvstore-bench-cli-"))
     base.mkdir(parents=True, exist_ok=True)
+    if args.startup_only:
+        try:
+            print_startup(bench_startup(base / "startup", rounds=args.repeat * 3))
+        finally:
+            if not args.dir:
+                shutil.rmtree(base, ignore_errors=True)
+        return
     n_agents = 1_000 if args.quick else 10_000
     n_gc = 100 if args.quick else 1_000   # agents removed: ~100 unique chunks (blobs) each
     gib = 0.5 if args.quick else args.fsck_gib
     t_start = time.perf_counter()
     results: dict = {"machine": machine(), "quick": args.quick, "limits": LIMITS}
     try:
+        results["startup"] = bench_startup(base / "startup", rounds=args.repeat * 3)
+        print_startup(results["startup"])
         big = base / "big"
         t0 = time.perf_counter()
         results["store"] = build_big_store(big, n_agents=n_agents, small_agents=n_gc)

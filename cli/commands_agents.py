@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from kvstore.ops import archive
 from kvstore.errors import UnknownAgentError
 
 from .format import count, progress, size
-from .main import StoreRef, pass_store
+from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 
 @click.command()
 @click.argument("names", nargs=-1, required=True, metavar="AGENT...")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@yes_option
 @pass_store
-def rm(ref: StoreRef, names: tuple[str, ...]) -> None:
-    """Remove agents and their snapshots (their blobs go at the next `kvstore gc`)."""
+def rm(ref: StoreRef, names: tuple[str, ...], dry_run: bool, yes: bool) -> None:
+    """Remove agents and their snapshots (their blobs go at the next `kvstore gc`).
+
+    On a terminal it asks first (--yes skips the question).
+    """
     store = ref.get()
-    for name in names:  # every name must exist before any is removed
-        store.agent(name)
-    for name in names:
+    infos = [store.agent(name) for name in dict.fromkeys(names)]  # every name must exist before any is removed
+    listed = ", ".join(f"{i.name} ({count(i.n_tokens)} tokens, {i.snapshots} snapshot(s))" for i in infos)
+    if dry_run:
+        click.echo(f"would remove {len(infos)} agent(s): {listed}")
+        return
+    confirm(f"remove {len(infos)} agent(s): {listed}?", yes)
+    for name in (i.name for i in infos):
         if not store.delete(name):
             raise UnknownAgentError(f"no agent named {name!r} in this store")
         click.echo(f"removed agent {name}")
@@ -42,6 +52,11 @@ def fork(ref: StoreRef, agent: str, new: str) -> None:
 @pass_store
 def export_cmd(ref: StoreRef, agent: str, file: str, force: bool) -> None:
     """Write AGENT (record, snapshots, every blob it needs) to FILE, an archive for `kvstore import`."""
+    from kvstore.ops import archive
+
+    folder = Path(file).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise CliError(f"cannot write {file}: the folder {folder} does not exist")
     with progress(f"exporting {agent}", unit_bytes=True) as cb:
         got = archive.export_agent(ref.get(), agent, file, progress=cb, overwrite=force)
     click.echo(f"exported {got.agent} to {file}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens, "
@@ -54,6 +69,8 @@ def export_cmd(ref: StoreRef, agent: str, file: str, force: bool) -> None:
 @pass_store
 def import_cmd(ref: StoreRef, file: str, new_name: str | None) -> None:
     """Bring in the agent archived in FILE: every blob is verified first; blobs the store has are reused."""
+    from kvstore.ops import archive
+
     chunk_size = archive.read_manifest(file).get("chunk_size")
     # A store this import creates takes the archive's chunk size: chunk keys depend on it.
     store = ref.get(create=True, chunk_size=chunk_size if isinstance(chunk_size, int) else None)

@@ -7,8 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 
-from kvstore.ops import accounting
-
 from .format import count, emit_json, fields, short_fp, size, table, when
 from .main import StoreRef, pass_store
 
@@ -36,8 +34,17 @@ def info(ref: StoreRef, as_json: bool) -> None:
         ("blobs", count(st.blobs)),
         ("on disk", f"{size(st.bytes_on_disk)} ({count(st.bytes_on_disk)} bytes)"),
         ("logical", f"{size(st.logical_bytes)} ({count(st.logical_bytes)} bytes, every agent's head stored apart)"),
-        ("dedup ratio", f"{st.dedup_ratio:.2f}x"),
+        ("dedup ratio", _dedup(st.dedup_ratio, st.snapshots, st.agents)),
     ]))
+
+
+def _dedup(ratio: float, snapshots: int, agents: int) -> str:
+    """The ratio, with what it means: below 1 is not negative dedup, it is older snapshots on disk."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x (the agents' heads stored apart would take {ratio:.2f} times these bytes)"
+    old = snapshots - agents
+    return (f"{ratio:.2f}x (the disk also holds {count(old)} older snapshot(s) that the heads do not "
+            "use; `kvstore gc` drops them)" if old > 0 else f"{ratio:.2f}x")
 
 
 def _printed_json_or_nothing(rows: list[dict], as_json: bool) -> bool:
@@ -56,6 +63,8 @@ def _printed_json_or_nothing(rows: list[dict], as_json: bool) -> bool:
 @pass_store
 def agents(ref: StoreRef, as_json: bool) -> None:
     """One row per agent: model, tokens, snapshots, unique and shared bytes, last saved."""
+    from kvstore.ops import accounting
+
     store = ref.get()
     # Two independent reads: the listing runs on a second connection while the byte accounting
     # (most of the time on a big store) runs here.
@@ -63,13 +72,14 @@ def agents(ref: StoreRef, as_json: bool) -> None:
         listing = pool.submit(store.agents)
         nbytes = accounting.agent_bytes(store)
         infos = listing.result()
-    rows = [dict(info.as_dict(), **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}))
+    names = accounting.model_names(store)
+    rows = [dict(info.as_dict(), model_name=names.get(info.model), **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}))
             for info in infos]
     if _printed_json_or_nothing(rows, as_json):
         return
     now = time.time()
     click.echo(table(["AGENT", "MODEL", "TOKENS", "SNAPSHOTS", "UNIQUE", "SHARED", "LAST SAVED"],
-                     [[r["name"], short_fp(r["model"]), count(r["n_tokens"]), r["snapshots"], size(r["unique_bytes"]),
+                     [[r["name"], r["model_name"] or short_fp(r["model"]), count(r["n_tokens"]), r["snapshots"], size(r["unique_bytes"]),
                        size(r["shared_bytes"]), when(r["updated"], now)] for r in rows], right=(2, 3, 4, 5)))
 
 
@@ -85,7 +95,9 @@ def _names(names: list[str], limit: int = 4) -> str:
 @json_option
 @pass_store
 def show(ref: StoreRef, agent: str, as_json: bool) -> None:
-    """An agent: its record, its snapshots, and its chunk map (runs of chunks, and who shares them)."""
+    """An agent: its conversation, its record, its snapshots, and its chunk map (who shares each run of chunks)."""
+    from kvstore.ops import accounting
+
     store = ref.get()
     info = store.agent(agent)
     snaps = store.snapshots(agent)
@@ -96,13 +108,19 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
                    "chunk_map": runs})
         return
     now = time.time()
+    model_name = accounting.model_names(store).get(info.model)
     click.echo(fields([
-        ("agent", info.name), ("model", info.model), ("tokens", count(info.n_tokens)),
+        ("agent", info.name), ("model", f"{model_name} ({info.model})" if model_name else info.model), ("tokens", count(info.n_tokens)),
         ("bytes", f"{size(nbytes['total_bytes'])} ({size(nbytes['unique_bytes'])} unique, "
                   f"{size(nbytes['shared_bytes'])} shared)"),
         ("created", when(info.created, now)), ("last saved", when(info.updated, now)),
         ("metadata", ", ".join(sorted(info.meta)) or "-"),
     ]))
+    conversation = _conversation(info.meta)
+    if conversation:
+        click.echo("\nconversation")
+        for role, content in conversation:
+            click.echo(f"[{_printable(role)}] {_printable(content)}")
     click.echo("\nsnapshots")
     click.echo(table(["ID", "TOKENS", "CREATED", "LABEL", ""],
                      [[s.id, count(s.n_tokens), when(s.created, now), s.label or "-",
@@ -118,11 +136,29 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
                      right=(2,)))
 
 
+def _printable(text: str) -> str:
+    """Model output and stored records are untrusted: control characters (terminal escapes) are shown escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
+def _conversation(meta: dict) -> list[tuple[str, str]]:
+    """(role, text) of an agent manager's record: the system prompt, then each message; [] for other agents."""
+    if not isinstance(meta, dict) or "kvstore_agent" not in meta:
+        return []
+    out = [("system", str(meta["system_prompt"]))] if meta.get("system_prompt") else []
+    for m in meta.get("messages") or []:
+        if isinstance(m, dict):
+            out.append((str(m.get("role", "?")), str(m.get("content", ""))))
+    return out
+
+
 @click.command()
 @json_option
 @pass_store
 def models(ref: StoreRef, as_json: bool) -> None:
     """The models whose caches the store holds, with their layer layout and usage."""
+    from kvstore.ops import accounting
+
     rows = accounting.model_summary(ref.get())
     if as_json:
         emit_json(rows)
@@ -143,6 +179,8 @@ def models(ref: StoreRef, as_json: bool) -> None:
 @pass_store
 def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
     """Bytes per agent: unique (freed by `rm` + `gc`) and shared with other agents, largest first."""
+    from kvstore.ops import accounting
+
     store = ref.get()
     if names:
         nbytes = {}

@@ -1,14 +1,11 @@
-"""Maintenance commands: fsck, gc, migrate."""
+"""Maintenance commands: init, fsck, gc, migrate."""
 
 from __future__ import annotations
 
 import click
 
-from kvstore.index import db
-from kvstore.index import schema
-
 from .format import count, emit_json, fields, progress, size
-from .main import CliError, StoreRef, pass_store
+from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 grace_option = click.option("--grace", type=click.FloatRange(min=0), default=3600.0, show_default=True,
@@ -17,14 +14,35 @@ grace_option = click.option("--grace", type=click.FloatRange(min=0), default=360
 
 
 @click.command()
+@click.option("--chunk-size", type=click.IntRange(min=1, max=1 << 20), metavar="TOKENS",
+              help="Tokens per chunk for a new store (default 256); fixed once the store exists.")
+@pass_store
+def init(ref: StoreRef, chunk_size: int | None) -> None:
+    """Create the store (at --store, $KVSTORE_HOME or ~/.kvstore); an existing one is left as it is."""
+    existed = ref.exists()
+    store = ref.get(create=True, chunk_size=None if existed else chunk_size)
+    if existed and chunk_size is not None and chunk_size != store.chunk_size:
+        raise CliError(f"the store at {store.path} already exists with chunk size {store.chunk_size}, "
+                       f"not {chunk_size}")
+    click.echo(f"{'a store already exists' if existed else 'created a store'} at {store.path} "
+               f"(chunk size {store.chunk_size} tokens)")
+
+
+@click.command()
 @click.option("--repair", is_flag=True, help="Fix what can be fixed: drop damaged blobs and their rows (the "
               "agents keep their tokens; their KV is recomputed later), rebuild chunk lists, remove leftovers.")
 @grace_option
 @json_option
+@yes_option
 @pass_store
-def fsck(ref: StoreRef, repair: bool, grace: float, as_json: bool) -> None:
-    """Re-hash every blob and check every reference. Exit status 1 while problems remain."""
+def fsck(ref: StoreRef, repair: bool, grace: float, as_json: bool, yes: bool) -> None:
+    """Re-hash every blob and check every reference. Exit status 1 while problems remain.
+
+    --repair deletes what is damaged; on a terminal it asks first (--yes skips the question).
+    """
     store = ref.get()
+    if repair:
+        confirm(f"repair {store.path}: delete damaged blobs and dangling rows (agents keep their tokens)?", yes)
     with progress("checking blobs") as cb:
         report = store.fsck(repair=repair, grace=grace, progress=cb)
     if as_json:
@@ -51,10 +69,17 @@ def fsck(ref: StoreRef, repair: bool, grace: float, as_json: bool) -> None:
 @click.option("--keep-last", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Snapshots kept per agent (besides its head and labelled or pinned ones).")
 @json_option
+@yes_option
 @pass_store
-def gc(ref: StoreRef, dry_run: bool, grace: float, keep_last: int, as_json: bool) -> None:
-    """Remove old snapshots, then chunks and blob files nothing retained needs; print the bytes freed."""
+def gc(ref: StoreRef, dry_run: bool, grace: float, keep_last: int, as_json: bool, yes: bool) -> None:
+    """Remove old snapshots, then chunks and blob files nothing retained needs; print the bytes freed.
+
+    On a terminal it asks first (--yes skips the question; --dry-run changes nothing).
+    """
     store = ref.get()
+    if not dry_run:
+        confirm(f"collect garbage in {store.path}: keep the last {keep_last} snapshot(s) per agent "
+                "(and labelled or pinned ones), delete the rest?", yes)
     with progress("removing blob files") as cb:
         report = store.gc(dry_run=dry_run, keep_last=keep_last, grace=grace, progress=cb)
     if as_json:
@@ -74,6 +99,8 @@ def gc(ref: StoreRef, dry_run: bool, grace: float, keep_last: int, as_json: bool
 
 def _status(ref: StoreRef) -> dict:
     """Schema revision of the index against this kvstore's head, without creating or upgrading anything."""
+    from kvstore.index import db, schema
+
     if not ref.exists():
         return {"store": str(ref.root), "exists": False, "current": None, "head": schema.SCHEMA_REVISION,
                 "up_to_date": False}
@@ -106,6 +133,8 @@ def migrate(ref: StoreRef, status: bool, as_json: bool) -> None:
             state = "up to date" if st["up_to_date"] else "needs `kvstore migrate`"
             click.echo(f"current {st['current'] or '(none)'}, head {st['head']}: {state}")
         return
+    from kvstore.index import db
+
     if not ref.exists():
         raise CliError(f"no store at {ref.root}: nothing to migrate")
     url = ref.location if ref.is_url else f"sqlite:///{(ref.root / 'index.db').resolve()}"
@@ -122,4 +151,4 @@ def migrate(ref: StoreRef, status: bool, as_json: bool) -> None:
         click.echo(f"upgraded the index from {done['from'] or '(none)'} to {done['to']}")
 
 
-COMMANDS = [fsck, gc, migrate]
+COMMANDS = [init, fsck, gc, migrate]

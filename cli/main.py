@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 import kvstore
 from kvstore.errors import NotAStoreError, StoreError
 
-__all__ = ["cli", "main", "StoreRef", "pass_store", "CliError"]
+__all__ = ["cli", "main", "StoreRef", "pass_store", "CliError", "confirm", "yes_option"]
 
 INDEX_FILE = "index.db"
 
@@ -63,8 +64,7 @@ class StoreRef:
         """
         if self._store is None:
             if not self.is_url and not create and not self.exists() and not self.root.is_file():
-                raise NotAStoreError(f"no store at {self.root} (set --store or KVSTORE_HOME, or create one with "
-                                     "`kvstore import` or the Python API)")
+                raise NotAStoreError(missing_store_message(self.root))
             if self.is_url:
                 self.root  # noqa: B018 (raises the usage error for a URL without --blobs)
             try:
@@ -88,8 +88,78 @@ class StoreRef:
 pass_store = click.make_pass_decorator(StoreRef)
 
 
+def missing_store_message(root: Path) -> str:
+    """What to say when a command needs a store that is not there: where we looked and how to make one."""
+    shown = str(root)
+    home = str(Path.home())
+    if shown.startswith(home + os.sep):
+        shown = "~" + shown[len(home):]
+    where = "" if root == Path(kvstore_home()) else f"--store {shlex.quote(str(root))} "
+    return (f"no store at {shown}: create one with `kvstore {where}init` (or `kvstore {where}chat AGENT "
+            "MESSAGE --model builtin`), or point --store / KVSTORE_HOME at an existing store")
+
+
+def kvstore_home() -> str:
+    """$KVSTORE_HOME or ~/.kvstore, as kvstore.open() uses it (without importing the engine for --help)."""
+    return os.environ.get("KVSTORE_HOME") or str(Path.home() / ".kvstore")
+
+
+def confirm(prompt: str, yes: bool) -> None:
+    """Ask before a destructive change when stdin is a terminal; `--yes` (or a script's stdin) skips it.
+
+    A script cannot answer a prompt, so without a terminal the command goes ahead as written, like `rm`.
+    """
+    if yes or not sys.stdin.isatty():
+        return
+    if not click.confirm(prompt, default=False, err=True):
+        raise click.exceptions.Exit(1)
+
+
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
+
+
+# The group's own options; they may also come after the subcommand (`kvstore info --store X`).
+GLOBAL_OPTIONS = ("--store", "--blobs")
+
+
+def hoist_global_options(args: list[str], commands: dict[str, click.Command]) -> list[str]:
+    """Move `--store X` / `--blobs=X` found after the subcommand's name to before it.
+
+    Stops at `--`; leaves an option alone when the subcommand has one of the same name.
+    """
+    i = 0
+    while i < len(args) and args[i].startswith("-"):  # the group's own options, before the subcommand
+        i += 2 if args[i] in GLOBAL_OPTIONS else 1
+    if i >= len(args) or args[i] not in commands:
+        return args
+    own = {opt for p in commands[args[i]].params for opt in getattr(p, "opts", ())}
+    head, tail, moved = args[:i], [args[i]], []
+    rest = args[i + 1:]
+    j = 0
+    while j < len(rest):
+        word = rest[j]
+        if word == "--":
+            tail += rest[j:]
+            break
+        name = word.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS and name not in own:
+            if "=" in word:
+                moved.append(word)
+                j += 1
+            else:
+                moved += rest[j:j + 2]
+                j += 2
+            continue
+        tail.append(word)
+        j += 1
+    return head + moved + tail
+
+
 class KvstoreGroup(click.Group):
-    """A group that turns the engine's errors into one line and exit status 1."""
+    """A group that takes its options anywhere and turns the engine's errors into one line and exit status 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(list(args), self.commands))
 
     def invoke(self, ctx: click.Context):
         try:
@@ -106,7 +176,7 @@ class KvstoreGroup(click.Group):
 
 
 @click.group(cls=KvstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", "location", envvar="KVSTORE_HOME", default=lambda: str(kvstore.default_home()),
+@click.option("--store", "location", envvar="KVSTORE_HOME", default=kvstore_home,
               show_default="$KVSTORE_HOME or ~/.kvstore", metavar="PATH|URL",
               help="The store: a folder, or a database URL such as postgresql+psycopg://host/db.")
 @click.option("--blobs", envvar="KVSTORE_BLOBS", type=click.Path(file_okay=False), metavar="PATH",
@@ -114,10 +184,10 @@ class KvstoreGroup(click.Group):
 @click.version_option(kvstore.__version__, "--version", prog_name="kvstore")
 @click.pass_context
 def cli(ctx: click.Context, location: str, blobs: str | None) -> None:
-    """Inspect, verify, clean and move the agents of a kvstore store (persistent KV caches for mlx-lm).
+    """Talk to, inspect, verify, clean and move the agents of a kvstore store (persistent KV caches for mlx-lm).
 
-    Read commands take --json for machine-readable output. Exit status: 0 ok, 1 error (or fsck
-    problems), 2 usage error.
+    --store and --blobs go before or after the command. Read commands take --json for machine-readable
+    output. Exit status: 0 ok, 1 error (or fsck problems), 2 usage error.
     """
     ref = StoreRef(os.fspath(location), blobs)
     ctx.obj = ref
@@ -125,9 +195,9 @@ def cli(ctx: click.Context, location: str, blobs: str | None) -> None:
 
 
 def _register() -> None:
-    from . import commands_agents, commands_inspect, commands_maintain
+    from . import commands_agents, commands_chat, commands_inspect, commands_maintain, commands_mlx
 
-    for module in (commands_inspect, commands_maintain, commands_agents):
+    for module in (commands_inspect, commands_maintain, commands_agents, commands_chat, commands_mlx):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -6,6 +6,7 @@
         store.save("tech", cache, tokens, model=fp)     # writes only chunks the store lacks
         cache, tokens = store.load("tech", model=fp)    # bit-exact, verified
         cache, n = store.restore(new_tokens, model=fp)  # longest stored prefix, from any agent
+    text, cache, tokens = kvstore.generate(model, tokenizer, prompt)   # mlx-lm generation, keeping the cache
 
 Importing kvstore is cheap: the engine (and with it mlx and mlx-lm) loads on first use of a name
 below, so the command line starts fast and `kvstore.use_openblas()` can still run before mlx does.
@@ -21,10 +22,8 @@ from kvstore.errors import (AgentExistsError, ArchiveError, BlobError, CorruptBl
                      IndexDatabaseError, InvalidNameError, MissingBlobError, ModelMismatchError, NotAStoreError,
                      ReadOnlyStoreError, SchemaTooNewError, StoreError, StoreFullError, StoreLockedError,
                      TokenMismatchError, UnknownAgentError, UnsupportedCacheError)
-from kvstore.cache.fingerprint import fingerprint
 from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
-from kvstore.cache.keys import chunk_keys
-from kvstore.records import AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
+from kvstore.records import AgentBytes, AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
 
 __version__ = "0.1.0"
 
@@ -32,9 +31,17 @@ __version__ = "0.1.0"
 _LAZY = {
     "open": ".store", "Store": ".store", "default_home": ".store",
     "export_agent": ".ops.archive", "import_agent": ".ops.archive",
+    "fingerprint": ".cache.fingerprint", "chunk_keys": ".cache.keys",
+    "generate": ".generation", "Generation": ".generation", "cache_tokens": ".generation", "cache_nbytes": ".generation",
+    "check_cache": ".generation",
+    "import_mlx_cache": ".mlxfile", "export_mlx_cache": ".mlxfile",
 }
 
 if TYPE_CHECKING:
+    from kvstore.cache.fingerprint import fingerprint
+    from kvstore.cache.keys import chunk_keys
+    from kvstore.generation import Generation, cache_nbytes, cache_tokens, check_cache, generate
+    from kvstore.mlxfile import export_mlx_cache, import_mlx_cache
     from kvstore.ops.archive import export_agent, import_agent
     from kvstore.store import Store, default_home, open
 
@@ -50,7 +57,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "open", "Store", "fingerprint", "chunk_keys", "default_home", "export_agent", "import_agent", "use_openblas",
-    "Snapshot", "Match", "AgentInfo", "Stats", "FsckReport", "Problem", "GcReport",
+    "generate", "Generation", "cache_tokens", "cache_nbytes", "check_cache", "import_mlx_cache", "export_mlx_cache",
+    "Snapshot", "Match", "AgentInfo", "AgentBytes", "Stats", "FsckReport", "Problem", "GcReport",
     "DEFAULT_CHUNK_SIZE", "FORMAT_VERSION",
     "StoreError", "InvalidNameError", "UnknownAgentError", "AgentExistsError", "ModelMismatchError",
     "BlobError", "CorruptBlobError", "MissingBlobError", "TokenMismatchError", "UnsupportedCacheError",

@@ -30,7 +30,8 @@ class Snapshot(_Record):
     created: float
     label: str | None = None
     pinned: bool = False
-    bytes_written: int = 0      # blob bytes this save wrote (0 when every chunk was already stored)
+    bytes_written: int = 0      # blob bytes this save wrote (0 when every chunk was already stored); in
+                                # store.snapshots(): bytes of the chunks no older retained snapshot lists
     blobs_written: int = 0      # blob files this save wrote
     blobs_reused: int = 0       # blob files it would have written but found already on disk
 
@@ -58,6 +59,15 @@ class AgentInfo(_Record):
 
 
 @dataclass(frozen=True)
+class AgentBytes(_Record):
+    """Bytes of an agent's head snapshot: unique to it (what `delete` + `gc` free) and shared with other heads."""
+
+    unique_bytes: int
+    shared_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
 class Stats(_Record):
     path: str
     url: str
@@ -71,7 +81,8 @@ class Stats(_Record):
     blobs: int
     bytes_on_disk: int       # bytes of every blob the index records
     logical_bytes: int       # bytes the agents' head snapshots would take stored one file per agent
-    dedup_ratio: float       # logical / on disk (1.0 when nothing is shared)
+    dedup_ratio: float       # logical / on disk (1.0 when nothing is shared; below 1 when old snapshots
+                             # that no head uses hold more than sharing saves)
 
 
 @dataclass(frozen=True)

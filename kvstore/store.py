@@ -7,13 +7,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, literal_column, select, text, update
 
 from kvstore.index import db
-from kvstore.ops import restore
 from kvstore.index import schema
 from kvstore.index import sizes
-from kvstore.ops import save
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
 from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
@@ -21,7 +19,7 @@ from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatab
 from kvstore.cache.fingerprint import fingerprint
 from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
 from kvstore.names import validate_name
-from kvstore.records import AgentInfo, Match, Snapshot, Stats
+from kvstore.records import AgentBytes, AgentInfo, Match, Snapshot, Stats
 
 INDEX_FILE = "index.db"
 Progress = Callable[[int, int], None] | None
@@ -132,19 +130,27 @@ class Store:
         Only chunks the store lacks are written. Returns the new Snapshot.
         """
         self._writable()
+        from kvstore.ops import save  # (here, not at the top: read-only commands start without MLX)
+
         return save.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
         """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""
         validate_name(name)
+        from kvstore.ops import restore
+
         return restore.load(self, name, None if model is None else _model_id(model), snapshot)
 
     def match(self, tokens: Any, *, model: Any) -> Match:
         """The longest prefix of `tokens` that the store can restore for `model` (from any agent)."""
+        from kvstore.ops import restore
+
         return restore.match(self, tokens, _model_id(model))[0]
 
     def restore(self, tokens: Any, *, model: Any, max_tokens: int | None = None) -> tuple[list | None, int]:
         """(cache, n): the longest stored prefix of `tokens` as a ready cache, or (None, 0)."""
+        from kvstore.ops import restore
+
         return restore.restore(self, tokens, _model_id(model), max_tokens)
 
     # -- agents ----------------------------------------------------------------------------
@@ -169,6 +175,8 @@ class Store:
         validate_name(name)
         validate_name(new_name)
         self._writable()
+        from kvstore.ops import restore
+
         a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
         now = db.now()
         with db.transaction(self.engine, write=True, what=f"forking {name!r}") as conn:
@@ -206,6 +214,8 @@ class Store:
     def tokens(self, name: str, *, snapshot: int | None = None) -> list[int]:
         """The exact token ids of an agent's head snapshot (or `snapshot`): primary data, no blob is read."""
         validate_name(name)
+        from kvstore.ops import restore
+
         with db.transaction(self.engine, write=False, what=f"reading agent {name!r}'s tokens") as conn:
             row = restore.head_snapshot(conn, name, snapshot)
         return restore.tokens_from_bytes(row.tokens)
@@ -238,17 +248,35 @@ class Store:
                           head=r[5], n_tokens=r[6], snapshots=r[7]) for r in rows]
 
     def snapshots(self, name: str) -> list[Snapshot]:
-        """An agent's snapshots, oldest first."""
+        """An agent's snapshots, oldest first.
+
+        `bytes_written` is the bytes of the chunks a snapshot was the first retained snapshot (of any
+        agent) to list: what its save wrote, as long as older snapshots have not been collected.
+        """
         validate_name(name)
         a, s, m = schema.agents, schema.snapshots, schema.models
+        first = text("(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
+                     "WHERE sc.snapshot_id = snapshots.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
+                     "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))")
         with db.transaction(self.engine, write=False, what="listing snapshots") as conn:
             if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
                 raise UnknownAgentError(f"no agent named {name!r} in this store")
-            rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned, m.c.fingerprint)
+            rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned, m.c.fingerprint,
+                                       literal_column(first.text).label("written"))
                                 .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
                                 .where(a.c.name == name).order_by(s.c.id)).all()
         return [Snapshot(id=r.id, agent=name, model=r.fingerprint, n_tokens=r.n_tokens, created=r.created,
-                         label=r.label, pinned=bool(r.pinned)) for r in rows]
+                         label=r.label, pinned=bool(r.pinned), bytes_written=int(r.written or 0)) for r in rows]
+
+    def agent_bytes(self, name: str | None = None) -> dict[str, AgentBytes]:
+        """Bytes of each agent's head snapshot (or only `name`'s): unique to it and shared with other agents.
+
+        Deleting an agent and running gc frees its `unique_bytes`; the sum of every agent's `total_bytes`
+        is the store's logical bytes.
+        """
+        from kvstore.ops.accounting import agent_bytes
+
+        return {n: AgentBytes(**b) for n, b in agent_bytes(self, name).items()}
 
     # -- whole-store operations ------------------------------------------------------------
 

@@ -1,30 +1,37 @@
-"""The docs cannot drift from the code: the Python examples of README.md and docs/USAGE.md run.
+"""The docs cannot drift from the code: every code block of README.md and docs/ runs as written.
 
-Each document's ```python blocks run in order in one namespace (a later block may use what an earlier
-one made), in a scratch folder with KVSTORE_HOME pointing into it, on the built-in offline model.
-A block marked `# doctest: skip` (it needs a real model, or only illustrates) is compiled, not run.
-Every `kvstore <command>` shown in a shell block must exist: its `--help` exits 0.
+Each document's ```python and shell blocks run in order in one fresh folder (a later block may use what
+an earlier one made): Python blocks in one namespace, shell blocks through bash with the installed
+`kvstore` command first on PATH. HOME is a fresh folder too, so `~/.kvstore` starts empty, as on a new
+machine; only the built-in model's build and the weight-hash cache are shared, to save time.
+A block that cannot run here says why on a line `# doctest: skip (reason)`: it is then compiled
+(Python) or only checked for commands that exist (shell), never run, and never skipped silently.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "USAGE.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = "# doctest: skip"
+SKIP_WITH_REASON = re.compile(r"# doctest: skip\s+\((.+)\)")
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 SHELL = {"bash", "sh", "shell", "console", "zsh"}
 
 
-def code_blocks(path: Path, langs: set[str]) -> list[tuple[int, str]]:
-    """(line number, code) of each fenced block in one of `langs`."""
+def code_blocks(path: Path, langs: set[str]) -> list[tuple[int, str, str]]:
+    """(line number, language, code) of each fenced block in one of `langs`."""
     assert path.exists(), f"{path.relative_to(ROOT)} is missing"
     text = path.read_text()
-    return [(text[: m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text) if m.group(1) in langs]
+    return [(text[: m.start()].count("\n") + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text) if m.group(1) in langs]
 
 
 def doc_ids() -> list:
@@ -32,35 +39,69 @@ def doc_ids() -> list:
 
 
 @pytest.mark.parametrize("doc", doc_ids())
+def test_every_skip_says_why(doc):
+    """A block that does not run names its reason: `# doctest: skip (needs a PostgreSQL server)`."""
+    for line, _, code in code_blocks(doc, {"python"} | SHELL):
+        if SKIP in code:
+            assert SKIP_WITH_REASON.search(code), f"{doc.name} line {line}: a skip without a (reason)"
+
+
+@pytest.mark.parametrize("doc", [ROOT / "README.md", ROOT / "docs" / "USAGE.md"], ids=["README.md", "docs/USAGE.md"])
 def test_doc_has_runnable_examples(doc):
-    """Each document exists and shows at least one example that really runs."""
-    runnable = [code for _, code in code_blocks(doc, {"python"}) if SKIP not in code]
-    assert len(runnable) >= 1
+    """The user's two entry points show examples that really run, in Python and on the command line."""
+    runnable = {lang for _, lang, code in code_blocks(doc, {"python"} | SHELL) if SKIP not in code}
+    assert "python" in runnable and runnable & SHELL
+
+
+def _fresh_environment(folder: Path) -> dict[str, str]:
+    from kvstore.builtin_models import builtin_model_path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    env.update(HOME=str(folder / "home"), KVSTORE_MODELS=str(builtin_model_path().parent),
+               KVSTORE_CACHE_DIR=os.environ.get("KVSTORE_CACHE_DIR") or str(Path.home() / ".cache" / "kvstore"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    (folder / "home").mkdir()
+    return env
+
+
+def runnable(doc: Path) -> list[tuple[int, str, str]]:
+    return [(line, lang, code) for line, lang, code in code_blocks(doc, {"python"} | SHELL) if SKIP not in code]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", doc_ids())
-def test_python_examples_run(doc, tmp_path, monkeypatch):
-    """Run the document's Python blocks in order; a failure names the block's line."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KVSTORE_HOME", str(tmp_path / "kvstore-home"))
+@pytest.mark.parametrize("doc", [p for p in doc_ids() if runnable(p.values[0])])
+def test_code_blocks_run_as_written(doc, tmp_path, monkeypatch):
+    """Run the document's blocks in order in a fresh folder; a failure names the block's line.
+
+    (Documents whose every block says why it cannot run here are covered by test_every_skip_says_why.)
+    """
+    blocks = runnable(doc)
+    work = tmp_path / "fresh"
+    work.mkdir()
+    env = _fresh_environment(tmp_path)
+    monkeypatch.chdir(work)
+    for key in [k for k in os.environ if k.startswith("KVSTORE_")]:
+        monkeypatch.delenv(key)
+    for key in ("HOME", "KVSTORE_MODELS", "KVSTORE_CACHE_DIR"):
+        monkeypatch.setenv(key, env[key])
     namespace: dict = {"__name__": "__docs__"}
-    ran = 0
-    for line, code in code_blocks(doc, {"python"}):
-        if SKIP in code:
-            continue
-        try:
-            exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)
-        except Exception as e:  # noqa: BLE001 - re-raised with the block's location
-            raise AssertionError(f"the python block at {doc.name} line {line} failed: {e!r}") from e
-        ran += 1
-    assert ran >= 1
+    for line, lang, code in blocks:
+        if lang == "python":
+            try:
+                exec(compile(code, f"{doc.name}:{line}", "exec"), namespace)
+            except Exception as e:  # noqa: BLE001 - re-raised with the block's location
+                raise AssertionError(f"the python block at {doc.name} line {line} failed: {e!r}") from e
+        else:
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (f"the shell block at {doc.name} line {line} exited {done.returncode}:\n"
+                                          f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
 
 @pytest.mark.parametrize("doc", doc_ids())
 def test_skipped_examples_compile(doc):
-    """Blocks that do not run (real models, illustrations) must still be valid Python."""
-    for line, code in code_blocks(doc, {"python"}):
+    """Python blocks that do not run (real models, servers) must still be valid Python."""
+    for line, _, code in code_blocks(doc, {"python"}):
         if SKIP in code:
             compile(code, f"{doc.name}:{line}", "exec")
 
@@ -71,7 +112,7 @@ def shown_commands() -> list[tuple[str, ...]]:
     for doc in DOCS:
         if not doc.exists():
             continue
-        for _, code in code_blocks(doc, SHELL):
+        for _, _, code in code_blocks(doc, SHELL):
             for raw in code.splitlines():
                 line = raw.strip().lstrip("$ ").split("#")[0]
                 for part in line.split("&&"):
@@ -86,7 +127,7 @@ def shown_commands() -> list[tuple[str, ...]]:
 def _after_options(words: list[str]) -> list[str]:
     """The words after the leading global options (`--store PATH`, `--blobs PATH`) of a kvstore command line."""
     i = 0
-    while i < len(words) and words[i].startswith("-"):
+    while i < len(words) and words[i].startswith("-"):  # (they may also come after the command)
         i += 2 if words[i] in ("--store", "--blobs") else 1
     return words[i:]
 
@@ -105,3 +146,19 @@ def test_shown_cli_commands_exist(command):
 
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_test_run_writes_no_tracked_file(monkeypatch, tmp_path):
+    """The reliability figures of a test run go to an ignored file; only an explicit publish writes the tracked one."""
+    from reliability import report
+
+    monkeypatch.delenv(report.PUBLISH_ENV, raising=False)
+    assert report.results_path() == report.LOCAL
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(report.LOCAL)], cwd=ROOT)
+    if (ROOT / ".git").exists():
+        assert ignored.returncode == 0, f"{report.LOCAL} is not ignored by git"
+    monkeypatch.setenv(report.PUBLISH_ENV, "1")
+    assert report.results_path() == report.PUBLISHED
+    target = tmp_path / "figures.json"
+    report.record("probe", runs=2)
+    assert report.write(target) == target and '"probe"' in target.read_text()

@@ -21,7 +21,6 @@ import xxhash
 from kvstore._crash import crash_point
 from kvstore.errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
-from kvstore.blob.tensorfile import write_all
 
 TEMP_SUFFIX = ".tmp"
 VERIFY_BUFFER = 1 << 20  # verify() streams a file through this much memory, whatever the blob's size
@@ -117,6 +116,8 @@ class BlobStore:
             except OSError:
                 pass
             return blob_id, nbytes, False
+        from kvstore.blob.tensorfile import write_all  # here: read-only commands use this module without MLX
+
         for attempt in range(3):
             tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
             try:

@@ -14,22 +14,34 @@ Only used positions are stored, never the allocation padding.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models import cache as mlc
 
 from kvstore.errors import StoreError, UnsupportedCacheError
 
 # The explicit registry of known classes; exact types only (a subclass may change the layout).
-_KNOWN = {
-    "KVCache": mlc.KVCache,
-    "QuantizedKVCache": mlc.QuantizedKVCache,
-    "RotatingKVCache": mlc.RotatingKVCache,
-    "ArraysCache": mlc.ArraysCache,
-    "CacheList": mlc.CacheList,
-}
+KNOWN_CLASSES = ("KVCache", "QuantizedKVCache", "RotatingKVCache", "ArraysCache", "CacheList")
+
+
+class _MlxLmCache:
+    """mlx_lm.models.cache, imported on first use: it pulls in transformers (about a second), and the
+    command line's read commands (`kvstore info`) reach this module without ever touching a cache."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("mlx_lm.models.cache"), name)
+
+
+mlc = _MlxLmCache()
+
+
+@lru_cache(maxsize=None)
+def known_class(name: str) -> type | None:
+    """The mlx-lm class registered under `name`, or None: never a lookup of an arbitrary name."""
+    return getattr(mlc, name) if name in KNOWN_CLASSES else None
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,7 @@ class Slot:
 
 def _describe(c: Any, slots: list[Slot], leaves: list[Any]) -> Any:
     name = type(c).__name__
-    if _KNOWN.get(name) is not type(c):
+    if known_class(name) is not type(c):
         raise UnsupportedCacheError(
             f"cannot store a {type(c).__module__}.{name}: kvstore stores KVCache, QuantizedKVCache, "
             "RotatingKVCache, ArraysCache and CacheList (it never pickles unknown classes)")
@@ -83,7 +95,7 @@ def layout_json(tree: list, slots: list[Slot]) -> dict:
 def layout_from_json(data: dict) -> tuple[list, list[Slot]]:
     slots = [Slot(cls, kind, tuple((k, v) for k, v in params)) for cls, kind, params in data["slots"]]
     for s in slots:
-        if s.cls not in _KNOWN:
+        if s.cls not in KNOWN_CLASSES:
             raise UnsupportedCacheError(f"the store names an unknown cache class {s.cls!r}")
     return data["tree"], slots
 

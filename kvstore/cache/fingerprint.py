@@ -21,6 +21,24 @@ from kvstore.formats import FORMAT_VERSION
 _COSMETIC_KEYS = {"_name_or_path", "transformers_version", "architectures", "kvstore_builtin", "auto_map"}
 _WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf", ".bin")
 _cache_lock = threading.Lock()
+_names: dict[str, str] = {}   # fingerprint -> a human name for it, from the folder or model it was computed from
+
+
+def model_name(fp: str) -> str | None:
+    """A readable name for a fingerprint this process computed (None if it only saw the hex string).
+
+    Stored as the model's name hint when a store first records the model: `kvstore models` shows it.
+    """
+    return _names.get(fp)
+
+
+def _name_of_directory(path: Path) -> str:
+    """`org/model` for a Hugging Face hub snapshot folder, else the folder's own name."""
+    parts = path.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    return path.resolve().name
 
 
 def _hash_cache_path() -> Path:
@@ -109,6 +127,7 @@ def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist")
         ident = _from_directory(path)
+        name = _name_of_directory(path)
     else:
         cached = getattr(model, "_kvstore_identity", None)
         if cached is None:
@@ -118,6 +137,9 @@ def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 
             except (AttributeError, TypeError):
                 pass
         ident = cached
+        name = getattr(getattr(model, "args", None), "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
     ident = dict(ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None,
                  format=FORMAT_VERSION)
-    return xxhash.xxh3_128_hexdigest(_canonical(ident))
+    fp = xxhash.xxh3_128_hexdigest(_canonical(ident))
+    _names.setdefault(fp, name)
+    return fp

@@ -30,7 +30,7 @@ from kvstore.records import Stats
 if TYPE_CHECKING:
     from kvstore.store import Store
 
-__all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary"]
+__all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary", "model_names"]
 
 
 def _prefix_at(snap: str, seq: str) -> str:
@@ -193,3 +193,10 @@ def model_summary(store: "Store") -> list[dict]:
                     "agents": per["agents"].get(mid, 0), "snapshots": per["snapshots"].get(mid, 0),
                     "chunks": per["chunks"].get(mid, 0)})
     return out
+
+
+def model_names(store: "Store") -> dict[str, str | None]:
+    """fingerprint -> the model's name hint (None when the store was never told one): one small query."""
+    m = schema.models
+    with db.transaction(store.engine, write=False, what="listing models") as conn:
+        return dict(conn.execute(select(m.c.fingerprint, m.c.name)).all())

@@ -21,6 +21,7 @@ from kvstore.blob import tensorfile
 from kvstore.blob.local import hash_buffers
 from kvstore.errors import ModelMismatchError, StoreError
 from kvstore.blob.iopool import CORES
+from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.names import validate_name
 from kvstore.records import Snapshot
@@ -273,10 +274,13 @@ def _check_model_and_agent(conn, name: str, model: str, layout: str) -> None:
 
 def _model_id(conn, model: str, layout: str, now: float) -> int:
     models = schema.models
-    row = conn.execute(select(models.c.id).where(models.c.fingerprint == model)).first()
+    row = conn.execute(select(models.c.id, models.c.name).where(models.c.fingerprint == model)).first()
+    name = model_name(model)
     if row:
+        if row.name is None and name is not None:  # a model first saved by its bare fingerprint gets its name
+            conn.execute(update(models).where(models.c.id == row.id).values(name=name))
         return row.id
-    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now)
+    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now, name=name)
                         .returning(models.c.id)).scalar_one()
 
 

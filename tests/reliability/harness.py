@@ -113,6 +113,7 @@ def run_worker(cfg: dict) -> None:
 def serve() -> None:
     """The zygote: fork a worker per JSON line on stdin, report its pid and its exit status."""
     import kvstore  # noqa: F401  (warm imports, inherited by every fork)
+    import kvstore.store, kvstore.ops.save, kvstore.ops.restore, kvstore.ops.gc  # noqa: E401,F401 (import kvstore is lazy)
     import mlx.core  # noqa: F401
     import mlx_lm.models.cache  # noqa: F401
 
