@@ -111,6 +111,10 @@ def _restore_child(args) -> None:
     print(json.dumps(out))
 
 
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _stats(times: list[float]) -> dict:
     s = sorted(times)
     return {"median": s[len(s) // 2], "min": s[0], "max": s[-1], "runs": len(s)}
@@ -238,7 +242,7 @@ def main() -> None:
     plan = [("qwen2.5-0.5b", n) for n in (512, 2048, 4096)] + [("llama-3-8b", n) for n in (512, 2048, 4096)]
     if args.quick:
         plan = [("qwen2.5-0.5b", 512), ("qwen2.5-0.5b", 2048)]
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), _load_average()
     try:
         sizes = []
         for shape, n in plan:
@@ -259,6 +263,7 @@ def main() -> None:
     results = {"machine": machine(), "settings": {"default": "MLX's defaults in a fresh process",
                                                   "raised": "a fresh process with MLX's cache limit at its memory limit"},
                "page_cache_dropped": cold, "seconds": round(time.perf_counter() - t_start, 1),
+               "load_average": [load_start, _load_average()],  # 1-minute, at start and end: a shared machine's noise
                "sizes": sizes, "turn_32_on_4096": turn, "shared_prefix_8x": shared, "chunk_keys": keys,
                "restore_peak_memory": peak, "targets": TARGETS}
     results["summary"] = summary(results)

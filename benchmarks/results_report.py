@@ -44,7 +44,9 @@ def store_section(r: dict) -> list[str]:
     out = ["### Storage engine against mlx-lm's file per agent (`bench_store.py`)\n",
            f"_{machine_line(r['machine'])}; page cache dropped for the cold runs: {r['page_cache_dropped']}; "
            f"{r['sizes'][0]['first_save']['kvstore']['runs']} interleaved rounds per figure (warm restores "
-           f"{r['sizes'][0]['restore_warm']['kvstore']['runs']}), medians in ms; ratio = kvstore / mlx-lm._\n",
+           f"{r['sizes'][0]['restore_warm']['kvstore']['runs']}), medians in ms; ratio = kvstore / mlx-lm"
+           + (f"; 1-minute load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end"
+              if r.get("load_average") else "") + "._\n",
            "| shape | tokens | MiB | " + " | ".join(f"{title} | ratio" for _k, title in STORE_COLUMNS) + " |",
            "|---|---:|---:|" + "---:|---:|" * len(STORE_COLUMNS)]
     for s in r["sizes"]:
