@@ -204,3 +204,89 @@ def test_chunk_blobs_are_placed_from_one_template_per_tensor_list(tmp_path, monk
         restored, _ = store.load("r", model="35" * 16)
         assert same_cache(rot, restored)
         assert general
+
+
+def test_the_default_chunk_size_restores_bit_exact_and_continues(tmp_path):
+    """Stores made without a chunk size use 256 tokens a chunk: whole chunks, a partial tail, and
+    a longer request that continues the saved tokens all restore bit-exactly."""
+    from kvstore.formats import DEFAULT_CHUNK_SIZE
+
+    n = 2 * DEFAULT_CHUNK_SIZE + 37
+    toks = tokens(n, vocab=200_000)
+    with kvstore.open(tmp_path / "s") as store:
+        assert store.chunk_size == DEFAULT_CHUNK_SIZE == 256
+        cache = make_cache("kv", n, mx.bfloat16, layers=2)
+        store.save("a", cache, toks, model=FP)
+        loaded, got = store.load("a", model=FP)
+        assert got == toks and same_cache(cache, loaded)
+        longer, m = store.restore(toks + [7, 8, 9], model=FP)
+        assert m == n and same_cache(cache, longer)
+        diverged = toks[:300] + [t + 1 for t in toks[300:]]
+        prefix, m = store.restore(diverged, model=FP)
+        assert m == DEFAULT_CHUNK_SIZE
+        assert all(np.array_equal(np.asarray(p.keys.view(mx.uint16)), np.asarray(c.keys[..., :m, :].view(mx.uint16)))
+                   for p, c in zip(prefix, cache))
+
+
+def _big_cache(n: int, layers: int = 4, heads: int = 8, dim: int = 128):
+    """A KVCache list of float32 KV: 32 KiB a token with the defaults."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for layer in range(layers):
+        a, b = mx.random.split(mx.random.key(layer))
+        c = KVCache()
+        c.update_and_fetch(mx.random.normal((1, heads, n, dim), key=a), mx.random.normal((1, heads, n, dim), key=b))
+        out.append(c)
+    mx.eval([c.keys for c in out] + [c.values for c in out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A store holding one agent of more than scatter.PARALLEL_BYTES (36 MiB in 256-token chunks)."""
+    n = 1100
+    cache = _big_cache(n)
+    assert sum(c.keys.nbytes + c.values.nbytes for c in cache) > scatter.PARALLEL_BYTES
+    store = kvstore.open(tmp_path_factory.mktemp("big") / "s")
+    store.save("big", cache, tokens(n, vocab=150_000), model=FP)
+    yield store, cache
+    store.close()
+
+
+def test_large_restores_read_on_the_io_threads_and_are_bit_exact(big_store, monkeypatch):
+    store, cache = big_store
+    maps, threads = [], set()
+    real_map, real_fill = IoPool.map, scatter.ScatterReader._fill
+
+    def spy_map(self, fn, items, width=None):
+        maps.append((self, width))
+        return real_map(self, fn, items, width)
+
+    def spy_fill(self, plan):
+        threads.add(threading.current_thread().name)
+        return real_fill(self, plan)
+
+    monkeypatch.setattr(IoPool, "map", spy_map)
+    monkeypatch.setattr(scatter.ScatterReader, "_fill", spy_fill)
+    loaded, _ = store.load("big", model=FP)
+    assert maps == [(store.io, scatter.READ_WIDTH)]  # the pool, not the serial path
+    if scatter.READ_WIDTH > 1 and store.io.threads > 1:
+        assert threads  # every blob was read by the caller or a pool thread, whichever was free
+    assert same_cache(cache, loaded)
+
+
+def test_a_flipped_byte_is_caught_on_the_parallel_read_path(big_store):
+    store, _cache = big_store
+    paths = sorted(p for _, p in store.blobs.iter_files())
+    victim = paths[len(paths) // 2]
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2 + 123] ^= 0x10  # in the middle of the KV data, far from the header
+    victim.write_bytes(bytes(bad))
+    try:
+        with pytest.raises(kvstore.CorruptBlobError):
+            store.load("big", model=FP)
+    finally:
+        victim.write_bytes(good)
+    assert store.fsck().ok

@@ -152,3 +152,59 @@ def test_a_dropped_restore_frees_its_memory_without_the_cycle_collector(tmp_path
             assert mx.get_active_memory() - baseline < held // 10
         finally:
             gc.enable()
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+def _vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping holding addr, from /proc/self/smaps."""
+    flags, inside = set(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                flags = set(line.split()[1:])
+    return flags
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages here")
+def test_large_restores_land_in_memory_advised_into_huge_pages(tmp_path, monkeypatch):
+    """A large restore's arrays are in memory marked for transparent huge pages (VmFlags 'hg'):
+    in a process with MLX's default cache limit that memory is new each time, and 4 KiB pages
+    cost a fault each."""
+    from mlx_lm.models.cache import KVCache
+
+    monkeypatch.setattr(uninit, "ZEROS_BELOW", 0)
+    n = 1024
+    with kvstore.open(tmp_path / "s") as store:
+        cache = []
+        for layer in range(2):  # 4 MiB arrays: two huge pages each
+            c = KVCache()
+            a, b = mx.random.split(mx.random.key(layer))
+            c.update_and_fetch(mx.random.normal((1, 8, n, 128), key=a), mx.random.normal((1, 8, n, 128), key=b))
+            cache.append(c)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        store.save("a", cache, tokens(n), model=FP)
+        loaded, _ = store.load("a", model=FP)
+        assert same_cache(cache, loaded)
+        for c in loaded:
+            assert c.keys.nbytes >= 2 * uninit.HUGE_PAGE
+            assert "hg" in _vm_flags(address(c.keys) + c.keys.nbytes // 2)
+
+
+def test_huge_page_advice_is_only_advice(monkeypatch):
+    """Small ranges are left alone, and without the call (not Linux) nothing changes."""
+    flats = uninit._flats([uninit.HUGE_PAGE // 2])
+    assert not uninit.advise_huge_pages(address(flats[0]), flats[0].nbytes)
+    monkeypatch.setattr(uninit, "_LIBC", None)
+    arrays = uninit.empty([((1024, 1024), mx.float32)])
+    assert arrays[0].shape == (1024, 1024)

@@ -13,6 +13,13 @@ replaced at its cache's first append, a sliding-window layer's are written in pl
 the cache lives), in buffers of at most GROUP_BYTES. If the loader ever stops behaving this way,
 arrays come from `mx.zeros` as before: slower, never wrong, because every caller overwrites every
 byte (the restore checks that every position landed).
+
+On Linux the buffers are advised into transparent huge pages before anything touches them. In a
+process with MLX's default cache limit (32 MiB on Linux) a large restore's memory is fresh from the
+kernel every time, and its first touch costs a fault per 4 KiB page; with huge pages it is one
+fault per 2 MiB. A 48 MiB qwen restore in such a process took 12,290 faults and ~40 ms of CPU
+without the advice, ~540 faults and ~20 ms with it (mlx-lm's load_prompt_cache: ~7,100 and ~24 ms).
+Memory the advice reaches keeps it after it is freed; glibc may hand it out again for other uses.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import ctypes
 import json
 import math
 import struct
+import sys
 
 import mlx.core as mx
 
@@ -29,6 +37,8 @@ from kvstore.blob.tensorfile import PAGE
 GROUP_BYTES = 64 << 20  # a qwen-0.5b 4096-token cache (48 MiB) in one buffer: one load instead of three
 ZEROS_BELOW = 16 << 20  # smaller requests are zero-filled: carving views costs more than writing them
 ALIGN = 64  # every array starts on a cache line: the copies into it stay aligned
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 class _HeaderOnlyFile:
@@ -90,7 +100,32 @@ def _flats(sizes: list[int]) -> list[mx.array] | None:
         return None
     if any(f.dtype != mx.uint8 or tuple(f.shape) != (n,) for f, n in zip(flats, sizes)):
         return None
+    for f in flats:
+        advise_huge_pages(_address(f), f.nbytes)
     return flats
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def advise_huge_pages(address: int, nbytes: int) -> bool:
+    """Ask Linux to back the whole pages of [address, address + nbytes) with transparent huge pages.
+
+    Only advice: where the kernel has them off, or the memory was touched already (a buffer MLX
+    recycled), nothing changes and nothing breaks. Returns whether the kernel took the advice.
+    """
+    if _LIBC is None or nbytes < HUGE_PAGE:
+        return False
+    lo = -(-address // PAGE) * PAGE
+    hi = (address + nbytes) // PAGE * PAGE
+    return _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
 
 
 def _groups(spans: list[int], lifetimes: list) -> list[list[int]]:
