@@ -66,19 +66,47 @@ def export_cmd(ref: StoreRef, agent: str, file: str, force: bool) -> None:
 @click.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", "new_name", metavar="NEW", help="Import under this name instead of the archived one.")
+@click.option("--trust", is_flag=True,
+              help="Merge the archive's KV with this store's own, unverified (default: keep it apart).")
+@click.option("--verify-with", "verify_with", metavar="MODEL",
+              help="Recompute the archive's KV with this model (`builtin`, a folder or a Hugging Face id) and "
+                   "merge it only if it matches.")
 @pass_store
-def import_cmd(ref: StoreRef, file: str, new_name: str | None) -> None:
-    """Bring in the agent archived in FILE: every blob is verified first; blobs the store has are reused."""
+def import_cmd(ref: StoreRef, file: str, new_name: str | None, trust: bool, verify_with: str | None) -> None:
+    """Bring in the agent archived in FILE: every blob is verified first; blobs the store has are reused.
+
+    An archive's KV cannot be checked against its token ids without the model, so by default it is
+    kept apart: the imported agent loads and continues, but no other agent ever restores its KV.
+    """
+    if trust and verify_with:
+        raise click.UsageError("use --trust or --verify-with, not both")
     from kvstore.ops import archive
 
     chunk_size = archive.read_manifest(file).get("chunk_size")
+    model = None
+    if verify_with:
+        from pathlib import Path
+
+        from mlx_lm.utils import hf_repo_to_path
+
+        try:  # a folder as it is; a Hugging Face id resolved to its local copy (the fingerprint reads files)
+            if verify_with == "builtin":
+                from kvstore.builtin_models import builtin_model_path
+
+                model = str(builtin_model_path())
+            else:
+                model = verify_with if Path(verify_with).is_dir() else str(hf_repo_to_path(verify_with))
+        except Exception as e:  # a missing folder or an unknown id: one line, not a traceback
+            raise CliError(f"cannot find the model {verify_with}: {e}") from None
     # A store this import creates takes the archive's chunk size: chunk keys depend on it.
     store = ref.get(create=True, chunk_size=chunk_size if isinstance(chunk_size, int) else None)
     with progress("importing", unit_bytes=True) as cb:
-        got = archive.import_agent(store, file, name=new_name, progress=cb)
+        got = archive.import_agent(store, file, name=new_name, progress=cb, trust=trust, verify=model)
+    how = "verified and merged" if verify_with else "merged" if got.merged else \
+        "kept apart from this store's own caches (--trust or --verify-with MODEL to merge)"
     click.echo(f"imported {got.agent}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens; "
                f"{count(got.blobs_written)} blobs written ({size(got.bytes_written)}), "
-               f"{count(got.blobs_reused)} already in the store")
+               f"{count(got.blobs_reused)} already in the store; {how}")
 
 
 @click.command()

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 
-from .format import count, emit_json, fields, short_fp, size, table, when
+from .format import count, emit_json, fields, safe, short_fp, size, table, when
 from .main import StoreRef, pass_store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -120,7 +120,7 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
     if conversation:
         click.echo("\nconversation")
         for role, content in conversation:
-            click.echo(f"[{_printable(role)}] {_printable(content)}")
+            click.echo(f"[{safe(role)}] " + safe(content, keep="\n\t"))  # a conversation keeps its lines
     click.echo("\nsnapshots")
     click.echo(table(["ID", "TOKENS", "CREATED", "LABEL", ""],
                      [[s.id, count(s.n_tokens), when(s.created, now), s.label or "-",
@@ -134,11 +134,6 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
                      [[f"{r['first']}-{r['last']}" if r["last"] != r["first"] else str(r["first"]),
                        f"{r['start']}-{r['end']}", size(r["bytes"]), _names(r["shared_with"])] for r in runs],
                      right=(2,)))
-
-
-def _printable(text: str) -> str:
-    """Model output and stored records are untrusted: control characters (terminal escapes) are shown escaped."""
-    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
 
 
 def _conversation(meta: dict) -> list[tuple[str, str]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kvstore.index.location import sqlite_url  # a path helper: no engine, no MLX at start-up
+
 from .format import count, emit_json, fields, progress, size
 from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
@@ -104,7 +106,7 @@ def _status(ref: StoreRef) -> dict:
     if not ref.exists():
         return {"store": str(ref.root), "exists": False, "current": None, "head": schema.SCHEMA_REVISION,
                 "up_to_date": False}
-    url = ref.location if ref.is_url else f"sqlite:///file:{(ref.root / 'index.db').resolve()}?mode=ro&uri=true"
+    url = ref.location if ref.is_url else sqlite_url(ref.root, readonly=True)
     engine = db.make_engine(url, readonly=True)
     try:
         status = db.migration_status(engine)
@@ -137,7 +139,7 @@ def migrate(ref: StoreRef, status: bool, as_json: bool) -> None:
 
     if not ref.exists():
         raise CliError(f"no store at {ref.root}: nothing to migrate")
-    url = ref.location if ref.is_url else f"sqlite:///{(ref.root / 'index.db').resolve()}"
+    url = ref.location if ref.is_url else sqlite_url(ref.root)
     engine = db.make_engine(url)
     try:
         done = db.upgrade(engine)  # refuses an index newer than this kvstore (SchemaTooNewError)

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import click
 
-__all__ = ["size", "count", "when", "short_fp", "table", "fields", "emit_json", "progress"]
+__all__ = ["safe", "size", "count", "when", "short_fp", "table", "fields", "emit_json", "progress"]
+
+
+# C0 and C1 controls (ESC starts ANSI sequences; CSI is U+009B), DEL, and the bidirectional
+# overrides that reorder what a terminal shows: an imported archive chooses model names and
+# metadata keys, and a terminal must show them, not obey them (issue 15, item 9).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: Any, keep: str = "") -> str:
+    """`text` for a terminal: control characters shown as escapes (\\x1b, \\u202e), never sent raw.
+
+    `keep` names controls to pass through (a conversation keeps its newlines; a table cell does not).
+    """
+    return _UNSAFE.sub(lambda m: m.group() if m.group() in keep else f"\\x{ord(m.group()):02x}"
+                       if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
 
 
 def size(n: int | float) -> str:
@@ -48,7 +64,7 @@ def short_fp(fingerprint: str) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """A plain-text table; columns listed in `right` are right-aligned (numbers)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[safe(h) for h in headers]] + [[safe(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: list[str]) -> str:
@@ -59,9 +75,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
 
 
 def fields(pairs: Sequence[tuple[str, Any]]) -> str:
-    """'name   value' lines, the names padded to one width."""
+    """'name   value' lines, the names padded to one width; values pass through `safe`."""
     width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in pairs)
+    return "\n".join(f"{k.ljust(width)}  {safe(v)}" for k, v in pairs)
 
 
 def emit_json(data: Any) -> None:

@@ -11,10 +11,9 @@ import click
 
 import kvstore
 from kvstore.errors import NotAStoreError, StoreError
+from kvstore.index.location import index_path
 
 __all__ = ["cli", "main", "StoreRef", "pass_store", "CliError", "confirm", "yes_option"]
-
-INDEX_FILE = "index.db"
 
 
 class CliError(click.ClickException):
@@ -55,7 +54,7 @@ class StoreRef:
 
     def exists(self) -> bool:
         """Whether a store is there (a URL store always counts: its database decides)."""
-        return self.is_url or (self.root / INDEX_FILE).is_file()
+        return self.is_url or index_path(self.root).is_file()
 
     def get(self, create: bool = False, chunk_size: int | None = None) -> kvstore.Store:
         """The open store; a missing one is an error unless `create` (import creates its target).

@@ -39,6 +39,10 @@ class CorruptBlobError(BlobError):
     """A blob's bytes no longer hash to its name, or do not parse."""
 
 
+class InvalidBlobIdError(CorruptBlobError, ValueError):
+    """A blob id that is not 32 hex digits: no file path is ever built from it."""
+
+
 class MissingBlobError(BlobError):
     """A blob the index references is not on disk."""
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import delete, func, literal_column, select, text, update
-
 from kvstore.index import db
-from kvstore.index import schema
+from kvstore.index import queries
+from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
 from kvstore.index import sizes
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
@@ -21,7 +19,6 @@ from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
 from kvstore.names import validate_name
 from kvstore.records import AgentBytes, AgentInfo, Match, Snapshot, Stats
 
-INDEX_FILE = "index.db"
 Progress = Callable[[int, int], None] | None
 
 
@@ -29,8 +26,8 @@ def default_home() -> Path:
     return Path(os.environ.get("KVSTORE_HOME") or Path.home() / ".kvstore")
 
 
-def _model_id(model: Any) -> str:
-    """A fingerprint from a fingerprint string, a model directory, or a loaded model."""
+def _fingerprint_of(model: Any) -> str:
+    """The model fingerprint from a fingerprint string, a model directory, or a loaded model."""
     if isinstance(model, str) and len(model) == 32 and all(c in "0123456789abcdef" for c in model):
         return model
     if model is None or isinstance(model, (bool, int, float, bytes)):
@@ -132,26 +129,26 @@ class Store:
         self._writable()
         from kvstore.ops import save  # (here, not at the top: read-only commands start without MLX)
 
-        return save.save(self, name, cache, tokens, _model_id(model), meta, label, pinned, captured)
+        return save.save(self, name, cache, tokens, _fingerprint_of(model), meta, label, pinned, captured)
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
         """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""
         validate_name(name)
         from kvstore.ops import restore
 
-        return restore.load(self, name, None if model is None else _model_id(model), snapshot)
+        return restore.load(self, name, None if model is None else _fingerprint_of(model), snapshot)
 
     def match(self, tokens: Any, *, model: Any) -> Match:
         """The longest prefix of `tokens` that the store can restore for `model` (from any agent)."""
         from kvstore.ops import restore
 
-        return restore.match(self, tokens, _model_id(model))[0]
+        return restore.match(self, tokens, _fingerprint_of(model))[0]
 
     def restore(self, tokens: Any, *, model: Any, max_tokens: int | None = None) -> tuple[list | None, int]:
         """(cache, n): the longest stored prefix of `tokens` as a ready cache, or (None, 0)."""
         from kvstore.ops import restore
 
-        return restore.restore(self, tokens, _model_id(model), max_tokens)
+        return restore.restore(self, tokens, _fingerprint_of(model), max_tokens)
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -159,16 +156,8 @@ class Store:
         """Forget an agent and its snapshots (their blobs go at the next gc). False if it did not exist."""
         validate_name(name)
         self._writable()
-        a = schema.agents
         with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
-            row = conn.execute(select(a.c.id).where(a.c.name == name)).first()
-            if row is None:
-                return False
-            snaps = select(schema.snapshots.c.id).where(schema.snapshots.c.agent_id == row.id)
-            conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(snaps)))
-            conn.execute(delete(schema.snapshots).where(schema.snapshots.c.agent_id == row.id))
-            conn.execute(delete(a).where(a.c.id == row.id))
-        return True
+            return queries.delete_agent(conn, name)
 
     def fork(self, name: str, new_name: str) -> Snapshot:
         """A new agent whose head is a copy of `name`'s head: it shares every chunk, no blob is copied."""
@@ -177,26 +166,20 @@ class Store:
         self._writable()
         from kvstore.ops import restore
 
-        a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
         now = db.now()
         with db.transaction(self.engine, write=True, what=f"forking {name!r}") as conn:
             src = restore.head_snapshot(conn, name)
-            if conn.execute(select(a.c.id).where(a.c.name == new_name)).first() is not None:
+            if queries.agent_row(conn, new_name) is not None:
                 raise AgentExistsError(f"an agent named {new_name!r} already exists")
-            agent = conn.execute(select(a).where(a.c.name == name)).first()
-            snap = conn.execute(select(s).where(s.c.id == src.id)).first()
-            new_agent = conn.execute(a.insert().values(name=new_name, model_id=agent.model_id, meta=agent.meta,
-                                                       created=now, updated=now).returning(a.c.id)).scalar_one()
-            new_snap = conn.execute(s.insert().values(
-                agent_id=new_agent, model_id=snap.model_id, n_tokens=snap.n_tokens, tokens=snap.tokens,
-                created=now, label=None, pinned=False).returning(s.c.id)).scalar_one()
-            rows = conn.execute(select(sc.c.seq, sc.c.chunk_key).where(sc.c.snapshot_id == src.id)).all()
-            if rows:
-                conn.execute(sc.insert(), [{"snapshot_id": new_snap, "seq": r.seq, "chunk_key": r.chunk_key}
-                                           for r in rows])
-            conn.execute(update(a).where(a.c.id == new_agent).values(head=new_snap))
-        return Snapshot(id=new_snap, agent=new_name, model=src.fingerprint, n_tokens=snap.n_tokens, created=now,
-                        blobs_reused=len(rows))
+            agent = queries.agent_row(conn, name)
+            snap = queries.snapshot_row(conn, src.id)
+            keys = queries.snapshot_keys(conn, src.id)
+            new_agent = queries.insert_agent(conn, new_name, agent.model_id, agent.meta, now, now)
+            new_snap = queries.insert_snapshot(conn, new_agent, snap.model_id, snap.tokens, snap.n_tokens, keys,
+                                               now, label=None, pinned=False)
+            queries.set_head(conn, new_agent, new_snap)
+        return Snapshot(id=new_snap, agent=new_name, model=src.fingerprint, n_tokens=src.n_tokens, created=now,
+                        blobs_reused=len(keys))
 
     def set_meta(self, name: str, meta: dict) -> None:
         """Replace an agent's metadata (its record: role, messages, ...)."""
@@ -204,10 +187,8 @@ class Store:
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
         self._writable()
-        a = schema.agents
         with db.transaction(self.engine, write=True, what=f"updating agent {name!r}") as conn:
-            n = conn.execute(update(a).where(a.c.name == name).values(
-                meta=json.dumps(meta, sort_keys=True, default=str), updated=db.now())).rowcount
+            n = queries.update_agent_meta(conn, name, meta, db.now())
         if not n:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
 
@@ -231,42 +212,17 @@ class Store:
         return self._agent_infos(None)
 
     def _agent_infos(self, name: str | None) -> list[AgentInfo]:
-        a, s, m = schema.agents, schema.snapshots, schema.models
-        # Correlated count: one index range (ix_snapshots_agent) per agent listed, not a grouped scan of
-        # every snapshot in the store for a single agent's record.
-        count = select(func.count()).where(s.c.agent_id == a.c.id).correlate(a).scalar_subquery()
-        head = s.alias("head")
-        q = (select(a.c.name, m.c.fingerprint, a.c.meta, a.c.created, a.c.updated, a.c.head,
-                    func.coalesce(head.c.n_tokens, 0), count)
-             .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
-             .order_by(a.c.name))
-        if name is not None:
-            q = q.where(a.c.name == name)
         with db.transaction(self.engine, write=False, what="listing agents") as conn:
-            rows = conn.execute(q).all()
-        return [AgentInfo(name=r[0], model=r[1], meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"), created=r[3], updated=r[4],
-                          head=r[5], n_tokens=r[6], snapshots=r[7]) for r in rows]
+            return queries.agent_infos(conn, name)
 
     def snapshots(self, name: str) -> list[Snapshot]:
-        """An agent's snapshots, oldest first.
-
-        `bytes_written` is the bytes of the chunks a snapshot was the first retained snapshot (of any
-        agent) to list: what its save wrote, as long as older snapshots have not been collected.
-        """
+        """An agent's snapshots, oldest first (`bytes_written`: see queries.snapshot_list)."""
         validate_name(name)
-        a, s, m = schema.agents, schema.snapshots, schema.models
-        first = text("(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
-                     "WHERE sc.snapshot_id = snapshots.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
-                     "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))")
         with db.transaction(self.engine, write=False, what="listing snapshots") as conn:
-            if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
-                raise UnknownAgentError(f"no agent named {name!r} in this store")
-            rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned, m.c.fingerprint,
-                                       literal_column(first.text).label("written"))
-                                .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-                                .where(a.c.name == name).order_by(s.c.id)).all()
-        return [Snapshot(id=r.id, agent=name, model=r.fingerprint, n_tokens=r.n_tokens, created=r.created,
-                         label=r.label, pinned=bool(r.pinned), bytes_written=int(r.written or 0)) for r in rows]
+            out = queries.snapshot_list(conn, name)
+        if out is None:
+            raise UnknownAgentError(f"no agent named {name!r} in this store")
+        return out
 
     def agent_bytes(self, name: str | None = None) -> dict[str, AgentBytes]:
         """Bytes of each agent's head snapshot (or only `name`'s): unique to it and shared with other agents.
@@ -314,11 +270,9 @@ class Store:
         writes the KV again.
         """
         self._writable()
-        cl, b = schema.chunk_layers, schema.blobs
+        self.blobs.path(blob_id)  # InvalidBlobIdError for anything but a blob id, before any row goes
         with db.transaction(self.engine, write=True, what=f"discarding blob {blob_id}") as conn:
-            keys = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id == blob_id))]
-            n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
-            conn.execute(delete(b).where(b.c.id == blob_id))
+            n, keys = queries.drop_blob_rows(conn, blob_id)
             sizes.refresh(conn, keys)
             self.blobs.remove(blob_id)  # under the write lock, after the rows are gone
         return n
@@ -353,9 +307,9 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
         root = Path(target).expanduser()
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
-        if root.is_dir() and not (root / INDEX_FILE).exists() and any(root.iterdir()):
+        if root.is_dir() and not index_path(root).exists() and any(root.iterdir()):
             raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
-        if (root / INDEX_FILE).is_file() and (root / INDEX_FILE).stat().st_size == 0 \
+        if index_path(root).is_file() and index_path(root).stat().st_size == 0 \
                 and next(BlobStore(root).iter_files(), None) is not None:
             # SQLite would take the empty file for a new index, and gc would then sweep every blob.
             raise IndexDatabaseError(f"{root / INDEX_FILE} is empty but the store holds blobs: the index was "
@@ -373,12 +327,10 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
     elif not readonly and root.is_dir() and not os.access(root, os.W_OK):
         raise ReadOnlyStoreError(f"{root} is not writable (a read-only mount?): open it with readonly=True to load")
     if url is None:
-        index = (root / INDEX_FILE).resolve()
         # On read-only media SQLite cannot make the WAL's -shm file; with no WAL left (a clean close)
         # nothing can change the file, and immutable=1 opens it without one.
         frozen = readonly and not os.access(root, os.W_OK) and not (root / f"{INDEX_FILE}-wal").exists()
-        url = (f"sqlite:///file:{index}?mode=ro{'&immutable=1' if frozen else ''}&uri=true" if readonly
-               else f"sqlite:///{index}")
+        url = sqlite_url(root, readonly=readonly, immutable=frozen)
     if not readonly:
         try:
             BlobStore(root, durable=durable).ensure_dirs()

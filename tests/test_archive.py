@@ -256,9 +256,14 @@ def test_other_chunk_size_or_model_layout_is_refused(tmp_path, source):
         t = tokens(5, seed=1)
         dst.save("x", make_cache("kv", 5, layers=2, seed=1), t, model=FP)  # same fingerprint, 2 layers not 3
         before = store_state(dst)
-        with pytest.raises(kvstore.ModelMismatchError):
-            kvstore.import_agent(dst, tmp_path / "biz.tar")
+        with pytest.raises(kvstore.ModelMismatchError):  # merged, its layout would clash with the store's
+            kvstore.import_agent(dst, tmp_path / "biz.tar", trust=True)
         assert store_state(dst) == before
+        # Kept apart (the default) it clashes with nothing, and the store's own model is untouched.
+        assert not kvstore.import_agent(dst, tmp_path / "biz.tar").merged
+        dst.save("x", make_cache("kv", 5, layers=2, seed=1), t, model=FP)
+        assert dst.load("biz", model=FP)[1] == source.tokens("biz")
+        assert dst.fsck().ok
 
 
 def test_a_clash_found_at_commit_removes_the_blobs_written(tmp_path, source):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import sys
 import time
 import uuid
@@ -19,11 +20,12 @@ from typing import Callable, Iterable, Iterator
 import xxhash
 
 from kvstore._crash import crash_point
-from kvstore.errors import CorruptBlobError, MissingBlobError, ReadOnlyStoreError, StoreFullError
+from kvstore.errors import CorruptBlobError, InvalidBlobIdError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
 
 TEMP_SUFFIX = ".tmp"
 VERIFY_BUFFER = 1 << 20  # verify() streams a file through this much memory, whatever the blob's size
+BLOB_ID = re.compile(r"[0-9a-f]{32}")  # the xxh3-128 hex digest: the only name a blob file gets
 SHARDS = [f"{i:02x}" for i in range(256)]  # blob files live in blobs/<first two hex digits of the id>/
 
 
@@ -47,6 +49,10 @@ def fsync_dir(path: Path) -> None:
         fsync_file(fd)
     finally:
         os.close(fd)
+
+
+def is_blob_id(blob_id: object) -> bool:
+    return isinstance(blob_id, str) and BLOB_ID.fullmatch(blob_id) is not None
 
 
 def hash_buffers(buffers: Iterable[bytes | memoryview]) -> str:
@@ -92,6 +98,11 @@ class BlobStore:
             fsync_dir(self.root)
 
     def path(self, blob_id: str) -> Path:
+        """The file of a blob. Every path is built here, from a checked id: an index row or a caller
+        naming '../../x' must never reach a file outside the store (issue 15, item 8)."""
+        if not is_blob_id(blob_id):
+            raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)",
+                                     str(blob_id)[:80])
         return self.blob_dir / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
 
     # -- writing ---------------------------------------------------------------------------
@@ -159,7 +170,7 @@ class BlobStore:
         if not self.durable:
             return
         try:
-            for shard in sorted({b[:2] for b in blob_ids}):
+            for shard in sorted({self.path(b).parent.name for b in blob_ids}):
                 fsync_dir(self.blob_dir / shard)
         except OSError as e:
             raise _translate_os_error(e, "syncing the blob folders") from e
@@ -221,8 +232,9 @@ class BlobStore:
                     continue
                 with os.scandir(shard.path) as files:
                     for entry in files:
-                        if entry.name.endswith(BLOB_SUFFIX):
-                            yield shard.name + entry.name[: -len(BLOB_SUFFIX)], Path(entry.path)
+                        blob_id = shard.name + entry.name[: -len(BLOB_SUFFIX)]
+                        if entry.name.endswith(BLOB_SUFFIX) and is_blob_id(blob_id):
+                            yield blob_id, Path(entry.path)
 
     def iter_temp(self) -> Iterator[Path]:
         if self.tmp_dir.is_dir():

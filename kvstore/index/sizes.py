@@ -17,10 +17,9 @@ from sqlalchemy import Column, BigInteger, LargeBinary, MetaData, Table, and_, b
 
 from kvstore.index import db
 from kvstore.index import schema
+from kvstore.index.queries import batches
 
 __all__ = ["add_chains", "refresh", "check", "rebuild"]
-
-IN_CHUNK = 400  # keys per IN (...) list
 
 # Bytes of chunk `c.key`: IN (...) keeps one blob shared by several layers from counting twice.
 CHUNK_BYTES = ("(SELECT COALESCE(SUM(b.nbytes), 0) FROM blobs b WHERE b.id IN "
@@ -34,12 +33,6 @@ _CARRY = text("""
         UNION ALL
         SELECT c.key, c.seq FROM chunks c JOIN sub ON c.parent = sub.key AND c.seq = sub.seq + 1)
     UPDATE chunks SET prefix_bytes = prefix_bytes + :delta WHERE key IN (SELECT key FROM sub)""")
-
-
-def _parts(seq, n: int = IN_CHUNK):
-    seq = list(seq)
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
 
 
 def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]], lengths: dict[bytes, int],
@@ -58,7 +51,7 @@ def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]],
         for i, key in enumerate(chain):
             place.setdefault(key, (i, chain[i - 1] if i else root))
     have = set()
-    for part in _parts(place):
+    for part in batches(place):
         have |= {bytes(k) for (k,) in conn.execute(select(c.c.key).where(c.c.key.in_(part)))}
     old_rows = [r for r in layer_rows if r["chunk_key"] in have]
     new_rows = [r for r in layer_rows if r["chunk_key"] not in have]
@@ -76,7 +69,7 @@ def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]],
         blobs_of.setdefault(r["chunk_key"], set()).add(r["blob_id"])
     prefix: dict[bytes, int] = {root: 0}
     stored_parents = {place[k][1] for k in fresh} & have
-    for part in _parts(stored_parents):
+    for part in batches(stored_parents):
         prefix.update((bytes(k), int(p)) for k, p in conn.execute(
             select(c.c.key, c.c.prefix_bytes).where(c.c.key.in_(part))))
     rows = []
@@ -98,7 +91,7 @@ def refresh(conn, keys) -> dict[bytes, int]:
     changed: dict[bytes, int] = {}
     q = text(f"SELECT c.key, c.nbytes, {CHUNK_BYTES} FROM chunks c WHERE c.key IN :keys").bindparams(
         bindparam("keys", expanding=True, type_=LargeBinary))
-    for part in _parts(sorted(set(keys))):
+    for part in batches(sorted(set(keys))):
         for key, old, new in conn.execute(q, {"keys": part}):
             if int(old) != int(new):
                 changed[bytes(key)] = int(new) - int(old)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
 
+from kvstore.blob.local import is_blob_id
 from kvstore.index import db
 from kvstore.index import schema
 from kvstore.index import sizes
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 def _check_blob(store: "Store", blob_id: str, nbytes: int) -> tuple[str, str] | None:
     """None if the blob is sound, else (kind, detail)."""
+    if not is_blob_id(blob_id):  # a crafted row: never build a path from it (repair drops the row only)
+        return "corrupt_blob", f"blob id {blob_id[:80]!r} is not 32 hex digits"
     path = store.blobs.path(blob_id)
     try:
         size = path.stat().st_size
@@ -187,7 +190,7 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
             if keys:
                 conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
             affected.add(sid)
-        for blob_id in bad_ids:  # files go after their rows, under the same write lock
+        for blob_id in filter(is_blob_id, bad_ids):  # files go after their rows, under the same write lock
             store.blobs.remove(blob_id)
         for _, path in stray:
             path.unlink(missing_ok=True)

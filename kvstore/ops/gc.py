@@ -22,7 +22,7 @@ from kvstore.index import schema
 from kvstore._crash import crash_point
 from kvstore.errors import StoreLockedError
 from kvstore.records import GcReport
-from kvstore.ops.save import _ids
+from kvstore.index.queries import batches
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -104,15 +104,15 @@ def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=Non
         with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
             restore_cache = _big_page_cache(conn)
             doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
-            for part in _ids(doomed):
+            for part in batches(doomed):
                 conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
                 conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
             chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
-            for part in _ids(chunk_keys):
+            for part in batches(chunk_keys):
                 conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
                 conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))
             dead = conn.execute(_unreferenced_blobs()).all()
-            for part in _ids([b for b, _ in dead]):
+            for part in batches([b for b, _ in dead]):
                 conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
             restore_cache()
         crash_point("gc.after_rows")

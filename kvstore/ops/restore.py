@@ -17,7 +17,8 @@ from kvstore.errors import (IndexDatabaseError, MissingBlobError, ModelMismatchE
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
 from kvstore.records import Match
 from kvstore.blob.scatter import ScatterReader
-from kvstore.ops.save import _ids
+from kvstore.index import queries
+from kvstore.index.queries import batches
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -27,7 +28,7 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
     """{(chunk key, slot): (blob id, first)} for the given keys."""
     cl = schema.chunk_layers
     out = {}
-    for part in _ids(keys):
+    for part in batches(keys):
         rows = conn.execute(  # .all(): one fetch, not one per row (a row per chunk and layer)
             select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))).all()
         out.update({(bytes(k), layer): (blob_id, first) for k, layer, blob_id, first in rows})
@@ -212,7 +213,7 @@ def load(store: "Store", name: str, model: str | None, snapshot_id: int | None):
 def _load_once(store: "Store", name: str, model: str | None, snapshot_id: int | None):
     with db.transaction(store.engine, write=False, what=f"loading agent {name!r}") as conn:
         row = head_snapshot(conn, name, snapshot_id)
-        if model is not None and row.fingerprint != model:
+        if model is not None and row.fingerprint != model and queries.namespace_model(conn, row.fingerprint) != model:
             raise ModelMismatchError(
                 f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used")
         tokens = _snapshot_tokens(row, name)

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from sqlalchemy import insert, select, update
-
 from kvstore.cache import codec
 from kvstore.index import db
+from kvstore.index import queries
 from kvstore.index import schema
 from kvstore.index import sizes
 from kvstore.blob import tensorfile
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS = 5
 LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock (see save)
-IN_CHUNK = 400  # keys per IN (...) list: SQLite's default variable limit is generous, PostgreSQL's too
 
 
 class _Retry(Exception):
@@ -47,24 +45,6 @@ class Piece:
     first: int
     arrays: dict
     meta: dict | None = None
-
-
-def _ids(seq, n=IN_CHUNK):
-    seq = list(seq)
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
-def existing_layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], int]:
-    """{(chunk key, slot): first} for the keys the index already has."""
-    out = {}
-    cl = schema.chunk_layers
-    for part in _ids(keys):
-        for k, layer, first in conn.execute(
-            select(cl.c.chunk_key, cl.c.layer, cl.c.first).where(cl.c.chunk_key.in_(part))
-        ):
-            out[(bytes(k), layer)] = first
-    return out
 
 
 def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], dict[str, str], int]:
@@ -216,6 +196,22 @@ def finish_writes(store: "Store", blobs: list[_Blob], pending: Future) -> list[t
     return [(p, b.blob_id, b.nbytes, w) for b, w in zip(blobs, flags) for p in b.group]
 
 
+@dataclass(frozen=True)
+class SavePlan:
+    """What a save commits, fixed before its first attempt: the agent, model and snapshot."""
+
+    name: str
+    model: str               # the caller's model fingerprint
+    fingerprint: str         # the one its chunk keys derive from: `model`, or an unverified import's namespace
+    layout: str              # the cache layout, JSON text
+    tokens: np.ndarray       # uint32 token ids
+    keys: list[bytes]        # chunk keys of `tokens`
+    spans: list[tuple[int, int]]
+    meta_json: str | None    # None keeps the agent's stored metadata
+    label: str | None
+    pinned: bool
+
+
 def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: dict | None,
          label: str | None, pinned: bool, captured: dict | None) -> Snapshot:
     validate_name(name)
@@ -227,98 +223,90 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
     n = int(toks.size)
     tree, slots, leaves = codec.describe(list(cache))
     codec.check_offsets(leaves, slots, n)
-    layout = json.dumps(codec.layout_json(tree, slots), sort_keys=True)
-    keys = chunk_keys(model, toks, store.chunk_size)
-    spans = chunk_spans(n, store.chunk_size)
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, not {type(meta).__name__}")
-    meta_json = json.dumps(meta if meta is not None else {}, sort_keys=True, default=str)
+    layout = json.dumps(codec.layout_json(tree, slots), sort_keys=True)
+    meta_json = None if meta is None else json.dumps(meta, sort_keys=True, default=str)
+    plan: SavePlan | None = None
     for attempt in range(MAX_ATTEMPTS):
-        if attempt >= LOCKED_AFTER:
-            # A gc keeps sweeping what this save relies on (grace=0 in a loop): plan, write and commit
-            # under the write lock, where no gc removes a file, so this attempt cannot be undone.
-            with db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
-                _check_model_and_agent(conn, name, model, layout)
-                have = existing_layers(conn, keys)
-                pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
-                blobs = encode_pieces(store, pieces, slots, model)
-                return _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs,
-                               start_writes(store, blobs), meta_json if meta is not None else None, label,
-                               pinned, conn)
-        with db.transaction(store.engine, write=False, what="planning a save") as conn:
-            _check_model_and_agent(conn, name, model, layout)
-            have = existing_layers(conn, keys)
-        pieces = plan_pieces(slots, leaves, n, store.chunk_size, keys, have, captured)
-        blobs = encode_pieces(store, pieces, slots, model)
+        # After LOCKED_AFTER attempts a gc keeps sweeping what this save relies on (grace=0 in a loop):
+        # plan, write and commit under the write lock, where no gc removes a file.
+        locked = attempt >= LOCKED_AFTER
+        with db.transaction(store.engine, write=locked, what=f"saving agent {name!r}" if locked
+                            else "planning a save") as conn:
+            if plan is None:
+                # An agent imported without trust keeps its own namespace when it continues (ops.archive).
+                fp = queries.agent_namespace(conn, name, model)
+                plan = SavePlan(name=name, model=model, fingerprint=fp, layout=layout, tokens=toks,
+                                keys=chunk_keys(fp, toks, store.chunk_size), spans=chunk_spans(n, store.chunk_size),
+                                meta_json=meta_json, label=label, pinned=bool(pinned))
+            stale = _check_model_and_agent(conn, plan)
+            have = queries.existing_layers(conn, plan.keys)
+            if locked:  # this attempt cannot be undone by a gc
+                pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
+                blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
+                return _commit(store, plan, have, blobs, start_writes(store, blobs), conn, stale_layout=stale)
+        pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
+        blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
         try:
-            return _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs,
-                           start_writes(store, blobs), meta_json if meta is not None else None, label, pinned)
+            return _commit(store, plan, have, blobs, start_writes(store, blobs), stale_layout=stale)
         except _Retry:
             continue
     raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
 
 
-def _check_model_and_agent(conn, name: str, model: str, layout: str) -> None:
-    m = conn.execute(select(schema.models.c.layout).where(schema.models.c.fingerprint == model)).first()
-    if m is not None and m.layout != layout:
+def _check_model_and_agent(conn, plan: SavePlan) -> bool:
+    """Refuse a cache of another layout than its model's, or an agent of another model; True if the
+    model's row has another layout but nothing belongs to it (the save then replaces that layout)."""
+    layout = queries.model_layout(conn, plan.fingerprint)
+    stale = layout is not None and layout != plan.layout
+    if stale and queries.model_in_use(conn, plan.fingerprint):
         raise ModelMismatchError(
-            f"this cache's layers do not match the ones stored for model {model}: "
+            f"this cache's layers do not match the ones stored for model {plan.fingerprint}: "
             "the cache comes from another model (or other KV quantization) than the fingerprint says")
-    a = conn.execute(
-        select(schema.models.c.fingerprint).select_from(schema.agents.join(schema.models))
-        .where(schema.agents.c.name == name)).first()
-    if a is not None and a.fingerprint != model:
-        raise ModelMismatchError(
-            f"agent {name!r} belongs to model {a.fingerprint}, not {model}; fork or delete it to change models")
+    owner = queries.agent_fingerprint(conn, plan.name)
+    if owner is not None and owner != plan.fingerprint:
+        raise ModelMismatchError(f"agent {plan.name!r} belongs to model {owner}, not {plan.fingerprint}; "
+                                 "fork or delete it to change models")
+    return stale
 
 
-def _model_id(conn, model: str, layout: str, now: float) -> int:
-    models = schema.models
-    row = conn.execute(select(models.c.id, models.c.name).where(models.c.fingerprint == model)).first()
-    name = model_name(model)
-    if row:
-        if row.name is None and name is not None:  # a model first saved by its bare fingerprint gets its name
-            conn.execute(update(models).where(models.c.id == row.id).values(name=name))
-        return row.id
-    return conn.execute(insert(models).values(fingerprint=model, layout=layout, created=now, name=name)
-                        .returning(models.c.id)).scalar_one()
-
-
-def _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs: list[_Blob], pending: Future,
-            meta_json, label, pinned, locked=None):
+def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], blobs: list[_Blob],
+            pending: Future, locked=None, stale_layout: bool = False) -> Snapshot:
     """Commit the snapshot once its blobs are durable.
 
     The blob writes (`pending`) run while this fills in the transaction: the statements cost a few
     milliseconds of CPU, about what the fsyncs of a small save wait. The commit itself comes after
     every blob and folder is synced (the write protocol's order), and the write lock is held from
-    the start, so no gc can remove a blob between its rename and the commit.
+    the start, so no gc can remove a blob between its rename and the commit. `locked` is the
+    caller's write transaction, when it already holds one.
     """
     now = db.now()
+    n = int(plan.tokens.size)
     try:
         with contextlib.nullcontext(locked) if locked is not None else \
-                db.transaction(store.engine, write=True, what=f"saving agent {name!r}") as conn:
+                db.transaction(store.engine, write=True, what=f"saving agent {plan.name!r}") as conn:
             # Under the write lock: the chunks this snapshot reuses must still exist (a gc may have run).
             reused = list(have)
             if reused:
-                still = existing_layers(conn, sorted({k for k, _ in reused}))
+                still = queries.existing_layers(conn, sorted({k for k, _ in reused}))
                 if any(key not in still for key in reused):
                     raise _Retry()
-            model_id = _model_id(conn, model, layout, now)
+            if stale_layout:  # the planning found an unused model row of another layout: still unused?
+                _check_model_and_agent(conn, plan)
+                queries.relayout_model(conn, plan.fingerprint, plan.layout)
+            model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name(plan.model))
             db.insert_ignore(conn, schema.blobs, [{"id": b.blob_id, "nbytes": b.nbytes, "created": now}
                                                   for b in {b.blob_id: b for b in blobs}.values()])
-            rows = [{"chunk_key": keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
+            rows = [{"chunk_key": plan.keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
                     for b in blobs for p in b.group]
-            sizes.add_chains(conn, model_id, model, [keys], {k: length for k, (_s, length) in zip(keys, spans)},
-                             rows, {b.blob_id: b.nbytes for b in blobs})
-            agent_id = _agent_row(conn, name, model_id, meta_json, now)
-            snap_id = conn.execute(insert(schema.snapshots).values(
-                agent_id=agent_id, model_id=model_id, n_tokens=int(toks.size), tokens=toks.tobytes(),
-                created=now, label=label, pinned=bool(pinned)).returning(schema.snapshots.c.id)).scalar_one()
-            if keys:
-                conn.execute(insert(schema.snapshot_chunks),
-                             [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
-            conn.execute(update(schema.agents).where(schema.agents.c.id == agent_id).values(head=snap_id,
-                                                                                            updated=now))
+            sizes.add_chains(conn, model_row_id, plan.fingerprint, [plan.keys],
+                             {k: length for k, (_s, length) in zip(plan.keys, plan.spans)}, rows,
+                             {b.blob_id: b.nbytes for b in blobs})
+            agent_id = queries.save_agent_row(conn, plan.name, model_row_id, plan.meta_json, now)
+            snap_id = queries.insert_snapshot(conn, agent_id, model_row_id, plan.tokens.tobytes(), n, plan.keys,
+                                              now, plan.label, plan.pinned)
+            queries.set_head(conn, agent_id, snap_id, updated=now)
             written = finish_writes(store, blobs, pending)
             for blob_id in {w[1] for w in written}:
                 if not store.blobs.path(blob_id).exists():
@@ -326,18 +314,7 @@ def _commit(store, name, model, layout, toks, keys, spans, slots, have, blobs: l
     finally:
         pending.exception()  # a failed commit never leaves blob writes running behind it
     files = {b: (nb, w) for _p, b, nb, w in written}
-    return Snapshot(id=snap_id, agent=name, model=model, n_tokens=int(toks.size), created=now, label=label,
-                    pinned=bool(pinned), bytes_written=sum(nb for nb, w in files.values() if w),
+    return Snapshot(id=snap_id, agent=plan.name, model=plan.model, n_tokens=n, created=now, label=plan.label,
+                    pinned=plan.pinned, bytes_written=sum(nb for nb, w in files.values() if w),
                     blobs_written=sum(1 for _nb, w in files.values() if w),
                     blobs_reused=sum(1 for _nb, w in files.values() if not w))
-
-
-def _agent_row(conn, name: str, model_id: int, meta_json: str | None, now: float) -> int:
-    agents = schema.agents
-    row = conn.execute(select(agents.c.id).where(agents.c.name == name)).first()
-    if row is not None:
-        if meta_json is not None:
-            conn.execute(update(agents).where(agents.c.id == row.id).values(meta=meta_json))
-        return row.id
-    return conn.execute(insert(agents).values(name=name, model_id=model_id, meta=meta_json or "{}",
-                                              created=now, updated=now).returning(agents.c.id)).scalar_one()

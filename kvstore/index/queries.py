@@ -1,0 +1,257 @@
+"""The index's shared rows: every insert and lookup that save, import, fork and the Store facade use.
+
+Each function runs in the caller's transaction (`db.transaction`); none opens its own. A model,
+agent or snapshot row is written here and nowhere else, so a save, an import and a fork cannot
+disagree on what a row holds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator, Sequence
+
+from sqlalchemy import delete, func, insert, literal, literal_column, select, text, update
+
+from kvstore.index import db
+from kvstore.index import schema
+from kvstore.records import AgentInfo, Snapshot
+
+__all__ = ["IN_BATCH", "batches", "existing_layers", "model_row", "model_layout", "model_in_use",
+           "relayout_model", "record_namespace",
+           "namespace_model", "agent_namespace", "agent_row", "agent_fingerprint", "insert_agent",
+           "save_agent_row", "insert_snapshot", "snapshot_row", "snapshot_keys", "set_head", "update_agent_meta",
+           "delete_agent", "agent_infos", "snapshot_list", "drop_blob_rows"]
+
+# Values per IN (...) list: under SQLite's and PostgreSQL's bound-parameter limits with room to spare.
+IN_BATCH = 400
+
+
+def batches(seq: Iterable, n: int = IN_BATCH) -> Iterator[list]:
+    """`seq` in lists of at most `n`, for `IN (...)` queries."""
+    seq = list(seq)
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]:
+    """{(chunk key, slot): first} for the keys the index already has."""
+    out = {}
+    cl = schema.chunk_layers
+    for part in batches(keys):
+        for k, layer, first in conn.execute(
+            select(cl.c.chunk_key, cl.c.layer, cl.c.first).where(cl.c.chunk_key.in_(part))
+        ):
+            out[(bytes(k), layer)] = first
+    return out
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+def model_layout(conn, fingerprint: str) -> str | None:
+    """The cache layout (JSON text) recorded for a model fingerprint, or None for an unknown model."""
+    m = schema.models
+    return conn.execute(select(m.c.layout).where(m.c.fingerprint == fingerprint)).scalar()
+
+
+def model_row(conn, fingerprint: str, layout: str, now: float, name: str | None = None) -> int:
+    """The row id of model `fingerprint`, inserting the model (with its layout) if it is new.
+
+    A model first saved by its bare fingerprint gets `name` once a caller knows it.
+    """
+    m = schema.models
+    row = conn.execute(select(m.c.id, m.c.name).where(m.c.fingerprint == fingerprint)).first()
+    if row is not None:
+        if row.name is None and name is not None:
+            conn.execute(update(m).where(m.c.id == row.id).values(name=name))
+        return row.id
+    return conn.execute(insert(m).values(fingerprint=fingerprint, name=name, layout=layout, created=now)
+                        .returning(m.c.id)).scalar_one()
+
+
+def model_in_use(conn, fingerprint: str) -> bool:
+    """Whether any agent, snapshot or chunk still belongs to model `fingerprint`."""
+    m = schema.models
+    row_id = conn.execute(select(m.c.id).where(m.c.fingerprint == fingerprint)).scalar()
+    if row_id is None:
+        return False
+    return any(conn.execute(select(t.c.model_id).where(t.c.model_id == row_id).limit(1)).first() is not None
+               for t in (schema.agents, schema.snapshots, schema.chunks))
+
+
+def relayout_model(conn, fingerprint: str, layout: str) -> None:
+    """Give an unused model row another cache layout: a row nothing belongs to has no say over the model
+    (an import of a crafted layout left one behind after `rm` and `gc`, refusing the real model's saves)."""
+    m = schema.models
+    conn.execute(update(m).where(m.c.fingerprint == fingerprint).values(layout=layout))
+
+
+# -- imported namespaces -----------------------------------------------------------------------------
+# An archive imported without trust lives under a fingerprint of its own (see ops.archive): its chunk
+# keys never equal a locally computed chunk's, so no local save dedups against its KV and no restore
+# of a local agent returns it. The store records which model each such namespace stands for, so the
+# imported agent itself still loads, and continues, with the real model's fingerprint.
+
+NAMESPACE_KEY = "imported:"
+
+
+def record_namespace(conn, salted: str, fingerprint: str) -> None:
+    """Record that model fingerprint `salted` holds an unverified import of model `fingerprint`."""
+    db.insert_ignore(conn, schema.store_meta, [{"key": NAMESPACE_KEY + salted, "value": fingerprint}])
+
+
+def namespace_model(conn, salted: str) -> str | None:
+    """The model an imported namespace stands for; None for an ordinary fingerprint."""
+    sm = schema.store_meta
+    return conn.execute(select(sm.c.value).where(sm.c.key == NAMESPACE_KEY + salted)).scalar()
+
+
+def agent_namespace(conn, name: str, fingerprint: str) -> str:
+    """The fingerprint agent `name`'s KV lives under, for a caller holding model `fingerprint`:
+    an unverified import's own namespace, or `fingerprint` itself."""
+    owner = agent_fingerprint(conn, name)
+    if owner is not None and owner != fingerprint and namespace_model(conn, owner) == fingerprint:
+        return owner
+    return fingerprint
+
+
+# -- agents and snapshots --------------------------------------------------------------------------
+
+def agent_row(conn, name: str):
+    """The agents row of `name` (every column), or None."""
+    a = schema.agents
+    return conn.execute(select(a).where(a.c.name == name)).first()
+
+
+def agent_fingerprint(conn, name: str) -> str | None:
+    """The model fingerprint agent `name` belongs to, or None if there is no such agent."""
+    a, m = schema.agents, schema.models
+    return conn.execute(select(m.c.fingerprint).select_from(a.join(m, a.c.model_id == m.c.id))
+                        .where(a.c.name == name)).scalar()
+
+
+def insert_agent(conn, name: str, model_row_id: int, meta_json: str, created: float, updated: float) -> int:
+    """A new agent row (no head yet: `set_head` once its snapshots are in); returns its id."""
+    a = schema.agents
+    return conn.execute(insert(a).values(name=name, model_id=model_row_id, meta=meta_json, created=created,
+                                         updated=updated).returning(a.c.id)).scalar_one()
+
+
+def save_agent_row(conn, name: str, model_row_id: int, meta_json: str | None, now: float) -> int:
+    """The id of agent `name` for a save: created if new; its metadata replaced if `meta_json` is given."""
+    a = schema.agents
+    row_id = conn.execute(select(a.c.id).where(a.c.name == name)).scalar()
+    if row_id is None:
+        return insert_agent(conn, name, model_row_id, meta_json or "{}", now, now)
+    if meta_json is not None:
+        conn.execute(update(a).where(a.c.id == row_id).values(meta=meta_json))
+    return row_id
+
+
+def insert_snapshot(conn, agent_id: int, model_row_id: int, tokens: bytes, n_tokens: int, keys: Sequence[bytes],
+                    created: float, label: str | None, pinned: bool) -> int:
+    """A snapshot row and its chunk list (`keys` in order); returns the snapshot's id."""
+    s, sc = schema.snapshots, schema.snapshot_chunks
+    snap_id = conn.execute(insert(s).values(
+        agent_id=agent_id, model_id=model_row_id, n_tokens=int(n_tokens), tokens=tokens, created=created,
+        label=label, pinned=bool(pinned)).returning(s.c.id)).scalar_one()
+    if keys:
+        conn.execute(insert(sc), [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+    return snap_id
+
+
+def snapshot_row(conn, snapshot_id: int):
+    """The snapshots row `snapshot_id` (every column), or None."""
+    s = schema.snapshots
+    return conn.execute(select(s).where(s.c.id == snapshot_id)).first()
+
+
+def snapshot_keys(conn, snapshot_id: int) -> list[bytes]:
+    """A snapshot's chunk keys, in order."""
+    sc = schema.snapshot_chunks
+    return [bytes(k) for (k,) in conn.execute(select(sc.c.chunk_key).where(sc.c.snapshot_id == snapshot_id)
+                                              .order_by(sc.c.seq))]
+
+
+def set_head(conn, agent_id: int, snapshot_id: int, updated: float | None = None) -> None:
+    """Make `snapshot_id` the agent's head (and stamp `updated`, if given)."""
+    a = schema.agents
+    values = {"head": snapshot_id} if updated is None else {"head": snapshot_id, "updated": updated}
+    conn.execute(update(a).where(a.c.id == agent_id).values(**values))
+
+
+def update_agent_meta(conn, name: str, meta: dict, now: float) -> bool:
+    """Replace agent `name`'s metadata; False if there is no such agent."""
+    a = schema.agents
+    return bool(conn.execute(update(a).where(a.c.name == name).values(
+        meta=json.dumps(meta, sort_keys=True, default=str), updated=now)).rowcount)
+
+
+def delete_agent(conn, name: str) -> bool:
+    """Delete an agent, its snapshots and their chunk lists (not the chunks: gc decides); False if absent."""
+    a, s, sc = schema.agents, schema.snapshots, schema.snapshot_chunks
+    row_id = conn.execute(select(a.c.id).where(a.c.name == name)).scalar()
+    if row_id is None:
+        return False
+    snaps = select(s.c.id).where(s.c.agent_id == row_id)
+    conn.execute(delete(sc).where(sc.c.snapshot_id.in_(snaps)))
+    conn.execute(delete(s).where(s.c.agent_id == row_id))
+    conn.execute(delete(a).where(a.c.id == row_id))
+    return True
+
+
+def _shown_fingerprint(m):
+    """A model's fingerprint as callers know it: an unverified import's namespace shows as its real model."""
+    sm = schema.store_meta
+    real = select(sm.c.value).where(sm.c.key == literal(NAMESPACE_KEY) + m.c.fingerprint).scalar_subquery()
+    return func.coalesce(real, m.c.fingerprint)
+
+
+def agent_infos(conn, name: str | None) -> list[AgentInfo]:
+    """AgentInfo of agent `name`, or of every agent (by name) when `name` is None."""
+    a, s, m = schema.agents, schema.snapshots, schema.models
+    # Correlated count: one index range (ix_snapshots_agent) per agent listed, not a grouped scan of
+    # every snapshot in the store for a single agent's record.
+    count = select(func.count()).where(s.c.agent_id == a.c.id).correlate(a).scalar_subquery()
+    head = s.alias("head")
+    q = (select(a.c.name, _shown_fingerprint(m), a.c.meta, a.c.created, a.c.updated, a.c.head,
+                func.coalesce(head.c.n_tokens, 0), count)
+         .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
+         .order_by(a.c.name))
+    if name is not None:
+        q = q.where(a.c.name == name)
+    return [AgentInfo(name=r[0], model=r[1], meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"), created=r[3],
+                      updated=r[4], head=r[5], n_tokens=r[6], snapshots=r[7]) for r in conn.execute(q).all()]
+
+
+# Bytes of the chunks a snapshot was the first retained snapshot (of any agent) to list.
+_FIRST_WRITTEN = text(
+    "(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
+    "WHERE sc.snapshot_id = snapshots.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
+    "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))")
+
+
+def snapshot_list(conn, name: str) -> list[Snapshot] | None:
+    """Agent `name`'s snapshots, oldest first; None if there is no such agent.
+
+    `bytes_written` is the bytes of the chunks a snapshot was the first retained snapshot (of any
+    agent) to list: what its save wrote, as long as older snapshots have not been collected.
+    """
+    a, s, m = schema.agents, schema.snapshots, schema.models
+    if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
+        return None
+    rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned,
+                               _shown_fingerprint(m).label("fingerprint"),
+                               literal_column(_FIRST_WRITTEN.text).label("written"))
+                        .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+                        .where(a.c.name == name).order_by(s.c.id)).all()
+    return [Snapshot(id=r.id, agent=name, model=r.fingerprint, n_tokens=r.n_tokens, created=r.created,
+                     label=r.label, pinned=bool(r.pinned), bytes_written=int(r.written or 0)) for r in rows]
+
+
+def drop_blob_rows(conn, blob_id: str) -> tuple[int, list[bytes]]:
+    """Delete a blob's row and every layer row naming it: (layer rows removed, their chunk keys)."""
+    cl, b = schema.chunk_layers, schema.blobs
+    keys = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id == blob_id))]
+    n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
+    conn.execute(delete(b).where(b.c.id == blob_id))
+    return n, keys
