@@ -52,7 +52,8 @@ def read_gguf(path: str | Path):
         reader = GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
     except (ValueError, IndexError, KeyError, OSError, TypeError) as e:  # what the reader raises on bad bytes
-        raise ModelFileError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise ModelFileError(f"{path} is not a readable GGUF file: truncated or damaged "
+                             f"({type(e).__name__}: {e})") from e
     size = path.stat().st_size
     for t in reader.tensors:  # a truncated file can still parse: its last tensors run past the end
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:

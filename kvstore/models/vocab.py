@@ -27,8 +27,10 @@ def tokenizer_json(meta: dict, source: str) -> str:
     if pre not in PRE_TOKENIZERS:
         raise ModelFileError(f"{source}: pre-tokenizer {pre!r} is not supported "
                              f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
+    if "tokenizer.ggml.tokens" not in meta or "tokenizer.ggml.token_type" not in meta:
+        raise ModelFileError(f"{source}: no tokenizer vocabulary in its metadata")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
