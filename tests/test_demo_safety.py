@@ -46,3 +46,25 @@ def test_demo_replaces_its_own_previous_run_and_prints_binary_units(tmp_path, mo
         assert sorted(a.name for a in store.agents()) == ["business", "coordinator", "tech"]
         assert all(store.agent(n).meta["meta"]["kvstore_demo"] is True for n in ("tech", "business", "coordinator"))
         assert store.fsck().ok
+
+
+@pytest.mark.slow
+def test_kvstore_demo_runs_both_sessions_on_openblas_where_installed(tmp_path):
+    """`kvstore demo` from the command line: both sessions say which BLAS they run on, OpenBLAS if present."""
+    import os
+    import subprocess
+    import sys
+
+    from kvstore import blas
+
+    env = dict(os.environ, KVSTORE_MODELS=str(tmp_path / "models"))
+    done = subprocess.run([sys.executable, "-m", "kvstore.cli", "demo", "--model", "builtin", "--size", "tiny",
+                           "--max-tokens", "2", "--store", str(tmp_path / "demo")], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    banners = [line for line in done.stdout.splitlines() if line.startswith("Matmuls on: ")]
+    assert len(banners) == 2
+    expected = "OpenBLAS" if sys.platform == "linux" and any(os.path.exists(c) for c in blas.CANDIDATES) \
+        else "reference BLAS" if sys.platform == "linux" else "Accelerate"
+    assert all(expected in line for line in banners), banners
+    assert "RuntimeWarning" not in done.stderr
