@@ -157,7 +157,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("time to first token (s)")
     axes[0].legend()
-    fig.suptitle(f"SmolLM2-135M-Instruct, MLX on CPU ({results['blas']}; {results['machine']['cpu']})", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct, MLX on CPU ({results['blas'].split(' (')[0]}; {results['machine']['cpu']})", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
