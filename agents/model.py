@@ -2,7 +2,7 @@
 
 Names: "smollm2-135m-instruct" (a real instruct model, fetched once and converted offline; see
 kvstore.models), and "builtin" / "builtin:ARCH" / "builtin:ARCH-SIZE" (the random-weight models of
-kvstore.builtin_models, e.g. "builtin:gemma3-tiny"; "builtin" is the Llama-style "small" one).
+kvstore.builtin_models, e.g. "builtin:gemma3-small"; "builtin" is the Llama-style "tiny" one).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kvstore import fingerprint
 from kvstore.models import MODELS, ModelLoadError
 
 BUILTIN = "builtin"
-BUILTIN_DEFAULT = ("llama", "small")
+BUILTIN_DEFAULT = ("llama", "tiny")  # as `kvstore chat --model builtin`
 
 
 @dataclass
