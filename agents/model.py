@@ -1,18 +1,23 @@
-"""The model an agent manager runs: resolved from a path, a Hugging Face id or a loaded pair."""
+"""The model an agent manager runs: resolved from a name, a path, a Hugging Face id or a loaded pair.
+
+Names: "smollm2-135m-instruct" (a real instruct model, fetched once and converted offline; see
+kvstore.models), and "builtin" / "builtin:ARCH" / "builtin:ARCH-SIZE" (the random-weight models of
+kvstore.builtin_models, e.g. "builtin:gemma3-small"; "builtin" is the Llama-style "tiny" one).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvstore import fingerprint
-from kvstore.errors import StoreError
+from kvstore.models import MODELS, ModelLoadError
 
-
-class ModelLoadError(StoreError):
-    """The model could not be found or loaded."""
+BUILTIN = "builtin"
+BUILTIN_DEFAULT = ("llama", "tiny")  # as `kvstore chat --model builtin`
 
 
 @dataclass
@@ -39,16 +44,35 @@ class ModelHandle:
         return make_prompt_cache(self.model)
 
 
+def _builtin_dir(ref: str) -> Path:
+    """The folder of a built-in random-weight model named "builtin[:ARCH[-SIZE]]" (built on first use)."""
+    from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
+
+    spec = ref.partition(":")[2]
+    arch, _, size = spec.partition("-") if spec else BUILTIN_DEFAULT
+    arch, size = arch or BUILTIN_DEFAULT[0], size or BUILTIN_DEFAULT[1]
+    if arch not in ARCHITECTURES or size not in SIZES:
+        raise ModelLoadError(f"unknown built-in model {ref!r}: use builtin:ARCH-SIZE with ARCH one of "
+                             f"{', '.join(ARCHITECTURES)} and SIZE one of {', '.join(SIZES)}")
+    return builtin_model_path(arch=arch, size=size)
+
+
 def _local_dir(ref: str) -> Path:
-    """A local model folder for a path or a Hugging Face id (the hub cache; downloads when online)."""
+    """A local model folder for a model name, a path or a Hugging Face id (the hub cache; downloads when online)."""
+    if ref in MODELS:
+        from kvstore.models import ensure_model
+
+        return ensure_model(ref, say=lambda s: print(s, file=sys.stderr, flush=True))
+    if ref == BUILTIN or ref.startswith(BUILTIN + ":"):
+        return _builtin_dir(ref)
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not an mlx-lm model folder (no config.json)")
         return path
     if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"no model at {ref}: give a model folder or a Hugging Face id such as "
-                             "mlx-community/Llama-3.2-1B-Instruct-4bit")
+        raise ModelLoadError(f"no model at {ref}: give a model folder, a Hugging Face id such as "
+                             f"mlx-community/Llama-3.2-1B-Instruct-4bit, or a name: {', '.join(MODELS)}, builtin")
     from mlx_lm.utils import _download
 
     try:
@@ -59,7 +83,7 @@ def _local_dir(ref: str) -> Path:
 
 
 def resolve_model(model: Any) -> ModelHandle:
-    """A ModelHandle for a folder, a Hugging Face id, a `(model, tokenizer)` pair or a ModelHandle."""
+    """A ModelHandle for a model name, a folder, a Hugging Face id, a `(model, tokenizer)` pair or a ModelHandle."""
     if isinstance(model, ModelHandle):
         return model
     if isinstance(model, (str, os.PathLike)):

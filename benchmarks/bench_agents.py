@@ -25,13 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import kvstore
+
+kvstore.use_openblas()  # before mlx is imported: MLX's fp32 matmuls on OpenBLAS where installed (Linux)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
-import kvstore  # noqa: E402
 from common import machine  # noqa: E402
 from kvstore.agents import AgentManager, resolve_model  # noqa: E402
 from kvstore.agents import turn  # noqa: E402

@@ -26,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import kvstore
+
+kvstore.use_openblas()  # before mlx is imported: MLX's fp32 matmuls on OpenBLAS where installed (Linux)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
-import kvstore  # noqa: E402
 from common import (eval_cache, extend, fsync_path, kv_bytes, machine, mlx_cache_like_macos,  # noqa: E402
                     synthetic_cache, timed_pair, touch_memory)
 from suite_report import machine_line, make_plots, render_headline, render_tables, replace_block  # noqa: E402

