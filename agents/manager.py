@@ -68,6 +68,7 @@ class AgentManager:
         chunk = store.chunk_size
         self.prefill_step = max(chunk, prefill_step // chunk * chunk)
         self.progress = progress
+        self.writes_paused = False  # set by a caller that must not write (the server, below its free-disk floor)
         fresh = self.handle.make_cache()
         self._sliding = Capture(chunk).needed(fresh)
         self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
@@ -158,6 +159,20 @@ class AgentManager:
         self._agents.pop(name, None)
         return self.store.delete(name)
 
+    def release(self, name: str) -> None:
+        """Forget an agent in memory (its unsaved tokens saved first); the store keeps it for a later `get`."""
+        if name in self._resident:
+            self._drop(name)
+        agent = self._agents.pop(name, None)
+        if agent is not None and agent._stored != agent.record() and not self.store.readonly and \
+                not self.writes_paused:
+            self.store.set_meta(name, agent.record())
+
+    def release_idle(self, keep: str | None = None) -> None:
+        """Forget every agent whose cache is not in memory (but `keep`): a long-running server's bound."""
+        for name in [n for n in self._agents if n != keep and n not in self._resident]:
+            self.release(name)
+
     def fork(self, name: str, new_name: str) -> Agent:
         """A copy of `name` as `new_name`: it shares every stored chunk, and a resident cache is copied."""
         src = self.get(name)
@@ -220,6 +235,8 @@ class AgentManager:
         return lambda done, total: self.progress(name, done, total)
 
     def _save(self, name: str) -> Snapshot | None:
+        if self.writes_paused:
+            return None  # the cache stays dirty: a later save (writes resumed) writes it
         res = self._resident.get(name)
         agent = self._agents[name]
         record = agent.record()
@@ -239,7 +256,7 @@ class AgentManager:
     def _drop(self, name: str) -> None:
         """Take a cache out of memory, saving it first when it holds unsaved tokens."""
         if self._resident[name].dirty and not self.store.readonly:
-            self._save(name)
+            self._save(name)  # (lost while writes are paused: the record keeps the last saved state)
         del self._resident[name]
 
     def _evict(self, protect: str | None = None) -> None:

@@ -41,6 +41,7 @@ class TurnState:
     text: str = ""
     first: float | None = None           # perf_counter at the first generated token
     finish: str = "length"               # "stop" | "length" | "interrupted"
+    stopped_by: str | None = None        # the stop string that ended the reply
     reply: Reply | None = None
 
 
@@ -176,16 +177,16 @@ class _StopScan:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
         self.pending = ""
-        self.hit = False
+        self.hit: str | None = None  # the stop string that ended the text
 
     def feed(self, segment: str) -> str:
         """The text that is safe to hand out after `segment` arrived."""
         if not self.stops:
             return segment
         self.pending += segment
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
+        found = [(i, s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            cut, self.hit = min(found)
             out, self.pending = self.pending[:cut], ""
             return out
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
@@ -234,7 +235,7 @@ def generate(model: Any, tokenizer: Any, cache: list, last: list[int], state: Tu
                 state.text += segment
                 yield segment
             if scan.hit:
-                state.finish = "stop"
+                state.finish, state.stopped_by = "stop", scan.hit
                 break
             if len(state.tokens) >= opts.max_tokens:
                 break
@@ -246,7 +247,7 @@ def generate(model: Any, tokenizer: Any, cache: list, last: list[int], state: Tu
             tail += "" if scan.hit else scan.flush()
             state.text += tail
             if scan.hit:
-                state.finish = "stop"
+                state.finish, state.stopped_by = "stop", scan.hit
         else:
             tail = ""
     if tail:
