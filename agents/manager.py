@@ -334,9 +334,10 @@ class AgentManager:
         """A copy of another resident cache holding more of target[:limit] than `at_least` tokens, or None.
 
         Conversations that share a prefix (a system prompt, a document) with one in memory start
-        from a copy of it instead of the store: a RAM copy is faster than a restore.
+        from a copy of it instead of the store: a RAM copy is faster than a restore. Less than a
+        chunk in common is not worth a copy of the whole cache.
         """
-        best, best_n = None, at_least
+        best, best_n = None, max(at_least, self.store.chunk_size - 1)
         for other, res in self._resident.items():
             if other == name:
                 continue

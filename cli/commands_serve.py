@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import click
 
@@ -60,8 +62,17 @@ def serve(ref: StoreRef, model: str, store_location: str | None, host: str, port
     config = ServerConfig(model=model, store=store_location or ref.location, blobs=ref.blobs, host=host, port=port,
                           api_key=api_key, max_disk=max_disk, min_free_disk=min_free_disk, max_resident=max_resident,
                           max_resident_bytes=max_resident_bytes, context_length=context_length)
-    config.check()
+    try:
+        config.check()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     run(config, log_level=log_level)
+    # Everything is saved and the store is closed. Skip the interpreter's teardown: MLX's per-thread
+    # streams (the model ran on its own thread) can abort the process as static objects are destroyed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 COMMANDS = [serve]

@@ -27,10 +27,11 @@ class MessagesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    seed: int | None = None             # an extension (Anthropic's API has none): repeatable sampling
 
     def options(self, tools: list[dict] | None) -> GenerationOptions:
         return GenerationOptions(max_tokens=self.max_tokens, temp=self.temperature or 0.0, top_p=self.top_p or 0.0,
-                                 top_k=self.top_k or 0, stop=tuple(s for s in self.stop_sequences or () if s),
+                                 top_k=self.top_k or 0, seed=self.seed, stop=tuple(s for s in self.stop_sequences or () if s),
                                  tools=tools)
 
     @property
