@@ -338,7 +338,7 @@ class AgentManager:
         chunk in common is not worth a copy of the whole cache.
         """
         best, best_n = None, max(at_least, self.store.chunk_size - 1)
-        for other, res in self._resident.items():
+        for other in self._resident:
             if other == name:
                 continue
             own = self._agents[other].tokens

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import statistics
@@ -79,7 +78,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()[-3000:]}")
             try:
-                httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
+                httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).raise_for_status()
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)

@@ -39,12 +39,14 @@ def _size(ctx, param, value):
               help="Conversations whose caches stay in memory.")
 @click.option("--max-resident-bytes", callback=_size, metavar="SIZE", help="Bytes the caches in memory may take.")
 @click.option("--context-length", type=click.IntRange(1), help="Longest prompt accepted (default: the model's).")
+@click.option("--keepalive", default=5.0, show_default=True, type=click.FloatRange(min=0.05), metavar="SECONDS",
+              help="A waiting streaming response sends a keep-alive this often.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @pass_store
 def serve(ref: StoreRef, model: str, store_location: str | None, host: str, port: int, api_key: str | None,
           max_disk: int | None, min_free_disk: int, max_resident: int, max_resident_bytes: int | None,
-          context_length: int | None, log_level: str) -> None:
+          context_length: int | None, keepalive: float, log_level: str) -> None:
     """Serve a model over the OpenAI and Anthropic APIs, its prompt cache in the store.
 
     Every request reuses the longest prefix any earlier conversation of the model left in memory
@@ -61,7 +63,8 @@ def serve(ref: StoreRef, model: str, store_location: str | None, host: str, port
     logging.getLogger("kvstore.server").setLevel(log_level.upper())
     config = ServerConfig(model=model, store=store_location or ref.location, blobs=ref.blobs, host=host, port=port,
                           api_key=api_key, max_disk=max_disk, min_free_disk=min_free_disk, max_resident=max_resident,
-                          max_resident_bytes=max_resident_bytes, context_length=context_length)
+                          max_resident_bytes=max_resident_bytes, context_length=context_length,
+                          keepalive_seconds=keepalive)
     try:
         config.check()
     except ValueError as e:

@@ -167,7 +167,7 @@ def split_tool_calls(tokenizer: Any, text: str, tools: list[dict] | None) -> tup
         body, found, rest = after.partition(end) if end else (after, "", "")
         try:
             parsed = parser(body, tools)
-        except (ValueError, KeyError, TypeError) as e:  # a call cut short by max_tokens, or malformed
+        except (ValueError, KeyError, TypeError):  # a call cut short by max_tokens, or malformed
             kept.append(start + body + found)
             continue
         for call in parsed if isinstance(parsed, list) else [parsed]:

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from . import openai_api as oa
 from .conversations import TurnRequest, TurnResult
-from .errors import openai_body
+from .errors import RequestError, openai_body
 from .prompts import encode_prompt, openai_messages, render_chat, split_tool_calls, tool_call_start
 from .sse import DONE, comment, frame, held_back, job_events
 from .state import ServerState, as_request_error
@@ -88,8 +88,6 @@ async def completions(body: oa.CompletionRequest, request: Request):
     st = _state(request)
     st.check_model(body.model)
     if body.echo:
-        from .errors import RequestError
-
         raise RequestError(400, "echo is not supported", param="echo")
     options = body.options(body.max_tokens)
     prompt = await asyncio.to_thread(encode_prompt, st.tokenizer, body.prompt, st.context_length,

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 import kvstore
-from kvstore.errors import ModelMismatchError, StoreError, UnknownAgentError
+from kvstore.errors import InvalidNameError, ModelMismatchError, StoreError, UnknownAgentError
 
 from .config import ServerConfig
 from .errors import RequestError
@@ -38,12 +38,10 @@ def as_request_error(e: BaseException) -> RequestError:
     """An exception from a turn as the error a client gets (the model thread keeps serving)."""
     if isinstance(e, RequestError):
         return e
-    if isinstance(e, (ValueError, ModelMismatchError, UnknownAgentError)) or type(e).__name__ == "InvalidNameError":
+    if isinstance(e, (ValueError, ModelMismatchError, UnknownAgentError, InvalidNameError, ConnectionAbortedError)):
         return RequestError(400, str(e))
     if isinstance(e, StoreError):
         return RequestError(500, f"store error: {e}")
-    if isinstance(e, ConnectionAbortedError):
-        return RequestError(400, str(e))
     log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
     return RequestError(500, f"internal error ({type(e).__name__}): {e}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -428,3 +427,29 @@ def test_sigterm_finishes_and_saves(tmp_path, model_path):
         [agent] = store.agents()
         assert agent.n_tokens == r.usage.prompt_tokens + 3
         assert store.fsck().ok
+
+
+def test_a_queued_stream_gets_keep_alives_and_runs_after_the_request_before_it(tmp_path, model_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--keepalive", "0.1").start()
+    try:
+        url = srv.url + "/v1/chat/completions"
+        long_body = {"model": model_path, "messages": chat(model_path, "A long answer."), "max_tokens": 500}
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url, json=long_body, timeout=300)
+            while httpx.get(srv.url + "/health").json()["queued"] == 0 and not first.done():
+                time.sleep(0.02)  # until the long request holds the model
+            body = {"model": model_path, "messages": chat(model_path, "Short."), "max_tokens": 3, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", url, json=body, timeout=300) as resp:
+                lines = [line for line in resp.iter_lines() if line]
+            long_reply = first.result().json()
+        assert long_reply["usage"]["completion_tokens"] == 500
+        assert ": keep-alive" in lines  # sent while the stream waited for the model
+        data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert data[-1]["usage"]["completion_tokens"] == 3 and lines[-1] == "data: [DONE]"
+        log = srv.log.read_text()
+        assert log.index("generated 500") < log.index("generated 3,")  # served in arrival order
+    finally:
+        srv.stop()
