@@ -52,11 +52,14 @@ class AgentManager:
         autosave: save after every turn (only the chunks the store lacks are written).
         prefill_step: tokens per prefill step (rounded to a multiple of the store's chunk size).
         progress: called as progress(agent name, done, total) during long prefills.
+        share_resident: a new agent (or one whose cache is not in memory) starts from a copy of
+            another resident cache when that shares more of its prompt than the store has (the
+            server uses this; agents then report those tokens as reused, not restored).
     """
 
     def __init__(self, model: Any, store: Store, max_resident: int = 3, max_resident_bytes: int | None = None, *,
                  autosave: bool = True, prefill_step: int = 512,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, share_resident: bool = False):
         if max_resident < 0:
             raise ValueError("max_resident must be 0 or more")
         self.handle = resolve_model(model)
@@ -68,6 +71,7 @@ class AgentManager:
         chunk = store.chunk_size
         self.prefill_step = max(chunk, prefill_step // chunk * chunk)
         self.progress = progress
+        self.share_resident = share_resident
         self.writes_paused = False  # set by a caller that must not write (the server, below its free-disk floor)
         fresh = self.handle.make_cache()
         self._sliding = Capture(chunk).needed(fresh)
@@ -308,7 +312,7 @@ class AgentManager:
             except BlobError as e:
                 self._damaged(errors, e)
                 cache = None
-        if cache is None and self._resident:
+        if cache is None and self.share_resident and self._resident:
             stored = self.store.match(target[:limit], model=self.fingerprint).n_tokens
             donated = self._donor(agent.name, target, limit, stored)
             if donated is not None:

@@ -5,7 +5,8 @@ installed; the client is the openai SDK, streaming, greedy. Time to first token 
 the first streamed content. Three measurements:
 - restart: the next turn of a conversation (a ~1,500-token system prompt and one turn) after both
   servers were restarted (ours restores the prefix from its store; theirs keeps its cache in RAM only);
-- warm: the same turn without a restart (both have the conversation in RAM; target: ours <= 1.1x);
+- warm: the next turns without a restart (both have the conversation in RAM; target: ours <= 1.1x),
+  three per round, each pair in alternating order;
 - agents: 3 agents sharing a 1,500-token system prompt, 5 turns each, both servers restarted once
   after the third round: total prompt tokens prefilled and total request time.
 Prints a table, writes benchmarks/results/serve.json and docs/images/serve.png.
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 PLOT = ROOT / "docs" / "images" / "serve.png"
 TARGET_WARM = 1.1
+WARM_TURNS = 3  # warm turns measured per round (after the conversation's first turn)
 SYSTEM_TOKENS = 1500
 MAX_TOKENS = 16
 SENTENCES = [
@@ -166,7 +168,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one round, a 500-token system prompt")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and plot alone")
+    ap.add_argument("--markdown", action="store_true", help="print the docs table of the last results and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     rounds = 1 if args.quick else args.rounds
     system_tokens = 500 if args.quick else SYSTEM_TOKENS
     if args.model:
@@ -198,11 +204,17 @@ def main() -> None:
             q = [f"Round {r}: what is the riskiest part of this setup?", "And how would you test it?"]
             a1 = turn_pair(servers, model_ids, conversation(system, q[:1], []), r % 2 == 1)
             restart_convs.append((system, q, {k: v["text"] for k, v in a1.items()}))
+            # The same conversation, more turns without a restart: each later turn is a warm pair.
             systemb = system_prompt(tokenizer, system_tokens, f"w{r}-")
-            b1 = turn_pair(servers, model_ids, conversation(systemb, q[:1], []), r % 2 == 1)
-            warm.append({k: ask(next(s for s in servers if s.name == k), path,
-                                conversation(systemb, q, [b1[k]["text"]])) for k in
-                         (["mlx_lm", "kvstore"] if r % 2 else ["kvstore", "mlx_lm"])})
+            asked, replies = [], {s.name: [] for s in servers}
+            for t in range(1 + WARM_TURNS):
+                asked.append(f"Round {r}, question {t}: what would you look at next, and why?")
+                order = servers if (r + t) % 2 == 0 else servers[::-1]
+                pair = {s.name: ask(s, path, conversation(systemb, asked, replies[s.name])) for s in order}
+                for name, res in pair.items():
+                    replies[name].append(res["text"])
+                if t > 0:
+                    warm.append(pair)
         for s in servers:
             s.restart()
         for r, (system, q, replies) in enumerate(restart_convs):
@@ -271,7 +283,37 @@ def main() -> None:
         return
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     plot(report)
+    print(markdown(report))
     print(f"wrote {RESULTS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+
+
+def markdown(report: dict) -> str:
+    """The BENCHMARKS.md table for a report (python benchmarks/bench_serve.py --markdown)."""
+    m = report["machine"]
+    head = (f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
+            f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {report['model']}; {report['rounds']} rounds, "
+            f"medians; greedy, {report['max_tokens']} new tokens per turn._")
+    r, w, a = report["restart"], report["warm"], report["agents"]
+    met = "met" if w["meets_target"] else "NOT met"
+    rows = [
+        "| | kvstore serve | mlx_lm.server | kvstore / mlx_lm |",
+        "|---|---:|---:|---:|",
+        f"| next turn after both restarted: time to first token | {r['kvstore_ttft'] * 1000:,.0f} ms | "
+        f"{r['mlx_lm_ttft'] * 1000:,.0f} ms | {r['ratio']:.2f} |",
+        f"| &nbsp;&nbsp;prompt tokens from a cache (of {r['prompt_tokens']:,}) | {r['kvstore_cached']:,} | "
+        f"{r['mlx_lm_cached']:,} | |",
+        f"| same turn, no restart: time to first token | {w['kvstore_ttft'] * 1000:,.0f} ms | "
+        f"{w['mlx_lm_ttft'] * 1000:,.0f} ms | {w['ratio']:.2f} (must be ≤ {w['target']}: {met}) |",
+        f"| &nbsp;&nbsp;prompt tokens from a cache (of {w['prompt_tokens']:,}) | {w['kvstore_cached']:,} | "
+        f"{w['mlx_lm_cached']:,} | |",
+        f"| 3 agents × 5 turns, 1 restart: prompt tokens prefilled | {a['kvstore']['prefilled_tokens']:,} | "
+        f"{a['mlx_lm']['prefilled_tokens']:,} | {a['kvstore']['prefilled_tokens'] / a['mlx_lm']['prefilled_tokens']:.2f} |",
+        f"| &nbsp;&nbsp;total request time | {a['kvstore']['seconds']:,.1f} s | {a['mlx_lm']['seconds']:,.1f} s | "
+        f"{a['kvstore']['seconds'] / a['mlx_lm']['seconds']:.2f} |",
+        f"| server start (model load) | {report['startup_seconds']['kvstore']:.1f} s | "
+        f"{report['startup_seconds']['mlx_lm']:.1f} s | |",
+    ]
+    return head + "\n\n" + "\n".join(rows)
 
 
 def plot(report: dict) -> None:

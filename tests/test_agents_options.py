@@ -97,7 +97,7 @@ def test_a_new_conversation_copies_a_resident_prefix_and_answers_as_a_cold_one(h
     with kvstore.open(tmp_path / "cold", chunk_size=TEST_CHUNK) as store:
         cold = AgentManager(handle, store).create("b", system).chat("Question B", max_tokens=12)
     with kvstore.open(tmp_path / "warm", chunk_size=TEST_CHUNK) as store:
-        mgr = AgentManager(handle, store)
+        mgr = AgentManager(handle, store, share_resident=True)
         a = mgr.create("a", system)
         a.chat("Question A", max_tokens=12)
         before = turn_mod.cache_offset(mgr._resident["a"].cache)
@@ -108,4 +108,7 @@ def test_a_new_conversation_copies_a_resident_prefix_and_answers_as_a_cold_one(h
         assert warm.tokens == cold.tokens
         assert turn_mod.cache_offset(mgr._resident["a"].cache) == before  # the donor is untouched
         assert a.chat("Again", max_tokens=4).stats.source == "resident"
+        mgr.share_resident = False  # the default: a new agent starts from the store, not from a copy
+        c = mgr.create("c", system).chat("Question C", max_tokens=2)
+        assert c.stats.source == "store" and c.stats.reused_tokens == 0 and c.stats.restored_tokens > 0
         assert store.fsck().ok
