@@ -25,8 +25,6 @@ def _size(ctx, param, value):
 @click.command()
 @click.option("--model", required=True, metavar="FOLDER|HF-ID|NAME",
               help="The model: a folder, a Hugging Face id, smollm2-135m-instruct or builtin.")
-@click.option("--store", "store_location", metavar="PATH|URL",
-              help="The store (default: the kvstore --store option, $KVSTORE_HOME or ~/.kvstore).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (off loopback needs --api-key).")
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--api-key", envvar="KVSTORE_API_KEY", metavar="KEY",
@@ -44,7 +42,7 @@ def _size(ctx, param, value):
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @pass_store
-def serve(ref: StoreRef, model: str, store_location: str | None, host: str, port: int, api_key: str | None,
+def serve(ref: StoreRef, model: str, host: str, port: int, api_key: str | None,
           max_disk: int | None, min_free_disk: int, max_resident: int, max_resident_bytes: int | None,
           context_length: int | None, keepalive: float, log_level: str) -> None:
     """Serve a model over the OpenAI and Anthropic APIs, its prompt cache in the store.
@@ -61,7 +59,12 @@ def serve(ref: StoreRef, model: str, store_location: str | None, host: str, port
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kvstore.server").setLevel(log_level.upper())
-    config = ServerConfig(model=model, store=store_location or ref.location, blobs=ref.blobs, host=host, port=port,
+    model_id = None
+    if model == "builtin":  # the offline model, as `kvstore chat --model builtin`
+        from kvstore.builtin_models import builtin_model_path
+
+        model, model_id = str(builtin_model_path()), "builtin"
+    config = ServerConfig(model=model, model_id=model_id, store=ref.location, blobs=ref.blobs, host=host, port=port,
                           api_key=api_key, max_disk=max_disk, min_free_disk=min_free_disk, max_resident=max_resident,
                           max_resident_bytes=max_resident_bytes, context_length=context_length,
                           keepalive_seconds=keepalive)
