@@ -19,10 +19,10 @@ agent restores the prefix from the store rather than prefilling it.
 from .agent import Agent, ReplyStream
 from .manager import AgentManager, RecoveryWarning
 from .model import ModelHandle, ModelLoadError, resolve_model
-from .records import MemoryReport, Reply, TurnStats
+from .records import GenerationOptions, MemoryReport, Reply, TurnStats
 from .team import Consultation, consult
 
 __all__ = [
     "AgentManager", "Agent", "Reply", "TurnStats", "ReplyStream", "MemoryReport",
-    "consult", "Consultation", "RecoveryWarning", "ModelHandle", "ModelLoadError", "resolve_model",
+    "GenerationOptions", "consult", "Consultation", "RecoveryWarning", "ModelHandle", "ModelLoadError", "resolve_model",
 ]

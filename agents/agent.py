@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .records import Reply, TurnStats
+from . import turn
+from .records import GenerationOptions, Reply, TurnStats
 
 if TYPE_CHECKING:
     from .manager import AgentManager
+    from .turn import TurnState
 
 RECORD_VERSION = 1
 KEEP_TURN_STATS = 64  # the record keeps the last few turns' statistics (the demo compares sessions)
@@ -16,9 +18,9 @@ KEEP_TURN_STATS = 64  # the record keeps the last few turns' statistics (the dem
 class ReplyStream:
     """Text segments of a reply as they are generated; `.reply` holds the Reply once it is exhausted."""
 
-    def __init__(self, segments: Iterator[str], box: dict):
+    def __init__(self, segments: Iterator[str], state: "TurnState"):
         self._segments = segments
-        self._box = box
+        self.state = state
 
     def __iter__(self) -> Iterator[str]:
         return self._segments
@@ -32,7 +34,7 @@ class ReplyStream:
 
     @property
     def reply(self) -> Reply | None:
-        return self._box.get("reply")
+        return self.state.reply
 
 
 class Agent:
@@ -54,27 +56,42 @@ class Agent:
         return f"<Agent {self.name!r} messages={len(self.messages)} tokens={len(self.tokens)}>"
 
     def chat(self, message: str, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 0.0,
-             top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stream: bool = False):
+             top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, seed: int | None = None,
+             stop: str | list[str] | None = None, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None, stream: bool = False):
         """Answer `message` with the conversation so far as context.
 
         Args:
             message: the user's message.
             max_tokens: at most this many generated tokens.
             temp, top_p, top_k, min_p: sampling (mlx-lm's make_sampler); temp=0 is greedy.
+            repetition_penalty: penalize tokens seen in the last 20 (mlx-lm's make_logits_processors).
             seed: seeds MLX's random generator first, for repeatable sampling.
+            stop: a string or strings that end the reply; the text stops before the first one.
+            tools: tool definitions (JSON schema dicts) for a chat template that supports them.
+            chat_template_kwargs: more arguments for the chat template (e.g. enable_thinking).
             stream: return a ReplyStream of text segments instead of a Reply.
 
         Returns a Reply (text, tokens, stats, finish_reason), or a ReplyStream when `stream`.
         """
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        box: dict = {}
-        segments = self._manager._turn(self, message, max_tokens, (temp, top_p, top_k, min_p, seed), box)
+        options = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
+                                    tools=tools, chat_template_kwargs=chat_template_kwargs)
+        messages = self.messages + [{"role": "user", "content": message}]
+        prompt = turn.render(self._manager.tokenizer, self.conversation(messages), tools, chat_template_kwargs)
+        return self.respond(prompt, messages, options, stream=stream)
+
+    def respond(self, prompt: list[int], messages: list[dict], options: GenerationOptions, *, stream: bool = False):
+        """Answer an already rendered prompt; `messages` is the conversation it renders (system prompt apart).
+
+        The lower half of `chat`, for callers that render prompts themselves (the server).
+        """
+        segments, state = self._manager.start_turn(self, prompt, messages, options)
         if stream:
-            return ReplyStream(segments, box)
+            return ReplyStream(segments, state)
         for _ in segments:
             pass
-        return box["reply"]
+        return state.reply
 
     def save(self):
         """Write this agent's cache and record to the store now (only chunks the store lacks)."""

@@ -19,7 +19,8 @@ from kvstore.records import AgentInfo, Snapshot
 from . import memory, turn
 from .agent import Agent
 from .model import resolve_model
-from .records import MemoryReport, Reply, TurnStats
+from .records import GenerationOptions, MemoryReport, Reply, TurnStats
+from .turn import TurnState
 
 MAX_DISCARDS = 64  # damaged blobs one restore may discard before it gives up and prefills from scratch
 
@@ -51,11 +52,14 @@ class AgentManager:
         autosave: save after every turn (only the chunks the store lacks are written).
         prefill_step: tokens per prefill step (rounded to a multiple of the store's chunk size).
         progress: called as progress(agent name, done, total) during long prefills.
+        share_resident: a new agent (or one whose cache is not in memory) starts from a copy of
+            another resident cache when that shares more of its prompt than the store has (the
+            server uses this; agents then report those tokens as reused, not restored).
     """
 
     def __init__(self, model: Any, store: Store, max_resident: int = 3, max_resident_bytes: int | None = None, *,
                  autosave: bool = True, prefill_step: int = 512,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, share_resident: bool = False):
         if max_resident < 0:
             raise ValueError("max_resident must be 0 or more")
         self.handle = resolve_model(model)
@@ -67,6 +71,8 @@ class AgentManager:
         chunk = store.chunk_size
         self.prefill_step = max(chunk, prefill_step // chunk * chunk)
         self.progress = progress
+        self.share_resident = share_resident
+        self.writes_paused = False  # set by a caller that must not write (the server, below its free-disk floor)
         fresh = self.handle.make_cache()
         self._sliding = Capture(chunk).needed(fresh)
         self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
@@ -126,7 +132,9 @@ class AgentManager:
             self._resident.move_to_end(name)
             return agent
         history = list(agent.tokens)
-        res, n, errors = self._materialize(agent, history, len(history))
+        errors: list[BlobError] = []
+        res, restored, copied = self._materialize(agent, history, len(history), errors)
+        n = restored + copied
         turn.prefill(self.model, res.cache, history, n, len(history), self.prefill_step, res.capture,
                      self._progress_for(name))
         agent.tokens = history
@@ -154,6 +162,20 @@ class AgentManager:
         self._resident.pop(name, None)
         self._agents.pop(name, None)
         return self.store.delete(name)
+
+    def release(self, name: str) -> None:
+        """Forget an agent in memory (its unsaved tokens saved first); the store keeps it for a later `get`."""
+        if name in self._resident:
+            self._drop(name)
+        agent = self._agents.pop(name, None)
+        if agent is not None and agent._stored != agent.record() and not self.store.readonly and \
+                not self.writes_paused:
+            self.store.set_meta(name, agent.record())
+
+    def release_idle(self, keep: str | None = None) -> None:
+        """Forget every agent whose cache is not in memory (but `keep`): a long-running server's bound."""
+        for name in [n for n in self._agents if n != keep and n not in self._resident]:
+            self.release(name)
 
     def fork(self, name: str, new_name: str) -> Agent:
         """A copy of `name` as `new_name`: it shares every stored chunk, and a resident cache is copied."""
@@ -217,6 +239,8 @@ class AgentManager:
         return lambda done, total: self.progress(name, done, total)
 
     def _save(self, name: str) -> Snapshot | None:
+        if self.writes_paused:
+            return None  # the cache stays dirty: a later save (writes resumed) writes it
         res = self._resident.get(name)
         agent = self._agents[name]
         record = agent.record()
@@ -236,7 +260,7 @@ class AgentManager:
     def _drop(self, name: str) -> None:
         """Take a cache out of memory, saving it first when it holds unsaved tokens."""
         if self._resident[name].dirty and not self.store.readonly:
-            self._save(name)
+            self._save(name)  # (lost while writes are paused: the record keeps the last saved state)
         del self._resident[name]
 
     def _evict(self, protect: str | None = None) -> None:
@@ -265,10 +289,14 @@ class AgentManager:
         warnings.warn(f"agent {name!r}: {len(errors)} damaged or missing blob(s) ({errors[0]}); recomputed its "
                       f"KV from the token history and {fix}", RecoveryWarning, stacklevel=4)
 
-    def _materialize(self, agent: Agent, target: list[int], limit: int) -> tuple[_Resident, int, list[BlobError]]:
-        """A new resident cache holding the longest stored prefix of target[:limit]; (it, tokens held, errors)."""
-        errors: list[BlobError] = []
-        cache, n = None, 0
+    def _materialize(self, agent: Agent, target: list[int], limit: int,
+                     errors: list[BlobError]) -> tuple[_Resident, int, int]:
+        """A new resident cache holding the longest known prefix of target[:limit].
+
+        Returns (it, tokens restored from the store, tokens copied from another resident cache);
+        damaged blobs met on the way are appended to `errors`.
+        """
+        cache, n, copied = None, 0, 0
         own = agent.tokens
         keep = min(turn.common_prefix(own, target), limit)
         # The agent's own snapshot, trimmed to what the prompt shares with it: the very cache an
@@ -284,6 +312,11 @@ class AgentManager:
             except BlobError as e:
                 self._damaged(errors, e)
                 cache = None
+        if cache is None and self.share_resident and self._resident:
+            stored = self.store.match(target[:limit], model=self.fingerprint).n_tokens
+            donated = self._donor(agent.name, target, limit, stored)
+            if donated is not None:
+                cache, copied = donated
         for _ in range(MAX_DISCARDS):
             if cache is not None:
                 break
@@ -296,24 +329,53 @@ class AgentManager:
                     break  # nothing was discarded, so another restore would fail the same way
         if cache is None:
             cache, n = self.handle.make_cache(), 0
-        agent.tokens = list(target[:n])
+        agent.tokens = list(target[:n + copied])
         res = _Resident(cache, Capture(self.store.chunk_size) if self._sliding else None)
         self._resident[agent.name] = res
-        return res, n, errors
+        return res, n, copied
 
-    def _turn(self, agent: Agent, message: str, max_tokens: int, sampling: tuple, box: dict) -> Iterator[str]:
-        """One chat turn as a generator of text segments; puts the Reply in box["reply"]."""
-        t0 = time.perf_counter()
-        name = agent.name
-        messages = agent.messages + [{"role": "user", "content": message}]
-        prompt = turn.render(self.tokenizer, agent.conversation(messages))
+    def _donor(self, name: str, target: list[int], limit: int, at_least: int) -> tuple[list, int] | None:
+        """A copy of another resident cache holding more of target[:limit] than `at_least` tokens, or None.
+
+        Conversations that share a prefix (a system prompt, a document) with one in memory start
+        from a copy of it instead of the store: a RAM copy is faster than a restore. Less than a
+        chunk in common is not worth a copy of the whole cache.
+        """
+        best, best_n = None, max(at_least, self.store.chunk_size - 1)
+        for other in self._resident:
+            if other == name:
+                continue
+            own = self._agents[other].tokens
+            n = min(turn.common_prefix(own, target), limit)
+            if n > best_n and (n == len(own) or self._window is None or len(own) < self._window):
+                best, best_n = other, n
+        if best is None:
+            return None
+        cache = turn.copy_cache(self._resident[best].cache)
+        if not turn.trim_to(cache, len(self._agents[best].tokens), best_n):
+            return None
+        return cache, best_n
+
+    def start_turn(self, agent: Agent, prompt: list[int], messages: list[dict],
+                   options: GenerationOptions) -> tuple[Iterator[str], TurnState]:
+        """A turn on an already rendered prompt: (text segments, its TurnState; `.reply` once finished).
+
+        `messages` is the conversation the agent records once the reply is appended (the system
+        prompt apart). Agent.chat renders the template itself; the server renders full requests.
+        """
         if not prompt:
-            raise ValueError("the chat template rendered an empty prompt")
+            raise ValueError("the prompt is empty")
+        if agent._manager is not self:
+            raise ValueError(f"agent {agent.name!r} belongs to another manager")
+        state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
+        return self._turn(agent, state), state
+
+    def _turn(self, agent: Agent, state: TurnState) -> Iterator[str]:
+        """One chat turn as a generator of text segments; sets state.reply when it ends."""
+        name = agent.name
+        prompt = state.prompt
         limit = len(prompt) - 1  # the last prompt token is fed by the generator
         before = list(agent.tokens)
-        reused = restored = 0
-        errors: list[BlobError] = []
-        restore_s = 0.0
         try:
             res = self._resident.get(name)
             if res is not None:
@@ -322,33 +384,30 @@ class AgentManager:
                     agent.tokens = agent.tokens[:keep]
                     if res.capture:
                         res.capture.drop_from(keep)
-                    reused = keep
+                    state.reused = keep
                 else:  # nothing in common, or a rotated sliding window: start from the store
                     self._drop(name)
                     res = None
             if res is None:
                 tr = time.perf_counter()
-                res, restored, errors = self._materialize(agent, prompt, limit)
-                restore_s = time.perf_counter() - tr
+                res, state.restored, state.reused = self._materialize(agent, prompt, limit, state.errors)
+                state.restore_seconds = time.perf_counter() - tr
             self._resident.move_to_end(name)
             tp = time.perf_counter()
-            turn.prefill(self.model, res.cache, prompt, reused + restored, limit, self.prefill_step, res.capture,
+            done = state.reused + state.restored
+            turn.prefill(self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture,
                          self._progress_for(name))
-            prefill_s = time.perf_counter() - tp
-            out: dict = {}
-            segments = turn.generate(self.model, self.tokenizer, res.cache, prompt[limit:], max_tokens,
-                                     turn.sampler_for(*sampling), out, res.capture, limit)
+            state.prefill_seconds = time.perf_counter() - tp
+            segments = turn.generate(self.model, self.tokenizer, res.cache, prompt[limit:], state, res.capture, limit)
         except BaseException:
             self._resident.pop(name, None)  # a cache in an unknown state is never used again
             agent.tokens = before
             raise
-        finish = None
         try:
-            for segment in segments:
-                yield segment
+            yield from segments
         except GeneratorExit:
             segments.close()
-            finish = "interrupted"
+            state.finish = "interrupted"
             raise
         except BaseException:
             self._resident.pop(name, None)
@@ -356,35 +415,34 @@ class AgentManager:
             raise
         finally:
             if name in self._resident:
-                self._finish_turn(agent, res, prompt, messages, out, finish, box, errors,
-                                  (t0, restore_s, prefill_s, reused, restored))
+                self._finish_turn(agent, res, state)
 
-    def _finish_turn(self, agent: Agent, res: _Resident, prompt: list[int], messages: list[dict], out: dict,
-                     finish: str | None, box: dict, errors: list, times: tuple) -> None:
-        t0, restore_s, prefill_s, reused, restored = times
+    def _finish_turn(self, agent: Agent, res: _Resident, state: TurnState) -> None:
         name = agent.name
-        generated = out.get("tokens", [])
+        prompt, generated = state.prompt, state.tokens
         history = prompt + generated
         seen = turn.cache_offset(res.cache)
         if seen > len(history):  # cannot happen with mlx-lm's generate_step; never trust such a cache
             del self._resident[name]
             seen = len(prompt)
         agent.tokens = history[:seen]
-        text = out.get("text", "")
-        agent.messages = messages + [{"role": "assistant", "content": text}]
+        agent.messages = state.messages + [{"role": "assistant", "content": state.text}]
         res.dirty = True
         now = time.perf_counter()
-        first = out.get("first") or now
+        first = state.first or now
         n_gen = len(generated)
         tps = (n_gen - 1) / (now - first) if n_gen > 1 and now > first else 0.0
+        reused, restored = state.reused, state.restored
         stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reused, restored_tokens=restored,
                           prefilled_tokens=len(prompt) - reused - restored, generated_tokens=n_gen,
-                          ttft=round(first - t0, 6), tokens_per_second=round(tps, 3),
-                          restore_seconds=round(restore_s, 6), prefill_seconds=round(prefill_s, 6),
-                          source="resident" if reused else "store" if restored else "cold", recovered=bool(errors))
+                          ttft=round(first - state.t0, 6), tokens_per_second=round(tps, 3),
+                          restore_seconds=round(state.restore_seconds, 6),
+                          prefill_seconds=round(state.prefill_seconds, 6),
+                          source="resident" if reused else "store" if restored else "cold",
+                          recovered=bool(state.errors))
         agent.turns.append(stats.as_dict())
-        if errors:
-            self._warn_recovered(name, errors)
+        if state.errors:
+            self._warn_recovered(name, state.errors)
         if self.autosave and name in self._resident:
             ts = time.perf_counter()
             snap = self._save(name)
@@ -392,5 +450,5 @@ class AgentManager:
                                      bytes_saved=snap.bytes_written if snap else 0))
             agent.turns[-1] = stats.as_dict()
         self._evict(protect=name)
-        box["reply"] = Reply(text=text, tokens=tuple(generated), stats=stats,
-                             finish_reason=finish or out.get("finish", "length"), agent=name)
+        state.reply = Reply(text=state.text, tokens=tuple(generated), stats=stats, finish_reason=state.finish,
+                            agent=name)

@@ -3,6 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How one turn renders its prompt and samples its reply (mlx-lm's sampler and logits processors).
+
+    `temp` 0 is greedy; `top_p` 0 or 1, `top_k` 0 and `min_p` 0 leave sampling unfiltered; a
+    `repetition_penalty` applies over the last 20 tokens. `stop` strings end the reply (the text
+    stops before the first one). `tools` and `chat_template_kwargs` go to the chat template.
+    """
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    tools: list[dict] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a whole number >= 1, not {self.max_tokens!r}")
+        if not self.temp >= 0:
+            raise ValueError(f"temp must be >= 0, not {self.temp!r}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be between 0 and 1, not {self.top_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be between 0 and 1, not {self.min_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, not {self.top_k!r}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be non-empty strings")
 
 
 @dataclass(frozen=True)
@@ -37,7 +78,7 @@ class Reply:
     text: str
     tokens: tuple[int, ...]
     stats: TurnStats
-    finish_reason: str          # "stop" (end of turn token) | "length" (max_tokens) | "interrupted"
+    finish_reason: str          # "stop" (end of turn token or a stop string) | "length" (max_tokens) | "interrupted"
     agent: str = ""
 
     def __str__(self) -> str:

@@ -3,24 +3,59 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from kvstore.cache import codec
 from kvstore.cache.capture import Capture
 
+from .records import GenerationOptions, Reply
+
 Progress = Callable[[int, int], None] | None
 
 
-def render(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """Prompt token ids: the tokenizer's chat template over `messages`, ready for the assistant's turn."""
+@dataclass
+class TurnState:
+    """One turn in flight: its prompt, where the prompt's tokens came from, and what was generated.
+
+    The agent manager fills it as the turn goes; `reply` is set once the turn is finished (also
+    when the caller stopped it early).
+    """
+
+    prompt: list[int]
+    messages: list[dict]                 # the conversation after this turn's prompt (system prompt apart)
+    options: GenerationOptions
+    t0: float = field(default_factory=time.perf_counter)
+    reused: int = 0                      # prompt tokens from a resident cache
+    restored: int = 0                    # prompt tokens from the store
+    restore_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    errors: list = field(default_factory=list)   # damaged blobs recomputed this turn
+    tokens: list[int] = field(default_factory=list)  # generated ids (an end-of-turn token included)
+    text: str = ""
+    first: float | None = None           # perf_counter at the first generated token
+    finish: str = "length"               # "stop" | "length" | "interrupted"
+    stopped_by: str | None = None        # the stop string that ended the reply
+    reply: Reply | None = None
+
+
+def render(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None,
+           template_kwargs: dict | None = None) -> list[int]:
+    """Prompt token ids: the tokenizer's chat template over `messages`, ready for the assistant's turn.
+
+    `tools` and `template_kwargs` go to the template (as transformers' apply_chat_template takes them).
+    """
     if getattr(tokenizer, "chat_template", None) or getattr(tokenizer, "_chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = dict(template_kwargs or {})
+        if tools:
+            extra["tools"] = tools
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(out, dict):  # transformers 5 may hand back a BatchEncoding
             out = out["input_ids"]
         return [int(t) for t in out]
@@ -128,49 +163,92 @@ def prefill(model: Any, cache: list, tokens: list[int], start: int, end: int, st
     mx.clear_cache()
 
 
-def sampler_for(temp: float, top_p: float, top_k: int, min_p: float, seed: int | None):
-    """An mlx-lm sampler; greedy (argmax) when temp is 0."""
-    if seed is not None:
-        mx.random.seed(seed)
-    return make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+def sampling(options: GenerationOptions) -> tuple[Callable, list]:
+    """(sampler, logits processors) for mlx-lm's generate_step; seeds MLX's generator when asked."""
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    sampler = make_sampler(options.temp, top_p=options.top_p, min_p=options.min_p, top_k=options.top_k)
+    return sampler, make_logits_processors(repetition_penalty=options.repetition_penalty)
 
 
-def generate(model: Any, tokenizer: Any, cache: list, last: list[int], max_tokens: int,
-             sampler, out: dict, capture: Capture | None = None, fed: int = 0) -> Iterator[str]:
-    """Generate from the prompt's last token; yields text segments and fills `out`.
+class _StopScan:
+    """Holds back text that could be the start of a stop string, and cuts the text at the first one."""
 
-    `out` gets "tokens" (generated ids, an end-of-turn token included: the cache has seen it too),
-    "first" (perf_counter at the first token), "finish" ("stop" | "length").
-    mlx-lm's generate_step feeds each token into the cache before yielding it, so when this
-    stops, the cache has seen exactly prompt + out["tokens"]. `fed` is how many tokens the cache
-    held before `last`; with a `capture`, every chunk the answer completes is taken while it is
-    still inside the sliding window.
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+        self.hit: str | None = None  # the stop string that ended the text
+
+    def feed(self, segment: str) -> str:
+        """The text that is safe to hand out after `segment` arrived."""
+        if not self.stops:
+            return segment
+        self.pending += segment
+        found = [(i, s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            cut, self.hit = min(found)
+            out, self.pending = self.pending[:cut], ""
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def generate(model: Any, tokenizer: Any, cache: list, last: list[int], state: TurnState,
+             capture: Capture | None = None, fed: int = 0) -> Iterator[str]:
+    """Generate from the prompt's last token; yields text segments and fills `state`.
+
+    `state.tokens` gets the generated ids (an end-of-turn token included: the cache has seen it
+    too), `state.first` the time of the first token, `state.finish` "stop" or "length", `state.text`
+    the reply (cut before a stop string). mlx-lm's generate_step feeds each token into the cache
+    before yielding it, so when this stops, the cache has seen exactly prompt + state.tokens. `fed`
+    is how many tokens the cache held before `last`; with a `capture`, every chunk the answer
+    completes is taken while it is still inside the sliding window.
     """
+    opts = state.options
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    out.update(tokens=[], first=None, finish="length")
-    steps = generate_step(mx.array(last), model, prompt_cache=cache, max_tokens=max_tokens, sampler=sampler)
+    scan = _StopScan(opts.stop)
+    sampler, processors = sampling(opts)
+    state.tokens, state.first, state.finish, state.text = [], None, "length", ""
+    steps = generate_step(mx.array(last), model, prompt_cache=cache, max_tokens=opts.max_tokens, sampler=sampler,
+                          logits_processors=processors)
     try:
         for token, _logprobs in steps:
             token = int(token)
-            if out["first"] is None:
-                out["first"] = time.perf_counter()
-            out["tokens"].append(token)
-            if capture is not None and (fed + len(last) + len(out["tokens"])) % capture.chunk_size == 0:
+            if state.first is None:
+                state.first = time.perf_counter()
+            state.tokens.append(token)
+            if capture is not None and (fed + len(last) + len(state.tokens)) % capture.chunk_size == 0:
                 capture.take(cache)
             if token in eos:
-                out["finish"] = "stop"
+                state.finish = "stop"
                 break
             detok.add_token(token)
-            segment = detok.last_segment  # reading it consumes it
+            segment = scan.feed(detok.last_segment)  # reading last_segment consumes it
             if segment:
+                state.text += segment
                 yield segment
-            if len(out["tokens"]) >= max_tokens:
+            if scan.hit:
+                state.finish, state.stopped_by = "stop", scan.hit
+                break
+            if len(state.tokens) >= opts.max_tokens:
                 break
     finally:
         steps.close()
-        detok.finalize()
-        tail = detok.last_segment
-        out["text"] = detok.text
+        if not scan.hit:
+            detok.finalize()
+            tail = scan.feed(detok.last_segment)
+            tail += "" if scan.hit else scan.flush()
+            state.text += tail
+            if scan.hit:
+                state.finish, state.stopped_by = "stop", scan.hit
+        else:
+            tail = ""
     if tail:
         yield tail

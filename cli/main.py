@@ -194,9 +194,9 @@ def cli(ctx: click.Context, location: str, blobs: str | None) -> None:
 
 
 def _register() -> None:
-    from . import commands_agents, commands_chat, commands_inspect, commands_maintain, commands_mlx
+    from . import commands_agents, commands_chat, commands_inspect, commands_maintain, commands_mlx, commands_serve
 
-    for module in (commands_inspect, commands_maintain, commands_agents, commands_chat, commands_mlx):
+    for module in (commands_inspect, commands_maintain, commands_agents, commands_chat, commands_mlx, commands_serve):
         for command in module.COMMANDS:
             cli.add_command(command)
 

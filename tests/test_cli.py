@@ -84,7 +84,7 @@ def test_every_command_has_help():
     assert run(["--help"]).stdout.startswith("Usage: ")
     names = sorted(cli.commands)
     assert names == sorted(["info", "agents", "show", "models", "du", "fsck", "gc", "rm", "fork", "export",
-                            "import", "migrate", "demo", "init", "chat", "import-mlx", "export-mlx"])
+                            "import", "migrate", "demo", "init", "chat", "import-mlx", "export-mlx", "serve"])
     for name in names:
         out = run([name, "--help"]).stdout
         assert out.startswith("Usage: ") and name in out.splitlines()[0]

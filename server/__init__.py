@@ -1,0 +1,37 @@
+"""kvstore.server: an OpenAI- and Anthropic-compatible HTTP server whose prompt cache is a kvstore store.
+
+    kvstore serve --model mlx-community/Llama-3.2-1B-Instruct-4bit --port 8080
+
+    from kvstore.server import ServerConfig, create_app, serve
+    serve(ServerConfig(model="path/to/model", store="~/.kvstore"))
+
+Every request's prompt is matched against the conversations in memory and in the store (the
+longest verified prefix of any conversation of the model); only the rest is prefilled, and the
+conversation is saved after each reply, so the cache survives restarts and crashes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .config import ServerConfig, parse_size
+
+# Loaded on first use (PEP 562): FastAPI and mlx stay out of `kvstore --help` and of ServerConfig users.
+_LAZY = {"create_app": ".app", "serve": ".run"}
+
+if TYPE_CHECKING:
+    from .app import create_app
+    from .run import serve
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstore.server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["ServerConfig", "create_app", "serve", "parse_size"]

@@ -1,0 +1,111 @@
+"""The ASGI application: routes, error bodies in each API's format, and the server's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from .auth import Guard
+from .config import ServerConfig
+from .errors import RequestError, body_for
+from .prompts import encode_prompt, openai_messages, render_chat
+from .state import ServerState, as_request_error
+
+log = logging.getLogger("kvstore.server")
+
+
+def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
+    errors = e.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg')}", None
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{where or 'body'}: {first.get('msg')}{more}", where or None
+
+
+def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI:
+    """The server's ASGI app; loads the model and opens the store now (on the model thread)."""
+    st = state or ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        st.close()
+
+    app = FastAPI(title="kvstore serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.kv = st
+
+    def reply(request: Request, e: RequestError) -> JSONResponse:
+        return JSONResponse(body_for(request.url.path, e), status_code=e.status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return reply(request, e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        message, param = _validation_message(e)
+        return reply(request, RequestError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException):
+        return reply(request, RequestError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _any(request: Request, e: Exception):
+        return reply(request, as_request_error(e))
+
+    from . import routes_anthropic, routes_openai
+
+    app.include_router(routes_openai.router)
+    app.include_router(routes_anthropic.router)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": st.model_id, "queued": st.worker.queued()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": int(st.started),
+                                            "owned_by": "kvstore", "context_length": st.context_length}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        st.check_model(model_id)
+        return {"id": st.model_id, "object": "model", "created": int(st.started), "owned_by": "kvstore"}
+
+    @app.get("/v1/cache/stats")
+    async def cache_stats(request: Request):
+        stats = await st.call(st.conversations.stats, request)
+        return dict(stats, model=st.model_id, queued=st.worker.queued())
+
+    @app.post("/v1/cache/lookup")
+    async def cache_lookup(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise RequestError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict) or ("messages" in body) == ("prompt" in body):
+            raise RequestError(400, "give either messages (a chat) or prompt (a completion)")
+        if "messages" in body:
+            if not isinstance(body["messages"], list):
+                raise RequestError(400, "messages must be a list", param="messages")
+            prompt = render_chat(st.tokenizer, openai_messages(body["messages"]), body.get("tools"),
+                                 body.get("chat_template_kwargs"), None, 1)
+        else:
+            prompt = encode_prompt(st.tokenizer, body["prompt"], None, 1)
+        return await st.call(lambda: st.conversations.lookup(prompt), request)
+
+    @app.delete("/v1/cache")
+    async def cache_clear(request: Request):
+        return await st.call(st.conversations.clear, request)
+
+    return Guard(app, config.api_key, config.max_body_bytes)

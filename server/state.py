@@ -1,0 +1,130 @@
+"""What one server process holds: the model thread, the agent manager, the conversations, the budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+import kvstore
+from kvstore.errors import InvalidNameError, ModelMismatchError, StoreError, UnknownAgentError
+
+from .config import ServerConfig
+from .errors import RequestError
+from .worker import Job, Worker
+
+log = logging.getLogger("kvstore.server")
+
+
+def context_length(handle: Any) -> int | None:
+    """The model's context window from its config (max_position_embeddings and its aliases)."""
+    config: dict = {}
+    if handle.path is not None and (Path(handle.path) / "config.json").is_file():
+        config = json.loads((Path(handle.path) / "config.json").read_text())
+    args = getattr(handle.model, "args", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = config.get(key, getattr(args, key, None))
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def as_request_error(e: BaseException) -> RequestError:
+    """An exception from a turn as the error a client gets (the model thread keeps serving)."""
+    if isinstance(e, RequestError):
+        return e
+    if isinstance(e, (ValueError, ModelMismatchError, UnknownAgentError, InvalidNameError, ConnectionAbortedError)):
+        return RequestError(400, str(e))
+    if isinstance(e, StoreError):
+        return RequestError(500, f"store error: {e}")
+    log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
+    return RequestError(500, f"internal error ({type(e).__name__}): {e}")
+
+
+class ServerState:
+    """Loads the model and opens the store on the model thread; closes both on shutdown."""
+
+    def __init__(self, config: ServerConfig):
+        config.check()
+        self.config = config
+        self.started = time.time()
+        self.worker = Worker()
+        try:
+            self.worker.call(self._open)
+        except BaseException:
+            self.worker.stop()
+            raise
+
+    def _open(self) -> None:
+        from kvstore.agents import AgentManager
+
+        from .budget import DiskBudget
+        from .conversations import Conversations
+
+        c = self.config
+        self.store = kvstore.open(c.store, blobs=c.blobs, chunk_size=c.chunk_size)
+        try:
+            self.manager = AgentManager(c.model, self.store, max_resident=c.max_resident,
+                                        max_resident_bytes=c.max_resident_bytes, share_resident=True)
+        except BaseException:
+            self.store.close()
+            raise
+        handle = self.manager.handle
+        self.tokenizer = handle.tokenizer
+        self.context_length = c.context_length or context_length(handle)
+        self.model_id = c.model_id or (str(c.model) if isinstance(c.model, str) else handle.name)
+        names = {self.model_id, handle.name}
+        if handle.path is not None:
+            names |= {str(handle.path), Path(handle.path).name}
+        self.model_names = names
+        self.budget = DiskBudget(self.store, self.manager, c.max_disk, c.min_free_disk)
+        self.conversations = Conversations(self.manager, self.budget)
+        if not self.budget.check_floor():
+            self.budget.enforce()
+        log.info("serving %s (%s) from the store at %s; context %s tokens", self.model_id,
+                 self.manager.fingerprint[:12], self.store.path, self.context_length)
+
+    def close(self) -> None:
+        """Stop generating, finish the current save, save what is unsaved, close the store."""
+        self.worker.cancel_all()
+        try:
+            self.worker.call(self._close)
+        finally:
+            self.worker.stop()
+
+    def _close(self) -> None:
+        try:
+            self.manager.close()
+        finally:
+            self.store.close()
+        log.info("saved and closed the store")
+
+    def check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            raise RequestError(404, f"the model {name!r} does not exist here: this server runs {self.model_id!r}",
+                               param="model", code="model_not_found")
+
+    def submit(self, fn) -> Job:
+        return self.worker.submit(fn, asyncio.get_running_loop())
+
+    async def result(self, job: Job, request: Request) -> Any:
+        """Wait for a job; a client that goes away meanwhile stops its generation (what was computed is saved)."""
+        fut = asyncio.wrap_future(job.future)
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=1.0)
+            if done:
+                try:
+                    return fut.result()
+                except Exception as e:
+                    raise as_request_error(e) from None
+            if not job.cancelled.is_set() and await request.is_disconnected():
+                job.cancel()
+
+    async def call(self, fn, request: Request) -> Any:
+        """Run fn() on the model thread in turn with the generations (lookups, stats, clearing)."""
+        return await self.result(self.submit(lambda job: fn()), request)
