@@ -410,3 +410,18 @@ def test_model_from_path_and_loaded_pair(tmp_path, model_paths):
         assert a.tokens == b.tokens
     with pytest.raises(ModelLoadError):
         resolve_model(str(tmp_path / "no-such-model"))
+
+
+def test_an_agent_imported_without_trust_continues_in_a_manager(tmp_path, handles):
+    """Kept-apart imports live under their archive's namespace; the manager still knows them as its model's."""
+    h = handles["llama"]
+    with kvstore.open(tmp_path / "a") as store:
+        mgr = AgentManager(h, store)
+        mgr.create("baker", "You bake bread.").chat("Which flour?", max_tokens=8)
+        kvstore.export_agent(store, "baker", tmp_path / "baker.kvagent")
+        expected = mgr.get("baker").chat("And the oven?", max_tokens=8).text
+    with kvstore.open(tmp_path / "b") as fresh:
+        kvstore.import_agent(fresh, tmp_path / "baker.kvagent")
+        reply = AgentManager(h, fresh).get("baker").chat("And the oven?", max_tokens=8)
+        assert reply.text == expected
+        assert fresh.fsck().ok

@@ -173,7 +173,9 @@ def head(store: "Store", name: str) -> tuple[str, dict, list[int]]:
     """
     with db.transaction(store.engine, write=False, what=f"reading agent {name!r}") as conn:
         row = head_snapshot(conn, name)
-    return row.fingerprint, db.parse_json(row.meta, f"agent {name!r}'s metadata"), _snapshot_tokens(row, name)
+        # an agent imported without trust lives in its archive's namespace; its owner is the real model
+        model = queries.namespace_model(conn, row.fingerprint) or row.fingerprint
+    return model, db.parse_json(row.meta, f"agent {name!r}'s metadata"), _snapshot_tokens(row, name)
 
 
 def _snapshot_tokens(row, name: str) -> list[int]:
