@@ -187,7 +187,11 @@ class S3Blobs(BlobBackend):
 
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, oe.NotFoundError, oe.AlreadyExistsError):
+        except oe.AlreadyExistsError:
+            raise
+        except (FileNotFoundError, oe.NotFoundError) as e:
+            if "NoSuchBucket" in str(e):  # AWS answers 404 for a missing bucket too: not a missing blob
+                raise _translate(e, what, self.loc.url) from None
             raise
         except Exception as e:
             raise _translate(e, what, self.loc.url) from None
@@ -196,8 +200,18 @@ class S3Blobs(BlobBackend):
         """One LIST of at most one key: wrong credentials or a missing bucket fail here, at open."""
         import obstore as obs
 
-        stream = self._call("listing the bucket", obs.list, self.client, self.base + "/", chunk_size=1)
-        self._call("listing the bucket", next, iter(stream), None)
+        stream = self._list(obs.list, self.client, self.base + "/", chunk_size=1)
+        self._list(next, iter(stream), None)
+
+    def _list(self, fn: Callable, *args, **kwargs):
+        """A LIST request: a 404 can only mean that the bucket is missing."""
+        import obstore.exceptions as oe
+
+        try:
+            return self._call("listing the bucket", fn, *args, **kwargs)
+        except (FileNotFoundError, oe.NotFoundError) as e:
+            raise NoSuchBucketError(f"{self.loc.url}: the bucket does not exist; create it (e.g. `aws s3 mb`) "
+                                    "first") from e
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -374,10 +388,10 @@ class S3Blobs(BlobBackend):
     def iter_files(self) -> Iterator[tuple[str, ObjectEntry]]:
         import obstore as obs
 
-        stream = self._call("listing the bucket", obs.list, self.client, self.base + "/", chunk_size=1000)
+        stream = self._list(obs.list, self.client, self.base + "/", chunk_size=1000)
         cut = len(self.base) + 1
         while True:
-            batch = self._call("listing the bucket", next, iter(stream), None)
+            batch = self._list(next, iter(stream), None)
             if batch is None:
                 return
             for meta in batch:
