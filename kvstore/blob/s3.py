@@ -228,19 +228,17 @@ class S3Blobs(BlobBackend):
         if real != blob_id:  # a caller's bug, never the network's: refuse rather than store a lie
             raise CorruptBlobError(f"blob {blob_id}: the bytes to store hash to {real}", blob_id)
         key = self.key(blob_id)
-        written = True
-        if self.loc.conditional:
+        written = False
+        if self.loc.conditional:  # one round trip: written, or 412 because the object exists
             try:
                 self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, mode="create",
                            use_multipart=False)
+                written = True
             except oe.AlreadyExistsError:
-                written = False
-        else:
-            written = self.stat(blob_id) is None
-            if written:
-                self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, use_multipart=False)
+                pass
         if not written:
-            # The key names the content, but a truncated object would keep it: same size, or write it again.
+            # The key names the content, but a truncated object would keep it: the same size, or write it
+            # again (also when a gc removed it since the 412).
             st = self.stat(blob_id)
             if st is None or st[0] != len(data):
                 self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, use_multipart=False)
