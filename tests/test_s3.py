@@ -127,6 +127,21 @@ def own_server(tmp_path):
     server.stop()
 
 
+def _wait_for_volumes(store, timeout: float = 120.0) -> None:
+    """A restarted SeaweedFS serves S3 before its volume server has registered the old volumes (GETs of
+    objects written before answer 500 for a while): wait until one of them reads back."""
+    some = next(b for b, _ in store.blobs.iter_files())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.blobs.read(some)
+            return
+        except BlobServiceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_server_stopped_mid_save_fails_cleanly_and_commits_nothing(tmp_path, own_server):
     from reliability import synth
 
@@ -156,6 +171,7 @@ def test_server_stopped_mid_save_fails_cleanly_and_commits_nothing(tmp_path, own
     own_server.start()  # the same data on new ports
     url = own_server.url("mid")
     with kvstore.open(index, blobs=url, **{**kw, "cache_dir": str(tmp_path / "tier2")}) as store:
+        _wait_for_volumes(store)
         _check(store, "first", before["first"])
         report = store.fsck(grace=0)
         # The blobs the failed save did put are orphans (no row names them), never missing references.

@@ -265,7 +265,7 @@ class S3Blobs(BlobBackend):
     def _fetch(self, blob_id: str, agent: str | None, keep: frozenset[str]) -> memoryview:
         """GET a blob, check its hash, keep it in the tier."""
         data = memoryview(self._get(blob_id, agent))
-        self._keep(blob_id, data, agent, keep)
+        self._keep(blob_id, [data], agent, keep)
         return data
 
     def read(self, blob_id: str, agent: str | None = None) -> bytearray:
@@ -304,26 +304,20 @@ class S3Blobs(BlobBackend):
             return self.tier.path
         # Round 1: the first PART of each blob, which also tells its size (one request for most blobs).
         heads = dict(zip(need, self._pool.map(lambda b: self._get_part(b, 0, agent), need)))
-        bufs: dict[str, bytearray | memoryview] = {}
-        rest = []
-        for b, (size, data) in heads.items():
-            if size <= len(data):
-                bufs[b] = memoryview(data)
-            else:
-                buf = bufs[b] = bytearray(size)
-                buf[: len(data)] = memoryview(data)
-                rest += [(b, start) for start in range(len(data), size, PART)]
+        parts: dict[str, dict[int, object]] = {b: {0: data} for b, (_size, data) in heads.items()}
+        rest = [(b, start) for b, (size, data) in heads.items() for start in range(len(data), size, PART)]
         heads.clear()
 
-        # Round 2: the other parts, all at once, copied into place as they arrive.
-        def fill(part):
+        # Round 2: the other parts, all at once. They stay as the client's buffers: no assembly copy, the
+        # hash runs over them in order and the tier file is written from them with one writev.
+        def fetch(part):
             b, start = part
-            _size, data = self._get_part(b, start, agent)
-            bufs[b][start: start + len(data)] = memoryview(data)
+            parts[b][start] = self._get_part(b, start, agent)[1]
 
-        for _ in self._pool.map(fill, rest):
+        for _ in self._pool.map(fetch, rest):
             pass
-        for _ in self._pool.map(lambda b: self._keep(b, bufs[b], agent, ids), need):
+        for _ in self._pool.map(lambda b: self._keep(b, [parts[b][k] for k in sorted(parts[b])], agent, ids),
+                                need):
             pass
         return self.tier.path
 
@@ -341,15 +335,18 @@ class S3Blobs(BlobBackend):
             raise MissingBlobError(f"blob {blob_id} is missing from {self.describe_location()}{who}",
                                    blob_id, agent) from None
 
-    def _keep(self, blob_id: str, data, agent: str | None, keep: frozenset[str]) -> None:
-        """Verify a fetched blob whole, then keep it in the tier."""
-        if xxhash.xxh3_128_hexdigest(data) != blob_id:
+    def _keep(self, blob_id: str, pieces: list, agent: str | None, keep: frozenset[str]) -> None:
+        """Verify a fetched blob whole (its pieces in order), then keep it in the tier."""
+        h = xxhash.xxh3_128()
+        for piece in pieces:
+            h.update(piece)
+        if h.hexdigest() != blob_id:
             self._bad_remote.add(blob_id)
             who = f" (needed by agent {agent!r})" if agent else ""
             raise CorruptBlobError(f"blob {blob_id} is corrupt in {self.describe_location()}: its bytes no "
                                    f"longer match its hash{who}", blob_id, agent)
         try:
-            self.tier.add(blob_id, [data], keep)
+            self.tier.add(blob_id, pieces, keep)
         except OSError:
             pass
 
