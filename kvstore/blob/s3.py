@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import xxhash
 
 from kvstore.blob.backend import BlobBackend, PathOf
-from kvstore.blob.tier import DiskTier
+from kvstore.blob.tier import DiskTier, check_blob_id
 from kvstore.errors import (BlobServiceError, CorruptBlobError, MissingBlobError, NoSuchBucketError,
                             StoreError, StoreAccessDeniedError)
 from kvstore.formats import BLOB_SUFFIX
@@ -174,6 +174,8 @@ class S3Blobs(BlobBackend):
     # -- naming ----------------------------------------------------------------------------
 
     def key(self, blob_id: str) -> str:
+        """The object key of a blob, from a checked id (as BlobStore.path: a crafted row names no other key)."""
+        check_blob_id(blob_id)
         return f"{self.base}/{blob_id[:2]}/{blob_id[2:]}{BLOB_SUFFIX}"
 
     def describe_location(self) -> str:

@@ -19,6 +19,16 @@ from pathlib import Path
 from kvstore.formats import BLOB_SUFFIX
 from kvstore.blob.tensorfile import write_all
 
+def check_blob_id(blob_id) -> None:
+    """InvalidBlobIdError unless `blob_id` is 32 lowercase hex digits (the rule of kvstore.blob.local)."""
+    from kvstore.blob.local import is_blob_id
+    from kvstore.errors import InvalidBlobIdError
+
+    if not is_blob_id(blob_id):
+        raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)",
+                                 str(blob_id)[:80])
+
+
 EVICT_TO = 0.9  # an eviction frees down to this share of the budget, so the next add does not evict again
 
 
@@ -35,6 +45,7 @@ class DiskTier:
         self._bytes = sum(size for _p, size, _m in self._files())  # other processes add too: re-counted on evict
 
     def path(self, blob_id: str) -> Path:
+        check_blob_id(blob_id)  # never a path outside the tier from a crafted id
         return self.root / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
 
     def has(self, blob_id: str) -> bool:
