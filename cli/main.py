@@ -32,9 +32,10 @@ class StoreRef:
     never create or open anything.
     """
 
-    def __init__(self, location: str, blobs: str | None):
+    def __init__(self, location: str, blobs: str | None, cache_size: str | None = None):
         self.location = location
         self.blobs = blobs
+        self.cache_size = cache_size
         self._store: kvstore.Store | None = None
 
     @property
@@ -69,7 +70,8 @@ class StoreRef:
             try:
                 new = create and not self.exists()
                 self._store = kvstore.open(self.location, blobs=self.blobs, create=create,
-                                           chunk_size=chunk_size if new else None)
+                                           chunk_size=chunk_size if new else None,
+                                           **({"cache_size": self.cache_size} if self.cache_size else {}))
             except StoreError:
                 raise
             except Exception as e:  # a malformed URL or a missing database driver, before any data is touched
@@ -118,7 +120,7 @@ yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 
 
 # The group's own options; they may also come after the subcommand (`kvstore info --store X`).
-GLOBAL_OPTIONS = ("--store", "--blobs")
+GLOBAL_OPTIONS = ("--store", "--blobs", "--cache-size")
 
 
 def hoist_global_options(args: list[str], commands: dict[str, click.Command]) -> list[str]:
@@ -178,17 +180,21 @@ class KvstoreGroup(click.Group):
 @click.option("--store", "location", envvar="KVSTORE_HOME", default=kvstore_home,
               show_default="$KVSTORE_HOME or ~/.kvstore", metavar="PATH|URL",
               help="The store: a folder, or a database URL such as postgresql+psycopg://host/db.")
-@click.option("--blobs", envvar="KVSTORE_BLOBS", type=click.Path(file_okay=False), metavar="PATH",
-              help="The blob folder of a database-URL store (env KVSTORE_BLOBS).")
+@click.option("--blobs", envvar="KVSTORE_BLOBS", type=click.Path(file_okay=False), metavar="PATH|S3URL",
+              help="The blob folder of a database-URL store, or an S3 bucket: "
+                   "s3://bucket/prefix?endpoint=http://host:port (credentials: the AWS variables or a profile; "
+                   "env KVSTORE_BLOBS).")
+@click.option("--cache-size", envvar="KVSTORE_CACHE_SIZE", metavar="SIZE",
+              help="An S3 store's local disk tier budget, e.g. 10G or 512M (default 10G; env KVSTORE_CACHE_SIZE).")
 @click.version_option(kvstore.__version__, "--version", prog_name="kvstore")
 @click.pass_context
-def cli(ctx: click.Context, location: str, blobs: str | None) -> None:
+def cli(ctx: click.Context, location: str, blobs: str | None, cache_size: str | None) -> None:
     """Talk to, inspect, verify, clean and move the agents of a kvstore store (persistent KV caches for mlx-lm).
 
-    --store and --blobs go before or after the command. Read commands take --json for machine-readable
+    --store, --blobs and --cache-size go before or after the command. Read commands take --json for machine-readable
     output. Exit status: 0 ok, 1 error (or fsck problems), 2 usage error.
     """
-    ref = StoreRef(os.fspath(location), blobs)
+    ref = StoreRef(os.fspath(location), blobs, cache_size)
     ctx.obj = ref
     ctx.call_on_close(ref.close)
 

@@ -87,6 +87,18 @@ class IndexDatabaseError(StoreError):
     """The index database failed in a way the caller cannot fix by retrying."""
 
 
+class BlobServiceError(StoreError):
+    """The object storage that holds the blobs failed a request (after its retries): nothing was committed."""
+
+
+class StoreAccessDeniedError(BlobServiceError):
+    """The object storage refused the credentials (or the bucket's policy denies them)."""
+
+
+class NoSuchBucketError(BlobServiceError):
+    """The bucket an s3:// URL names does not exist."""
+
+
 __all__ = [
     "StoreError",
     "InvalidNameError",
@@ -106,4 +118,7 @@ __all__ = [
     "StoreFullError",
     "ArchiveError",
     "IndexDatabaseError",
+    "BlobServiceError",
+    "StoreAccessDeniedError",
+    "NoSuchBucketError",
 ]

@@ -10,6 +10,7 @@ from kvstore.index import db
 from kvstore.index import queries
 from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
 from kvstore.index import sizes
+from kvstore.blob.backend import BlobBackend
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
 from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
@@ -43,14 +44,18 @@ class Store:
     """
 
     def __init__(self, url: str, root: Path, chunk_size: int | None, durable: bool, timeout: float,
-                 readonly: bool, io_threads: int):
+                 readonly: bool, io_threads: int, blobs: BlobBackend | None = None):
         self.url = url
         self.path = root
         self.readonly = readonly
         self.io_threads = io_threads
         self.io = IoPool(io_threads)
-        self.blobs = BlobStore(root, durable=durable)
-        self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
+        self.blobs: BlobBackend = blobs or BlobStore(root, durable=durable)
+        try:
+            self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
+        except BaseException:
+            self.blobs.close()
+            raise
         try:
             size = chunk_size or DEFAULT_CHUNK_SIZE
             if not isinstance(size, int) or size < 1 or size > 1 << 20:
@@ -62,6 +67,7 @@ class Store:
             self.chunk_size = self._settings(chunk_size)
         except BaseException:
             self.engine.dispose()
+            self.blobs.close()
             raise
 
     def _settings(self, chunk_size: int | None) -> int:
@@ -94,6 +100,7 @@ class Store:
 
     def close(self) -> None:
         self.io.close()
+        self.blobs.close()
         self.engine.dispose()
 
     def __enter__(self) -> "Store":
@@ -278,21 +285,37 @@ class Store:
         return n
 
 
-def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None,
-         chunk_size: int | None = None, durable: bool = True, timeout: float = 30.0,
-         readonly: bool | None = None, create: bool = True, io_threads: int = 4) -> Store:
+def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLike | None = None,
+         blobs: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+         cache_size: int | str | None = None, chunk_size: int | None = None, durable: bool = True,
+         timeout: float = 30.0, readonly: bool | None = None, create: bool = True, io_threads: int = 4) -> Store:
     """Open (or create) a store.
 
     Args:
         path_or_url: a folder (default $KVSTORE_HOME or ~/.kvstore), or a SQLAlchemy URL such as
-            "postgresql+psycopg://user@host/db" (then `blobs` names the blob folder).
-        blobs: the blob folder for a URL store (shared storage for a team).
+            "postgresql+psycopg://user@host/db" (then `blobs` names where the blobs are).
+        index: the same as path_or_url (reads better beside blobs=).
+        blobs: for a URL store, the blob folder (shared storage), or an S3-compatible bucket:
+            "s3://bucket/prefix?endpoint=http://host:port" (credentials: the AWS variables or a profile).
+            Default $KVSTORE_BLOBS.
+        cache_dir, cache_size: an S3 store's local disk tier (default $KVSTORE_CACHE_DIR/blobs/…, and
+            $KVSTORE_CACHE_SIZE or 10 GiB; sizes as bytes or "512M", "10G").
         chunk_size: tokens per chunk for a new store (default 256); an existing store keeps its own.
         durable: fsync blobs and directories before committing (turn off only for scratch stores).
         timeout: seconds to wait for another writer before StoreLockedError.
         readonly: open without writing anything; None: read-only when the folder is not writable.
         create: create the store if it does not exist (else NotAStoreError).
     """
+    if index is not None:
+        if path_or_url is not None:
+            raise TypeError("give the index once: open(path_or_url) or open(index=...)")
+        path_or_url = index
+    env_blobs = os.environ.get("KVSTORE_BLOBS")
+    if blobs is None and env_blobs and ("://" in os.fspath(path_or_url or "") or env_blobs.startswith("s3://")):
+        blobs = env_blobs
+    if blobs is not None and os.fspath(blobs).startswith("s3://"):
+        return _open_s3(path_or_url, os.fspath(blobs), cache_dir, cache_size, chunk_size, durable, timeout,
+                        readonly, io_threads)
     target = default_home() if path_or_url is None else path_or_url
     target = os.fspath(target)
     if "://" in target:
@@ -337,3 +360,29 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
         except OSError as e:
             raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
     return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)
+
+
+def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, timeout, readonly,
+             io_threads) -> Store:
+    """A store whose index is a database URL or a folder's index.db and whose blobs are in a bucket."""
+    from kvstore.blob.s3 import S3Blobs, parse_size
+
+    target = os.fspath(default_home() if index is None else index)
+    if "://" not in target:  # a folder holds the SQLite index (one machine); the bucket holds the blobs
+        root = Path(target).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        target = f"sqlite:///{(root / INDEX_FILE).resolve()}"
+    elif target.startswith("sqlite:///"):
+        root = Path(target[len("sqlite:///"):]).resolve().parent
+    else:
+        root = None
+    size = parse_size(cache_size if cache_size is not None else os.environ.get("KVSTORE_CACHE_SIZE"))
+    backend = S3Blobs(blobs_url, cache_dir=cache_dir, cache_size=size)
+    try:
+        backend.check_bucket()
+    except BaseException:
+        backend.close()
+        raise
+    # gc's lock file (SQLite indexes) goes beside the index; a server index locks in the database.
+    return Store(target, root or backend.tier.root, chunk_size, durable, timeout, bool(readonly), io_threads,
+                 blobs=backend)

@@ -1,4 +1,5 @@
-"""Shared fixtures: real stores on disk (SQLite, and PostgreSQL when KVSTORE_TEST_PG_URL is set)."""
+"""Shared fixtures: real stores on disk (SQLite, and PostgreSQL when KVSTORE_TEST_PG_URL is set), and stores
+whose blobs live in an S3 bucket when KVSTORE_TEST_S3_URL is set (.ci/run starts SeaweedFS on loopback)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import pytest  # noqa: E402
 
 TEST_CHUNK = 16  # small chunks so short test caches span several of them
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")
-BACKENDS = ["sqlite"] + ([pytest.param("postgresql", marks=pytest.mark.postgres)] if PG_URL else [])
+S3_URL = os.environ.get("KVSTORE_TEST_S3_URL")
+BACKENDS = ["sqlite"] + ([pytest.param("postgresql", marks=pytest.mark.postgres)] if PG_URL else []) \
+    + ([pytest.param("s3", marks=pytest.mark.s3)] if S3_URL else [])
+# The engine's core tests also run with blobs on S3 (its index on PostgreSQL when there is one): the rest
+# poke at blob files on disk, or are slow stress tests that would only repeat what these cover.
+S3_MODULES = {"test_roundtrip", "test_dedup", "test_read_path", "test_open"}
+_S3_SESSION = uuid.uuid4().hex[:8]
 
 # PostgreSQL: one fresh database per store, named for this session so that concurrent sessions against one
 # server never touch each other's; all of them are dropped when the session ends (pytest_sessionfinish).
@@ -77,6 +84,9 @@ def make_store(tmp_path, backend: str = "sqlite", **kwargs) -> kvstore.Store:
     """The store under tmp_path on the given backend; a second call reopens it (PostgreSQL: the index in a
     database of its own, the blobs under tmp_path)."""
     kwargs.setdefault("chunk_size", TEST_CHUNK)
+    if backend == "s3":
+        index, opts = s3_store_args(tmp_path)
+        return kvstore.open(kwargs.pop("url", None) or index, **{**opts, **kwargs})
     if backend == "postgresql":
         url = kwargs.pop("url", None) or _pg_store_url(tmp_path)
         return kvstore.open(url, blobs=tmp_path / "blobs-root", **kwargs)
@@ -98,9 +108,40 @@ def store(tmp_path, backend):
 @pytest.fixture
 def store_url(tmp_path, backend):
     """(open-args, open-kwargs) to reopen the same store, for tests that reopen or use several processes."""
+    if backend == "s3":
+        index, opts = s3_store_args(tmp_path)
+        return index, {**opts, "chunk_size": TEST_CHUNK}
     if backend == "postgresql":
         return _pg_store_url(tmp_path), {"blobs": str(tmp_path / "blobs-root"), "chunk_size": TEST_CHUNK}
     return str(tmp_path / "store"), {"chunk_size": TEST_CHUNK}
+
+
+def s3_url(prefix: str) -> str:
+    """KVSTORE_TEST_S3_URL with a key prefix of this session's own under its bucket."""
+    bucket, _, query = S3_URL.removeprefix("s3://").partition("?")
+    return f"s3://{bucket.rstrip('/')}/{_S3_SESSION}/{prefix}" + (f"?{query}" if query else "")
+
+
+def s3_store_args(tmp_path) -> tuple[str, dict]:
+    """(index, open-kwargs) of the S3 store under tmp_path: its index on PostgreSQL when there is one (else a
+    SQLite folder), its blobs under a prefix of its own, its disk tier under tmp_path."""
+    index = _pg_store_url(tmp_path) if PG_URL else str(tmp_path / "store")
+    prefix = f"{tmp_path.parent.name}-{tmp_path.name}"
+    return index, {"blobs": s3_url(prefix), "cache_dir": str(tmp_path / "tier"), "cache_size": 64 << 20}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep the S3 runs of the engine's core modules (S3_MODULES) only."""
+    if not S3_URL:
+        return
+    keep, drop = [], []
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        on_s3 = cs is not None and cs.params.get("backend") == "s3"
+        (drop if on_s3 and item.module.__name__.rsplit(".", 1)[-1] not in S3_MODULES else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_addoption(parser):

@@ -14,18 +14,21 @@ import re
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import xxhash
 
 from kvstore._crash import crash_point
+from kvstore.blob.backend import BlobBackend, PathOf
 from kvstore.errors import CorruptBlobError, InvalidBlobIdError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
 
 TEMP_SUFFIX = ".tmp"
 VERIFY_BUFFER = 1 << 20  # verify() streams a file through this much memory, whatever the blob's size
 BLOB_ID = re.compile(r"[0-9a-f]{32}")  # the xxh3-128 hex digest: the only name a blob file gets
+UNLINK_THREADS = 16  # concurrent unlinks in remove_many
 SHARDS = [f"{i:02x}" for i in range(256)]  # blob files live in blobs/<first two hex digits of the id>/
 
 
@@ -70,8 +73,8 @@ def _translate_os_error(e: OSError, what: str) -> Exception:
     return e
 
 
-class BlobStore:
-    """The `blobs/` and `tmp/` folders of a store."""
+class BlobStore(BlobBackend):
+    """The `blobs/` and `tmp/` folders of a store: the blob backend of a folder (local disk, NFS, SMB)."""
 
     def __init__(self, root: Path, durable: bool = True):
         self.root = Path(root)
@@ -104,6 +107,32 @@ class BlobStore:
             raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)",
                                      str(blob_id)[:80])
         return self.blob_dir / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
+
+    def describe_location(self) -> str:
+        return str(self.blob_dir)
+
+    def name_of(self, blob_id: str) -> str:
+        return str(self.path(blob_id))
+
+    def local_paths(self, blob_ids: Iterable[str], agent: str | None = None) -> PathOf:
+        return self.path  # the scatter reader opens the store's own files
+
+    def exists(self, blob_id: str) -> bool:
+        return self.path(blob_id).exists()
+
+    def stat(self, blob_id: str) -> tuple[int, float] | None:
+        try:
+            st = self.path(blob_id).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime
+
+    def read_range(self, blob_id: str, start: int, end: int) -> bytes:
+        try:
+            with open(self.path(blob_id), "rb", buffering=0) as f:
+                return os.pread(f.fileno(), end - start, start)
+        except FileNotFoundError:
+            raise MissingBlobError(f"blob {blob_id} is missing from {self.blob_dir}", blob_id) from None
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -248,6 +277,22 @@ class BlobStore:
             size = path.stat().st_size
             path.unlink()
             return size
+        except FileNotFoundError:
+            return 0
+
+    def remove_many(self, blob_ids: list[str]) -> list[int]:
+        """Unlinks overlap: each is a metadata write (and a TRIM on a disk mounted with discard); issue 4:
+        100,000 files in 35 s one by one, ~6 s overlapped. A slice per thread, not a task per file."""
+        if len(blob_ids) < 2 * UNLINK_THREADS:
+            return super().remove_many(blob_ids)
+        slices = [blob_ids[j::UNLINK_THREADS] for j in range(UNLINK_THREADS)]
+        with ThreadPoolExecutor(max_workers=UNLINK_THREADS) as pool:
+            return [n for part in pool.map(lambda ids: [self.remove(b) for b in ids], slices) for n in part]
+
+    @staticmethod
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size
         except FileNotFoundError:
             return 0
 

@@ -271,7 +271,7 @@ def _commit(store: "Store", plan: ArchivePlan, target: str, rows: list[dict], wr
             if (r["chunk_key"], r["layer"]) not in mine and still.get((r["chunk_key"], r["layer"]),
                                                                       r["first"] + 1) > r["first"]:
                 raise _Retry()
-        if any(not store.blobs.path(b).exists() for b in written):
+        if store.blobs.missing(written):
             raise _Retry()
         model_name = plan.model_name if original is None else f"{plan.model_name or original}{KEPT_APART}"
         model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name)

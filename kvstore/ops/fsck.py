@@ -27,15 +27,17 @@ if TYPE_CHECKING:
     from kvstore.store import Store
 
 
-def _check_blob(store: "Store", blob_id: str, nbytes: int) -> tuple[str, str] | None:
-    """None if the blob is sound, else (kind, detail)."""
+def _check_blob(store: "Store", blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
+    """None if the blob is sound, else (kind, detail). `entry` is its listing (None: not listed)."""
     if not is_blob_id(blob_id):  # a crafted row: never build a path from it (repair drops the row only)
         return "corrupt_blob", f"blob id {blob_id[:80]!r} is not 32 hex digits"
-    path = store.blobs.path(blob_id)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing_blob", f"{path} is missing"
+    path = store.blobs.name_of(blob_id)
+    size = 0 if entry is None else store.blobs.size(entry)
+    if not size:  # not listed (or gone since): a save may have written it after the listing
+        st = store.blobs.stat(blob_id)
+        if st is None:
+            return "missing_blob", f"{path} is missing"
+        size = st[0]
     if size != nbytes:
         return "corrupt_blob", f"{path} is {size} bytes, the index says {nbytes}"
     buf = getattr(_buffers, "buf", None)
@@ -111,8 +113,11 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
     bad_blobs: dict[str, Problem] = {}
     total = len(blob_rows)
     done = checked_bytes = 0
-    with ThreadPoolExecutor(max_workers=store.io_threads) as pool:
-        for (blob_id, nbytes), result in zip(blob_rows, pool.map(lambda r: _check_blob(store, r[0], r[1]), blob_rows)):
+    listed = dict(store.blobs.iter_files())  # one listing (a bucket's LIST) serves both directions
+    # A blob written after the listing (a save in flight) is looked up again before it counts as missing.
+    with ThreadPoolExecutor(max_workers=max(store.io_threads, getattr(store.blobs, "concurrency", 0))) as pool:
+        for (blob_id, nbytes), result in zip(blob_rows, pool.map(
+                lambda r: _check_blob(store, r[0], r[1], listed.get(r[0])), blob_rows)):
             done += 1
             checked_bytes += int(nbytes)
             if result is not None:
@@ -123,9 +128,9 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
 
     known = {b for b, _ in blob_rows}
     now = time.time()
-    stray = [(b, p) for b, p in store.blobs.iter_files() if b not in known and store.blobs.age(p, now) > grace]
-    problems += [Problem("orphan_file", str(p), "a blob file no index row names (a crashed save's leftover)")
-                 for _, p in stray]
+    stray = [(b, p) for b, p in listed.items() if b not in known and store.blobs.age(p, now) > grace]
+    problems += [Problem("orphan_file", store.blobs.describe(p), "a blob file no index row names (a crashed save's "
+                         "leftover)") for _, p in stray]
     temps = stale_temps(store, grace, now)  # a live write's temp file (flock'ed) is not a problem
     problems += [Problem("stale_temp", str(p), "an unfinished write's temp file") for p in temps]
 
@@ -192,8 +197,7 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
             affected.add(sid)
         for blob_id in filter(is_blob_id, bad_ids):  # files go after their rows, under the same write lock
             store.blobs.remove(blob_id)
-        for _, path in stray:
-            path.unlink(missing_ok=True)
+        store.blobs.remove_many([b for b, _ in stray])
         for path in temps:
             path.unlink(missing_ok=True)
     return affected

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
     from kvstore.store import Store
 
 FILE_BATCH = 1000  # files removed per write transaction: keeps the write lock short for savers
-UNLINK_THREADS = 16  # concurrent unlinks (issue 4: 100,000 files in 35 s one by one, ~6 s overlapped)
 GC_CACHE_KIB = 256 * 1024  # SQLite page cache for gc's big transaction
 
 
@@ -157,25 +155,21 @@ def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str])
     candidates.sort(key=lambda c: c[0][2:])
     removed = freed = 0
     total = len(candidates)
-    with ThreadPoolExecutor(max_workers=UNLINK_THREADS) as pool:
-        for i in range(0, total, FILE_BATCH):
-            batch = candidates[i : i + FILE_BATCH]
-            with db.transaction(store.engine, write=True, what="removing blob files") as conn:
-                # Re-check under the write lock: a save may have committed a row for one of them since.
-                back = {b for (b,) in conn.execute(select(schema.blobs.c.id).where(
-                    schema.blobs.c.id.in_([b for b, _ in batch])))}
-                doomed = [blob_id for blob_id, path in batch
-                          if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))]
-                # Unlinks overlap: each is a metadata write (and a TRIM on a disk mounted with discard).
-                # A slice per thread, not a task per file: 100,000 futures cost seconds of Python.
-                slices = [doomed[j::UNLINK_THREADS] for j in range(UNLINK_THREADS)]
-                for freed_each in pool.map(lambda ids: [store.blobs.remove(b) for b in ids], slices):
-                    for size in freed_each:
-                        removed += 1
-                        freed += size
-                        crash_point("gc.file_removed")
-            if progress:
-                progress(min(i + FILE_BATCH, total), total)
+    for i in range(0, total, FILE_BATCH):
+        batch = candidates[i : i + FILE_BATCH]
+        with db.transaction(store.engine, write=True, what="removing blob files") as conn:
+            # Re-check under the write lock: a save may have committed a row for one of them since.
+            back = {b for (b,) in conn.execute(select(schema.blobs.c.id).where(
+                schema.blobs.c.id.in_([b for b, _ in batch])))}
+            doomed = [blob_id for blob_id, path in batch
+                      if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))]
+            # The backend batches: overlapped unlinks on a folder, DeleteObjects on S3.
+            for size in store.blobs.remove_many(doomed):
+                removed += 1
+                freed += size
+                crash_point("gc.file_removed")
+        if progress:
+            progress(min(i + FILE_BATCH, total), total)
     return removed, freed
 
 
@@ -232,7 +226,7 @@ def _dry_run(store: "Store", keep_last: int, grace: float, t0: float) -> GcRepor
     orphans = [(bid, p) for bid, p in store.blobs.iter_files()
                if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace]
     temps = len(stale_temps(store, grace, now))
-    freed = sum(n for _, n in dead) + sum(p.stat().st_size for _, p in orphans)
+    freed = sum(n for _, n in dead) + sum(store.blobs.size(p) for _, p in orphans)
     return GcReport(dry_run=True, snapshots_removed=len(doomed), chunks_removed=len(dead_chunks),
                     blobs_removed=len(dead), files_removed=len(dead) + len(orphans), temp_removed=temps,
                     bytes_freed=freed, seconds=round(time.perf_counter() - t0, 3))

@@ -12,7 +12,7 @@ from kvstore.cache import codec
 from kvstore.index import db
 from kvstore.index import schema
 from kvstore.blob import tensorfile
-from kvstore.errors import (IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
+from kvstore.errors import (CorruptBlobError, IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
                      UnknownAgentError)
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
 from kvstore.records import Match
@@ -128,7 +128,9 @@ def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | 
     """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
     spans = {s: ((codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0),) for s, slot in enumerate(slots)}
     spans = {s: (o[0], n_tokens - o[0]) for s, o in spans.items()}
-    rd = ScatterReader(store.blobs.path, spans, agent, store.io,
+    # A remote store fetches what its disk tier lacks first; the reader then hashes what it reads there.
+    where = store.blobs.local_paths({b for blobs in plan_ for b, _f, _s in blobs}, agent)
+    rd = ScatterReader(where, spans, agent, store.io,
                        windowed=frozenset(s for s, slot in enumerate(slots) if slot.kind == "rot"))
     for s, (slot, blobs) in enumerate(zip(slots, plan_)):
         if slot.kind != "state":
@@ -197,13 +199,17 @@ def _reread(store: "Store", read):
     for attempt in range(READ_ATTEMPTS):
         try:
             return read()
+        except CorruptBlobError as e:
+            # A damaged copy in an S3 store's disk tier: drop it and fetch the bucket's (once per blob).
+            if attempt == READ_ATTEMPTS - 1 or not store.blobs.forget_local(e.blob_id):
+                raise
         except MissingBlobError as e:
             if attempt == READ_ATTEMPTS - 1 or not e.blob_id:
                 raise
             with db.transaction(store.engine, write=False, what="re-checking a blob") as conn:
                 named = conn.execute(select(schema.chunk_layers.c.layer).where(
                     schema.chunk_layers.c.blob_id == e.blob_id).limit(1)).first() is not None
-            if named and not store.blobs.path(e.blob_id).exists():
+            if named and not store.blobs.exists(e.blob_id):
                 raise
 
 

@@ -308,9 +308,8 @@ def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], 
                                               now, plan.label, plan.pinned)
             queries.set_head(conn, agent_id, snap_id, updated=now)
             written = finish_writes(store, blobs, pending)
-            for blob_id in {w[1] for w in written}:
-                if not store.blobs.path(blob_id).exists():
-                    raise _Retry()
+            if store.blobs.missing({w[1] for w in written}):  # a gc took one since: write it again
+                raise _Retry()
     finally:
         pending.exception()  # a failed commit never leaves blob writes running behind it
     files = {b: (nb, w) for _p, b, nb, w in written}
