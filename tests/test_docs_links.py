@@ -83,3 +83,17 @@ def test_the_checker_finds_broken_links(tmp_path):
     )
     assert [p.split(":")[0] for p in broken_links(doc)] == [
         "missing.md", "images/none.png", "other.md#nowhere", "#no-such-heading"]
+
+
+PACKAGES = ("kvstore", "agents", "cli", "migrations")
+MAP_ROW = re.compile(r"^\| `([^`]+\.py)` \|", re.M)
+
+
+def test_module_map_lists_every_module():
+    """docs/ARCHITECTURE.md's module map has one row per module of the tree, and no row for a missing one."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text[text.index("## Module map") :]
+    rows = MAP_ROW.findall(table)
+    tree = sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    assert len(rows) == len(set(rows)), "a module is listed twice"
+    assert sorted(rows) == tree
