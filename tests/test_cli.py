@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 import kvstore
-from cachegen import make_cache, same_cache, tokens
+from kvstore.testing import make_cache, same_cache, tokens
 from conftest import TEST_CHUNK
 from kvstore.cli.main import cli
 

@@ -13,7 +13,7 @@ from mlx_lm.models import cache as mlc
 from sqlalchemy import MetaData, create_engine, select, text
 
 import kvstore
-from cachegen import make_cache, tokens
+from kvstore.testing import make_cache, tokens
 from conftest import TEST_CHUNK, make_store
 from kvstore.index import db
 from kvstore.ops import accounting as accounting
