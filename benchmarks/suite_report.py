@@ -24,7 +24,9 @@ def render_tables(r: dict) -> str:
     load = r.get("load_average_start")
     busy = f" Load average (1/5/15 min) at the start: {', '.join(map(str, load))}." if load else ""
     out.append(f"**Machine:** {machine_line(m)}. Absolute times are for this machine only; compare the ratios.{busy}\n")
-    out.append(f"Every time is the median of {r['repeat']} runs, with [min–max]. The mlx-lm side is "
+    restores = r["restore"][0]["restore"]["kvstore"]["runs"] if r.get("restore") else r["repeat"]
+    also = f" (restores: {restores}, alternating sides)" if restores != r["repeat"] else ""
+    out.append(f"Every time is the median of {r['repeat']} runs{also}, with [min–max]. The mlx-lm side is "
                "`save_prompt_cache` / `load_prompt_cache` (one file per agent) with an fsync added after each save.\n")
     if "restore" in r:
         out.append("### Restore time vs context\n")
