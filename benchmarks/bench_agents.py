@@ -6,11 +6,12 @@ On a small built-in model (random weights; speed does not depend on them):
   file and against a cold prefill of the whole prompt;
 - warm start: a new agent whose prompt begins with another agent's stored 1024-token preamble,
   against (restore of that preamble + prefill of the agent's own tokens) and against a cold prefill.
-Prints a table and writes benchmarks/results/agents.json. Times are medians of `--repeat` runs (warm
+Prints a table and writes benchmarks/results/agents.json and its section of docs/BENCHMARKS.md (a --quick
+run: benchmarks/quick/ instead). Times are medians of `--repeat` runs (warm
 page cache); ratios are medians of the ratio within each round, which alternates who goes first, so
 other processes slowing a whole round do not skew them.
 
-    python benchmarks/bench_agents.py [--quick] [--arch llama] [--size small] [--model PATH]
+    python -m benchmarks.bench_agents [--quick] [--arch llama] [--size small] [--model PATH]
 """
 
 from __future__ import annotations
@@ -29,17 +30,16 @@ import kvstore
 
 kvstore.use_openblas()  # before mlx is imported: MLX's fp32 matmuls on OpenBLAS where installed (Linux)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
-from common import machine  # noqa: E402
-from kvstore.agents import AgentManager, resolve_model  # noqa: E402
-from kvstore.agents import turn  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks.common import machine, machine_line  # noqa: E402
+from benchmarks.timing import paired_ratio, summary  # noqa: E402
+from kvstore.agents import AgentManager, resolve_model, turn  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "agents.json"
+NAME = "agents"
 CONTEXTS = (256, 512, 1024, 2048)
 PREAMBLE_TOKENS = 1024
 TARGETS = {"resume_vs_mlx_file": 1.1, "warm_vs_restore_plus_prefill": 1.1}
@@ -80,10 +80,6 @@ def first_token(model, cache, prompt: list[int], start: int, step: int) -> None:
     steps = generate_step(mx.array(prompt[-1:]), model, prompt_cache=cache, max_tokens=1)
     next(steps)
     steps.close()
-
-
-def median(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": len(xs)}
 
 
 def bench_resume(root: Path, handle, n_ctx: int, repeat: int, cold_repeat: int) -> dict:
@@ -150,15 +146,14 @@ def bench_resume(root: Path, handle, n_ctx: int, repeat: int, cold_repeat: int) 
     # A cold prefill costs seconds to minutes on a CPU; its spread is small next to the ratio it gives.
     runs["cold"] = [cold() for _ in range(cold_repeat)]
     store.close()
-    out = {k: median(v) for k, v in runs.items()}
+    out = {k: summary(v) for k, v in runs.items()}
     o, c = out["ours"]["median"], out["cold"]["median"]
-    # Ratio of each round's pair, then the median: robust to other processes slowing a whole round.
-    paired = statistics.median(a / b for a, b in zip(runs["ours"], runs["mlx_file"]))
+    paired = paired_ratio(runs["ours"], runs["mlx_file"])
     keep = min(turn.common_prefix(history, prompt), len(prompt) - 1)
     return {"context_tokens": len(history), "prompt_tokens": len(prompt), "prefilled_tokens": len(prompt) - keep,
             **out,
             "ratio_vs_mlx_file": paired, "ratio_of_minimums": out["ours"]["min"] / out["mlx_file"]["min"],
-            "cpu_ratio_vs_mlx_file": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["mlx_file"])),
+            "cpu_ratio_vs_mlx_file": paired_ratio(cpu["ours"], cpu["mlx_file"]),
             "phases_median_seconds": {k: statistics.median(v) for k, v in phases.items()},
             "speedup_vs_cold": c / o}
 
@@ -221,7 +216,7 @@ def bench_warm_start(root: Path, handle, repeat: int, cold_repeat: int) -> dict:
             runs["prefill_own"].append(p)
     runs["cold"] = [cold() for _ in range(cold_repeat)]
     store.close()
-    out = {k: median(v) for k, v in runs.items()}
+    out = {k: summary(v) for k, v in runs.items()}
     parts_sum = out["restore"]["median"] + out["prefill_own"]["median"]
     paired = statistics.median(w / (r + p) for w, r, p in zip(runs["warm"], runs["restore"], runs["prefill_own"]))
     return {"preamble_tokens_restored": restored, "prompt_tokens": prompt_tokens, **out,
@@ -243,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold-repeat", type=int, default=1, help="cold prefill runs (3 for contexts up to 512 tokens)")
     p.add_argument("--quick", action="store_true", help="contexts 256 and 1024 only, 3 runs")
     p.add_argument("--contexts", help="comma-separated resume contexts (default 256,512,1024,2048)")
-    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     contexts = (256, 1024) if args.quick else CONTEXTS
     if args.contexts:
@@ -296,10 +290,35 @@ def main(argv: list[str] | None = None) -> int:
               "targets": TARGETS, "worst_resume_ratio": worst, "pass": passed,
               "load_average_1m": round(os.getloadavg()[0], 2),  # this machine may be shared: context for the figures
               "seconds": round(time.perf_counter() - t_start, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    report.publish(NAME, {**result, "quick": args.quick}, section(result), quick=args.quick)
     return 0 if passed else 1
+
+
+
+
+def section(r: dict) -> str:
+    """This benchmark's block of docs/BENCHMARKS.md."""
+    w = r["warm_start"]
+    out = ["### Agent manager: resume and warm start (`bench_agents.py`)\n",
+           f"_{machine_line(r['machine'])}; {r['model']} ({r['model_bytes'] / 2**20:.0f} MiB of parameters, random "
+           f"weights); {r['repeat']} interleaved rounds; ms are medians._\n",
+           "A new manager asks an agent its next question. *kvstore* restores the agent's cache from the store; "
+           "*mlx-lm file* renders the same chat template, loads the agent's `save_prompt_cache` file and trims it; "
+           "both prefill the same new tokens with `generate_step` up to the first token. *Cold* prefills everything.\n",
+           "| context tokens | prefilled | kvstore | mlx-lm file | cold | kvstore / file | faster than cold |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["resume"]:
+        out.append(f"| {x['context_tokens']} | {x['prefilled_tokens']} | {report.fmt_ms(x['ours']['median'])} | "
+                   f"{report.fmt_ms(x['mlx_file']['median'])} | {report.fmt_ms(x['cold']['median'])} | {x['ratio_vs_mlx_file']:.2f} "
+                   f"({report.verdict(x['ratio_vs_mlx_file'], r['targets']['resume_vs_mlx_file'])}) | "
+                   f"{x['speedup_vs_cold']:.1f}× |")
+    out += ["", f"Warm start of a new agent on another agent's stored {w['preamble_tokens_restored']}-token preamble "
+                f"({w['prompt_tokens']}-token prompt): {report.fmt_ms(w['warm']['median'])} ms to first token against "
+                f"{report.fmt_ms(w['restore']['median'])} ms restore + {report.fmt_ms(w['prefill_own']['median'])} ms prefill of its own "
+                f"tokens: {w['ratio_vs_restore_plus_prefill']:.2f}× (must ≤ {r['targets']['warm_vs_restore_plus_prefill']}, "
+                f"{report.verdict(w['ratio_vs_restore_plus_prefill'], r['targets']['warm_vs_restore_plus_prefill'])}); "
+                f"{w['speedup_vs_cold']:.1f}× faster than its cold start.\n"]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

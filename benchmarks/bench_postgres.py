@@ -4,9 +4,10 @@ Both backends get the very same generated store: a few hundred agents whose prom
 system prompts, each saved, then given two turns (incremental saves), with synthetic KV of a small
 shape (4 layers x 2 heads x 32 dims, float16). Each operation runs on SQLite and PostgreSQL back to back
 (alternating which goes first), blobs on the same local disk, so the ratio PG/SQLite is the index's
-cost. Prints a table and writes benchmarks/results/postgres.json.
+cost. Prints a table and writes benchmarks/results/postgres.json and its section of docs/BENCHMARKS.md
+(a --quick run: benchmarks/quick/ instead).
 
-    python benchmarks/bench_postgres.py [--quick] [--agents N] [--pg-url URL] [--dir DIR]
+    python -m benchmarks.bench_postgres [--quick] [--agents N] [--pg-url URL] [--dir DIR]
 
 Without --pg-url (or KVSTORE_BENCH_PG_URL) it starts a throwaway PostgreSQL server of its own on
 loopback with the server's default durability (fsync on, synchronous_commit on), as SQLite runs with
@@ -17,32 +18,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import shutil
 import socket
-import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mlx.core as mx
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import KVCache  # noqa: E402
-from sqlalchemy import create_engine, event, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
+import kvstore
+from benchmarks import report
+from benchmarks.common import machine, machine_line
+from benchmarks.timing import summary
+from kvstore.testing import extend, random_cache
 
-import kvstore  # noqa: E402
-from common import extend, machine  # noqa: E402
-
+NAME = "postgres"
 FP = "b7" * 16
-RESULTS = Path(__file__).resolve().parent / "results" / "postgres.json"
 LAYERS, HEADS, DIM = 4, 2, 32
 PROMPTS = (384, 640, 1024, 1536, 2048)  # shared system prompt lengths (tokens)
 BACKENDS = ("sqlite", "postgresql")
@@ -118,20 +116,6 @@ def server_info(store: kvstore.Store) -> dict:
 # -- the generated store -----------------------------------------------------------------------------
 
 
-def random_cache(n: int, seed: int) -> list:
-    """LAYERS KVCache layers holding n positions of random float16 KV."""
-    key = mx.random.key(seed)
-    cache = []
-    for _ in range(LAYERS):
-        key, a, b = mx.random.split(key, 3)
-        c = KVCache()
-        c.update_and_fetch(mx.random.normal((1, HEADS, n, DIM), key=a).astype(mx.float16),
-                           mx.random.normal((1, HEADS, n, DIM), key=b).astype(mx.float16))
-        cache.append(c)
-    mx.eval([a for c in cache for a in (c.keys, c.values)])
-    return cache
-
-
 def plan_agents(n: int, seed: int = 0) -> list[tuple[str, list[int], list[list[int]]]]:
     """(name, prompt tokens, [turn tokens, ...]) per agent: a shared system prompt, then the agent's own."""
     rng = random.Random(seed)
@@ -166,7 +150,7 @@ class Counter:
         return self.statements + 3 * self.transactions
 
 
-def timed(store: kvstore.Store, counter: Counter, fn) -> tuple[float, int, object]:
+def timed_op(store: kvstore.Store, counter: Counter, fn) -> tuple[float, int, object]:
     """(seconds, round trips, result) of fn(store)."""
     before = counter.round_trips()
     t0 = time.perf_counter()
@@ -179,7 +163,7 @@ def both(stores: dict, counters: dict, fn, flip: bool, into: dict, key: str):
     order = BACKENDS[::-1] if flip else BACKENDS
     results = {}
     for b in order:
-        secs, trips, results[b] = timed(stores[b], counters[b], fn)
+        secs, trips, results[b] = timed_op(stores[b], counters[b], fn)
         into.setdefault(key, {}).setdefault(b, {"seconds": [], "round_trips": []})
         into[key][b]["seconds"].append(secs)
         into[key][b]["round_trips"].append(trips)
@@ -192,9 +176,9 @@ def summarize(samples: dict) -> dict:
     for op, per in samples.items():
         row = {}
         for b, s in per.items():
-            row[b] = {"median_ms": round(statistics.median(s["seconds"]) * 1000, 3),
+            row[b] = {"median_ms": round(summary(s["seconds"])["median"] * 1000, 3),
                       "total_s": round(sum(s["seconds"]), 3), "runs": len(s["seconds"]),
-                      "round_trips": statistics.median(s["round_trips"])}
+                      "round_trips": summary(s["round_trips"])["median"]}
         row["ratio"] = round(row["postgresql"]["median_ms"] / row["sqlite"]["median_ms"], 2) \
             if row["sqlite"]["median_ms"] else None
         out[op] = row
@@ -211,13 +195,15 @@ def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
     try:
         # Build: every agent's first save, then two turns (incremental saves), on both backends.
         for i, (name, prompt, turns) in enumerate(plans):
-            cache, tokens = random_cache(len(prompt), seed=i), list(prompt)
-            both(stores, counters, lambda s: s.save(name, cache, tokens, model=FP), i % 2 == 1, samples, "save (new agent)")
+            cache = random_cache(len(prompt), layers=LAYERS, heads=HEADS, dim=DIM, dtype=mx.float16, seed=i)
+            tokens = list(prompt)
+            both(stores, counters, lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
+                 i % 2 == 1, samples, "save (new agent)")
             for t, turn in enumerate(turns):
                 extend(cache, len(turn), seed=10_000 + 2 * i + t)
                 tokens = tokens + turn
-                both(stores, counters, lambda s: s.save(name, cache, tokens, model=FP), (i + t) % 2 == 0, samples,
-                     "save (turn)")
+                both(stores, counters, lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
+                     (i + t) % 2 == 0, samples, "save (turn)")
         stats = {b: s.stats() for b, s in stores.items()}
         assert stats["sqlite"].chunks == stats["postgresql"].chunks and stats["sqlite"].blobs == stats["postgresql"].blobs
 
@@ -226,17 +212,19 @@ def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
         for q in range(n_queries):
             name = plans[rng.randrange(len(plans))][0]
             ask = heads[name] + [rng.randrange(32000) for _ in range(40)]
-            got = both(stores, counters, lambda s: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples, "match (hit)")
+            got = both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples,
+                       "match (hit)")
             assert got["sqlite"] == got["postgresql"] > 0
             prompt = plans[rng.randrange(len(plans))][1][: PROMPTS[q % len(PROMPTS)]]
             ask = prompt + [rng.randrange(32000) for _ in range(300)]
-            both(stores, counters, lambda s: s.match(ask, model=FP).n_tokens, q % 2 == 0, samples,
+            both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 0, samples,
                  "match (shared prompt)")
             ask = [rng.randrange(32000) for _ in range(1000)]
-            got = both(stores, counters, lambda s: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples, "match (miss)")
+            got = both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples,
+                       "match (miss)")
             assert got["sqlite"] == got["postgresql"] == 0
             if q < n_queries // 2:
-                both(stores, counters, lambda s: len(s.load(name, model=FP)[1]), q % 2 == 0, samples, "load")
+                both(stores, counters, lambda s, name=name: len(s.load(name, model=FP)[1]), q % 2 == 0, samples, "load")
 
         # gc: the turns' old snapshots; then a third of the agents deleted; then nothing left to do.
         gc_reports = {}
@@ -244,7 +232,7 @@ def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
                              ("gc (nothing to collect)", None)):
             if before == "delete":
                 for name, _, _ in plans[::3]:
-                    both(stores, counters, lambda s: s.delete(name), False, {}, "delete")
+                    both(stores, counters, lambda s, name=name: s.delete(name), False, {}, "delete")
             got = both(stores, counters, lambda s: s.gc(grace=0), step.endswith("deleted)"), samples, step)
             gc_reports[step] = {b: {"snapshots": r.snapshots_removed, "chunks": r.chunks_removed,
                                     "files": r.files_removed} for b, r in got.items()}
@@ -275,7 +263,6 @@ def main() -> None:
     ap.add_argument("--pg-url", default=os.environ.get("KVSTORE_BENCH_PG_URL"),
                     help="an existing server (its admin database URL); default: start a throwaway one")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir, deleted after)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
         args.agents, args.queries = 60, 40
@@ -296,9 +283,26 @@ def main() -> None:
           f"{result['store']['blobs']} blobs; PostgreSQL {result['server']['version']} "
           f"(fsync {result['server']['fsync']}, synchronous_commit {result['server']['synchronous_commit']}) "
           f"over {result['server']['connection']}; {result['seconds']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report.publish(NAME, result, section(result), quick=args.quick)
+
+
+
+
+def section(r: dict) -> str:
+    """This benchmark's block of docs/BENCHMARKS.md."""
+    s, sv = r["store"], r["server"]
+    out = ["### Shared store: PostgreSQL against SQLite (`bench_postgres.py`)\n",
+           f"_{machine_line(r['machine'])}; PostgreSQL {sv['version']} over {sv['connection'].split()[0]} loopback, "
+           f"fsync {sv['fsync']}, synchronous_commit {sv['synchronous_commit']}; SQLite synchronous=FULL._\n",
+           f"The same generated store on both: {s['agents']} agents, {s['snapshots_before_gc']} snapshots, "
+           f"{s['chunks']:,} chunks, {s['bytes_on_disk'] / 2**20:.0f} MiB of blobs on the same local disk.\n",
+           "| operation | SQLite ms | PostgreSQL ms | PG / SQLite | round trips (PG) |", "|---|---:|---:|---:|---:|"]
+    for name, op in r["operations"].items():
+        out.append(f"| {name} | {op['sqlite']['median_ms']:.2f} | {op['postgresql']['median_ms']:.2f} | "
+                   f"{op['ratio']:.2f} | {op['postgresql']['round_trips']:g} |")
+    out += ["", "Figures are medians over all runs of each operation (gc: one run per state). Over a real "
+                "network add one round-trip time per round trip; see [SHARED_STORE.md](SHARED_STORE.md).\n"]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,14 @@
-"""Helpers shared by the benchmarks: synthetic caches of real model shapes, timing, page-cache control."""
+"""The benchmarks' environment: page-cache and memory control, durable writes, and the machine's description.
+
+Synthetic caches come from `kvstore.testing`, timing from `benchmarks.timing`, output from `benchmarks.report`."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
-import time
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
-
-# (layers, kv heads, head dim) of real models, for synthetic KV of the right size.
-SHAPES = {
-    "qwen2.5-0.5b": (24, 2, 64),
-    "llama-3-8b": (32, 8, 128),
-    "gemma-3-12b": (48, 8, 256),
-}
-
-
-def synthetic_cache(shape: str, n_tokens: int, seed: int = 0, dtype=mx.bfloat16) -> list:
-    """A list of KVCache layers holding n_tokens of random KV in the model's shape."""
-    layers, heads, dim = SHAPES[shape]
-    key = mx.random.key(seed)
-    cache = []
-    for _ in range(layers):
-        key, a, b = mx.random.split(key, 3)
-        c = KVCache()
-        if n_tokens:
-            c.update_and_fetch(mx.random.normal((1, heads, n_tokens, dim), key=a).astype(dtype),
-                               mx.random.normal((1, heads, n_tokens, dim), key=b).astype(dtype))
-        cache.append(c)
-    mx.eval([c.keys for c in cache if c.keys is not None] + [c.values for c in cache if c.values is not None])
-    return cache
-
-
-def extend(cache: list, n_new: int, seed: int) -> None:
-    """Append n_new positions of random KV to every layer (a chat turn)."""
-    key = mx.random.key(seed)
-    for c in cache:
-        key, a, b = mx.random.split(key, 3)
-        _, heads, _, dim = c.keys.shape
-        c.update_and_fetch(mx.random.normal((1, heads, n_new, dim), key=a).astype(c.keys.dtype),
-                           mx.random.normal((1, heads, n_new, dim), key=b).astype(c.keys.dtype))
-    mx.eval([c.keys for c in cache] + [c.values for c in cache])
-
-
-def kv_bytes(shape: str, n_tokens: int, itemsize: int = 2) -> int:
-    layers, heads, dim = SHAPES[shape]
-    return layers * 2 * heads * dim * n_tokens * itemsize
-
 
 def eval_cache(cache: list) -> None:
     mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])
@@ -70,18 +29,6 @@ def drop_page_cache() -> bool:
             return False
 
 
-def timed(fn, repeat: int = 3, before=None) -> dict:
-    """Median, min and max seconds of fn() over `repeat` runs (before() runs untimed first each time)."""
-    times = []
-    for _ in range(repeat):
-        if before:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeat}
-
-
 def touch_memory(gib: float = 6.0) -> None:
     """Write, then free, `gib` GiB once before timing anything.
 
@@ -95,37 +42,6 @@ def touch_memory(gib: float = 6.0) -> None:
     for _ in range(int(gib)):
         a = np.ones(step, dtype=np.uint8)
         del a
-
-
-def timed_pair(ours, theirs, repeat: int = 3, before=None) -> tuple[dict, dict]:
-    """timed() of two functions run in alternating rounds, which one goes first alternating too: on a
-    busy machine both sides see the same background load, so their ratio stays meaningful.
-
-    Each side also reports its median count of minor page faults per run: on a virtual machine a
-    fault costs microseconds, so a side that was handed fresh memory shows it there, not in its code.
-    """
-    times: tuple[list[float], list[float]] = ([], [])
-    faults: tuple[list[int], list[int]] = ([], [])
-    for i in range(repeat):
-        sides = ((ours, times[0], faults[0]), (theirs, times[1], faults[1]))
-        for fn, out, flt in sides if i % 2 == 0 else sides[::-1]:
-            if before:
-                before()
-            f0 = _minor_faults()
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-            flt.append(_minor_faults() - f0)
-    return tuple({"median": statistics.median(t), "min": min(t), "max": max(t), "runs": repeat,
-                  "page_faults": int(statistics.median(f))} for t, f in zip(times, faults))
-
-
-def _minor_faults() -> int:
-    try:
-        import resource
-    except ImportError:  # not on Unix: no counts
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def mlx_cache_like_macos() -> int:
@@ -174,3 +90,9 @@ def machine() -> dict:
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
             "blas": blas_name()}
+
+
+def machine_line(m: dict) -> str:
+    """machine() as one line of text, for the reports."""
+    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
+            f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']})")

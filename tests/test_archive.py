@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select, text
 
 import kvstore
-from cachegen import KINDS, make_cache, same_cache, tokens
+from kvstore.testing import KINDS, make_cache, same_cache, tokens
 from conftest import TEST_CHUNK
 from kvstore.index import schema
 from kvstore.ops.archive import read_manifest

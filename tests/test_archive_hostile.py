@@ -14,19 +14,19 @@ import tarfile
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
+from conftest import TEST_CHUNK
 from mlx_lm.models import cache as mlc
+from test_archive import open_store, read_members, store_state, write_members
 
 import kvstore
-from cachegen import make_cache, same_cache, tokens
-from conftest import TEST_CHUNK
 from kvstore.cli.main import cli
-from test_archive import open_store, read_members, store_state, write_members
+from kvstore.testing import make_cache, same_cache, tokens
 
 C = TEST_CHUNK
 FP = "a1" * 16
 
 
-def _export(tmp_path, cache, toks, name="agent", meta=None) -> "Path":  # noqa: F821
+def _export(tmp_path, cache, toks, name="agent", meta=None) -> Path:  # noqa: F821
     with open_store(tmp_path / f"src-{name}") as src:
         src.save(name, cache, toks, model=FP, meta=meta or {})
         kvstore.export_agent(src, name, tmp_path / f"{name}.tar")

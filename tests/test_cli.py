@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
 
 import kvstore
-from cachegen import make_cache, same_cache, tokens
+from kvstore.testing import make_cache, same_cache, tokens
+from byte_oracle import recount_bytes
 from conftest import TEST_CHUNK
 from kvstore.cli.main import cli
 
@@ -61,23 +61,9 @@ def home(tmp_path) -> Path:
 
 
 def oracle_bytes(path: Path) -> dict[str, dict[str, int]]:
-    """Unique/shared bytes per agent from plain rows and the blob files' sizes on disk."""
-    with kvstore.open(path) as store, store.engine.connect() as conn:
-        heads = {}
-        for name, key in conn.execute(text(
-                "SELECT a.name, sc.chunk_key FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head")):
-            heads.setdefault(name, []).append(bytes(key))
-        blobs = {}
-        for key, blob in conn.execute(text("SELECT chunk_key, blob_id FROM chunk_layers")):
-            blobs.setdefault(bytes(key), set()).add(blob)
-        out = {}
-        for name, keys in heads.items():
-            others = {k for other, ks in heads.items() if other != name for k in ks}
-            sizes = [(k in others, sum(store.blobs.path(b).stat().st_size for b in blobs.get(k, ()))) for k in keys]
-            out[name] = {"unique_bytes": sum(n for shared, n in sizes if not shared),
-                         "shared_bytes": sum(n for shared, n in sizes if shared),
-                         "total_bytes": sum(n for _, n in sizes)}
-        return out
+    """Unique/shared bytes per agent recounted from plain rows and the blob files' sizes on disk."""
+    with kvstore.open(path) as store:
+        return recount_bytes(store, from_files=True)[0]
 
 
 def test_every_command_has_help():

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import kvstore
-from cachegen import make_cache, tokens
+from kvstore.testing import make_cache, tokens
 from kvstore.builtin_models import builtin_model_path
 from kvstore.cli.main import cli, hoist_global_options
 

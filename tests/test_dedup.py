@@ -2,37 +2,29 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-from mlx_lm.models.cache import KVCache
-
-from cachegen import same_cache, tokens
 from conftest import TEST_CHUNK
+from kvstore.testing import extend, random_cache, same_cache, tokens
 
 C = TEST_CHUNK
 FP_A = "aa" * 16
 FP_B = "bb" * 16
 
 
-def prefix_cache(prefix_kv, private_kv, layers=2):
-    """A KVCache list holding a shared prefix's KV then an agent's own."""
-    out = []
-    for layer in range(layers):
-        c = KVCache()
-        c.update_and_fetch(*prefix_kv[layer])
-        if private_kv is not None:
-            c.update_and_fetch(*private_kv[layer])
-        out.append(c)
-    mx.eval([c.keys for c in out])
-    return out
+def prefix_cache(n_prefix: int, prefix_seed: int, n_own: int = 0, own_seed: int = 0) -> list:
+    """A shared prefix's KV (equal seeds give equal arrays), then an agent's own n_own positions."""
+    cache = random_cache(n_prefix, seed=prefix_seed)
+    return extend(cache, n_own, own_seed) if n_own else cache
 
 
-def random_kv(n, seed, layers=2):
-    key = mx.random.key(seed)
-    out = []
-    for _ in range(layers):
-        key, a, b = mx.random.split(key, 3)
-        out.append((mx.random.normal((1, 2, n, 8), key=a).astype(mx.float16),
-                    mx.random.normal((1, 2, n, 8), key=b).astype(mx.float16)))
+def kv_nbytes(cache: list) -> int:
+    return sum(c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes for c in cache)
+
+
+def head(cache: list, n: int) -> list:
+    """A new cache holding the first n positions of `cache`."""
+    out = random_cache(0, layers=len(cache))
+    for c, src in zip(out, cache):
+        c.update_and_fetch(src.keys[..., :n, :], src.values[..., :n, :])
     return out
 
 
@@ -42,9 +34,8 @@ def blob_files(store):
 
 def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
     shared_tokens = tokens(3 * C, seed=1)
-    shared = random_kv(3 * C, seed=1)
-    a = prefix_cache(shared, random_kv(5, seed=2))
-    b = prefix_cache(shared, random_kv(9, seed=3))
+    a = prefix_cache(3 * C, 1, 5, 2)
+    b = prefix_cache(3 * C, 1, 9, 3)
     store.save("a", a, shared_tokens + tokens(5, seed=2), model=FP_A)
     after_a = blob_files(store)
     snap_b = store.save("b", b, shared_tokens + tokens(9, seed=3), model=FP_A)
@@ -53,8 +44,7 @@ def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
     assert snap_b.blobs_written == 1
     assert len(after_b - after_a) == 1
     # The same tokens and KV under another model fingerprint share nothing.
-    snap_c = store.save("c", prefix_cache(shared, random_kv(5, seed=2)), shared_tokens + tokens(5, seed=2),
-                        model=FP_B)
+    snap_c = store.save("c", prefix_cache(3 * C, 1, 5, 2), shared_tokens + tokens(5, seed=2), model=FP_B)
     # Identical bytes may dedup on disk by content id, but the index shares no chunk between models.
     assert snap_c.n_tokens == 3 * C + 5
     with store.engine.connect() as conn:
@@ -73,13 +63,10 @@ def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
 
 def test_eight_agents_store_the_prefix_once(store):
     shared_tokens = tokens(4 * C, seed=7)
-    shared = random_kv(4 * C, seed=7)
-    unique_bytes = 0
     for i in range(8):
-        own = random_kv(C, seed=100 + i)
-        store.save(f"agent-{i}", prefix_cache(shared, own), shared_tokens + tokens(C, seed=100 + i), model=FP_A)
-        unique_bytes += sum(k.nbytes + v.nbytes for k, v in own)
-    unique_bytes += sum(k.nbytes + v.nbytes for k, v in shared)
+        store.save(f"agent-{i}", prefix_cache(4 * C, 7, C, 100 + i), shared_tokens + tokens(C, seed=100 + i),
+                   model=FP_A)
+    unique_bytes = kv_nbytes(random_cache(4 * C)) + 8 * kv_nbytes(random_cache(C))
     stats = store.stats()
     assert stats.blobs == 4 + 8  # 4 shared chunks + 8 private ones, a blob per chunk
     # Each blob is its raw KV plus a safetensors header of a few hundred bytes.
@@ -89,12 +76,10 @@ def test_eight_agents_store_the_prefix_once(store):
 
 
 def test_incremental_save_writes_only_new_chunks(store):
-    history = random_kv(6 * C + 3, seed=5)
     toks = tokens(6 * C + 3, seed=5)
-    first = store.save("a", prefix_cache(history, None), toks, model=FP_A)
+    first = store.save("a", prefix_cache(6 * C + 3, 5), toks, model=FP_A)
     assert first.blobs_written == 7
-    turn = random_kv(C + 4, seed=6)
-    longer = prefix_cache(history, turn)
+    longer = prefix_cache(6 * C + 3, 5, C + 4, 6)
     toks2 = toks + tokens(C + 4, seed=6)
     second = store.save("a", longer, toks2, model=FP_A)
     # The old tail chunk (3 tokens) is rewritten as a full chunk, plus one new partial chunk.
@@ -106,15 +91,14 @@ def test_incremental_save_writes_only_new_chunks(store):
 
 def test_match_and_restore_take_the_longest_verified_prefix(store):
     toks = tokens(5 * C, seed=9)
-    kv = random_kv(5 * C, seed=9)
-    store.save("a", prefix_cache(kv, None), toks, model=FP_A)
+    full = prefix_cache(5 * C, 9)
+    store.save("a", full, toks, model=FP_A)
     request = toks[: 3 * C + 4] + [999_999] * 10
     m = store.match(request, model=FP_A)
     assert m.n_tokens == 3 * C
     cache, n = store.restore(request, model=FP_A)
     assert n == 3 * C
-    expected = prefix_cache([(k[..., : 3 * C, :], v[..., : 3 * C, :]) for k, v in kv], None)
-    assert same_cache(expected, cache)
+    assert same_cache(head(full, 3 * C), cache)
     assert store.restore(request, model=FP_A, max_tokens=2 * C + 1)[1] == 2 * C
     assert store.restore([5, 6, 7], model=FP_A) == (None, 0)
 
@@ -122,11 +106,10 @@ def test_match_and_restore_take_the_longest_verified_prefix(store):
 def test_match_finds_a_stored_partial_tail(store):
     """An agent saved mid-chunk is matched to its full length by a longer request (its next turn)."""
     toks = tokens(3 * C + 5, seed=12)
-    kv = random_kv(3 * C + 5, seed=12)
-    store.save("a", prefix_cache(kv, None), toks, model=FP_A)
+    store.save("a", prefix_cache(3 * C + 5, 12), toks, model=FP_A)
     assert store.match(toks + tokens(30, seed=13), model=FP_A).n_tokens == 3 * C + 5
     cache, n = store.restore(toks + tokens(30, seed=13), model=FP_A)
-    assert n == 3 * C + 5 and same_cache(prefix_cache(kv, None), cache)
+    assert n == 3 * C + 5 and same_cache(prefix_cache(3 * C + 5, 12), cache)
     # A request that differs inside the tail falls back to the last full chunk.
     other = toks[: 3 * C + 2] + [999_999] + toks[3 * C + 3 :] + [1, 2, 3]
     assert store.match(other, model=FP_A).n_tokens == 3 * C

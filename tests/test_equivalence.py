@@ -9,7 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import kvstore
 from kvstore.builtin_models import builtin_model_path, load_builtin
 from kvstore.cache.capture import Capture
-from cachegen import tokens
+from kvstore.testing import tokens
 
 C = 16
 

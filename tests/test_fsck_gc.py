@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 import kvstore
-from cachegen import make_cache, same_cache, tokens
+from kvstore.testing import make_cache, same_cache, tokens
 from conftest import TEST_CHUNK
 
 C = TEST_CHUNK

@@ -128,7 +128,7 @@ def test_snapshots_report_the_bytes_each_save_wrote(lm, tmp_path, fp):
 
 
 def test_agent_bytes_in_the_public_api(tmp_path):
-    from cachegen import make_cache, tokens
+    from kvstore.testing import make_cache, tokens
 
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         prefix = tokens(48, seed=1)

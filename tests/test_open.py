@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 import kvstore
-from cachegen import make_cache, tokens
+from kvstore.testing import make_cache, tokens
 
 FP = "34" * 16
 

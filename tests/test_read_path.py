@@ -13,7 +13,7 @@ import pytest
 import kvstore
 from kvstore.blob import scatter
 from kvstore.blob.iopool import IoPool
-from cachegen import make_cache, same_cache, tokens
+from kvstore.testing import make_cache, same_cache, tokens
 
 FP = "34" * 16
 

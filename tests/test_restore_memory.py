@@ -13,7 +13,7 @@ import kvstore
 from kvstore.blob import tensorfile
 from kvstore.blob import uninit
 from kvstore.blob.tensorfile import writable_view
-from cachegen import DTYPES, KINDS, make_cache, same_cache, tokens
+from kvstore.testing import DTYPES, KINDS, make_cache, same_cache, tokens
 
 FP = "5a" * 16
 C = 16

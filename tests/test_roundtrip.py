@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvstore
-from cachegen import DTYPES, KINDS, make_cache, same_cache, tokens
+from kvstore.testing import DTYPES, KINDS, make_cache, same_cache, tokens
 from conftest import TEST_CHUNK
 
 FP = "0f" * 16

@@ -13,7 +13,8 @@ from mlx_lm.models import cache as mlc
 from sqlalchemy import MetaData, create_engine, select, text
 
 import kvstore
-from cachegen import make_cache, tokens
+from kvstore.testing import make_cache, tokens
+from byte_oracle import recount_bytes
 from conftest import TEST_CHUNK, make_store
 from kvstore.index import db
 from kvstore.ops import accounting as accounting
@@ -25,30 +26,8 @@ HYBRID = "6b" * 16
 WINDOW = "7c" * 16
 
 
-def slow_figures(store) -> tuple[dict, int]:
-    """Per agent {unique, shared, total} and the logical bytes, recounted from plain rows by definition:
-    a chunk's bytes are its distinct blobs' bytes; it is shared when another agent's head lists it."""
-    with store.engine.connect() as conn:
-        heads: dict[str, list[bytes]] = {n: [] for (n,) in conn.execute(text("SELECT name FROM agents"))}
-        for name, key in conn.execute(text(
-                "SELECT a.name, sc.chunk_key FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
-                "ORDER BY a.name, sc.seq")):
-            heads[name].append(bytes(key))
-        blob_bytes = dict(conn.execute(text("SELECT id, nbytes FROM blobs")).all())
-        blobs: dict[bytes, set] = {}
-        for key, blob in conn.execute(text("SELECT chunk_key, blob_id FROM chunk_layers")):
-            blobs.setdefault(bytes(key), set()).add(blob)
-    out = {}
-    for name, keys in heads.items():
-        others = {k for other, ks in heads.items() if other != name for k in ks}
-        sizes = [(k in others, sum(blob_bytes.get(b, 0) for b in blobs.get(k, ()))) for k in keys]
-        out[name] = {"unique_bytes": sum(n for s, n in sizes if not s), "shared_bytes": sum(n for s, n in sizes if s),
-                     "total_bytes": sum(n for _, n in sizes)}
-    return out, sum(v["total_bytes"] for v in out.values())
-
-
 def assert_fast_equals_slow(store) -> None:
-    per_agent, logical = slow_figures(store)
+    per_agent, logical = recount_bytes(store)
     assert accounting.agent_bytes(store) == per_agent
     # The two-connection path that large stores take gives the same figures.
     parallel_from, accounting.PARALLEL_AGENTS = accounting.PARALLEL_AGENTS, 1

@@ -11,7 +11,7 @@ import pytest
 import kvstore
 from kvstore.blob import local as blobs_mod
 from kvstore.blob import tensorfile
-from cachegen import make_cache, tokens
+from kvstore.testing import make_cache, tokens
 
 FP = "12" * 16
 

@@ -35,8 +35,6 @@ SHARDS = [f"{i:02x}" for i in range(256)]  # blob files live in blobs/<first two
 def fsync_file(fd: int) -> None:
     """Flush a file to stable storage; on macOS fsync alone stops at the drive's cache."""
     if sys.platform == "darwin":
-        import fcntl
-
         try:
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
             return

@@ -60,7 +60,7 @@ def _data_start(entry) -> int:
     return entry[1]["data_offsets"][0]
 
 
-def _parse_layout(head: bytes, blob_id: str, agent: str | None) -> _Layout:
+def _parse_blob_layout(head: bytes, blob_id: str, agent: str | None) -> _Layout:
     try:
         base, header, _meta = parse_header(head, blob_id)
     except CorruptBlobError as e:
@@ -224,7 +224,7 @@ class ScatterReader:
             os.close(fd)
         if len(head) < 8:
             raise _corrupt(blob_id, self.agent, "it is truncated")
-        return _parse_layout(head, blob_id, self.agent)
+        return _parse_blob_layout(head, blob_id, self.agent)
 
     def _allocate(self) -> None:
         """Every slot's arrays, shaped from the first blob naming it (not written first: the reads fill every

@@ -7,8 +7,6 @@ from typing import Sequence
 import numpy as np
 import xxhash
 
-KEY_BYTES = 16
-
 
 def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a little-endian uint32 array (the hashed and stored form)."""
@@ -26,10 +24,6 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
         raise ValueError("token ids must fit in uint32")
     return np.ascontiguousarray(arr, dtype="<u4")
-
-
-def tokens_to_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
-    return tokens_to_array(tokens).tobytes()
 
 
 def tokens_from_bytes(data: bytes) -> list[int]:

@@ -104,10 +104,6 @@ def _postgres_engine(url: str, timeout: float, readonly: bool) -> Engine:
     return engine
 
 
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def parse_json(raw: str | None, what: str):
     """JSON text stored in the index; damage there is an IndexDatabaseError naming the row, never a ValueError."""
     import json
