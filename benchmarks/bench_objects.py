@@ -14,7 +14,7 @@ Local reads are from the page cache (the files were just written), as in a resto
 Prints a table, writes benchmarks/results/objects.json and the objects section of docs/BENCHMARKS.md.
 `--quick` (one small shape, fewer runs) writes neither.
 
-    python benchmarks/bench_objects.py [--quick] [--repeat N]
+    python -m benchmarks.bench_objects [--quick] [--repeat N]
 """
 
 from __future__ import annotations
@@ -29,16 +29,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+import kvstore
+from benchmarks.common import machine, touch_memory
+from benchmarks.timing import timed, timed_pair
+from kvstore.testing import SHAPES, extend, kv_bytes
+from kvstore.testing import model_cache as synthetic_cache
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / ".ci"))
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 
-import kvstore  # noqa: E402
-from common import SHAPES, extend, kv_bytes, machine, synthetic_cache, timed, timed_pair, touch_memory  # noqa: E402
-from seaweedfs import SeaweedFS  # noqa: E402
+def _load_seaweedfs():
+    """.ci/seaweedfs.py (the CI's SeaweedFS launcher) as a module: .ci is not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seaweedfs", HERE.parent / ".ci" / "seaweedfs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["seaweedfs"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+seaweedfs = _load_seaweedfs()
+SeaweedFS = seaweedfs.SeaweedFS
 
 RESULTS = HERE / "results" / "objects.json"
 DOC = HERE.parent / "docs" / "BENCHMARKS.md"
@@ -243,7 +258,7 @@ def main() -> int:
         server = SeaweedFS(work / "weed")
         os.environ.update(server.env())
         with server:
-            version = subprocess.run([__import__("seaweedfs").weed_binary(), "version"], capture_output=True,
+            version = subprocess.run([seaweedfs.weed_binary(), "version"], capture_output=True,
                                      text=True).stdout.split()[2]
             results = {"machine": machine(), "seaweedfs": version,
                        "load_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "repeat": repeat, "quick": a.quick,

@@ -12,7 +12,7 @@ Also the prefill speed on the reference BLAS the mlx-cpu wheel bundles, in a chi
 Writes benchmarks/results/real_model.json and docs/images/real_model_ttft.png; `--quick` (smaller
 contexts) writes only to <temp dir>/kvstore-bench/ and never touches published results.
 
-    python benchmarks/bench_real_model.py [--quick] [--repeat 2]
+    python -m benchmarks.bench_real_model [--quick] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import kvstore
 
 BLAS = kvstore.use_openblas() if "--reference-blas" not in sys.argv else None  # before anything imports mlx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from common import machine  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from kvstore.agents import AgentManager, resolve_model, turn  # noqa: E402
 from kvstore.blas import blas_name  # noqa: E402
 

@@ -11,7 +11,7 @@ the first streamed content. Three measurements:
   after the third round: total prompt tokens prefilled and total request time.
 Prints a table, writes benchmarks/results/serve.json and docs/images/serve.png.
 
-    python benchmarks/bench_serve.py [--model NAME|PATH] [--rounds 3] [--quick]
+    python -m benchmarks.bench_serve [--model NAME|PATH] [--rounds 3] [--quick]
 
 The model defaults to smollm2-135m-instruct where `resolve_model` knows it, else the built-in
 llama "base" model (random weights: speeds are real, replies are not).
@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kvstore  # noqa: E402
 
@@ -39,7 +38,7 @@ kvstore.use_openblas()  # before mlx: the same BLAS as the two servers
 import httpx2 as httpx  # noqa: E402  (the HTTP client under the openai SDK)
 import openai  # noqa: E402
 
-from common import machine  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
@@ -291,7 +290,7 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
-    """The BENCHMARKS.md table for a report (python benchmarks/bench_serve.py --markdown)."""
+    """The BENCHMARKS.md table for a report (python -m benchmarks.bench_serve --markdown)."""
     m = report["machine"]
     head = (f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
             f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {report['model']}; {report['rounds']} rounds, "
