@@ -87,8 +87,17 @@ class IndexDatabaseError(StoreError):
     """The index database failed in a way the caller cannot fix by retrying."""
 
 
+class WindowNotCapturedWarning(UserWarning):
+    """A sliding-window cache was saved without the chunks that already left its window.
+
+    Its snapshot restores whole, and a longer request restores it at exactly its length; no earlier
+    chunk boundary can be rebuilt from it (capture chunks during prefill: `kvstore.cache.capture`).
+    """
+
+
 __all__ = [
     "StoreError",
+    "WindowNotCapturedWarning",
     "InvalidNameError",
     "UnknownAgentError",
     "AgentExistsError",
