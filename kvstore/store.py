@@ -278,6 +278,16 @@ class Store:
         return n
 
 
+# What a store being created holds before its index.db appears: another process creating the same
+# store at the same moment has got this far (issue 15, item 10).
+_SKELETON = {"blobs", "tmp", "gc.lock", INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    """Entries of a folder without an index that a store's own creation does not make."""
+    return [e for e in os.listdir(root) if e not in _SKELETON]
+
+
 def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None,
          chunk_size: int | None = None, durable: bool = True, timeout: float = 30.0,
          readonly: bool | None = None, create: bool = True, io_threads: int = 4) -> Store:
@@ -307,7 +317,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
         root = Path(target).expanduser()
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
-        if root.is_dir() and not index_path(root).exists() and any(root.iterdir()):
+        if root.is_dir() and not index_path(root).exists() and _foreign_entries(root):
             raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
         if index_path(root).is_file() and index_path(root).stat().st_size == 0 \
                 and next(BlobStore(root).iter_files(), None) is not None:
@@ -318,7 +328,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
             if not create:
                 raise NotAStoreError(f"no store at {root}")
             try:
-                root.mkdir(parents=True)
+                root.mkdir(parents=True, exist_ok=True)  # another process may be creating it too
             except OSError as e:
                 raise StoreError(f"cannot create a store at {root}: {e.strerror}") from e
         url = None

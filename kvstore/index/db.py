@@ -235,7 +235,8 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
     from alembic import command
 
     with transaction(engine, write=True, what="setting up the index") as conn:
-        if not has_tables:
+        # Under the write lock: another process creating the same store may have done it meanwhile.
+        if not has_tables and not inspect(conn).has_table("store_meta"):
             # A fresh database: create everything at head and stamp it (optuna's way), in one transaction.
             schema.metadata.create_all(conn)
             command.stamp(_alembic_config(conn), "head")
