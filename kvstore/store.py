@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -284,8 +285,10 @@ _SKELETON = {"blobs", "tmp", "gc.lock", INDEX_FILE + "-journal", INDEX_FILE + "-
 
 
 def _foreign_entries(root: Path) -> list[str]:
-    """Entries of a folder without an index that a store's own creation does not make."""
-    return [e for e in os.listdir(root) if e not in _SKELETON]
+    """Entries of a folder without an index that a store's own creation does not make (blob files
+    without an index are a store that lost its index, not one being created)."""
+    foreign = [e for e in os.listdir(root) if e not in _SKELETON]
+    return foreign or [str(p) for _b, p in itertools.islice(BlobStore(root).iter_files(), 1)]
 
 
 def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLike | None = None,
