@@ -11,6 +11,7 @@ from kvstore.index import db
 from kvstore.index import queries
 from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
 from kvstore.index import sizes
+from kvstore.ops import reserve
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
 from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
@@ -157,8 +158,10 @@ class Store:
         """Forget an agent and its snapshots (their blobs go at the next gc). False if it did not exist."""
         validate_name(name)
         self._writable()
-        with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
-            return queries.delete_agent(conn, name)
+        def drop() -> bool:
+            with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
+                return queries.delete_agent(conn, name)
+        return reserve.freeing(self, drop)  # deleting is a way out of a full disk: it must work on one
 
     def fork(self, name: str, new_name: str) -> Snapshot:
         """A new agent whose head is a copy of `name`'s head: it shares every chunk, no blob is copied."""
@@ -281,7 +284,7 @@ class Store:
 
 # What a store being created holds before its index.db appears: another process creating the same
 # store at the same moment has got this far (issue 15, item 10).
-_SKELETON = {"blobs", "tmp", "gc.lock", INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
+_SKELETON = {"blobs", "tmp", "gc.lock", "reserve", "reserve.tmp", INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
 
 
 def _foreign_entries(root: Path) -> list[str]:
@@ -349,4 +352,6 @@ def open(path_or_url: str | os.PathLike | None = None, *, blobs: str | os.PathLi
             BlobStore(root, durable=durable).ensure_dirs()
         except OSError as e:
             raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
+        if url.startswith("sqlite"):
+            reserve.ensure(root)  # room for delete and gc to work on a full disk (ops.reserve)
     return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)
