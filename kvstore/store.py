@@ -284,7 +284,8 @@ class Store:
 
 # What a store being created holds before its index.db appears: another process creating the same
 # store at the same moment has got this far (issue 15, item 10).
-_SKELETON = {"blobs", "tmp", "gc.lock", "reserve", "reserve.tmp", INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
+_SKELETON = {"blobs", "tmp", "gc.lock", "reserve", "reserve.tmp",
+             INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
 
 
 def _foreign_entries(root: Path) -> list[str]:
