@@ -130,3 +130,14 @@ def test_default_chunk_size_and_the_parallel_read_path(tmp_path):
         assert all(bool(mx.array_equal(r.keys[..., :512, :], c.keys[..., :512, :]).item())
                    for r, c in zip(restored, cache))
         assert store.fsck().ok
+
+
+def test_gc_leaves_a_young_unnamed_blob_file_alone(store):
+    """A blob file no row names yet is a save in flight until the grace period has passed."""
+    store.save("a", make_cache("kv", 2 * C, mx.float16, seed=20), tokens(2 * C, seed=20), model=FP)
+    in_flight, _n, written = store.blobs.put([b"written, not yet committed"])
+    assert written
+    done = store.gc()  # default grace: an hour
+    assert done.files_removed == 0 and store.blobs.path(in_flight).exists()
+    assert store.fsck().ok  # a young unnamed file is not a problem either
+    assert store.gc(grace=0).files_removed == 1 and not store.blobs.path(in_flight).exists()

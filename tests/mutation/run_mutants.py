@@ -82,7 +82,9 @@ MUTANTS = {
 def run(name: str) -> tuple[str, str, float]:
     """(outcome, first failing test, seconds) of one mutant."""
     _what, edits = MUTANTS[name]
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+    # On a RAM disk where there is one: the tests' fsyncs then cost nothing, and mutants run 5-10x faster.
+    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-", dir=scratch) as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "kvstore", work / "kvstore")
         shutil.copy2(ROOT / "pyproject.toml", work / "pyproject.toml")  # pytest settings
@@ -95,8 +97,9 @@ def run(name: str) -> tuple[str, str, float]:
             path.write_text(text.replace(old, new))
         env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
         t0 = time.perf_counter()
-        got = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                              "-W", "ignore", *FAST_TESTS], cwd=work, env=env, capture_output=True, text=True)
+        got = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                              f"--basetemp={work / 'pytest'}", *FAST_TESTS],
+                             cwd=work, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         failed = next((ln.split(" ")[1] for ln in got.stdout.splitlines() if ln.startswith("FAILED ")), "")
         if got.returncode == 0:
@@ -107,7 +110,7 @@ def run(name: str) -> tuple[str, str, float]:
 def main(names: list[str]) -> int:
     names = names or list(MUTANTS)
     survived = 0
-    print(f"| mutant | bug | outcome | killed by | s |\n|---|---|---|---|---|", flush=True)
+    print("| mutant | bug | outcome | killed by | s |\n|---|---|---|---|---|", flush=True)
     for name in names:
         outcome, by, seconds = run(name)
         survived += outcome != "killed"
