@@ -141,3 +141,34 @@ def test_gc_leaves_a_young_unnamed_blob_file_alone(store):
     assert done.files_removed == 0 and store.blobs.path(in_flight).exists()
     assert store.fsck().ok  # a young unnamed file is not a problem either
     assert store.gc(grace=0).files_removed == 1 and not store.blobs.path(in_flight).exists()
+
+
+def test_a_window_piece_that_starts_too_late_is_never_used(store):
+    """A sliding layer saved at 38 tokens (window 24) holds positions 14..37: chunk 0 only from 14 on.
+    A request for 32 tokens needs positions 8..31, so nothing before 38 can be rebuilt from it."""
+    cache = make_cache("rotating", 38, mx.float16, window=24, stepped=True)
+    toks = tokens(38, seed=21)
+    store.save("r", cache, toks, model=FP)
+    assert store.restore(toks, model=FP)[1] == 38
+    restored, n = store.restore(toks[:32] + [7], model=FP)
+    assert (restored, n) == (None, 0)
+    assert store.match(toks[:32], model=FP).n_tokens == 0
+
+
+def test_a_hash_match_alone_is_never_trusted(tmp_path):
+    """Restore compares the stored token ids, not only the chunk keys: a key that names other tokens'
+    KV (what a hash collision would do; made here by rewriting the index) restores nothing."""
+    import sqlite3
+
+    ta, tb = tokens(2 * C, seed=30), tokens(2 * C, seed=31)
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        store.save("a", make_cache("kv", 2 * C, mx.float16, seed=30), ta, model=FP)
+    (ka0, ka1), (kb0, kb1) = chunk_keys(FP, ta, C), chunk_keys(FP, tb, C)
+    with sqlite3.connect(tmp_path / "s" / "index.db") as conn:  # a's chunks now answer to b's keys
+        for old, new in ((ka0, kb0), (ka1, kb1)):
+            for table, column in (("chunks", "key"), ("chunk_layers", "chunk_key"), ("snapshot_chunks", "chunk_key")):
+                conn.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old))
+            conn.execute("UPDATE chunks SET parent = ? WHERE parent = ?", (new, old))
+    with kvstore.open(tmp_path / "s") as store:
+        assert store.match(tb, model=FP).n_tokens == 0
+        assert store.restore(tb + [1], model=FP) == (None, 0)
