@@ -172,3 +172,23 @@ def test_a_hash_match_alone_is_never_trusted(tmp_path):
     with kvstore.open(tmp_path / "s") as store:
         assert store.match(tb, model=FP).n_tokens == 0
         assert store.restore(tb + [1], model=FP) == (None, 0)
+
+
+def test_a_fuller_window_piece_replaces_a_stored_one(tmp_path):
+    """Decoded up to 38 tokens a sliding layer (window 24) keeps chunk 0 from position 14; up to 37,
+    from 13. The second save must store its fuller piece, or its own snapshot cannot be loaded."""
+    import random
+
+    from reliability import synth
+
+    toks = [random.Random(23).randrange(2**32) for _ in range(38)]
+    with kvstore.open(tmp_path / "s", chunk_size=synth.CHUNK) as store:
+        for n in (38, 37):  # prefill 30 tokens, then decode one at a time (which trims the window)
+            cache = synth.make_cache(toks[:30])
+            for p in range(30, n):
+                synth.extend(cache, toks[:p], toks[: p + 1], random.Random(p))
+            store.save(f"r{n}", cache, toks[:n], model=synth.FP)
+        for n in (38, 37):
+            loaded, got = store.load(f"r{n}", model=synth.FP)
+            assert got == toks[:n] and synth.checksum(loaded) == synth.expected_sum(toks[:n])
+        assert store.fsck().ok
