@@ -192,3 +192,27 @@ def test_a_fuller_window_piece_replaces_a_stored_one(tmp_path):
             loaded, got = store.load(f"r{n}", model=synth.FP)
             assert got == toks[:n] and synth.checksum(loaded) == synth.expected_sum(toks[:n])
         assert store.fsck().ok
+
+
+def test_a_save_whose_reused_chunks_a_gc_removed_meanwhile_writes_them_again(store, monkeypatch):
+    """Between a save's plan and its commit a gc removes the chunks it planned to reuse (their only
+    agent was deleted): the commit re-checks under the write lock and plans again."""
+    from kvstore.ops import save as save_mod
+
+    prefix = tokens(2 * C, seed=40)
+    store.save("a", make_cache("kv", 2 * C, mx.float16, seed=40), prefix, model=FP)
+    longer = make_cache("kv", 3 * C, mx.float16, seed=40)  # same generator: its first 2 chunks equal a's
+    real, calls = save_mod.encode_pieces, []
+
+    def gc_in_between(*args, **kwargs):
+        if not calls:
+            store.delete("a")
+            assert store.gc(grace=0).chunks_removed == 2
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(save_mod, "encode_pieces", gc_in_between)
+    store.save("b", longer, prefix + tokens(C, seed=41), model=FP)
+    assert len(calls) == 2  # planned twice
+    loaded, _ = store.load("b", model=FP)
+    assert same_cache(longer, loaded)
