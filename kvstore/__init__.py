@@ -21,7 +21,7 @@ from kvstore.blas import use_openblas
 from kvstore.errors import (AgentExistsError, ArchiveError, BlobError, CorruptBlobError, IncompatibleStoreError,
                      IndexDatabaseError, InvalidNameError, MissingBlobError, ModelMismatchError, NotAStoreError,
                      ReadOnlyStoreError, SchemaTooNewError, StoreError, StoreFullError, StoreLockedError,
-                     TokenMismatchError, UnknownAgentError, UnsupportedCacheError)
+                     TokenMismatchError, UnknownAgentError, UnsupportedCacheError, WindowNotCapturedWarning)
 from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION
 from kvstore.records import AgentBytes, AgentInfo, FsckReport, GcReport, Match, Problem, Snapshot, Stats
 
@@ -63,5 +63,5 @@ __all__ = [
     "StoreError", "InvalidNameError", "UnknownAgentError", "AgentExistsError", "ModelMismatchError",
     "BlobError", "CorruptBlobError", "MissingBlobError", "TokenMismatchError", "UnsupportedCacheError",
     "StoreLockedError", "SchemaTooNewError", "NotAStoreError", "IncompatibleStoreError",
-    "ReadOnlyStoreError", "StoreFullError", "ArchiveError", "IndexDatabaseError",
+    "ReadOnlyStoreError", "StoreFullError", "ArchiveError", "IndexDatabaseError", "WindowNotCapturedWarning",
 ]

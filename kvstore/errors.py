@@ -99,8 +99,17 @@ class NoSuchBucketError(BlobServiceError):
     """The bucket an s3:// URL names does not exist."""
 
 
+class WindowNotCapturedWarning(UserWarning):
+    """A sliding-window cache was saved without the chunks that already left its window.
+
+    Its snapshot restores whole, and a longer request restores it at exactly its length; no earlier
+    chunk boundary can be rebuilt from it (capture chunks during prefill: `kvstore.cache.capture`).
+    """
+
+
 __all__ = [
     "StoreError",
+    "WindowNotCapturedWarning",
     "InvalidNameError",
     "UnknownAgentError",
     "AgentExistsError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ from kvstore.index import queries
 from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
 from kvstore.index import sizes
 from kvstore.blob.backend import BlobBackend
+from kvstore.ops import reserve
 from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
 from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
@@ -163,8 +165,10 @@ class Store:
         """Forget an agent and its snapshots (their blobs go at the next gc). False if it did not exist."""
         validate_name(name)
         self._writable()
-        with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
-            return queries.delete_agent(conn, name)
+        def drop() -> bool:
+            with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
+                return queries.delete_agent(conn, name)
+        return reserve.freeing(self, drop)  # deleting is a way out of a full disk: it must work on one
 
     def fork(self, name: str, new_name: str) -> Snapshot:
         """A new agent whose head is a copy of `name`'s head: it shares every chunk, no blob is copied."""
@@ -285,6 +289,19 @@ class Store:
         return n
 
 
+# What a store being created holds before its index.db appears: another process creating the same
+# store at the same moment has got this far (issue 15, item 10).
+_SKELETON = {"blobs", "tmp", "gc.lock", "reserve", "reserve.tmp",
+             INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    """Entries of a folder without an index that a store's own creation does not make (blob files
+    without an index are a store that lost its index, not one being created)."""
+    foreign = [e for e in os.listdir(root) if e not in _SKELETON]
+    return foreign or [str(p) for _b, p in itertools.islice(BlobStore(root).iter_files(), 1)]
+
+
 def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLike | None = None,
          blobs: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
          cache_size: int | str | None = None, chunk_size: int | None = None, durable: bool = True,
@@ -330,7 +347,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
         root = Path(target).expanduser()
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
-        if root.is_dir() and not index_path(root).exists() and any(root.iterdir()):
+        if root.is_dir() and not index_path(root).exists() and _foreign_entries(root):
             raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
         if index_path(root).is_file() and index_path(root).stat().st_size == 0 \
                 and next(BlobStore(root).iter_files(), None) is not None:
@@ -341,7 +358,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
             if not create:
                 raise NotAStoreError(f"no store at {root}")
             try:
-                root.mkdir(parents=True)
+                root.mkdir(parents=True, exist_ok=True)  # another process may be creating it too
             except OSError as e:
                 raise StoreError(f"cannot create a store at {root}: {e.strerror}") from e
         url = None
@@ -359,6 +376,8 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
             BlobStore(root, durable=durable).ensure_dirs()
         except OSError as e:
             raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
+        if url.startswith("sqlite"):
+            reserve.ensure(root)  # room for delete and gc to work on a full disk (ops.reserve)
     return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)
 
 

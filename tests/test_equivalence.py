@@ -14,10 +14,16 @@ from kvstore.testing import tokens
 C = 16
 
 
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    """Built models go under pytest's temporary folder, never into the user's home (~/.cache)."""
+    return tmp_path_factory.mktemp("builtin-models")
+
+
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
-def model(request):
-    m, tok = load_builtin(request.param)
-    return request.param, m, kvstore.fingerprint(builtin_model_path(request.param))
+def model(request, models_root):
+    m, tok = load_builtin(request.param, root=models_root)
+    return request.param, m, kvstore.fingerprint(builtin_model_path(request.param, root=models_root))
 
 
 def prefill(m, cache, toks, step=None, capture=None):

@@ -37,6 +37,7 @@ def test_fsck_finds_each_flip_truncation_and_deletion(store):
     save(store, "b", 2 * C, seed=2)
     ids = blobs_of(store, "a")
     flipped, truncated, deleted = ids[0], ids[2], ids[3]
+    originals = {b: store.blobs.path(b).read_bytes() for b in (truncated, deleted)}
     p = store.blobs.path(flipped)
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -53,6 +54,15 @@ def test_fsck_finds_each_flip_truncation_and_deletion(store):
         store.load("a", model=FP)
     assert err.value.agent == "a" and err.value.blob_id in {flipped, truncated, deleted}
     store.load("b", model=FP)
+    # With the truncated and deleted blobs put back, the load must still catch the one flipped byte.
+    for b, data in originals.items():
+        store.blobs.path(b).write_bytes(data)
+    with pytest.raises(kvstore.CorruptBlobError) as err:
+        store.load("a", model=FP)
+    assert (err.value.agent, err.value.blob_id) == ("a", flipped)
+    assert {(pr.kind, pr.subject) for pr in store.fsck().problems} == {("corrupt_blob", flipped)}
+    store.blobs.path(truncated).write_bytes(originals[truncated][:-7])  # damaged again for the repair below
+    store.blobs.path(deleted).unlink()
     repaired = store.fsck(repair=True)
     assert repaired.repaired and len(repaired.problems) == 3
     assert set(repaired.needs_recompute) == {s.id for s in store.snapshots("a")}

@@ -147,11 +147,16 @@ def test_a_damaged_header_is_refused_even_after_a_good_read(tmp_path):
         assert np.array_equal(np.asarray(restored[0].keys), np.asarray(cache[0].keys[..., :16, :]))
 
 
-def test_a_layout_read_from_a_damaged_file_is_not_remembered(tmp_path):
+def test_a_layout_read_from_a_damaged_file_is_not_remembered(tmp_path, monkeypatch):
+    # A fresh process-wide memo: an earlier test's restore of the same bytes (same blob name) would
+    # otherwise have remembered the true layout, and the damaged header would never be read.
+    monkeypatch.setattr(scatter, "_VERIFIED", type(scatter._VERIFIED)())
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         cache = make_cache("kv", 16, mx.float16)
         store.save("a", cache, tokens(16), model=FP)
         path = _only_blob(store)
+        blob_id = path.parent.name + path.name.split(".")[0]
+        assert scatter._known_layout(blob_id) is None
         good = path.read_bytes()
         # Same length, a header that parses and fits, and a wrong shape: the hash must catch it.
         bad = good.replace(b'"shape":[1,2,16,', b'"shape":[2,1,16,', 1)
@@ -159,6 +164,7 @@ def test_a_layout_read_from_a_damaged_file_is_not_remembered(tmp_path):
         path.write_bytes(bad)
         with pytest.raises(kvstore.CorruptBlobError):
             store.load("a", model=FP)
+        assert scatter._known_layout(blob_id) is None  # read from the damaged file, and not remembered
         path.write_bytes(good)  # repaired: the next restore must use the true header
         restored, _ = store.load("a", model=FP)
         assert np.array_equal(np.asarray(restored[0].keys), np.asarray(cache[0].keys[..., :16, :]))

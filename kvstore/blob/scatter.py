@@ -23,6 +23,7 @@ import xxhash
 from kvstore.errors import CorruptBlobError, MissingBlobError, StoreError
 from kvstore.blob import uninit
 from kvstore.blob.iopool import CORES, IoPool
+from kvstore.blob.local import open_blob
 from kvstore.blob.tensorfile import HEADER_PROBE, PAGE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
 
 
@@ -195,11 +196,7 @@ class ScatterReader:
         self._templates: dict = {}
 
     def _open(self, blob_id: str) -> int:
-        try:
-            return os.open(self.blob_path(blob_id), os.O_RDONLY)
-        except FileNotFoundError:
-            who = f" (needed by agent {self.agent!r})" if self.agent else ""
-            raise MissingBlobError(f"blob {blob_id} is missing{who}", blob_id, self.agent) from None
+        return open_blob(self.blob_path(blob_id), blob_id, self.agent)
 
     def add(self, blob_id: str, slot: int, file_from: int) -> None:
         """Note that `slot`'s positions from file_from are in this blob (reads its header once)."""

@@ -95,23 +95,56 @@ def _from_directory(path: Path) -> dict:
     return {"config": config, "weights": files}
 
 
-def _from_module(model: Any) -> dict:
-    """Identity of an already loaded mlx model: its args and a hash of every parameter."""
-    from mlx.utils import tree_flatten
+def _host_bytes(value) -> memoryview:
+    """A parameter's bytes, zero-copy (bf16 viewed as uint16, which numpy can hold)."""
     import mlx.core as mx
     import numpy as np
 
+    if value.dtype == mx.bfloat16:
+        value = value.view(mx.uint16)
+    return memoryview(np.asarray(value)).cast("B")
+
+
+def _params(model: Any) -> list:
+    from mlx.utils import tree_flatten
+
+    return sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+
+
+def _from_module(params: list, model: Any) -> dict:
+    """Identity of an already loaded mlx model: its args and a hash of every parameter."""
     h = xxhash.xxh3_128()
     names = []
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+    for name, value in params:
         names.append([name, list(value.shape), str(value.dtype)])
-        if value.dtype == mx.bfloat16:
-            value = value.view(mx.uint16)
-        h.update(memoryview(np.asarray(value)).cast("B"))
+        h.update(_host_bytes(value))
     args = getattr(model, "args", None)
     config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
     config = {k: v for k, v in config.items() if k not in _COSMETIC_KEYS}
     return {"config": config, "params": names, "params_hash": h.hexdigest()}
+
+
+SAMPLES_PER_PARAM = 4096  # bytes of each parameter the memo's check reads, evenly spread
+
+
+def _sample_signature(params: list) -> bytes:
+    """A cheap check that the parameters are the ones the memo hashed: names, shapes, dtypes and an
+    evenly spread sample of each one's bytes (about 1 MB for a 300-tensor model, ~1 ms).
+
+    `load_weights`, `model.update`, fusing an adapter and an optimizer step all replace the arrays
+    with others whose values differ almost everywhere, which the sample sees. Object ids and buffer
+    addresses would not do: the allocator hands a freed weight's buffer to its replacement.
+    """
+    import numpy as np
+
+    h = xxhash.xxh3_128()
+    for name, value in params:
+        h.update(f"{name}|{tuple(value.shape)}|{value.dtype};".encode())
+        raw = np.frombuffer(_host_bytes(value), dtype=np.uint8)
+        step = max(1, raw.size // SAMPLES_PER_PARAM)
+        h.update(raw[::step].tobytes())
+        h.update(raw[-64:].tobytes())
+    return h.digest()
 
 
 def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 64, dtype: str | None = None) -> str:
@@ -129,14 +162,19 @@ def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 
         ident = _from_directory(path)
         name = _name_of_directory(path)
     else:
+        # The full hash reads every weight (~0.1 s per GB); the memo on the model object is only
+        # reused while its parameters still match it (issue 15, item 2: after load_weights the
+        # old weights' KV came back).
+        params = _params(model)
+        signature = _sample_signature(params)
         cached = getattr(model, "_kvstore_identity", None)
-        if cached is None:
-            cached = _from_module(model)
+        if cached is None or cached[0] != signature:
+            cached = (signature, _from_module(params, model))
             try:
                 object.__setattr__(model, "_kvstore_identity", cached)
             except (AttributeError, TypeError):
                 pass
-        ident = cached
+        ident = cached[1]
         name = getattr(getattr(model, "args", None), "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
     ident = dict(ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None,
                  format=FORMAT_VERSION)

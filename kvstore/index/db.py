@@ -220,6 +220,10 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
         raise translate(e, "opening the index") from e
     if rev == schema.SCHEMA_REVISION:
         return rev
+    if rev is None and has_tables:
+        # Alembic would take it for an empty database and fail creating tables that exist (issue 15, item 11).
+        raise IndexDatabaseError("the index has kvstore's tables but no alembic_version table (its schema "
+                                 "version record): it is damaged; restore index.db from a backup")
     if rev is not None and rev not in known_revisions():
         raise SchemaTooNewError(
             f"the index was written by a newer kvstore (schema revision {rev}; this kvstore knows up to "
@@ -231,7 +235,8 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
     from alembic import command
 
     with transaction(engine, write=True, what="setting up the index") as conn:
-        if not has_tables:
+        # Under the write lock: another process creating the same store may have done it meanwhile.
+        if not has_tables and not inspect(conn).has_table("store_meta"):
             # A fresh database: create everything at head and stamp it (optuna's way), in one transaction.
             schema.metadata.create_all(conn)
             command.stamp(_alembic_config(conn), "head")

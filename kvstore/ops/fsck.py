@@ -27,6 +27,22 @@ if TYPE_CHECKING:
     from kvstore.store import Store
 
 
+DAMAGED = "damaged_index"  # a row whose values no longer have their types: a damaged page of index.db
+
+
+def _is_blob_row(blob_id, nbytes) -> bool:
+    return isinstance(blob_id, str) and len(blob_id) == 32 and isinstance(nbytes, int) and \
+        all(c in "0123456789abcdef" for c in blob_id)
+
+
+def _is_fingerprint(f) -> bool:
+    return isinstance(f, str) and len(f) == 32 and all(c in "0123456789abcdef" for c in f)
+
+
+def _hex(key) -> str:
+    return bytes(key).hex() if isinstance(key, bytes) else repr(key)
+
+
 def _check_blob(store: "Store", blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
     """None if the blob is sound, else (kind, detail). `entry` is its listing (None: not listed)."""
     if not is_blob_id(blob_id):  # a crafted row: never build a path from it (repair drops the row only)
@@ -59,10 +75,17 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     """Snapshots whose token ids do not re-derive their chunk list, or whose rows point nowhere."""
     s, sc, m, a = schema.snapshots, schema.snapshot_chunks, schema.models, schema.agents
     out = []
-    fps = dict(conn.execute(select(m.c.id, m.c.fingerprint)).all())
+    fps = {i: f for i, f in conn.execute(select(m.c.id, m.c.fingerprint)).all() if _is_fingerprint(f)}
     listed = conn.execute(select(sc.c.snapshot_id, sc.c.seq, sc.c.chunk_key).order_by(sc.c.snapshot_id, sc.c.seq))
-    chunk_lists = {sid: [bytes(r.chunk_key) for r in rows] for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)}
+    chunk_lists = {sid: [r.chunk_key if isinstance(r.chunk_key, bytes) else None for r in rows]
+                   for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)}
     for sid, model_id, n_tokens, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.n_tokens, s.c.tokens)):
+        if not isinstance(tokens, bytes) or len(tokens) % 4 or not isinstance(n_tokens, int):
+            # A damaged page can hold any value in any column; the token ids are primary data, and no
+            # repair can invent them (issue 15, item 11: tokens_from_bytes raised TypeError).
+            out.append((Problem(DAMAGED, f"snapshot {sid}", "its token ids or token count are unreadable "
+                                f"({type(tokens).__name__}); restore index.db from a backup"), sid, b""))
+            continue
         ids = tokens_from_bytes(tokens)
         if model_id not in fps:  # only a damaged index gets here (foreign keys forbid it)
             out.append((Problem("dangling_ref", f"snapshot {sid}", f"names model row {model_id} which is missing"),
@@ -78,8 +101,9 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
                                 "its token ids do not re-derive the chunks it lists"), sid, None))
     known_chunks = select(schema.chunks.c.key)
     for sid, key in conn.execute(select(sc.c.snapshot_id, sc.c.chunk_key).where(sc.c.chunk_key.not_in(known_chunks))):
-        out.append((Problem("dangling_ref", f"snapshot {sid}", f"lists chunk {bytes(key).hex()} which has no row"),
-                    sid, bytes(key)))
+        name = bytes(key).hex() if isinstance(key, bytes) else repr(key)
+        out.append((Problem("dangling_ref", f"snapshot {sid}", f"lists chunk {name} which has no row"),
+                    sid, key if isinstance(key, bytes) else None))
     for name, head in conn.execute(select(a.c.name, a.c.head).where(a.c.head.is_not(None),
                                                                       a.c.head.not_in(select(s.c.id)))):
         out.append((Problem("dangling_ref", f"agent {name}", f"head snapshot {head} does not exist"), -1, None))
@@ -103,9 +127,21 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
         cl = schema.chunk_layers
         dangling_layers = conn.execute(select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id)
                                        .where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))).all()
-        wrong_sizes = sizes.check(conn)
+        try:
+            wrong_sizes = sizes.check(conn)
+        except (TypeError, ValueError) as e:  # a size column holding text or NULL: damaged, not a crash
+            wrong_sizes = []
+            problems.append(Problem(DAMAGED, "chunk sizes", f"the chunks table holds unreadable sizes ({e}); "
+                                    "`kvstore fsck --repair` recomputes them"))
+            size_damage = True
+        else:
+            size_damage = False
+    unreadable = [(b, n) for b, n in blob_rows if not _is_blob_row(b, n)]
+    blob_rows = [(b, n) for b, n in blob_rows if _is_blob_row(b, n)]
+    problems += [Problem(DAMAGED, f"blob row {b!r}", f"its id or size is unreadable (size {n!r}); "
+                         "restore index.db from a backup") for b, n in unreadable]
     problems += [p for p, _, _ in snap_problems]
-    problems += [Problem("dangling_ref", f"chunk {bytes(k).hex()} layer {layer}", f"names blob {b} which has no row")
+    problems += [Problem("dangling_ref", f"chunk {_hex(k)} layer {layer}", f"names blob {b!r} which has no row")
                  for k, layer, b in dangling_layers]
     problems += [Problem("wrong_size", f"chunk {k.hex()}", f"records {column} = {got}, its blobs make {want}")
                  for k, column, got, want in wrong_sizes]
@@ -136,8 +172,11 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
 
     needs_recompute: set[int] = set()
     if repair and problems:
-        needs_recompute = _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, bool(wrong_sizes))
-        problems = [Problem(p.kind, p.subject, p.detail, repaired=True) for p in problems]
+        needs_recompute = _repair(store, bad_blobs, [p for p in snap_problems if p[0].kind != DAMAGED],
+                                  dangling_layers, stray, temps, bool(wrong_sizes) or size_damage)
+        # What a damaged page destroyed (token ids, blob rows) stays a problem: no repair can invent it.
+        problems = [Problem(p.kind, p.subject, p.detail, repaired=p.kind != DAMAGED or p.subject == "chunk sizes")
+                    for p in problems]
     return FsckReport(blobs_checked=total, bytes_checked=checked_bytes, problems=tuple(problems),
                       needs_recompute=tuple(sorted(needs_recompute)), repaired=repair,
                       seconds=round(time.perf_counter() - t0, 3))
@@ -159,7 +198,7 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
         bad_ids = list(bad_blobs)
         lost_chunks = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id.in_(bad_ids)))] \
             if bad_ids else []
-        lost_chunks += [bytes(k) for k, _, _ in dangling_layers]
+        lost_chunks += [k for k, _, _ in dangling_layers if isinstance(k, bytes)]
         affected |= _snapshots_using(conn, lost_chunks)
         if bad_ids:
             conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))

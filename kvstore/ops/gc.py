@@ -22,6 +22,7 @@ from kvstore._crash import crash_point
 from kvstore.errors import StoreLockedError
 from kvstore.records import GcReport
 from kvstore.index.queries import batches
+from kvstore.ops import reserve
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -99,26 +100,34 @@ def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=Non
     with gc_lock(store):
         if dry_run:
             return _dry_run(store, keep_last, grace, t0)
-        with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
-            restore_cache = _big_page_cache(conn)
-            doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
-            for part in batches(doomed):
-                conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
-                conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
-            chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
-            for part in batches(chunk_keys):
-                conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
-                conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))
-            dead = conn.execute(_unreferenced_blobs()).all()
-            for part in batches([b for b, _ in dead]):
-                conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
-            restore_cache()
+        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store, keep_last))
         crash_point("gc.after_rows")
         files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
         temps = _sweep_temp(store, grace)
+        if db.is_sqlite(store.engine):
+            reserve.ensure(store.path)  # room was freed: keep some for the next full disk
     return GcReport(dry_run=False, snapshots_removed=len(doomed), chunks_removed=len(chunk_keys),
                     blobs_removed=len(dead), files_removed=files, temp_removed=temps, bytes_freed=freed,
                     seconds=round(time.perf_counter() - t0, 3))
+
+
+def _drop_rows(store: "Store", keep_last: int):
+    """Retention, then unreferenced chunks and blob rows, in one transaction: (snapshots, chunks, blobs) dropped."""
+    with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
+        restore_cache = _big_page_cache(conn)
+        doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+        for part in batches(doomed):
+            conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
+            conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
+        chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
+        for part in batches(chunk_keys):
+            conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
+            conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))
+        dead = conn.execute(_unreferenced_blobs()).all()
+        for part in batches([b for b, _ in dead]):
+            conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
+        restore_cache()
+    return doomed, chunk_keys, dead
 
 
 def _big_page_cache(conn):

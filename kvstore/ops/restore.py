@@ -267,26 +267,36 @@ def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> 
 
 
 def _stored_tail(conn, slots, model, toks, keys, spans, layers, n: int, chunk_size: int):
-    """Extend a match that ends on a chunk boundary by a stored partial chunk the request continues.
+    """Extend a match by a stored partial chunk that the request continues, if that reaches further.
 
     An agent saved at 149 tokens keys its last 5 tokens as a chunk of its own; a longer request
     chunks them into a full chunk with another key. Chunks record their parent, so the stored tail
-    is found by its parent and re-hashed over the request's tokens.
+    is found by its parent and re-hashed over the request's tokens. It is looked for after every
+    chunk boundary from n on, not only after n: a sliding-window cache saved after a plain prefill
+    can rebuild no earlier boundary (its window chunks were never captured), only its whole length
+    (issue 15, item 3: a Gemma-style continuation restored nothing).
     """
-    if n % chunk_size or n >= toks.size:
+    if n >= toks.size:
         return keys, spans, layers, n
-    j = n // chunk_size - 1
-    parent = keys[j] if j >= 0 else bytes.fromhex(model)
+    full = int(toks.size) // chunk_size
+    # The tail after boundary j * chunk_size is chunk j, its parent keys[j - 1] (the model for j = 0).
+    parents = {(keys[j - 1] if j else bytes.fromhex(model)): j for j in range(n // chunk_size, full + 1)}
     c = schema.chunks
-    rows = conn.execute(select(c.c.key, c.c.length).where(c.c.parent == parent, c.c.seq == j + 1,
-                                                          c.c.length < chunk_size)).all()
-    for key, length in sorted(((bytes(k), ln) for k, ln in rows), key=lambda r: -r[1]):
-        if n + length > toks.size or xxhash.xxh3_128_digest(parent + toks[n : n + length].tobytes()) != key:
+    tails = []
+    for part in _ids(list(parents)):
+        for key, length, parent, seq in conn.execute(select(c.c.key, c.c.length, c.c.parent, c.c.seq).where(
+                c.c.parent.in_(part), c.c.length < chunk_size)).all():
+            j = parents[bytes(parent)]
+            if seq == j:
+                tails.append((j * chunk_size + length, j, bytes(key), length, bytes(parent)))
+    for end, j, key, length, parent in sorted(tails, reverse=True):
+        start = j * chunk_size
+        if end <= n or end > toks.size or xxhash.xxh3_128_digest(parent + toks[start:end].tobytes()) != key:
             continue
-        alt_keys, alt_spans = keys[: j + 1] + [key], spans[: j + 1] + [(n, length)]
+        alt_keys, alt_spans = keys[:j] + [key], spans[:j] + [(start, length)]
         alt_layers = {**layers, **_layers(conn, [key])}
-        if plan(slots, alt_keys, alt_spans, n + length, alt_layers) is not None:
-            return alt_keys, alt_spans, alt_layers, n + length
+        if plan(slots, alt_keys, alt_spans, end, alt_layers) is not None:
+            return alt_keys, alt_spans, alt_layers, end
     return keys, spans, layers, n
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from kvstore.index import schema
 from kvstore.index import sizes
 from kvstore.blob import tensorfile
 from kvstore.blob.local import hash_buffers
-from kvstore.errors import ModelMismatchError, StoreError
+from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
 from kvstore.blob.iopool import CORES
 from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
@@ -244,15 +245,40 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
             have = queries.existing_layers(conn, plan.keys)
             if locked:  # this attempt cannot be undone by a gc
                 pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
+                _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
                 blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
                 return _commit(store, plan, have, blobs, start_writes(store, blobs), conn, stale_layout=stale)
         pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
+        _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
         blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
         try:
             return _commit(store, plan, have, blobs, start_writes(store, blobs), stale_layout=stale)
         except _Retry:
             continue
     raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
+
+
+def _warn_window_lost(store: "Store", model: str, slots, leaves, keys, spans, have, captured, n: int) -> None:
+    """Warn (once per store and model) when sliding-window chunks that already left the window are
+    neither stored nor captured: the snapshot then restores only at exactly its length, never at an
+    earlier chunk boundary (issue 15, item 3)."""
+    warned = store.__dict__.setdefault("_window_warned", set())
+    if model in warned:
+        return
+    for s, (slot, leaf) in enumerate(zip(slots, leaves)):
+        if slot.kind != "rot" or leaf.keys is None:
+            continue
+        lo = codec.held_range(slot, leaf)[0]
+        lost = [i for i, (start, length) in enumerate(spans) if start + length <= lo
+                and (keys[i], s) not in have and (i, s) not in (captured or {})]
+        if lost:
+            warned.add(model)
+            warnings.warn(WindowNotCapturedWarning(
+                f"this sliding-window cache no longer holds {len(lost)} chunk(s) that left its window and were "
+                f"not captured: its snapshot restores only at exactly {n} tokens, never at an earlier chunk "
+                "boundary; capture chunks while prefilling (kvstore.cache.capture) to share prefixes"),
+                stacklevel=4)
+            return
 
 
 def _check_model_and_agent(conn, plan: SavePlan) -> bool:

@@ -150,31 +150,31 @@ def test_arguments_of_the_wrong_type(store):
     tokens = synth.PREFIXES[1]
     cache = synth.make_cache(tokens)
     wrong = [
-        (lambda: store.save("b", cache, "some text", model=synth.FP), TypeError),
-        (lambda: store.save("b", cache, None, model=synth.FP), TypeError),
-        (lambda: store.save("b", cache, [t + 0.5 for t in tokens], model=synth.FP), TypeError),
-        (lambda: store.save("b", cache, [tokens, tokens], model=synth.FP), ValueError),
-        (lambda: store.save("b", cache, [-1] * len(tokens), model=synth.FP), ValueError),
-        (lambda: store.save("b", cache, tokens[:-1], model=synth.FP), kvstore.StoreError),
-        (lambda: store.save("b", {"k": cache}, tokens, model=synth.FP), TypeError),
-        (lambda: store.save("b", None, tokens, model=synth.FP), TypeError),
-        (lambda: store.save("b", ["not a cache"], tokens, model=synth.FP), kvstore.UnsupportedCacheError),
-        (lambda: store.save("b", cache, tokens, model=None), TypeError),
-        (lambda: store.save("b", cache, tokens, model=42), TypeError),
-        (lambda: store.save("b", cache, tokens, model=synth.FP, meta=["not", "a", "dict"]), TypeError),
-        (lambda: store.set_meta("good", "not a dict"), TypeError),
-        (lambda: store.restore("some text", model=synth.FP), TypeError),
-        (lambda: store.match([0.5], model=synth.FP), TypeError),
-        (lambda: store.gc(keep_last=0), ValueError),
-        (lambda: store.gc(grace="soon"), TypeError),
-        (lambda: store.gc(grace=-1), ValueError),
-        (lambda: store.fsck(grace="soon"), TypeError),
-        (lambda: kvstore.open(store.path, chunk_size="16"), (ValueError, kvstore.StoreError)),
-        (lambda: kvstore.open(42), TypeError),
+        (lambda: store.save("b", cache, "some text", model=synth.FP), TypeError, 'tokens must be'),
+        (lambda: store.save("b", cache, None, model=synth.FP), TypeError, 'tokens must be'),
+        (lambda: store.save("b", cache, [t + 0.5 for t in tokens], model=synth.FP), TypeError, 'token ids must be integers'),
+        (lambda: store.save("b", cache, [tokens, tokens], model=synth.FP), ValueError, 'one sequence'),
+        (lambda: store.save("b", cache, [-1] * len(tokens), model=synth.FP), ValueError, 'fit in uint32'),
+        (lambda: store.save("b", cache, tokens[:-1], model=synth.FP), kvstore.StoreError, 'has seen 23 tokens but 22'),
+        (lambda: store.save("b", {"k": cache}, tokens, model=synth.FP), TypeError, 'cache must be a list'),
+        (lambda: store.save("b", None, tokens, model=synth.FP), TypeError, 'cache must be a list'),
+        (lambda: store.save("b", ["not a cache"], tokens, model=synth.FP), kvstore.UnsupportedCacheError, 'cannot store a builtins.str'),
+        (lambda: store.save("b", cache, tokens, model=None), TypeError, 'model= must be'),
+        (lambda: store.save("b", cache, tokens, model=42), TypeError, 'model= must be'),
+        (lambda: store.save("b", cache, tokens, model=synth.FP, meta=["not", "a", "dict"]), TypeError, 'meta must be a dict'),
+        (lambda: store.set_meta("good", "not a dict"), TypeError, 'meta must be a dict'),
+        (lambda: store.restore("some text", model=synth.FP), TypeError, 'tokens must be'),
+        (lambda: store.match([0.5], model=synth.FP), TypeError, 'token ids must be integers'),
+        (lambda: store.gc(keep_last=0), ValueError, 'keep_last'),
+        (lambda: store.gc(grace="soon"), TypeError, 'grace must be a number'),
+        (lambda: store.gc(grace=-1), ValueError, 'grace must be >= 0'),
+        (lambda: store.fsck(grace="soon"), TypeError, 'grace must be a number'),
+        (lambda: kvstore.open(store.path, chunk_size="16"), (ValueError, kvstore.StoreError), 'chunk_size must be'),
+        (lambda: kvstore.open(42), TypeError, 'os.PathLike'),
     ]
-    for call, error in wrong:
+    for call, error, says in wrong:
         with pytest.raises(error) as info:
             call()
-        assert str(info.value)  # a message, not a bare exception
+        assert says in str(info.value)  # a message that names what was wrong
     _unchanged(store)
     report.record("bad_input", wrong_type_calls=len(wrong))

@@ -121,9 +121,11 @@ def _try_everything(path, exp: kvstore.Store, snaps) -> str:
             bad = sorted(o for o in outcome.values() if o != "ok")
             if bad:
                 return bad[0]
+            clean = store.fsck().ok
             if errors or names != sorted(exp.heads):
-                return "incomplete"
-            return "ok" if store.fsck().ok else "fsck_found"
+                # Something is missing: acceptable only when fsck says so (never a silent loss).
+                return "incomplete_found" if not clean else "incomplete_silent"
+            return "ok" if clean else "fsck_found"
     except kvstore.StoreError as e:
         return type(e).__name__
 
@@ -170,7 +172,11 @@ def test_random_index_flips_never_restore_wrong(populated, tmp_path):
         result = _try_everything(img, exp, snaps)
         outcomes[result] = outcomes.get(result, 0) + 1
         shutil.rmtree(img)
-    assert sum(outcomes.values()) == trials
+    # Every outcome is bit-exact ("ok"), found by fsck, or a StoreError; never a silent loss. (A wrong
+    # cache fails inside check_restores; another exception fails the test where it is raised.)
+    allowed = {"ok", "fsck_found", "incomplete_found"} | {n for n in dir(kvstore) if n.endswith("Error")}
+    assert set(outcomes) <= allowed, outcomes
+    assert outcomes.get("ok", 0) < trials  # the flips did damage something that was noticed
     report.record("corruption", index_flips=trials, index_flips_harmless=outcomes.get("ok", 0),
                   index_flips_detected=trials - outcomes.get("ok", 0), index_flip_outcomes=outcomes)
 
@@ -197,11 +203,9 @@ def test_damaged_wal_falls_back_to_an_intact_commit(tmp_path, mode):
     (img / "blobs").unlink()
     shutil.copytree(store.path / "blobs", img / "blobs")  # repair may delete files: give it its own
     (img / "tmp").mkdir(exist_ok=True)
-    try:
-        reopened = kvstore.open(img)
-    except kvstore.StoreError:
-        report.record("corruption", wal_damage_refused=1)
-        return
+    # SQLite checksums every WAL frame and stops at the first bad one: the store opens whatever the
+    # damage, and holds the commits before it (any StoreError here would be a needless refusal).
+    reopened = kvstore.open(img)
     with reopened:
         for info in reopened.agents():  # whatever survived is one of the agent's committed states
             cache, tokens = reopened.load(info.name, model=synth.FP)

@@ -177,3 +177,31 @@ def test_really_full_filesystem(tiny_fs):
     assert list(store.blobs.iter_temp()) == []
     store.close()
     report.record("disk_full", real_fs_attempts=sum(outcomes.values()), real_fs_outcomes=outcomes)
+
+
+def test_gc_and_rm_free_space_on_a_full_disk(tiny_fs):
+    """Issue 15, item 12: on a full disk gc failed with StoreFullError (its WAL could not grow) while
+    --dry-run showed space to reclaim, and rm failed too. The way out must work on a full disk."""
+    store = kvstore.open(tiny_fs / "store", chunk_size=synth.CHUNK)
+    exp = populate(store, agents=4)
+    _fill(tiny_fs / "ballast")
+    with pytest.raises(kvstore.StoreFullError):  # the disk really is full: a save cannot commit
+        tokens = _big_agent(random.Random(12))
+        store.save("late", synth.make_cache(tokens), tokens, model=synth.FP)
+    gone = [n for n in sorted(exp.heads) if n != "a0"][:2]
+    for name in gone:
+        assert store.delete(name)
+        del exp.heads[name]
+    plan = store.gc(dry_run=True, grace=0)
+    assert plan.bytes_freed > 0
+    done = store.gc(grace=0)
+    assert done.bytes_freed >= plan.bytes_freed and done.blobs_removed == plan.blobs_removed
+    assert set(check_restores(store, exp.snapshots(store)).values()) == {"ok"}
+    assert sorted(a.name for a in store.agents()) == sorted(exp.heads)
+    assert store.fsck(grace=0).problems == ()
+    (tiny_fs / "ballast").unlink()
+    tokens = synth.agent_tokens(random.Random(13))
+    store.save("after", synth.make_cache(tokens), tokens, model=synth.FP)  # and the store works on
+    assert store.fsck(grace=0).problems == ()
+    store.close()
+    report.record("disk_full", full_disk_gc_freed=done.bytes_freed)
