@@ -73,21 +73,48 @@ class SeaweedFS:
     def env(self) -> dict[str, str]:
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
 
-    def start(self, timeout: float = 60.0) -> "SeaweedFS":
+    def start(self, timeout: float = 60.0) -> SeaweedFS:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         config = self.root / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "kvstore", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "kvstore",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         p = _free_ports(8)
         self.port = p[6]
-        args = [weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-                f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}",
-                f"-volume.port.grpc={p[3]}", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}",
-                "-s3", f"-s3.port={p[6]}", f"-s3.port.grpc={p[7]}", f"-s3.config={config}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-debug.port=0", "-master.telemetry=false",
-                "-volume.max=0", "-master.volumeSizeLimitMB=256"]
+        args = [
+            weed_binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={data}",
+            f"-master.port={p[0]}",
+            f"-master.port.grpc={p[1]}",
+            f"-volume.port={p[2]}",
+            f"-volume.port.grpc={p[3]}",
+            f"-filer.port={p[4]}",
+            f"-filer.port.grpc={p[5]}",
+            "-s3",
+            f"-s3.port={p[6]}",
+            f"-s3.port.grpc={p[7]}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-debug.port=0",
+            "-master.telemetry=false",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=256",
+        ]
         self.log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -100,19 +127,28 @@ class SeaweedFS:
             except Exception:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"SeaweedFS did not serve S3 within {timeout:.0f}s; see "
-                                       f"{self.root / 'weed.log'}") from None
+                    raise RuntimeError(
+                        f"SeaweedFS did not serve S3 within {timeout:.0f}s; see {self.root / 'weed.log'}"
+                    ) from None
                 time.sleep(0.5)
 
     def _create_bucket(self, bucket: str) -> None:
         """Create the bucket, then put a marker object: the S3 gateway is up once both succeed."""
-        from obstore.store import S3Store
         import obstore as obs
+        from obstore.store import S3Store
 
         _signed_put_bucket(self.endpoint, bucket)
-        store = S3Store(bucket, config={"endpoint": self.endpoint, "access_key_id": ACCESS_KEY,
-                                        "secret_access_key": SECRET_KEY, "region": "us-east-1"},
-                        client_options={"allow_http": True}, retry_config={"max_retries": 0})
+        store = S3Store(
+            bucket,
+            config={
+                "endpoint": self.endpoint,
+                "access_key_id": ACCESS_KEY,
+                "secret_access_key": SECRET_KEY,
+                "region": "us-east-1",
+            },
+            client_options={"allow_http": True},
+            retry_config={"max_retries": 0},
+        )
         obs.put(store, ".ready", b"")
 
     def stop(self) -> None:
@@ -126,7 +162,7 @@ class SeaweedFS:
             self.proc.wait()
         self.log.close()
 
-    def __enter__(self) -> "SeaweedFS":
+    def __enter__(self) -> SeaweedFS:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -152,10 +188,16 @@ def _signed_put_bucket(endpoint: str, bucket: str) -> None:
     for part in (day, "us-east-1", "s3", "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    req = urllib.request.Request(f"{endpoint}/{bucket}", method="PUT", headers={
-        "x-amz-date": amz_date, "x-amz-content-sha256": payload,
-        "Authorization": f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders={signed}, "
-                         f"Signature={signature}"})
+    req = urllib.request.Request(
+        f"{endpoint}/{bucket}",
+        method="PUT",
+        headers={
+            "x-amz-date": amz_date,
+            "x-amz-content-sha256": payload,
+            "Authorization": f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders={signed}, "
+            f"Signature={signature}",
+        },
+    )
     try:
         urllib.request.urlopen(req, timeout=10).close()
     except urllib.error.HTTPError as e:

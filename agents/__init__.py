@@ -23,6 +23,17 @@ from .records import GenerationOptions, MemoryReport, Reply, TurnStats
 from .team import Consultation, consult
 
 __all__ = [
-    "AgentManager", "Agent", "Reply", "TurnStats", "ReplyStream", "MemoryReport",
-    "GenerationOptions", "consult", "Consultation", "RecoveryWarning", "ModelHandle", "ModelLoadError", "resolve_model",
+    "AgentManager",
+    "Agent",
+    "Reply",
+    "TurnStats",
+    "ReplyStream",
+    "MemoryReport",
+    "GenerationOptions",
+    "consult",
+    "Consultation",
+    "RecoveryWarning",
+    "ModelHandle",
+    "ModelLoadError",
+    "resolve_model",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import turn
 from .records import GenerationOptions, Reply, TurnStats
@@ -18,7 +19,7 @@ KEEP_TURN_STATS = 64  # the record keeps the last few turns' statistics (the dem
 class ReplyStream:
     """Text segments of a reply as they are generated; `.reply` holds the Reply once it is exhausted."""
 
-    def __init__(self, segments: Iterator[str], state: "TurnState"):
+    def __init__(self, segments: Iterator[str], state: TurnState):
         self._segments = segments
         self.state = state
 
@@ -40,25 +41,44 @@ class ReplyStream:
 class Agent:
     """A persistent chat agent. Create one with `AgentManager.create`, find one with `get`."""
 
-    def __init__(self, manager: "AgentManager", name: str, system_prompt: str | None,
-                 messages: list[dict] | None = None, tokens: list[int] | None = None,
-                 meta: dict | None = None, turns: list[dict] | None = None):
+    def __init__(
+        self,
+        manager: AgentManager,
+        name: str,
+        system_prompt: str | None,
+        messages: list[dict] | None = None,
+        tokens: list[int] | None = None,
+        meta: dict | None = None,
+        turns: list[dict] | None = None,
+    ):
         self._manager = manager
         self.name = name
         self.system_prompt = system_prompt
-        self.messages: list[dict] = list(messages or [])   # user/assistant turns (the system prompt apart)
-        self.tokens: list[int] = list(tokens or [])        # exactly what the cache has seen, in order
-        self.meta: dict = dict(meta or {})                 # the caller's own metadata
-        self.turns: list[dict] = list(turns or [])         # recent TurnStats, as dicts
-        self._stored: dict | None = None                   # the record as last written to the store
+        self.messages: list[dict] = list(messages or [])  # user/assistant turns (the system prompt apart)
+        self.tokens: list[int] = list(tokens or [])  # exactly what the cache has seen, in order
+        self.meta: dict = dict(meta or {})  # the caller's own metadata
+        self.turns: list[dict] = list(turns or [])  # recent TurnStats, as dicts
+        self._stored: dict | None = None  # the record as last written to the store
 
     def __repr__(self) -> str:
         return f"<Agent {self.name!r} messages={len(self.messages)} tokens={len(self.tokens)}>"
 
-    def chat(self, message: str, *, max_tokens: int = 256, temp: float = 0.0, top_p: float = 0.0,
-             top_k: int = 0, min_p: float = 0.0, repetition_penalty: float | None = None, seed: int | None = None,
-             stop: str | list[str] | None = None, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None, stream: bool = False):
+    def chat(
+        self,
+        message: str,
+        *,
+        max_tokens: int = 256,
+        temp: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+        stream: bool = False,
+    ):
         """Answer `message` with the conversation so far as context.
 
         Args:
@@ -74,9 +94,18 @@ class Agent:
 
         Returns a Reply (text, tokens, stats, finish_reason), or a ReplyStream when `stream`.
         """
-        options = GenerationOptions(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                    repetition_penalty=repetition_penalty, seed=seed, stop=stop or (),
-                                    tools=tools, chat_template_kwargs=chat_template_kwargs)
+        options = GenerationOptions(
+            max_tokens=max_tokens,
+            temp=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop or (),
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+        )
         messages = self.messages + [{"role": "user", "content": message}]
         prompt = turn.render(self._manager.tokenizer, self.conversation(messages), tools, chat_template_kwargs)
         return self.respond(prompt, messages, options, stream=stream)
@@ -115,11 +144,23 @@ class Agent:
 
     def record(self) -> dict:
         """The agent's JSON record (primary data: with the snapshot's tokens it rebuilds the agent)."""
-        return {"kvstore_agent": RECORD_VERSION, "system_prompt": self.system_prompt, "messages": self.messages,
-                "meta": self.meta, "turns": self.turns[-KEEP_TURN_STATS:]}
+        return {
+            "kvstore_agent": RECORD_VERSION,
+            "system_prompt": self.system_prompt,
+            "messages": self.messages,
+            "meta": self.meta,
+            "turns": self.turns[-KEEP_TURN_STATS:],
+        }
 
     @classmethod
-    def from_record(cls, manager: "AgentManager", name: str, record: dict[str, Any], tokens: list[int]) -> "Agent":
+    def from_record(cls, manager: AgentManager, name: str, record: dict[str, Any], tokens: list[int]) -> Agent:
         """An Agent from a stored record and its head snapshot's tokens."""
-        return cls(manager, name, record.get("system_prompt"), record.get("messages"), tokens,
-                   record.get("meta"), record.get("turns"))
+        return cls(
+            manager,
+            name,
+            record.get("system_prompt"),
+            record.get("messages"),
+            tokens,
+            record.get("meta"),
+            record.get("turns"),
+        )

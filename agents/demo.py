@@ -24,8 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import kvstore
 from kvstore.blas import blas_name
@@ -58,6 +59,7 @@ def default_store_path() -> Path:
 
 # -- formatting ------------------------------------------------------------------------------
 
+
 def _n(x: int) -> str:
     return f"{x:,}"
 
@@ -79,7 +81,7 @@ def _quoted(echo: Echo, text: str, width: int = 100) -> None:
     """Print text quoted, wrapped to width, indented under its agent."""
     import textwrap
 
-    for line in textwrap.wrap(f"\"{text}\"", width=width):
+    for line in textwrap.wrap(f'"{text}"', width=width):
         echo(f"    {line}")
 
 
@@ -93,6 +95,7 @@ def _table(echo: Echo, header: list[str], rows: list[list[str]]) -> None:
 
 
 # -- the model -------------------------------------------------------------------------------
+
 
 def _model_and_banner(model: Any, arch: str, size: str, echo: Echo) -> Any:
     """The model to run (SmolLM2-135M-Instruct by default), after saying plainly what it is."""
@@ -123,9 +126,11 @@ def _model_and_banner(model: Any, arch: str, size: str, echo: Echo) -> Any:
 
 def _progress(echo: Echo) -> Callable[[str, int, int], None]:
     """Prefill progress lines for prompts long enough to take a moment."""
+
     def report(name: str, done: int, total: int) -> None:
         if total >= 512:  # called once per prefill step (512 tokens)
             echo(f"    {name}: prefilled {_n(done)} / {_n(total)} tokens")
+
     return report
 
 
@@ -133,11 +138,19 @@ def _print_reply(echo: Echo, reply: Reply, extra: str = "") -> None:
     s = reply.stats
     title = ROLES[reply.agent][0] if reply.agent in ROLES else reply.agent
     echo(f"\n[{reply.agent}] {title}: {s.ttft:.2f} s to first token{extra}")
-    parts = [f"{_n(n)} {what}" for n, what in ((s.reused_tokens, "reused from memory"),
-                                               (s.restored_tokens, "restored from the store"),
-                                               (s.prefilled_tokens, "prefilled")) if n]
-    echo(f"    prompt {_n(s.prompt_tokens)} tokens = {' + '.join(parts)}; "
-         f"{_n(s.generated_tokens)} tokens generated at {s.tokens_per_second:.0f} tok/s")
+    parts = [
+        f"{_n(n)} {what}"
+        for n, what in (
+            (s.reused_tokens, "reused from memory"),
+            (s.restored_tokens, "restored from the store"),
+            (s.prefilled_tokens, "prefilled"),
+        )
+        if n
+    ]
+    echo(
+        f"    prompt {_n(s.prompt_tokens)} tokens = {' + '.join(parts)}; "
+        f"{_n(s.generated_tokens)} tokens generated at {s.tokens_per_second:.0f} tok/s"
+    )
     shown = _clip(reply.text)
     if shown:
         _quoted(echo, shown)
@@ -162,21 +175,26 @@ def _cold_ttft(mgr: AgentManager, prompt: list[int]) -> float:
 
 def _memory_lines(echo: Echo, mgr: AgentManager) -> dict:
     rep = mgr.memory_report()
-    echo(f"Memory: model {_bytes(rep.model_bytes)}, resident caches {_bytes(rep.caches_bytes)} "
-         f"({', '.join(f'{n} {_bytes(b)}' for n, b in rep.caches.items())}), "
-         f"process {_bytes(rep.rss_bytes)} resident (peak {_bytes(rep.peak_rss_bytes)})")
+    echo(
+        f"Memory: model {_bytes(rep.model_bytes)}, resident caches {_bytes(rep.caches_bytes)} "
+        f"({', '.join(f'{n} {_bytes(b)}' for n, b in rep.caches.items())}), "
+        f"process {_bytes(rep.rss_bytes)} resident (peak {_bytes(rep.peak_rss_bytes)})"
+    )
     return rep.as_dict()
 
 
 def _store_lines(echo: Echo, store: kvstore.Store) -> dict:
     st = store.stats()
     saved = max(0, st.logical_bytes - st.bytes_on_disk)
-    echo(f"Store: {_bytes(st.bytes_on_disk)} on disk in {_n(st.blobs)} blobs; one cache file per agent would "
-         f"take {_bytes(st.logical_bytes)}: the shared chunks save {_bytes(saved)} ({st.dedup_ratio:.2f}x)")
+    echo(
+        f"Store: {_bytes(st.bytes_on_disk)} on disk in {_n(st.blobs)} blobs; one cache file per agent would "
+        f"take {_bytes(st.logical_bytes)}: the shared chunks save {_bytes(saved)} ({st.dedup_ratio:.2f}x)"
+    )
     return st.as_dict()
 
 
 # -- the sessions ----------------------------------------------------------------------------
+
 
 def _demo_agents(store: kvstore.Store) -> list[str]:
     """The demo's agent names that the store holds as agents a demo created (marked DEMO_MARK in their meta).
@@ -192,10 +210,13 @@ def _demo_agents(store: kvstore.Store) -> list[str]:
         meta = record.get("meta") if isinstance(record, dict) else None
         (ours if isinstance(meta, dict) and meta.get(DEMO_MARK) is True else theirs).append(name)
     if theirs:
-        raise DemoError(f"the store at {store.path} already has agent(s) named {', '.join(theirs)} that the demo "
-                        "did not create; the demo leaves them alone. Run it on another store: kvstore demo "
-                        f"--store PATH (default {default_store_path()})")
+        raise DemoError(
+            f"the store at {store.path} already has agent(s) named {', '.join(theirs)} that the demo "
+            "did not create; the demo leaves them alone. Run it on another store: kvstore demo "
+            f"--store PATH (default {default_store_path()})"
+        )
     return ours
+
 
 def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -> dict:
     """Create the three agents, ask the first question, save, and show sizes and memory."""
@@ -208,15 +229,28 @@ def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
         # Only the demo used this store: forget the previous run's chunks so the figures below are this
         # run's. (A store with other agents is left alone: gc would apply its retention policy to them.)
         store.gc(keep_last=1 << 30)
-    agents = {name: mgr.create(name, system_prompt(name), meta={"title": ROLES[name][0], DEMO_MARK: True})
-              for name in ROLES}
+    agents = {
+        name: mgr.create(name, system_prompt(name), meta={"title": ROLES[name][0], DEMO_MARK: True}) for name in ROLES
+    }
     shared = len(mgr.tokenizer.encode(PREAMBLE))
-    echo(f"\nCreated {len(agents)} agents that share a {_n(shared)}-token preamble: " + ", ".join(
-        f"{n} ({ROLES[n][0]})" for n in agents))
-    echo(f"\nQuery: \"{QUESTION_1}\"")
-    consult([agents[n] for n in SPECIALISTS], agents[COORDINATOR], QUESTION_1, max_tokens=max_tokens,
-            on_reply=lambda r: _print_reply(echo, r, " (cold: nothing stored yet)" if r.stats.source == "cold"
-                                            else " (warm start: the shared preamble came from the store)"))
+    echo(
+        f"\nCreated {len(agents)} agents that share a {_n(shared)}-token preamble: "
+        + ", ".join(f"{n} ({ROLES[n][0]})" for n in agents)
+    )
+    echo(f'\nQuery: "{QUESTION_1}"')
+    consult(
+        [agents[n] for n in SPECIALISTS],
+        agents[COORDINATOR],
+        QUESTION_1,
+        max_tokens=max_tokens,
+        on_reply=lambda r: _print_reply(
+            echo,
+            r,
+            " (cold: nothing stored yet)"
+            if r.stats.source == "cold"
+            else " (warm start: the shared preamble came from the store)",
+        ),
+    )
     echo("\nFor comparison, a cold start (empty cache, nothing stored) of the warm-started agents' prompts:")
     out: dict = {"session": 1, "pid": os.getpid(), "store": str(store.path), "agents": {}}
     for name, agent in agents.items():
@@ -236,9 +270,17 @@ def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
     for name, agent in agents.items():
         s = agent.last_stats
         cold = agent.meta["demo"]["cold_ttft"]
-        rows.append([name, _n(len(agent.tokens)), _bytes(rep.caches.get(name, 0)), f"{s.ttft:.2f} s",
-                     f"{cold:.2f} s", f"{cold / s.ttft:.1f}x" if s.ttft and s.source != "cold" else "-",
-                     _bytes(s.bytes_saved)])
+        rows.append(
+            [
+                name,
+                _n(len(agent.tokens)),
+                _bytes(rep.caches.get(name, 0)),
+                f"{s.ttft:.2f} s",
+                f"{cold:.2f} s",
+                f"{cold / s.ttft:.1f}x" if s.ttft and s.source != "cold" else "-",
+                _bytes(s.bytes_saved),
+            ]
+        )
     _table(echo, ["agent", "cache tokens", "cache in memory", "TTFT", "cold TTFT", "speedup", "written"], rows)
     out["store_stats"] = _store_lines(echo, store)
     out["memory"] = _memory_lines(echo, mgr)
@@ -250,21 +292,22 @@ def session_two(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
     """Load the agents in a new process, ask the follow-up, and compare with session 1's cold figures."""
     missing = [n for n in ROLES if n not in _demo_agents(store)]
     if missing:
-        raise DemoError(f"the store at {store.path} has no demo agents ({', '.join(missing)} missing): "
-                        "run session 1 first (kvstore demo --session 1)")
+        raise DemoError(
+            f"the store at {store.path} has no demo agents ({', '.join(missing)} missing): "
+            "run session 1 first (kvstore demo --session 1)"
+        )
     mgr = AgentManager(model, store, max_resident=3, progress=_progress(echo))
     agents = {name: mgr.get(name) for name in ROLES}
     echo("\nFound in the store: " + ", ".join(f"{n} ({_n(len(a.tokens))} tokens)" for n, a in agents.items()))
     echo("Each agent's KV cache is restored from the store on its first turn, instead of being prefilled.")
-    echo(f"\nQuery: \"{QUESTION_2}\"")
+    echo(f'\nQuery: "{QUESTION_2}"')
 
     def shown(reply: Reply) -> None:
         cold = agents[reply.agent].meta.get("demo", {}).get("cold_ttft")
         extra = f" (session 1 cold: {cold:.2f} s, {cold / reply.stats.ttft:.1f}x faster)" if cold else ""
         _print_reply(echo, reply, extra)
 
-    consult([agents[n] for n in SPECIALISTS], agents[COORDINATOR], QUESTION_2, max_tokens=max_tokens,
-            on_reply=shown)
+    consult([agents[n] for n in SPECIALISTS], agents[COORDINATOR], QUESTION_2, max_tokens=max_tokens, on_reply=shown)
     out: dict = {"session": 2, "pid": os.getpid(), "store": str(store.path), "agents": {}}
     rows = []
     for name, agent in agents.items():
@@ -272,14 +315,30 @@ def session_two(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
         demo = agent.meta.get("demo", {})
         cold = demo.get("cold_ttft")
         speedup = cold / s.ttft if cold and s.ttft else None
-        out["agents"][name] = dict(s.as_dict(), session1_cold_ttft=cold,
-                                   session1_cold_prompt_tokens=demo.get("cold_prompt_tokens"), speedup=speedup)
-        rows.append([name, _n(s.prompt_tokens), _n(s.restored_tokens), _n(s.prefilled_tokens),
-                     f"{s.ttft:.3f} s", f"{cold:.3f} s" if cold else "-",
-                     _n(demo.get("cold_prompt_tokens", 0)), f"{speedup:.1f}x" if speedup else "-"])
+        out["agents"][name] = dict(
+            s.as_dict(),
+            session1_cold_ttft=cold,
+            session1_cold_prompt_tokens=demo.get("cold_prompt_tokens"),
+            speedup=speedup,
+        )
+        rows.append(
+            [
+                name,
+                _n(s.prompt_tokens),
+                _n(s.restored_tokens),
+                _n(s.prefilled_tokens),
+                f"{s.ttft:.3f} s",
+                f"{cold:.3f} s" if cold else "-",
+                _n(demo.get("cold_prompt_tokens", 0)),
+                f"{speedup:.1f}x" if speedup else "-",
+            ]
+        )
     echo("\nTime to first token, this session against session 1's cold prefill:")
-    _table(echo, ["agent", "prompt", "restored", "prefilled", "TTFT now", "session 1 cold", "(its prompt)",
-                  "speedup"], rows)
+    _table(
+        echo,
+        ["agent", "prompt", "restored", "prefilled", "TTFT now", "session 1 cold", "(its prompt)", "speedup"],
+        rows,
+    )
     echo("  (session 1's cold prompt was shorter than today's, so the speedup for the same prompt is larger)")
     out["store_stats"] = _store_lines(echo, store)
     out["memory"] = _memory_lines(echo, mgr)
@@ -287,9 +346,17 @@ def session_two(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
     return out
 
 
-def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, session: int | None = None, *,
-             arch: str = "llama", size: str = DEFAULT_SIZE, max_tokens: int = 48, echo: Echo = print,
-             json_out: str | os.PathLike | None = None) -> dict:
+def run_demo(
+    store_path: str | os.PathLike | None = None,
+    model: Any = None,
+    session: int | None = None,
+    *,
+    arch: str = "llama",
+    size: str = DEFAULT_SIZE,
+    max_tokens: int = 48,
+    echo: Echo = print,
+    json_out: str | os.PathLike | None = None,
+) -> dict:
     """Run the demo: session 1, session 2, or (session=None) session 1 here and session 2 in a new process.
 
     Args:
@@ -306,8 +373,10 @@ def run_demo(store_path: str | os.PathLike | None = None, model: Any = None, ses
     path = Path(store_path) if store_path is not None else default_store_path()
     results: dict = {}
     if session is None and _openblas_too_late():
-        echo("(MLX was imported before OpenBLAS could be loaded in this process: session 1 runs in a new process "
-             "too, on OpenBLAS)")
+        echo(
+            "(MLX was imported before OpenBLAS could be loaded in this process: session 1 runs in a new process "
+            "too, on OpenBLAS)"
+        )
         results["session1"] = _spawn_session(1, path, model, arch, size, max_tokens, echo)
         results["session2"] = _spawn_session(2, path, model, arch, size, max_tokens, echo, gap=True)
         echo(f"\nThe store is kept in {path}: look inside with `kvstore --store {path} agents` (or `du`, `fsck`).")
@@ -349,8 +418,9 @@ def _openblas_too_late() -> bool:
     return any(os.path.exists(c) for c in ([explicit] if explicit else blas.CANDIDATES))
 
 
-def _spawn_session(session: int, path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo,
-                   gap: bool = False) -> dict:
+def _spawn_session(
+    session: int, path: Path, model: Any, arch: str, size: str, max_tokens: int, echo: Echo, gap: bool = False
+) -> dict:
     """Run one session as a separate Python process; relay its output; return its results."""
     if gap:
         echo("\nSession 1 is over. Starting session 2 in a new process…\n")
@@ -358,8 +428,23 @@ def _spawn_session(session: int, path: Path, model: Any, arch: str, size: str, m
         result_file = Path(tmp) / f"session{session}.json"
         # OpenBLAS first, as `kvstore demo` does: `-m kvstore.agents.demo` would import mlx before main runs
         prelude = "import sys, kvstore; kvstore.use_openblas(); from kvstore.agents.demo import main; sys.exit(main())"
-        cmd = [sys.executable, "-c", prelude, "--session", str(session), "--store", str(path),
-               "--arch", arch, "--size", size, "--max-tokens", str(max_tokens), "--json-out", str(result_file)]
+        cmd = [
+            sys.executable,
+            "-c",
+            prelude,
+            "--session",
+            str(session),
+            "--store",
+            str(path),
+            "--arch",
+            arch,
+            "--size",
+            size,
+            "--max-tokens",
+            str(max_tokens),
+            "--json-out",
+            str(result_file),
+        ]
         if model is not None:
             cmd += ["--model", str(model)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -367,8 +452,9 @@ def _spawn_session(session: int, path: Path, model: Any, arch: str, size: str, m
             for line in proc.stdout:
                 echo(line.rstrip("\n"))
         if proc.returncode != 0:
-            raise DemoError(f"session {session} (a separate process) failed with exit status {proc.returncode}; "
-                            "its output is above")
+            raise DemoError(
+                f"session {session} (a separate process) failed with exit status {proc.returncode}; its output is above"
+            )
         return json.loads(result_file.read_text()).get(f"session{session}", {})
 
 
@@ -376,18 +462,31 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m kvstore.agents.demo`: parse the arguments and run the demo."""
     p = argparse.ArgumentParser(prog="python -m kvstore.agents.demo", description=__doc__.split("\n")[0])
     p.add_argument("--store", help="the store folder (default: <temp dir>/kvstore-demo)")
-    p.add_argument("--model", help=f"a model name ({', '.join(MODELS)}, builtin), folder or Hugging Face id "
-                   f"(default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        help=f"a model name ({', '.join(MODELS)}, builtin), folder or Hugging Face id (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--session", type=int, choices=(1, 2), help="run one session only (default: both, in two processes)")
-    p.add_argument("--arch", default="llama", choices=("llama", "gemma3"), help="built-in model architecture "
-                   "(with --model builtin)")
+    p.add_argument(
+        "--arch",
+        default="llama",
+        choices=("llama", "gemma3"),
+        help="built-in model architecture (with --model builtin)",
+    )
     p.add_argument("--size", default=DEFAULT_SIZE, help="built-in model size (with --model builtin)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens each agent generates per answer")
     p.add_argument("--json-out", help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     try:
-        run_demo(args.store, args.model, args.session, arch=args.arch, size=args.size, max_tokens=args.max_tokens,
-                 json_out=args.json_out)
+        run_demo(
+            args.store,
+            args.model,
+            args.session,
+            arch=args.arch,
+            size=args.size,
+            max_tokens=args.max_tokens,
+            json_out=args.json_out,
+        )
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

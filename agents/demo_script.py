@@ -25,19 +25,24 @@ and retries with the same idempotency key sometimes create a second capture. The
 Answer as your role describes, be concrete, use the numbers above, and say what you do not know yet."""
 
 ROLES = {
-    "tech": ("Technical Specialist",
-             "Your role: Technical Specialist. You diagnose the root cause in the services, the database and the "
-             "release, and you propose the technical fix, its risks and how to verify it."),
-    "business": ("Business Analyst",
-                 "Your role: Business Analyst. You estimate the business impact: revenue at risk, service credits, "
-                 "affected merchants, regulatory duties, and what to tell merchants and when."),
-    "coordinator": ("Coordinator",
-                    "Your role: Coordinator. You combine the specialists' answers into one plan with owners, order "
-                    "and deadlines, and you flag any conflict between them."),
+    "tech": (
+        "Technical Specialist",
+        "Your role: Technical Specialist. You diagnose the root cause in the services, the database and the "
+        "release, and you propose the technical fix, its risks and how to verify it.",
+    ),
+    "business": (
+        "Business Analyst",
+        "Your role: Business Analyst. You estimate the business impact: revenue at risk, service credits, "
+        "affected merchants, regulatory duties, and what to tell merchants and when.",
+    ),
+    "coordinator": (
+        "Coordinator",
+        "Your role: Coordinator. You combine the specialists' answers into one plan with owners, order "
+        "and deadlines, and you flag any conflict between them.",
+    ),
 }
 
-QUESTION_1 = ("We have a critical API bug affecting payment processing. "
-              "Analyze technical issues and business impact.")
+QUESTION_1 = "We have a critical API bug affecting payment processing. Analyze technical issues and business impact."
 QUESTION_2 = "What are the detailed steps to fix that API bug?"
 
 

@@ -6,14 +6,15 @@ import copy
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kvstore import Store
-from kvstore.ops import restore
 from kvstore.cache.capture import Capture
 from kvstore.errors import AgentExistsError, BlobError, ModelMismatchError, UnknownAgentError
 from kvstore.names import validate_name
+from kvstore.ops import restore
 from kvstore.records import AgentInfo, Snapshot
 
 from . import memory, turn
@@ -34,8 +35,8 @@ class _Resident:
     """An agent's cache in memory: what it has seen is `Agent.tokens`."""
 
     cache: list
-    capture: Capture | None     # sliding-window chunks taken during prefill, until the next save
-    dirty: bool = False         # holds tokens the store does not
+    capture: Capture | None  # sliding-window chunks taken during prefill, until the next save
+    dirty: bool = False  # holds tokens the store does not
 
     def nbytes(self) -> int:
         return turn.cache_nbytes(self.cache) + (self.capture.nbytes() if self.capture else 0)
@@ -57,9 +58,18 @@ class AgentManager:
             server uses this; agents then report those tokens as reused, not restored).
     """
 
-    def __init__(self, model: Any, store: Store, max_resident: int = 3, max_resident_bytes: int | None = None, *,
-                 autosave: bool = True, prefill_step: int = 512,
-                 progress: Callable[[str, int, int], None] | None = None, share_resident: bool = False):
+    def __init__(
+        self,
+        model: Any,
+        store: Store,
+        max_resident: int = 3,
+        max_resident_bytes: int | None = None,
+        *,
+        autosave: bool = True,
+        prefill_step: int = 512,
+        progress: Callable[[str, int, int], None] | None = None,
+        share_resident: bool = False,
+    ):
         if max_resident < 0:
             raise ValueError("max_resident must be 0 or more")
         self.handle = resolve_model(model)
@@ -80,10 +90,9 @@ class AgentManager:
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
 
     def __repr__(self) -> str:
-        return (f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} "
-                f"resident={list(self._resident)}>")
+        return f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} resident={list(self._resident)}>"
 
-    def __enter__(self) -> "AgentManager":
+    def __enter__(self) -> AgentManager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,8 +127,9 @@ class AgentManager:
         validate_name(name)
         model, record, tokens = restore.head(self.store, name)  # one query: this is on every resume's path
         if model != self.fingerprint:
-            raise ModelMismatchError(f"agent {name!r} belongs to model {model}; this manager runs "
-                                     f"{self.handle.name} ({self.fingerprint})")
+            raise ModelMismatchError(
+                f"agent {name!r} belongs to model {model}; this manager runs {self.handle.name} ({self.fingerprint})"
+            )
         agent = Agent.from_record(self, name, record, tokens)
         agent._stored = record
         self._agents[name] = agent
@@ -135,8 +145,9 @@ class AgentManager:
         errors: list[BlobError] = []
         res, restored, copied = self._materialize(agent, history, len(history), errors)
         n = restored + copied
-        turn.prefill(self.model, res.cache, history, n, len(history), self.prefill_step, res.capture,
-                     self._progress_for(name))
+        turn.prefill(
+            self.model, res.cache, history, n, len(history), self.prefill_step, res.capture, self._progress_for(name)
+        )
         agent.tokens = history
         res.dirty = n < len(history)
         if errors:
@@ -168,8 +179,7 @@ class AgentManager:
         if name in self._resident:
             self._drop(name)
         agent = self._agents.pop(name, None)
-        if agent is not None and agent._stored != agent.record() and not self.store.readonly and \
-                not self.writes_paused:
+        if agent is not None and agent._stored != agent.record() and not self.store.readonly and not self.writes_paused:
             self.store.set_meta(name, agent.record())
 
     def release_idle(self, keep: str | None = None) -> None:
@@ -186,15 +196,23 @@ class AgentManager:
         self._save(name)
         self.store.fork(name, new_name)
         tokens = self.store.tokens(new_name)
-        agent = Agent(self, new_name, src.system_prompt, copy.deepcopy(src.messages), tokens,
-                      copy.deepcopy(src.meta), copy.deepcopy(src.turns))
+        agent = Agent(
+            self,
+            new_name,
+            src.system_prompt,
+            copy.deepcopy(src.messages),
+            tokens,
+            copy.deepcopy(src.meta),
+            copy.deepcopy(src.turns),
+        )
         agent._stored = self.store.agent(new_name).meta
         self._agents[new_name] = agent
         res = self._resident.get(name)
         if res is not None and tokens == src.tokens and self.max_resident > 0:
             # New arrays: a turn on the fork must never write into the original's buffers.
-            self._resident[new_name] = _Resident(turn.copy_cache(res.cache), Capture(self.store.chunk_size)
-                                                 if self._sliding else None)
+            self._resident[new_name] = _Resident(
+                turn.copy_cache(res.cache), Capture(self.store.chunk_size) if self._sliding else None
+            )
             self._evict(protect=new_name)
         return agent
 
@@ -213,10 +231,15 @@ class AgentManager:
         """Model bytes, each resident cache's bytes and tokens, and the process's footprint."""
         rss, peak = memory.process_rss()
         active, mlx_peak = memory.mlx_memory()
-        return MemoryReport(model_bytes=self.handle.nbytes,
-                            caches={n: r.nbytes() for n, r in self._resident.items()},
-                            cache_tokens={n: len(self._agents[n].tokens) for n in self._resident},
-                            rss_bytes=rss, peak_rss_bytes=peak, mlx_active_bytes=active, mlx_peak_bytes=mlx_peak)
+        return MemoryReport(
+            model_bytes=self.handle.nbytes,
+            caches={n: r.nbytes() for n, r in self._resident.items()},
+            cache_tokens={n: len(self._agents[n].tokens) for n in self._resident},
+            rss_bytes=rss,
+            peak_rss_bytes=peak,
+            mlx_active_bytes=active,
+            mlx_peak_bytes=mlx_peak,
+        )
 
     def close(self) -> None:
         """Save what is unsaved and release the resident caches."""
@@ -249,8 +272,14 @@ class AgentManager:
                 self.store.set_meta(name, record)
                 agent._stored = record
             return None
-        snap = self.store.save(name, res.cache, agent.tokens, model=self.fingerprint, meta=record,
-                               captured=res.capture.pieces if res.capture else None)
+        snap = self.store.save(
+            name,
+            res.cache,
+            agent.tokens,
+            model=self.fingerprint,
+            meta=record,
+            captured=res.capture.pieces if res.capture else None,
+        )
         agent._stored = record
         res.dirty = False
         if res.capture:
@@ -265,6 +294,7 @@ class AgentManager:
 
     def _evict(self, protect: str | None = None) -> None:
         """Evict least recently used caches past max_resident or max_resident_bytes."""
+
         def over() -> bool:
             if len(self._resident) > self.max_resident:
                 return True
@@ -286,11 +316,16 @@ class AgentManager:
 
     def _warn_recovered(self, name: str, errors: list[BlobError]) -> None:
         fix = "repaired the store" if self.autosave else "the next save repairs the store"
-        warnings.warn(f"agent {name!r}: {len(errors)} damaged or missing blob(s) ({errors[0]}); recomputed its "
-                      f"KV from the token history and {fix}", RecoveryWarning, stacklevel=4)
+        warnings.warn(
+            f"agent {name!r}: {len(errors)} damaged or missing blob(s) ({errors[0]}); recomputed its "
+            f"KV from the token history and {fix}",
+            RecoveryWarning,
+            stacklevel=4,
+        )
 
-    def _materialize(self, agent: Agent, target: list[int], limit: int,
-                     errors: list[BlobError]) -> tuple[_Resident, int, int]:
+    def _materialize(
+        self, agent: Agent, target: list[int], limit: int, errors: list[BlobError]
+    ) -> tuple[_Resident, int, int]:
         """A new resident cache holding the longest known prefix of target[:limit].
 
         Returns (it, tokens restored from the store, tokens copied from another resident cache);
@@ -329,7 +364,7 @@ class AgentManager:
                     break  # nothing was discarded, so another restore would fail the same way
         if cache is None:
             cache, n = self.handle.make_cache(), 0
-        agent.tokens = list(target[:n + copied])
+        agent.tokens = list(target[: n + copied])
         res = _Resident(cache, Capture(self.store.chunk_size) if self._sliding else None)
         self._resident[agent.name] = res
         return res, n, copied
@@ -356,8 +391,9 @@ class AgentManager:
             return None
         return cache, best_n
 
-    def start_turn(self, agent: Agent, prompt: list[int], messages: list[dict],
-                   options: GenerationOptions) -> tuple[Iterator[str], TurnState]:
+    def start_turn(
+        self, agent: Agent, prompt: list[int], messages: list[dict], options: GenerationOptions
+    ) -> tuple[Iterator[str], TurnState]:
         """A turn on an already rendered prompt: (text segments, its TurnState; `.reply` once finished).
 
         `messages` is the conversation the agent records once the reply is appended (the system
@@ -395,8 +431,9 @@ class AgentManager:
             self._resident.move_to_end(name)
             tp = time.perf_counter()
             done = state.reused + state.restored
-            turn.prefill(self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture,
-                         self._progress_for(name))
+            turn.prefill(
+                self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture, self._progress_for(name)
+            )
             state.prefill_seconds = time.perf_counter() - tp
             segments = turn.generate(self.model, self.tokenizer, res.cache, prompt[limit:], state, res.capture, limit)
         except BaseException:
@@ -433,22 +470,34 @@ class AgentManager:
         n_gen = len(generated)
         tps = (n_gen - 1) / (now - first) if n_gen > 1 and now > first else 0.0
         reused, restored = state.reused, state.restored
-        stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reused, restored_tokens=restored,
-                          prefilled_tokens=len(prompt) - reused - restored, generated_tokens=n_gen,
-                          ttft=round(first - state.t0, 6), tokens_per_second=round(tps, 3),
-                          restore_seconds=round(state.restore_seconds, 6),
-                          prefill_seconds=round(state.prefill_seconds, 6),
-                          source="resident" if reused else "store" if restored else "cold",
-                          recovered=bool(state.errors))
+        stats = TurnStats(
+            prompt_tokens=len(prompt),
+            reused_tokens=reused,
+            restored_tokens=restored,
+            prefilled_tokens=len(prompt) - reused - restored,
+            generated_tokens=n_gen,
+            ttft=round(first - state.t0, 6),
+            tokens_per_second=round(tps, 3),
+            restore_seconds=round(state.restore_seconds, 6),
+            prefill_seconds=round(state.prefill_seconds, 6),
+            source="resident" if reused else "store" if restored else "cold",
+            recovered=bool(state.errors),
+        )
         agent.turns.append(stats.as_dict())
         if state.errors:
             self._warn_recovered(name, state.errors)
         if self.autosave and name in self._resident:
             ts = time.perf_counter()
             snap = self._save(name)
-            stats = TurnStats(**dict(stats.as_dict(), save_seconds=round(time.perf_counter() - ts, 6),
-                                     bytes_saved=snap.bytes_written if snap else 0))
+            stats = TurnStats(
+                **dict(
+                    stats.as_dict(),
+                    save_seconds=round(time.perf_counter() - ts, 6),
+                    bytes_saved=snap.bytes_written if snap else 0,
+                )
+            )
             agent.turns[-1] = stats.as_dict()
         self._evict(protect=name)
-        state.reply = Reply(text=state.text, tokens=tuple(generated), stats=stats, finish_reason=state.finish,
-                            agent=name)
+        state.reply = Reply(
+            text=state.text, tokens=tuple(generated), stats=stats, finish_reason=state.finish, agent=name
+        )

@@ -52,8 +52,10 @@ def _builtin_dir(ref: str) -> Path:
     arch, _, size = spec.partition("-") if spec else BUILTIN_DEFAULT
     arch, size = arch or BUILTIN_DEFAULT[0], size or BUILTIN_DEFAULT[1]
     if arch not in ARCHITECTURES or size not in SIZES:
-        raise ModelLoadError(f"unknown built-in model {ref!r}: use builtin:ARCH-SIZE with ARCH one of "
-                             f"{', '.join(ARCHITECTURES)} and SIZE one of {', '.join(SIZES)}")
+        raise ModelLoadError(
+            f"unknown built-in model {ref!r}: use builtin:ARCH-SIZE with ARCH one of "
+            f"{', '.join(ARCHITECTURES)} and SIZE one of {', '.join(SIZES)}"
+        )
     return builtin_model_path(arch=arch, size=size)
 
 
@@ -71,15 +73,19 @@ def _local_dir(ref: str) -> Path:
             raise ModelLoadError(f"{path} is not an mlx-lm model folder (no config.json)")
         return path
     if ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").replace("/", "", 1):
-        raise ModelLoadError(f"no model at {ref}: give a model folder, a Hugging Face id such as "
-                             f"mlx-community/Llama-3.2-1B-Instruct-4bit, or a name: {', '.join(MODELS)}, builtin")
+        raise ModelLoadError(
+            f"no model at {ref}: give a model folder, a Hugging Face id such as "
+            f"mlx-community/Llama-3.2-1B-Instruct-4bit, or a name: {', '.join(MODELS)}, builtin"
+        )
     from mlx_lm.utils import _download
 
     try:
         return Path(_download(ref))
     except Exception as e:  # the hub client raises many types (offline, 404, auth)
-        raise ModelLoadError(f"cannot get model {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                             "download it while online, or pass a local model folder") from e
+        raise ModelLoadError(
+            f"cannot get model {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "download it while online, or pass a local model folder"
+        ) from e
 
 
 def resolve_model(model: Any) -> ModelHandle:
@@ -102,5 +108,7 @@ def resolve_model(model: Any) -> ModelHandle:
         if not isinstance(tokenizer, TokenizerWrapper):
             tokenizer = TokenizerWrapper(tokenizer)
         return ModelHandle(loaded, tokenizer, fingerprint(loaded), name=type(loaded).__module__)
-    raise TypeError("model must be a model folder, a Hugging Face id, or a (model, tokenizer) pair "
-                    f"from mlx_lm.load, not {type(model).__name__}")
+    raise TypeError(
+        "model must be a model folder, a Hugging Face id, or a (model, tokenizer) pair "
+        f"from mlx_lm.load, not {type(model).__name__}"
+    )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .agent import Agent
 from .records import Reply
 
-BRIEF = ("{query}\n\nYour team has answered.\n\n{answers}\n\n"
-         "Combine their answers into one recommendation for the team.")
+BRIEF = "{query}\n\nYour team has answered.\n\n{answers}\n\nCombine their answers into one recommendation for the team."
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,14 @@ def coordinator_message(query: str, replies: dict[str, Reply]) -> str:
     return BRIEF.format(query=query, answers=answers)
 
 
-def consult(specialists: Sequence[Agent], coordinator: Agent | None, query: str, *,
-            on_reply: Callable[[Reply], None] | None = None, **chat_options) -> Consultation:
+def consult(
+    specialists: Sequence[Agent],
+    coordinator: Agent | None,
+    query: str,
+    *,
+    on_reply: Callable[[Reply], None] | None = None,
+    **chat_options,
+) -> Consultation:
     """Ask every specialist `query` in turn, then give the coordinator their answers.
 
     Args:

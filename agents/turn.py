@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -29,24 +30,25 @@ class TurnState:
     """
 
     prompt: list[int]
-    messages: list[dict]                 # the conversation after this turn's prompt (system prompt apart)
+    messages: list[dict]  # the conversation after this turn's prompt (system prompt apart)
     options: GenerationOptions
     t0: float = field(default_factory=time.perf_counter)
-    reused: int = 0                      # prompt tokens from a resident cache
-    restored: int = 0                    # prompt tokens from the store
+    reused: int = 0  # prompt tokens from a resident cache
+    restored: int = 0  # prompt tokens from the store
     restore_seconds: float = 0.0
     prefill_seconds: float = 0.0
-    errors: list = field(default_factory=list)   # damaged blobs recomputed this turn
+    errors: list = field(default_factory=list)  # damaged blobs recomputed this turn
     tokens: list[int] = field(default_factory=list)  # generated ids (an end-of-turn token included)
     text: str = ""
-    first: float | None = None           # perf_counter at the first generated token
-    finish: str = "length"               # "stop" | "length" | "interrupted"
-    stopped_by: str | None = None        # the stop string that ended the reply
+    first: float | None = None  # perf_counter at the first generated token
+    finish: str = "length"  # "stop" | "length" | "interrupted"
+    stopped_by: str | None = None  # the stop string that ended the reply
     reply: Reply | None = None
 
 
-def render(tokenizer: Any, messages: list[dict], tools: list[dict] | None = None,
-           template_kwargs: dict | None = None) -> list[int]:
+def render(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None
+) -> list[int]:
     """Prompt token ids: the tokenizer's chat template over `messages`, ready for the assistant's turn.
 
     `tools` and `template_kwargs` go to the template (as transformers' apply_chat_template takes them).
@@ -143,8 +145,16 @@ def _arrays(leaf) -> list:
     return out
 
 
-def prefill(model: Any, cache: list, tokens: list[int], start: int, end: int, step: int,
-            capture: Capture | None, progress: Progress = None) -> None:
+def prefill(
+    model: Any,
+    cache: list,
+    tokens: list[int],
+    start: int,
+    end: int,
+    step: int,
+    capture: Capture | None,
+    progress: Progress = None,
+) -> None:
     """Run tokens[start:end] through the model into `cache`, with step boundaries at multiples of `step`.
 
     `step` is a multiple of the store's chunk size, so after every step each sliding-window layer
@@ -191,7 +201,7 @@ class _StopScan:
             return out
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        self.pending = self.pending[len(out) :]
         return out
 
     def flush(self) -> str:
@@ -199,8 +209,15 @@ class _StopScan:
         return out
 
 
-def generate(model: Any, tokenizer: Any, cache: list, last: list[int], state: TurnState,
-             capture: Capture | None = None, fed: int = 0) -> Iterator[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    cache: list,
+    last: list[int],
+    state: TurnState,
+    capture: Capture | None = None,
+    fed: int = 0,
+) -> Iterator[str]:
     """Generate from the prompt's last token; yields text segments and fills `state`.
 
     `state.tokens` gets the generated ids (an end-of-turn token included: the cache has seen it
@@ -216,8 +233,14 @@ def generate(model: Any, tokenizer: Any, cache: list, last: list[int], state: Tu
     scan = _StopScan(opts.stop)
     sampler, processors = sampling(opts)
     state.tokens, state.first, state.finish, state.text = [], None, "length", ""
-    steps = generate_step(mx.array(last), model, prompt_cache=cache, max_tokens=opts.max_tokens, sampler=sampler,
-                          logits_processors=processors)
+    steps = generate_step(
+        mx.array(last),
+        model,
+        prompt_cache=cache,
+        max_tokens=opts.max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+    )
     try:
         for token, _logprobs in steps:
             token = int(token)

@@ -66,8 +66,15 @@ def filler(tokenizer, n_tokens: int, salt: str = "") -> str:
 
 def sized_prompt(tokenizer, target: int, salt: str) -> str:
     """A system prompt whose first turn renders to about `target` tokens."""
-    render = lambda text: len(turn.render(tokenizer, [{"role": "system", "content": text},  # noqa: E731
-                                                      {"role": "user", "content": QUESTION_1}]))
+    render = lambda text: len(
+        turn.render(
+            tokenizer,
+            [
+                {"role": "system", "content": text},  # noqa: E731
+                {"role": "user", "content": QUESTION_1},
+            ],
+        )
+    )
     words = filler(tokenizer, target, salt)
     while render(words) > target and " " in words:
         words = words.rsplit(" ", 1)[0]
@@ -150,12 +157,17 @@ def bench_resume(root: Path, handle, n_ctx: int, repeat: int, cold_repeat: int) 
     o, c = out["ours"]["median"], out["cold"]["median"]
     paired = paired_ratio(runs["ours"], runs["mlx_file"])
     keep = min(turn.common_prefix(history, prompt), len(prompt) - 1)
-    return {"context_tokens": len(history), "prompt_tokens": len(prompt), "prefilled_tokens": len(prompt) - keep,
-            **out,
-            "ratio_vs_mlx_file": paired, "ratio_of_minimums": out["ours"]["min"] / out["mlx_file"]["min"],
-            "cpu_ratio_vs_mlx_file": paired_ratio(cpu["ours"], cpu["mlx_file"]),
-            "phases_median_seconds": {k: statistics.median(v) for k, v in phases.items()},
-            "speedup_vs_cold": c / o}
+    return {
+        "context_tokens": len(history),
+        "prompt_tokens": len(prompt),
+        "prefilled_tokens": len(prompt) - keep,
+        **out,
+        "ratio_vs_mlx_file": paired,
+        "ratio_of_minimums": out["ours"]["min"] / out["mlx_file"]["min"],
+        "cpu_ratio_vs_mlx_file": paired_ratio(cpu["ours"], cpu["mlx_file"]),
+        "phases_median_seconds": {k: statistics.median(v) for k, v in phases.items()},
+        "speedup_vs_cold": c / o,
+    }
 
 
 def bench_warm_start(root: Path, handle, repeat: int, cold_repeat: int) -> dict:
@@ -168,17 +180,23 @@ def bench_warm_start(root: Path, handle, repeat: int, cold_repeat: int) -> dict:
     fp = handle.fingerprint
 
     def prompt_of(i: int) -> list[int]:
-        return turn.render(handle.tokenizer, [{"role": "system", "content": preamble + f"\n\nYour role: analyst "
-                                               f"number {i}, who checks every figure twice."},
-                                              {"role": "user", "content": QUESTION_2}])
+        return turn.render(
+            handle.tokenizer,
+            [
+                {
+                    "role": "system",
+                    "content": preamble + f"\n\nYour role: analyst number {i}, who checks every figure twice.",
+                },
+                {"role": "user", "content": QUESTION_2},
+            ],
+        )
 
     counter = iter(range(10**6))
 
     def warm() -> tuple[float, int, int]:
         m = AgentManager(handle, store, autosave=False)  # nothing of the new agent gets stored
         i = next(counter)
-        agent = m.create(f"new-{i}", preamble + f"\n\nYour role: analyst number {i}, who checks every figure "
-                                                "twice.")
+        agent = m.create(f"new-{i}", preamble + f"\n\nYour role: analyst number {i}, who checks every figure twice.")
         s = agent.chat(QUESTION_2, max_tokens=1).stats
         m.delete(agent.name)
         return s.ttft, s.restored_tokens, s.prompt_tokens
@@ -219,9 +237,14 @@ def bench_warm_start(root: Path, handle, repeat: int, cold_repeat: int) -> dict:
     out = {k: summary(v) for k, v in runs.items()}
     parts_sum = out["restore"]["median"] + out["prefill_own"]["median"]
     paired = statistics.median(w / (r + p) for w, r, p in zip(runs["warm"], runs["restore"], runs["prefill_own"]))
-    return {"preamble_tokens_restored": restored, "prompt_tokens": prompt_tokens, **out,
-            "restore_plus_prefill": parts_sum, "ratio_vs_restore_plus_prefill": paired,
-            "speedup_vs_cold": out["cold"]["median"] / out["warm"]["median"]}
+    return {
+        "preamble_tokens_restored": restored,
+        "prompt_tokens": prompt_tokens,
+        **out,
+        "restore_plus_prefill": parts_sum,
+        "ratio_vs_restore_plus_prefill": paired,
+        "speedup_vs_cold": out["cold"]["median"] / out["warm"]["median"],
+    }
 
 
 def ms(x: float) -> str:
@@ -254,70 +277,103 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kvbench-agents-") as tmp:
         root = Path(tmp)
-        print(f"model: {label} ({handle.nbytes / 2**20:.1f} MB of parameters), chunk size "
-              f"{kvstore.DEFAULT_CHUNK_SIZE}, {repeat} resume and {warm_repeat} warm-start rounds, warm page cache")
-        print("\nresume time to first token (ms): an agent's next turn in a new manager; 'new' = prompt tokens "
-              "prefilled after the restore;\n'vs file' = median of paired round ratios, 'cpu' = the same on CPU "
-              "seconds (insensitive to other processes);\n'restore' = kvstore's get + restore (read, verify, build), "
-              "'file ld' = render + load_prompt_cache (lazy: its read happens in the prefill)")
-        print(f"{'context':>8} {'new':>5} {'kvstore':>8} {'mlx file':>8} {'cold':>8} {'vs file':>8} {'min/min':>8} "
-              f"{'cpu':>6} {'vs cold':>8} {'restore':>8} {'file ld':>8}")
+        print(
+            f"model: {label} ({handle.nbytes / 2**20:.1f} MB of parameters), chunk size "
+            f"{kvstore.DEFAULT_CHUNK_SIZE}, {repeat} resume and {warm_repeat} warm-start rounds, warm page cache"
+        )
+        print(
+            "\nresume time to first token (ms): an agent's next turn in a new manager; 'new' = prompt tokens "
+            "prefilled after the restore;\n'vs file' = median of paired round ratios, 'cpu' = the same on CPU "
+            "seconds (insensitive to other processes);\n'restore' = kvstore's get + restore (read, verify, build), "
+            "'file ld' = render + load_prompt_cache (lazy: its read happens in the prefill)"
+        )
+        print(
+            f"{'context':>8} {'new':>5} {'kvstore':>8} {'mlx file':>8} {'cold':>8} {'vs file':>8} {'min/min':>8} "
+            f"{'cpu':>6} {'vs cold':>8} {'restore':>8} {'file ld':>8}"
+        )
         resume = []
         for n in contexts:
             r = bench_resume(root, handle, n, repeat, max(3, args.cold_repeat) if n <= 512 else args.cold_repeat)
             resume.append(r)
             ph = r["phases_median_seconds"]
-            print(f"{r['context_tokens']:>8} {r['prefilled_tokens']:>5} {ms(r['ours']['median'])} "
-                  f"{ms(r['mlx_file']['median'])} "
-                  f"{ms(r['cold']['median'])} {r['ratio_vs_mlx_file']:>7.2f}x {r['ratio_of_minimums']:>7.2f}x "
-                  f"{r['cpu_ratio_vs_mlx_file']:>5.2f}x "
-                  f"{r['speedup_vs_cold']:>7.1f}x {ms(ph['ours_get'] + ph['ours_restore'])} {ms(ph['mlx_file_load'])}")
+            print(
+                f"{r['context_tokens']:>8} {r['prefilled_tokens']:>5} {ms(r['ours']['median'])} "
+                f"{ms(r['mlx_file']['median'])} "
+                f"{ms(r['cold']['median'])} {r['ratio_vs_mlx_file']:>7.2f}x {r['ratio_of_minimums']:>7.2f}x "
+                f"{r['cpu_ratio_vs_mlx_file']:>5.2f}x "
+                f"{r['speedup_vs_cold']:>7.1f}x {ms(ph['ours_get'] + ph['ours_restore'])} {ms(ph['mlx_file_load'])}"
+            )
         w = bench_warm_start(root, handle, warm_repeat, args.cold_repeat)
-        print(f"\nwarm start of a new agent on a stored {w['preamble_tokens_restored']}-token preamble "
-              f"(prompt {w['prompt_tokens']} tokens), ms:")
-        print(f"  warm start TTFT {ms(w['warm']['median'])}   restore {ms(w['restore']['median'])} + prefill own "
-              f"{ms(w['prefill_own']['median'])} = {ms(w['restore_plus_prefill'])}   cold {ms(w['cold']['median'])}")
-        print(f"  warm / (restore + prefill) = {w['ratio_vs_restore_plus_prefill']:.2f}x (must be <= "
-              f"{TARGETS['warm_vs_restore_plus_prefill']}), cold / warm = {w['speedup_vs_cold']:.1f}x")
+        print(
+            f"\nwarm start of a new agent on a stored {w['preamble_tokens_restored']}-token preamble "
+            f"(prompt {w['prompt_tokens']} tokens), ms:"
+        )
+        print(
+            f"  warm start TTFT {ms(w['warm']['median'])}   restore {ms(w['restore']['median'])} + prefill own "
+            f"{ms(w['prefill_own']['median'])} = {ms(w['restore_plus_prefill'])}   cold {ms(w['cold']['median'])}"
+        )
+        print(
+            f"  warm / (restore + prefill) = {w['ratio_vs_restore_plus_prefill']:.2f}x (must be <= "
+            f"{TARGETS['warm_vs_restore_plus_prefill']}), cold / warm = {w['speedup_vs_cold']:.1f}x"
+        )
     worst = max(r["ratio_vs_mlx_file"] for r in resume)
-    passed = worst <= TARGETS["resume_vs_mlx_file"] and \
-        w["ratio_vs_restore_plus_prefill"] <= TARGETS["warm_vs_restore_plus_prefill"]
-    print(f"\nworst kvstore / mlx-file resume ratio {worst:.2f}x (must be <= {TARGETS['resume_vs_mlx_file']}): "
-          f"{'PASS' if passed else 'FAIL'}   ({time.perf_counter() - t_start:.0f} s)")
-    result = {"benchmark": "agents", "machine": machine(), "model": label, "model_bytes": handle.nbytes,
-              "chunk_size": kvstore.DEFAULT_CHUNK_SIZE, "repeat": repeat, "warm_repeat": warm_repeat,
-              "resume": resume, "warm_start": w,
-              "targets": TARGETS, "worst_resume_ratio": worst, "pass": passed,
-              "load_average_1m": round(os.getloadavg()[0], 2),  # this machine may be shared: context for the figures
-              "seconds": round(time.perf_counter() - t_start, 1)}
+    passed = (
+        worst <= TARGETS["resume_vs_mlx_file"]
+        and w["ratio_vs_restore_plus_prefill"] <= TARGETS["warm_vs_restore_plus_prefill"]
+    )
+    print(
+        f"\nworst kvstore / mlx-file resume ratio {worst:.2f}x (must be <= {TARGETS['resume_vs_mlx_file']}): "
+        f"{'PASS' if passed else 'FAIL'}   ({time.perf_counter() - t_start:.0f} s)"
+    )
+    result = {
+        "benchmark": "agents",
+        "machine": machine(),
+        "model": label,
+        "model_bytes": handle.nbytes,
+        "chunk_size": kvstore.DEFAULT_CHUNK_SIZE,
+        "repeat": repeat,
+        "warm_repeat": warm_repeat,
+        "resume": resume,
+        "warm_start": w,
+        "targets": TARGETS,
+        "worst_resume_ratio": worst,
+        "pass": passed,
+        "load_average_1m": round(os.getloadavg()[0], 2),  # this machine may be shared: context for the figures
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
     report.publish(NAME, {**result, "quick": args.quick}, section(result), quick=args.quick)
     return 0 if passed else 1
-
-
 
 
 def section(r: dict) -> str:
     """This benchmark's block of docs/BENCHMARKS.md."""
     w = r["warm_start"]
-    out = ["### Agent manager: resume and warm start (`bench_agents.py`)\n",
-           f"_{machine_line(r['machine'])}; {r['model']} ({r['model_bytes'] / 2**20:.0f} MiB of parameters, random "
-           f"weights); {r['repeat']} interleaved rounds; ms are medians._\n",
-           "A new manager asks an agent its next question. *kvstore* restores the agent's cache from the store; "
-           "*mlx-lm file* renders the same chat template, loads the agent's `save_prompt_cache` file and trims it; "
-           "both prefill the same new tokens with `generate_step` up to the first token. *Cold* prefills everything.\n",
-           "| context tokens | prefilled | kvstore | mlx-lm file | cold | kvstore / file | faster than cold |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "### Agent manager: resume and warm start (`bench_agents.py`)\n",
+        f"_{machine_line(r['machine'])}; {r['model']} ({r['model_bytes'] / 2**20:.0f} MiB of parameters, random "
+        f"weights); {r['repeat']} interleaved rounds; ms are medians._\n",
+        "A new manager asks an agent its next question. *kvstore* restores the agent's cache from the store; "
+        "*mlx-lm file* renders the same chat template, loads the agent's `save_prompt_cache` file and trims it; "
+        "both prefill the same new tokens with `generate_step` up to the first token. *Cold* prefills everything.\n",
+        "| context tokens | prefilled | kvstore | mlx-lm file | cold | kvstore / file | faster than cold |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for x in r["resume"]:
-        out.append(f"| {x['context_tokens']} | {x['prefilled_tokens']} | {report.fmt_ms(x['ours']['median'])} | "
-                   f"{report.fmt_ms(x['mlx_file']['median'])} | {report.fmt_ms(x['cold']['median'])} | {x['ratio_vs_mlx_file']:.2f} "
-                   f"({report.verdict(x['ratio_vs_mlx_file'], r['targets']['resume_vs_mlx_file'])}) | "
-                   f"{x['speedup_vs_cold']:.1f}× |")
-    out += ["", f"Warm start of a new agent on another agent's stored {w['preamble_tokens_restored']}-token preamble "
-                f"({w['prompt_tokens']}-token prompt): {report.fmt_ms(w['warm']['median'])} ms to first token against "
-                f"{report.fmt_ms(w['restore']['median'])} ms restore + {report.fmt_ms(w['prefill_own']['median'])} ms prefill of its own "
-                f"tokens: {w['ratio_vs_restore_plus_prefill']:.2f}× (must ≤ {r['targets']['warm_vs_restore_plus_prefill']}, "
-                f"{report.verdict(w['ratio_vs_restore_plus_prefill'], r['targets']['warm_vs_restore_plus_prefill'])}); "
-                f"{w['speedup_vs_cold']:.1f}× faster than its cold start.\n"]
+        out.append(
+            f"| {x['context_tokens']} | {x['prefilled_tokens']} | {report.fmt_ms(x['ours']['median'])} | "
+            f"{report.fmt_ms(x['mlx_file']['median'])} | {report.fmt_ms(x['cold']['median'])} | {x['ratio_vs_mlx_file']:.2f} "
+            f"({report.verdict(x['ratio_vs_mlx_file'], r['targets']['resume_vs_mlx_file'])}) | "
+            f"{x['speedup_vs_cold']:.1f}× |"
+        )
+    out += [
+        "",
+        f"Warm start of a new agent on another agent's stored {w['preamble_tokens_restored']}-token preamble "
+        f"({w['prompt_tokens']}-token prompt): {report.fmt_ms(w['warm']['median'])} ms to first token against "
+        f"{report.fmt_ms(w['restore']['median'])} ms restore + {report.fmt_ms(w['prefill_own']['median'])} ms prefill of its own "
+        f"tokens: {w['ratio_vs_restore_plus_prefill']:.2f}× (must ≤ {r['targets']['warm_vs_restore_plus_prefill']}, "
+        f"{report.verdict(w['ratio_vs_restore_plus_prefill'], r['targets']['warm_vs_restore_plus_prefill'])}); "
+        f"{w['speedup_vs_cold']:.1f}× faster than its cold start.\n",
+    ]
     return "\n".join(out)
 
 

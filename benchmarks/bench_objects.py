@@ -97,9 +97,14 @@ def _boto3_client(server: SeaweedFS):
     except ImportError:
         return None
     env = server.env()
-    return boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-                        config=Config(max_pool_connections=GET_THREADS * 2))
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+        config=Config(max_pool_connections=GET_THREADS * 2),
+    )
 
 
 def _get_loop_boto3(client, bucket: str, keys: list[str]) -> int:
@@ -113,9 +118,12 @@ def bench_shape(shape: str, n: int, server: SeaweedFS, work: Path, repeat: int) 
     tokens = list(range(n))
     out: dict = {"shape": shape, "layers_heads_dim": SHAPES[shape], "tokens": n, "kv_bytes": nbytes}
 
-    with kvstore.open(work / f"{shape}-s3", blobs=server.url(shape), cache_dir=work / f"{shape}-tier",
-                      cache_size=4 << 30) as s3:
-        s3.save("warm-up", synthetic_cache(shape, 256, seed=99), list(range(10**6, 10**6 + 256)), model=fp)  # connections, imports
+    with kvstore.open(
+        work / f"{shape}-s3", blobs=server.url(shape), cache_dir=work / f"{shape}-tier", cache_size=4 << 30
+    ) as s3:
+        s3.save(
+            "warm-up", synthetic_cache(shape, 256, seed=99), list(range(10**6, 10**6 + 256)), model=fp
+        )  # connections, imports
         firsts, turns = [], []
         for i in range(repeat):  # a cache of its own each time: every blob is new to the bucket
             cache = synthetic_cache(shape, n, seed=10 + i)
@@ -135,10 +143,16 @@ def bench_shape(shape: str, n: int, server: SeaweedFS, work: Path, repeat: int) 
         with s3.engine.connect() as conn:
             from sqlalchemy import text
 
-            wanted = sorted(r[0] for r in conn.execute(text(
-                "SELECT DISTINCT cl.blob_id FROM chunk_layers cl JOIN snapshot_chunks sc "
-                "ON sc.chunk_key = cl.chunk_key JOIN snapshots s ON s.id = sc.snapshot_id "
-                "JOIN agents a ON a.head = s.id WHERE a.name = 'b'")))
+            wanted = sorted(
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT DISTINCT cl.blob_id FROM chunk_layers cl JOIN snapshot_chunks sc "
+                        "ON sc.chunk_key = cl.chunk_key JOIN snapshots s ON s.id = sc.snapshot_id "
+                        "JOIN agents a ON a.head = s.id WHERE a.name = 'b'"
+                    )
+                )
+            )
         keys = [s3.blobs.key(b) for b in wanted]
         got_bytes = [0]
 
@@ -147,13 +161,15 @@ def bench_shape(shape: str, n: int, server: SeaweedFS, work: Path, repeat: int) 
 
         # Alternating rounds (common.timed_pair): both see the same background load and recycled memory.
         out["restore_s3"], out["get_loop_obstore"] = timed_pair(
-            lambda: s3.load("b", model=fp), get_loop, repeat, before=lambda: _empty_tier(s3))
+            lambda: s3.load("b", model=fp), get_loop, repeat, before=lambda: _empty_tier(s3)
+        )
         out["get_loop_bytes"] = got_bytes[0]
         with kvstore.open(work / f"{shape}-local") as local:
             ref, _t = s3.load("b", model=fp)
             local.save("b", ref, tokens, model=fp)
             out["restore_tier"], out["restore_local"] = timed_pair(
-                lambda: s3.load("b", model=fp), lambda: local.load("b", model=fp), repeat, before=_forget_headers)
+                lambda: s3.load("b", model=fp), lambda: local.load("b", model=fp), repeat, before=_forget_headers
+            )
         # The write side's limit: the same objects PUT again under another prefix, as many at once as a
         # save writes (the store's I/O threads).
         bodies = [s3.blobs.tier.path(b).read_bytes() for b in wanted]
@@ -164,8 +180,14 @@ def bench_shape(shape: str, n: int, server: SeaweedFS, work: Path, repeat: int) 
 
             r = next(rounds)
             with ThreadPoolExecutor(s3.io_threads) as pool:
-                list(pool.map(lambda kb: obs.put(s3.blobs.client, f"put-loop/{shape}/{r}/{kb[0]}", kb[1],
-                                                 use_multipart=False), enumerate(bodies)))
+                list(
+                    pool.map(
+                        lambda kb: obs.put(
+                            s3.blobs.client, f"put-loop/{shape}/{r}/{kb[0]}", kb[1], use_multipart=False
+                        ),
+                        enumerate(bodies),
+                    )
+                )
 
         out["put_loop"] = timed(put_loop, repeat)
         out["put_loop_bytes"] = sum(len(b) for b in bodies)
@@ -192,12 +214,16 @@ def _mbps(nbytes: int, seconds: float) -> float:
 def table(results: dict) -> str:
     lines = []
     m = results["machine"]
-    lines.append(f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
-                 f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}; SeaweedFS {results['seaweedfs']} (`weed server -s3`) on loopback "
-                 "on the same 2 cores; index in SQLite; obstore client, "
-                 f"{GET_THREADS} GETs in flight; load average {results['load_before']} before the run._\n")
-    lines.append("| shape | tokens | KV | restore from S3 | from the disk tier | from a local store | "
-                 "mlx-lm one file | plain GET loop (the limit) | S3 restore / GET loop | boto3 GET loop |")
+    lines.append(
+        f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
+        f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']}; SeaweedFS {results['seaweedfs']} (`weed server -s3`) on loopback "
+        "on the same 2 cores; index in SQLite; obstore client, "
+        f"{GET_THREADS} GETs in flight; load average {results['load_before']} before the run._\n"
+    )
+    lines.append(
+        "| shape | tokens | KV | restore from S3 | from the disk tier | from a local store | "
+        "mlx-lm one file | plain GET loop (the limit) | S3 restore / GET loop | boto3 GET loop |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["shapes"]:
         n = r["kv_bytes"]
@@ -208,10 +234,16 @@ def table(results: dict) -> str:
         ratio = r["get_loop_obstore"]["median"] / r["restore_s3"]["median"]
         boto = r.get("get_loop_boto3")
         boto_cell = f"{boto['median'] * 1000:,.0f} ms ({_mbps(n, boto['median']):,.0f} MB/s)" if boto else "—"
-        lines.append(f"| {r['shape']} | {r['tokens']:,} | {n / 2**20:,.0f} MiB | " + " | ".join(cells) + f" | {ratio:.2f} | {boto_cell} |")
+        lines.append(
+            f"| {r['shape']} | {r['tokens']:,} | {n / 2**20:,.0f} MiB | "
+            + " | ".join(cells)
+            + f" | {ratio:.2f} | {boto_cell} |"
+        )
     lines.append("")
-    lines.append("| shape | first save on S3 | plain PUT loop (the limit) | 32-token turn on S3 | tier / S3 restore | "
-                 "local store / tier | mlx-lm / S3 restore |")
+    lines.append(
+        "| shape | first save on S3 | plain PUT loop (the limit) | 32-token turn on S3 | tier / S3 restore | "
+        "local store / tier | mlx-lm / S3 restore |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in results["shapes"]:
         n = r["kv_bytes"]
@@ -222,12 +254,15 @@ def table(results: dict) -> str:
             f"({r['s3_turn_save_bytes'] / 2**10:,.0f} KiB written) | "
             f"{r['restore_tier']['median'] / r['restore_s3']['median']:.2f} | "
             f"{r['restore_local']['median'] / r['restore_tier']['median']:.2f} | "
-            f"{r['restore_mlx_lm']['median'] / r['restore_s3']['median']:.2f} |")
+            f"{r['restore_mlx_lm']['median'] / r['restore_s3']['median']:.2f} |"
+        )
     lines.append("")
-    lines.append(f"Medians of {results['repeat']} runs (MB/s = KV bytes / seconds; the PUT "
-                 "loop: object bytes / seconds, 4 PUTs in flight as in a save). \"S3 restore / GET loop\" is "
-                 "the share of the server's own delivery rate that a restore reaches (1.00 = bounded by the "
-                 "server, not by the engine). A ratio below 1 in the second table means the left side is faster.")
+    lines.append(
+        f"Medians of {results['repeat']} runs (MB/s = KV bytes / seconds; the PUT "
+        'loop: object bytes / seconds, 4 PUTs in flight as in a save). "S3 restore / GET loop" is '
+        "the share of the server's own delivery rate that a restore reaches (1.00 = bounded by the "
+        "server, not by the engine). A ratio below 1 in the second table means the left side is faster."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -258,11 +293,17 @@ def main() -> int:
         server = SeaweedFS(work / "weed")
         os.environ.update(server.env())
         with server:
-            version = subprocess.run([seaweedfs.weed_binary(), "version"], capture_output=True,
-                                     text=True).stdout.split()[2]
-            results = {"machine": machine(), "seaweedfs": version,
-                       "load_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "repeat": repeat, "quick": a.quick,
-                       "shapes": [bench_shape(s, n, server, work, repeat) for s, n in shapes]}
+            version = subprocess.run(
+                [seaweedfs.weed_binary(), "version"], capture_output=True, text=True
+            ).stdout.split()[2]
+            results = {
+                "machine": machine(),
+                "seaweedfs": version,
+                "load_before": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+                "repeat": repeat,
+                "quick": a.quick,
+                "shapes": [bench_shape(s, n, server, work, repeat) for s, n in shapes],
+            }
     section = table(results)
     print(section)
     if not a.quick:

@@ -68,26 +68,47 @@ def throwaway_server(workdir: Path):
     """A PostgreSQL server in workdir on a free loopback port, default durability; yields its admin URL."""
     bindir = _bindir()
     if bindir is None:
-        raise SystemExit("no PostgreSQL server binaries found: install PostgreSQL (Debian: apt-get install "
-                         "postgresql) or pass --pg-url")
+        raise SystemExit(
+            "no PostgreSQL server binaries found: install PostgreSQL (Debian: apt-get install "
+            "postgresql) or pass --pg-url"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     data, sock = workdir / "pgdata", workdir / "pgsock"
     sock.mkdir(exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(workdir, "postgres")
         shutil.chown(sock, "postgres")
-    subprocess.run(_as_owner([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _as_owner([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(workdir / "server.log"), "-w",
-                              "-o", f"-k {sock} -h 127.0.0.1 -p {port}", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_owner(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(workdir / "server.log"),
+                "-w",
+                "-o",
+                f"-k {sock} -h 127.0.0.1 -p {port}",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True
+        )
 
 
 @contextlib.contextmanager
@@ -108,9 +129,13 @@ def scratch_database(admin_url: str):
 def server_info(store: kvstore.Store) -> dict:
     with store.engine.connect() as conn:
         get = lambda q: conn.execute(text(q)).scalar()  # noqa: E731
-        return {"version": get("SHOW server_version"), "fsync": get("SHOW fsync"),
-                "synchronous_commit": get("SHOW synchronous_commit"), "shared_buffers": get("SHOW shared_buffers"),
-                "connection": f"TCP {store.engine.url.host}:{store.engine.url.port}"}
+        return {
+            "version": get("SHOW server_version"),
+            "fsync": get("SHOW fsync"),
+            "synchronous_commit": get("SHOW synchronous_commit"),
+            "shared_buffers": get("SHOW shared_buffers"),
+            "connection": f"TCP {store.engine.url.host}:{store.engine.url.port}",
+        }
 
 
 # -- the generated store -----------------------------------------------------------------------------
@@ -176,19 +201,27 @@ def summarize(samples: dict) -> dict:
     for op, per in samples.items():
         row = {}
         for b, s in per.items():
-            row[b] = {"median_ms": round(summary(s["seconds"])["median"] * 1000, 3),
-                      "total_s": round(sum(s["seconds"]), 3), "runs": len(s["seconds"]),
-                      "round_trips": summary(s["round_trips"])["median"]}
-        row["ratio"] = round(row["postgresql"]["median_ms"] / row["sqlite"]["median_ms"], 2) \
-            if row["sqlite"]["median_ms"] else None
+            row[b] = {
+                "median_ms": round(summary(s["seconds"])["median"] * 1000, 3),
+                "total_s": round(sum(s["seconds"]), 3),
+                "runs": len(s["seconds"]),
+                "round_trips": summary(s["round_trips"])["median"],
+            }
+        row["ratio"] = (
+            round(row["postgresql"]["median_ms"] / row["sqlite"]["median_ms"], 2)
+            if row["sqlite"]["median_ms"]
+            else None
+        )
         out[op] = row
     return out
 
 
 def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
     plans = plan_agents(n_agents)
-    stores = {"sqlite": kvstore.open(root / "sqlite-store"),
-              "postgresql": kvstore.open(pg_url, blobs=root / "pg-blobs")}
+    stores = {
+        "sqlite": kvstore.open(root / "sqlite-store"),
+        "postgresql": kvstore.open(pg_url, blobs=root / "pg-blobs"),
+    }
     counters = {b: Counter(s) for b, s in stores.items()}
     samples: dict = {}
     rng = random.Random(1)
@@ -197,50 +230,87 @@ def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
         for i, (name, prompt, turns) in enumerate(plans):
             cache = random_cache(len(prompt), layers=LAYERS, heads=HEADS, dim=DIM, dtype=mx.float16, seed=i)
             tokens = list(prompt)
-            both(stores, counters, lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
-                 i % 2 == 1, samples, "save (new agent)")
+            both(
+                stores,
+                counters,
+                lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
+                i % 2 == 1,
+                samples,
+                "save (new agent)",
+            )
             for t, turn in enumerate(turns):
                 extend(cache, len(turn), seed=10_000 + 2 * i + t)
                 tokens = tokens + turn
-                both(stores, counters, lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
-                     (i + t) % 2 == 0, samples, "save (turn)")
+                both(
+                    stores,
+                    counters,
+                    lambda s, name=name, cache=cache, tokens=tokens: s.save(name, cache, tokens, model=FP),
+                    (i + t) % 2 == 0,
+                    samples,
+                    "save (turn)",
+                )
         stats = {b: s.stats() for b, s in stores.items()}
-        assert stats["sqlite"].chunks == stats["postgresql"].chunks and stats["sqlite"].blobs == stats["postgresql"].blobs
+        assert (
+            stats["sqlite"].chunks == stats["postgresql"].chunks and stats["sqlite"].blobs == stats["postgresql"].blobs
+        )
 
         # Match: a returning agent's next turn, a new agent on a known system prompt, and a miss.
         heads = {name: stores["sqlite"].tokens(name) for name, _, _ in plans}
         for q in range(n_queries):
             name = plans[rng.randrange(len(plans))][0]
             ask = heads[name] + [rng.randrange(32000) for _ in range(40)]
-            got = both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples,
-                       "match (hit)")
+            got = both(
+                stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples, "match (hit)"
+            )
             assert got["sqlite"] == got["postgresql"] > 0
             prompt = plans[rng.randrange(len(plans))][1][: PROMPTS[q % len(PROMPTS)]]
             ask = prompt + [rng.randrange(32000) for _ in range(300)]
-            both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 0, samples,
-                 "match (shared prompt)")
+            both(
+                stores,
+                counters,
+                lambda s, ask=ask: s.match(ask, model=FP).n_tokens,
+                q % 2 == 0,
+                samples,
+                "match (shared prompt)",
+            )
             ask = [rng.randrange(32000) for _ in range(1000)]
-            got = both(stores, counters, lambda s, ask=ask: s.match(ask, model=FP).n_tokens, q % 2 == 1, samples,
-                       "match (miss)")
+            got = both(
+                stores,
+                counters,
+                lambda s, ask=ask: s.match(ask, model=FP).n_tokens,
+                q % 2 == 1,
+                samples,
+                "match (miss)",
+            )
             assert got["sqlite"] == got["postgresql"] == 0
             if q < n_queries // 2:
                 both(stores, counters, lambda s, name=name: len(s.load(name, model=FP)[1]), q % 2 == 0, samples, "load")
 
         # gc: the turns' old snapshots; then a third of the agents deleted; then nothing left to do.
         gc_reports = {}
-        for step, before in (("gc (old snapshots)", None), ("gc (a third of the agents deleted)", "delete"),
-                             ("gc (nothing to collect)", None)):
+        for step, before in (
+            ("gc (old snapshots)", None),
+            ("gc (a third of the agents deleted)", "delete"),
+            ("gc (nothing to collect)", None),
+        ):
             if before == "delete":
                 for name, _, _ in plans[::3]:
                     both(stores, counters, lambda s, name=name: s.delete(name), False, {}, "delete")
             got = both(stores, counters, lambda s: s.gc(grace=0), step.endswith("deleted)"), samples, step)
-            gc_reports[step] = {b: {"snapshots": r.snapshots_removed, "chunks": r.chunks_removed,
-                                    "files": r.files_removed} for b, r in got.items()}
+            gc_reports[step] = {
+                b: {"snapshots": r.snapshots_removed, "chunks": r.chunks_removed, "files": r.files_removed}
+                for b, r in got.items()
+            }
             assert gc_reports[step]["sqlite"] == gc_reports[step]["postgresql"], gc_reports[step]
-        store_figures = {"agents": n_agents, "snapshots_before_gc": n_agents * 3, "chunks": stats["sqlite"].chunks,
-                         "blobs": stats["sqlite"].blobs, "bytes_on_disk": stats["sqlite"].bytes_on_disk,
-                         "chunk_size": stores["sqlite"].chunk_size,
-                         "kv_shape": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": DIM, "dtype": "float16"}}
+        store_figures = {
+            "agents": n_agents,
+            "snapshots_before_gc": n_agents * 3,
+            "chunks": stats["sqlite"].chunks,
+            "blobs": stats["sqlite"].blobs,
+            "bytes_on_disk": stats["sqlite"].bytes_on_disk,
+            "chunk_size": stores["sqlite"].chunk_size,
+            "kv_shape": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": DIM, "dtype": "float16"},
+        }
         server = server_info(stores["postgresql"])
     finally:
         for s in stores.values():
@@ -251,8 +321,10 @@ def run(root: Path, pg_url: str, n_agents: int, n_queries: int) -> dict:
 def print_table(ops: dict) -> None:
     print(f"\n{'operation (median)':38} {'SQLite ms':>10} {'PG ms':>10} {'PG/SQLite':>10} {'round trips':>12}")
     for op, row in ops.items():
-        print(f"{op:38} {row['sqlite']['median_ms']:10.2f} {row['postgresql']['median_ms']:10.2f} "
-              f"{row['ratio']:10.2f} {row['postgresql']['round_trips']:12g}")
+        print(
+            f"{op:38} {row['sqlite']['median_ms']:10.2f} {row['postgresql']['median_ms']:10.2f} "
+            f"{row['ratio']:10.2f} {row['postgresql']['round_trips']:12g}"
+        )
 
 
 def main() -> None:
@@ -260,8 +332,11 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=300, help="agents in the generated store (default 300)")
     ap.add_argument("--queries", type=int, default=200, help="match queries of each kind (default 200)")
     ap.add_argument("--quick", action="store_true", help="60 agents, 40 queries: a smoke run")
-    ap.add_argument("--pg-url", default=os.environ.get("KVSTORE_BENCH_PG_URL"),
-                    help="an existing server (its admin database URL); default: start a throwaway one")
+    ap.add_argument(
+        "--pg-url",
+        default=os.environ.get("KVSTORE_BENCH_PG_URL"),
+        help="an existing server (its admin database URL); default: start a throwaway one",
+    )
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir, deleted after)")
     args = ap.parse_args()
     if args.quick:
@@ -276,32 +351,45 @@ def main() -> None:
             result = run(root, url, args.agents, args.queries)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"machine": machine(), "seconds": round(time.perf_counter() - t0, 1), "quick": args.quick,
-              "server_started_by_benchmark": not args.pg_url, **result}
+    result = {
+        "machine": machine(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "quick": args.quick,
+        "server_started_by_benchmark": not args.pg_url,
+        **result,
+    }
     print_table(result["operations"])
-    print(f"\nstore: {result['store']['agents']} agents, {result['store']['chunks']} chunks, "
-          f"{result['store']['blobs']} blobs; PostgreSQL {result['server']['version']} "
-          f"(fsync {result['server']['fsync']}, synchronous_commit {result['server']['synchronous_commit']}) "
-          f"over {result['server']['connection']}; {result['seconds']} s")
+    print(
+        f"\nstore: {result['store']['agents']} agents, {result['store']['chunks']} chunks, "
+        f"{result['store']['blobs']} blobs; PostgreSQL {result['server']['version']} "
+        f"(fsync {result['server']['fsync']}, synchronous_commit {result['server']['synchronous_commit']}) "
+        f"over {result['server']['connection']}; {result['seconds']} s"
+    )
     report.publish(NAME, result, section(result), quick=args.quick)
-
-
 
 
 def section(r: dict) -> str:
     """This benchmark's block of docs/BENCHMARKS.md."""
     s, sv = r["store"], r["server"]
-    out = ["### Shared store: PostgreSQL against SQLite (`bench_postgres.py`)\n",
-           f"_{machine_line(r['machine'])}; PostgreSQL {sv['version']} over {sv['connection'].split()[0]} loopback, "
-           f"fsync {sv['fsync']}, synchronous_commit {sv['synchronous_commit']}; SQLite synchronous=FULL._\n",
-           f"The same generated store on both: {s['agents']} agents, {s['snapshots_before_gc']} snapshots, "
-           f"{s['chunks']:,} chunks, {s['bytes_on_disk'] / 2**20:.0f} MiB of blobs on the same local disk.\n",
-           "| operation | SQLite ms | PostgreSQL ms | PG / SQLite | round trips (PG) |", "|---|---:|---:|---:|---:|"]
+    out = [
+        "### Shared store: PostgreSQL against SQLite (`bench_postgres.py`)\n",
+        f"_{machine_line(r['machine'])}; PostgreSQL {sv['version']} over {sv['connection'].split()[0]} loopback, "
+        f"fsync {sv['fsync']}, synchronous_commit {sv['synchronous_commit']}; SQLite synchronous=FULL._\n",
+        f"The same generated store on both: {s['agents']} agents, {s['snapshots_before_gc']} snapshots, "
+        f"{s['chunks']:,} chunks, {s['bytes_on_disk'] / 2**20:.0f} MiB of blobs on the same local disk.\n",
+        "| operation | SQLite ms | PostgreSQL ms | PG / SQLite | round trips (PG) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, op in r["operations"].items():
-        out.append(f"| {name} | {op['sqlite']['median_ms']:.2f} | {op['postgresql']['median_ms']:.2f} | "
-                   f"{op['ratio']:.2f} | {op['postgresql']['round_trips']:g} |")
-    out += ["", "Figures are medians over all runs of each operation (gc: one run per state). Over a real "
-                "network add one round-trip time per round trip; see [SHARED_STORE.md](SHARED_STORE.md).\n"]
+        out.append(
+            f"| {name} | {op['sqlite']['median_ms']:.2f} | {op['postgresql']['median_ms']:.2f} | "
+            f"{op['ratio']:.2f} | {op['postgresql']['round_trips']:g} |"
+        )
+    out += [
+        "",
+        "Figures are medians over all runs of each operation (gc: one run per state). Over a real "
+        "network add one round-trip time per round trip; see [SHARED_STORE.md](SHARED_STORE.md).\n",
+    ]
     return "\n".join(out)
 
 

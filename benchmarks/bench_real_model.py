@@ -91,12 +91,24 @@ def one_context(handle, n_context: int, store_dir: Path) -> dict:
     return {
         "context_tokens": n_context,
         "session1": {"prompt_tokens": s1.prompt_tokens, "ttft": s1.ttft, "prefilled_tokens": s1.prefilled_tokens},
-        "resumed": {"prompt_tokens": r.prompt_tokens, "restored_tokens": r.restored_tokens,
-                    "prefilled_tokens": r.prefilled_tokens, "ttft": r.ttft, "restore_seconds": r.restore_seconds,
-                    "cold_ttft": r_cold, "speedup": r_cold / r.ttft},
-        "warm_start": {"prompt_tokens": w.prompt_tokens, "restored_tokens": w.restored_tokens,
-                       "prefilled_tokens": w.prefilled_tokens, "ttft": w.ttft, "restore_seconds": w.restore_seconds,
-                       "cold_ttft": w_cold, "speedup": w_cold / w.ttft},
+        "resumed": {
+            "prompt_tokens": r.prompt_tokens,
+            "restored_tokens": r.restored_tokens,
+            "prefilled_tokens": r.prefilled_tokens,
+            "ttft": r.ttft,
+            "restore_seconds": r.restore_seconds,
+            "cold_ttft": r_cold,
+            "speedup": r_cold / r.ttft,
+        },
+        "warm_start": {
+            "prompt_tokens": w.prompt_tokens,
+            "restored_tokens": w.restored_tokens,
+            "prefilled_tokens": w.prefilled_tokens,
+            "ttft": w.ttft,
+            "restore_seconds": w.restore_seconds,
+            "cold_ttft": w_cold,
+            "speedup": w_cold / w.ttft,
+        },
         "cold_prefill_tokens_per_second": r.prompt_tokens / r_cold,
         "store": {"bytes_on_disk": st.bytes_on_disk, "logical_bytes": st.logical_bytes},
     }
@@ -144,19 +156,29 @@ def plot(results: dict, path: Path) -> None:
     rows = results["contexts"]
     x = [r["context_tokens"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, part, title in ((axes[0], "resumed", "Resumed agent (its conversation from the store)"),
-                            (axes[1], "warm_start", "New agent, shared system prompt from the store")):
+    for ax, part, title in (
+        (axes[0], "resumed", "Resumed agent (its conversation from the store)"),
+        (axes[1], "warm_start", "New agent, shared system prompt from the store"),
+    ):
         ax.plot(x, [r[part]["cold_ttft"] for r in rows], "o-", color="#c44e52", label="cold prefill")
         ax.plot(x, [r[part]["ttft"] for r in rows], "o-", color="#4c72b0", label="kvstore")
         for r in rows:
-            ax.annotate(f"{r[part]['speedup']:.1f}x", (r["context_tokens"], r[part]["ttft"]),
-                        textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+            ax.annotate(
+                f"{r[part]['speedup']:.1f}x",
+                (r["context_tokens"], r[part]["ttft"]),
+                textcoords="offset points",
+                xytext=(0, -14),
+                ha="center",
+                fontsize=8,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("context tokens")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("time to first token (s)")
     axes[0].legend()
-    fig.suptitle(f"SmolLM2-135M-Instruct, MLX on CPU ({results['blas'].split(' (')[0]}; {results['machine']['cpu']})", fontsize=9)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, MLX on CPU ({results['blas'].split(' (')[0]}; {results['machine']['cpu']})", fontsize=9
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -179,23 +201,38 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for n in contexts:
         runs = []
-        for i in range(args.repeat):
+        for _i in range(args.repeat):
             with tempfile.TemporaryDirectory(prefix="kvstore-bench-real-") as tmp:
                 runs.append(one_context(handle, n, Path(tmp) / "store"))
         row = median_runs(runs)
         rows.append(row)
-        print(f"  {n:>5} tokens: resumed {row['resumed']['ttft']:.2f} s vs cold {row['resumed']['cold_ttft']:.2f} s "
-              f"({row['resumed']['speedup']:.1f}x); warm start {row['warm_start']['ttft']:.2f} s vs cold "
-              f"{row['warm_start']['cold_ttft']:.2f} s ({row['warm_start']['speedup']:.1f}x)", flush=True)
+        print(
+            f"  {n:>5} tokens: resumed {row['resumed']['ttft']:.2f} s vs cold {row['resumed']['cold_ttft']:.2f} s "
+            f"({row['resumed']['speedup']:.1f}x); warm start {row['warm_start']['ttft']:.2f} s vs cold "
+            f"{row['warm_start']['cold_ttft']:.2f} s ({row['warm_start']['speedup']:.1f}x)",
+            flush=True,
+        )
     reference = reference_blas_speed()
-    results = {"benchmark": "real_model", "model": MODEL, "blas": blas_name(), "machine": machine(),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "repeat": args.repeat,
-               "load_average": os.getloadavg(), "contexts": rows,
-               "prefill_128_tokens_per_second": {"this_blas": blas_fast, "reference_blas": reference}}
-    print(f"  prefill of 128 tokens: {blas_fast:.1f} tok/s on {blas_name()}"
-          + (f", {reference['tokens_per_second']:.1f} tok/s on {reference['blas']}" if reference else ""))
-    out_json, out_plot = (QUICK_DIR / "real_model.quick.json", QUICK_DIR / "real_model_ttft.quick.png") \
-        if args.quick else (RESULTS, PLOT)
+    results = {
+        "benchmark": "real_model",
+        "model": MODEL,
+        "blas": blas_name(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "repeat": args.repeat,
+        "load_average": os.getloadavg(),
+        "contexts": rows,
+        "prefill_128_tokens_per_second": {"this_blas": blas_fast, "reference_blas": reference},
+    }
+    print(
+        f"  prefill of 128 tokens: {blas_fast:.1f} tok/s on {blas_name()}"
+        + (f", {reference['tokens_per_second']:.1f} tok/s on {reference['blas']}" if reference else "")
+    )
+    out_json, out_plot = (
+        (QUICK_DIR / "real_model.quick.json", QUICK_DIR / "real_model_ttft.quick.png")
+        if args.quick
+        else (RESULTS, PLOT)
+    )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out_plot)

@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import kvstore  # noqa: E402
 
 kvstore.use_openblas()  # before mlx: the same BLAS as the two servers
@@ -72,7 +71,7 @@ class Server:
         self.proc = None
         self.startups: list[float] = []
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         while True:
@@ -100,17 +99,21 @@ class Server:
 
     @property
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0,
-                             timeout=600)
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
 
 
 def ask(server: Server, model: str, messages: list[dict]) -> dict:
     """One streamed, greedy request: its reply, time to first content, total time and token counts."""
     t0 = time.perf_counter()
     first, parts, usage = None, [], None
-    stream = server.client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
-                                                   temperature=0.0, stream=True,
-                                                   stream_options={"include_usage": True})
+    stream = server.client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if first is None:
@@ -121,9 +124,14 @@ def ask(server: Server, model: str, messages: list[dict]) -> dict:
     end = time.perf_counter()
     details = getattr(usage, "prompt_tokens_details", None)
     cached = (details.cached_tokens if details is not None else 0) or 0
-    return {"text": "".join(parts), "ttft": (first or end) - t0, "seconds": end - t0,
-            "prompt_tokens": usage.prompt_tokens, "cached_tokens": cached,
-            "prefilled_tokens": usage.prompt_tokens - cached}
+    return {
+        "text": "".join(parts),
+        "ttft": (first or end) - t0,
+        "seconds": end - t0,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": cached,
+        "prefilled_tokens": usage.prompt_tokens - cached,
+    }
 
 
 def system_prompt(tokenizer, n_tokens: int, salt: str) -> str:
@@ -187,12 +195,42 @@ def main() -> None:
 
     tokenizer = load_tokenizer(Path(path))
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    ours = Server("kvstore", [sys.executable, "-m", "kvstore.server", "--model", path, "--store", str(work / "store"),
-                              "--port", str(free_port()), "--min-free-disk", "0", "--log-level", "warning"],
-                  work / "kvstore.log")
-    theirs = Server("mlx_lm", [sys.executable, "-c", OPENBLAS + "sys.argv[0] = 'mlx_lm.server'; "
-                               "from mlx_lm.server import main; main()", "--model", path, "--port", str(free_port()),
-                               "--max-tokens", str(MAX_TOKENS), "--log-level", "WARNING"], work / "mlx_lm.log")
+    ours = Server(
+        "kvstore",
+        [
+            sys.executable,
+            "-m",
+            "kvstore.server",
+            "--model",
+            path,
+            "--store",
+            str(work / "store"),
+            "--port",
+            str(free_port()),
+            "--min-free-disk",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        work / "kvstore.log",
+    )
+    theirs = Server(
+        "mlx_lm",
+        [
+            sys.executable,
+            "-c",
+            OPENBLAS + "sys.argv[0] = 'mlx_lm.server'; from mlx_lm.server import main; main()",
+            "--model",
+            path,
+            "--port",
+            str(free_port()),
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--log-level",
+            "WARNING",
+        ],
+        work / "mlx_lm.log",
+    )
     servers = [ours, theirs]
     model_ids = {"kvstore": path, "mlx_lm": path}
     for s in servers:
@@ -221,21 +259,26 @@ def main() -> None:
             s.restart()
         for r, (system, q, replies) in enumerate(restart_convs):
             order = ["mlx_lm", "kvstore"] if r % 2 else ["kvstore", "mlx_lm"]
-            restart.append({k: ask(next(s for s in servers if s.name == k), path,
-                                   conversation(system, q, [replies[k]])) for k in order})
+            restart.append(
+                {
+                    k: ask(next(s for s in servers if s.name == k), path, conversation(system, q, [replies[k]]))
+                    for k in order
+                }
+            )
 
         # The agent workload: 3 agents, one shared system prompt, 5 turns each, a restart after round 3.
         shared = system_prompt(tokenizer, SYSTEM_TOKENS if not args.quick else 500, "agents-")
-        agents = {s.name: {k: {"msgs": [{"role": "system", "content": shared + f" You are agent {k}."}]}
-                           for k in range(3)} for s in servers}
-        totals = {s.name: {"prefilled_tokens": 0, "prompt_tokens": 0, "seconds": 0.0, "requests": 0}
-                  for s in servers}
+        agents = {
+            s.name: {k: {"msgs": [{"role": "system", "content": shared + f" You are agent {k}."}]} for k in range(3)}
+            for s in servers
+        }
+        totals = {s.name: {"prefilled_tokens": 0, "prompt_tokens": 0, "seconds": 0.0, "requests": 0} for s in servers}
         for t in range(5):
             if t == 3:
                 for s in servers:
                     s.restart()
             for k in range(3):
-                for s in (servers if (t + k) % 2 == 0 else servers[::-1]):
+                for s in servers if (t + k) % 2 == 0 else servers[::-1]:
                     msgs = agents[s.name][k]["msgs"]
                     msgs.append({"role": "user", "content": f"Agent {k}, turn {t}: what do you check next?"})
                     res = ask(s, path, msgs)
@@ -256,16 +299,29 @@ def main() -> None:
         return statistics.median(row["kvstore"]["ttft"] / row["mlx_lm"]["ttft"] for row in rows)
 
     report = {
-        "machine": machine(), "model": label, "model_path": path, "rounds": rounds,
-        "system_prompt_tokens": restart[0]["kvstore"]["prompt_tokens"], "max_tokens": MAX_TOKENS,
-        "restart": {"kvstore_ttft": med(restart, "kvstore"), "mlx_lm_ttft": med(restart, "mlx_lm"),
-                    "ratio": ratio(restart), "kvstore_cached": restart[0]["kvstore"]["cached_tokens"],
-                    "mlx_lm_cached": restart[0]["mlx_lm"]["cached_tokens"],
-                    "prompt_tokens": restart[0]["kvstore"]["prompt_tokens"]},
-        "warm": {"kvstore_ttft": med(warm, "kvstore"), "mlx_lm_ttft": med(warm, "mlx_lm"), "ratio": ratio(warm),
-                 "target": TARGET_WARM, "kvstore_cached": warm[0]["kvstore"]["cached_tokens"],
-                 "mlx_lm_cached": warm[0]["mlx_lm"]["cached_tokens"],
-                 "prompt_tokens": warm[0]["kvstore"]["prompt_tokens"]},
+        "machine": machine(),
+        "model": label,
+        "model_path": path,
+        "rounds": rounds,
+        "system_prompt_tokens": restart[0]["kvstore"]["prompt_tokens"],
+        "max_tokens": MAX_TOKENS,
+        "restart": {
+            "kvstore_ttft": med(restart, "kvstore"),
+            "mlx_lm_ttft": med(restart, "mlx_lm"),
+            "ratio": ratio(restart),
+            "kvstore_cached": restart[0]["kvstore"]["cached_tokens"],
+            "mlx_lm_cached": restart[0]["mlx_lm"]["cached_tokens"],
+            "prompt_tokens": restart[0]["kvstore"]["prompt_tokens"],
+        },
+        "warm": {
+            "kvstore_ttft": med(warm, "kvstore"),
+            "mlx_lm_ttft": med(warm, "mlx_lm"),
+            "ratio": ratio(warm),
+            "target": TARGET_WARM,
+            "kvstore_cached": warm[0]["kvstore"]["cached_tokens"],
+            "mlx_lm_cached": warm[0]["mlx_lm"]["cached_tokens"],
+            "prompt_tokens": warm[0]["kvstore"]["prompt_tokens"],
+        },
         "agents": {k: dict(v, seconds=round(v["seconds"], 3)) for k, v in totals.items()},
         "startup_seconds": {s.name: round(statistics.median(s.startups), 2) for s in servers},
         "same_replies_after_restart": all(r["kvstore"]["text"] == r["mlx_lm"]["text"] for r in restart),
@@ -292,9 +348,11 @@ def main() -> None:
 def markdown(report: dict) -> str:
     """The BENCHMARKS.md table for a report (python -m benchmarks.bench_serve --markdown)."""
     m = report["machine"]
-    head = (f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
-            f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {report['model']}; {report['rounds']} rounds, "
-            f"medians; greedy, {report['max_tokens']} new tokens per turn._")
+    head = (
+        f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
+        f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {report['model']}; {report['rounds']} rounds, "
+        f"medians; greedy, {report['max_tokens']} new tokens per turn._"
+    )
     r, w, a = report["restart"], report["warm"], report["agents"]
     met = "met" if w["meets_target"] else "NOT met"
     rows = [
@@ -336,8 +394,11 @@ def plot(report: dict) -> None:
     ax1.set_title(f"next turn, ~{report['restart']['prompt_tokens']}-token prompt")
     ax1.legend()
     a = report["agents"]
-    ax2.bar(["kvstore serve", "mlx_lm.server"], [a["kvstore"]["prefilled_tokens"], a["mlx_lm"]["prefilled_tokens"]],
-            color=["C0", "C1"])
+    ax2.bar(
+        ["kvstore serve", "mlx_lm.server"],
+        [a["kvstore"]["prefilled_tokens"], a["mlx_lm"]["prefilled_tokens"]],
+        color=["C0", "C1"],
+    )
     ax2.set_ylabel("prompt tokens prefilled")
     ax2.set_title("3 agents x 5 turns, shared system prompt, 1 restart")
     fig.suptitle(f"kvstore serve vs mlx_lm.server — {report['model']}")

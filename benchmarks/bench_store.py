@@ -28,8 +28,15 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import kvstore
 from benchmarks import report
-from benchmarks.common import (drop_page_cache, eval_cache, fsync_path, machine, machine_line, mlx_cache_like_macos,
-                               touch_memory)
+from benchmarks.common import (
+    drop_page_cache,
+    eval_cache,
+    fsync_path,
+    machine,
+    machine_line,
+    mlx_cache_like_macos,
+    touch_memory,
+)
 from benchmarks.timing import summary, timed, timed_pair
 from kvstore.testing import extend, kv_bytes, model_cache
 
@@ -38,10 +45,16 @@ NAME = "store"
 
 SETTINGS = ("default", "raised")  # MLX's cache limit in the restoring process: as it comes, or its memory limit
 TARGETS = {  # ratio limits from the issues: (must, target); restores from issue 15, the rest from issue 2
-    "restore_warm": (1.25, 1.0), "restore_cold": (1.25, 1.0),
-    "restore_warm_raised": (1.25, 1.0), "restore_cold_raised": (1.25, 1.0), "first_save": (1.5, None),
-    "turn_bytes": (0.1, None), "turn_time": (0.2, None), "shared_prefix_bytes": (1.05, None),
-    "chunk_keys_100k_ms": (5.0, None), "restore_peak_memory": (1.5, None),
+    "restore_warm": (1.25, 1.0),
+    "restore_cold": (1.25, 1.0),
+    "restore_warm_raised": (1.25, 1.0),
+    "restore_cold_raised": (1.25, 1.0),
+    "first_save": (1.5, None),
+    "turn_bytes": (0.1, None),
+    "turn_time": (0.2, None),
+    "shared_prefix_bytes": (1.05, None),
+    "chunk_keys_100k_ms": (5.0, None),
+    "restore_peak_memory": (1.5, None),
 }
 
 
@@ -105,9 +118,27 @@ def measure_size(root: Path, shape: str, n: int, repeat: int, cold: bool) -> dic
         store.close()
     del caches
     for setting in SETTINGS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_store", "--restore-child", setting,
-                               "--root", str(root), "--shape", shape, "--tokens", str(n), "--repeat", str(repeat)]
-                              + (["--cold"] if cold else []), capture_output=True, text=True, cwd=report.ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_store",
+                "--restore-child",
+                setting,
+                "--root",
+                str(root),
+                "--shape",
+                shape,
+                "--tokens",
+                str(n),
+                "--repeat",
+                str(repeat),
+            ]
+            + (["--cold"] if cold else []),
+            capture_output=True,
+            text=True,
+            cwd=report.ROOT,
+        )
         if proc.returncode:
             raise RuntimeError(f"the {setting} restore of {shape} {n} failed:\n{proc.stderr}")
         got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -170,10 +201,18 @@ def measure_turns(root: Path, shape: str, start: int, turns: int, per_turn: int,
                 w1b, t0 = written_bytes(), time.perf_counter()
                 mlx_save(f, cache)
                 t_mlx, w2 = time.perf_counter() - t0, written_bytes()
-                per.append({"turn": t + 1, "context": len(toks), "kvstore_s": t_ours, "mlx_lm_s": t_mlx,
-                            "kvstore_blob_bytes": snap.bytes_written, "mlx_lm_file_bytes": f.stat().st_size,
-                            "kvstore_io_bytes": None if w0 is None else w1 - w0,
-                            "mlx_lm_io_bytes": None if w0 is None else w2 - w1b})
+                per.append(
+                    {
+                        "turn": t + 1,
+                        "context": len(toks),
+                        "kvstore_s": t_ours,
+                        "mlx_lm_s": t_mlx,
+                        "kvstore_blob_bytes": snap.bytes_written,
+                        "mlx_lm_file_bytes": f.stat().st_size,
+                        "kvstore_io_bytes": None if w0 is None else w1 - w0,
+                        "mlx_lm_io_bytes": None if w0 is None else w2 - w1b,
+                    }
+                )
         shutil.rmtree(root / f"turns-{r}")
         f.unlink()
         runs.append(per)
@@ -191,8 +230,15 @@ def measure_turns(root: Path, shape: str, start: int, turns: int, per_turn: int,
     theirs = sum(r["mlx_lm_io_bytes" if io else "mlx_lm_file_bytes"] for r in rows)
     t_ours = sum(r["kvstore_s"]["median"] for r in rows)
     t_theirs = sum(r["mlx_lm_s"]["median"] for r in rows)
-    return {"shape": shape, "start_tokens": start, "turn_tokens": per_turn, "measured_io": io, "turns": rows,
-            "bytes_ratio": round(ours / theirs, 4), "time_ratio": round(t_ours / t_theirs, 4)}
+    return {
+        "shape": shape,
+        "start_tokens": start,
+        "turn_tokens": per_turn,
+        "measured_io": io,
+        "turns": rows,
+        "bytes_ratio": round(ours / theirs, 4),
+        "time_ratio": round(t_ours / t_theirs, 4),
+    }
 
 
 def measure_shared_prefix(root: Path, shape: str, agents: int, prefix: int, private: int) -> dict:
@@ -205,10 +251,18 @@ def measure_shared_prefix(root: Path, shape: str, agents: int, prefix: int, priv
             store.save(f"agent-{i}", cache, list(range(prefix)) + [200_000 + i] * private, model=FP)
             mlx_save(files / f"agent-{i}.safetensors", cache)
         st = store.stats()
-    out = {"shape": shape, "agents": agents, "prefix_tokens": prefix, "private_tokens": private,
-           "unique_kv_bytes": kv_bytes(shape, prefix + agents * private), "kvstore_bytes": dir_bytes(d),
-           "blob_bytes": dir_bytes(d / "blobs"), "index_bytes": sum(p.stat().st_size for p in d.glob("index.db*")),
-           "kvstore_dedup_ratio": st.dedup_ratio, "mlx_lm_bytes": dir_bytes(files)}
+    out = {
+        "shape": shape,
+        "agents": agents,
+        "prefix_tokens": prefix,
+        "private_tokens": private,
+        "unique_kv_bytes": kv_bytes(shape, prefix + agents * private),
+        "kvstore_bytes": dir_bytes(d),
+        "blob_bytes": dir_bytes(d / "blobs"),
+        "index_bytes": sum(p.stat().st_size for p in d.glob("index.db*")),
+        "kvstore_dedup_ratio": st.dedup_ratio,
+        "mlx_lm_bytes": dir_bytes(files),
+    }
     shutil.rmtree(d)
     shutil.rmtree(files)
     return out
@@ -249,11 +303,19 @@ def bench_peak(root: Path, shape: str, n: int) -> dict:
     out = {"shape": shape, "tokens": n}
     store_dir = root / f"{shape}-{n}"
     for kind, path in (("kvstore", store_dir), ("mlx_lm", root / f"{shape}-{n}-agent-0.safetensors")):
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_store", "--peak-child", kind, "--peak-path",
-                               str(path)], capture_output=True, text=True, check=True, cwd=report.ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_store", "--peak-child", kind, "--peak-path", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=report.ROOT,
+        )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[kind] = {"above_baseline": r["peak"] - r["baseline"], "cache_bytes": r["cache_bytes"],
-                     "ratio_to_cache": round((r["peak"] - r["baseline"]) / r["cache_bytes"], 3)}
+        out[kind] = {
+            "above_baseline": r["peak"] - r["baseline"],
+            "cache_bytes": r["cache_bytes"],
+            "ratio_to_cache": round((r["peak"] - r["baseline"]) / r["cache_bytes"], 3),
+        }
     return out
 
 
@@ -286,11 +348,17 @@ def main() -> None:
         for shape, n in plan:
             sizes.append(measure_size(root, shape, n, args.repeat, cold))
             s = sizes[-1]
-            print(f"  {shape:13s} {n:5d} tokens: restore warm {s['restore_warm']['ratio']:.2f}x"
-                  f" (raised {s['restore_warm_raised']['ratio']:.2f}x)"
-                  + (f", cold {s['restore_cold']['ratio']:.2f}x (raised {s['restore_cold_raised']['ratio']:.2f}x)"
-                     if cold else "")
-                  + f", first save {s['first_save']['ratio']:.2f}x", flush=True)
+            print(
+                f"  {shape:13s} {n:5d} tokens: restore warm {s['restore_warm']['ratio']:.2f}x"
+                f" (raised {s['restore_warm_raised']['ratio']:.2f}x)"
+                + (
+                    f", cold {s['restore_cold']['ratio']:.2f}x (raised {s['restore_cold_raised']['ratio']:.2f}x)"
+                    if cold
+                    else ""
+                )
+                + f", first save {s['first_save']['ratio']:.2f}x",
+                flush=True,
+            )
         big = plan[-1]
         peak = bench_peak(root, *big)
         turn = measure_turns(root, big[0], 4096, 1, 32, args.repeat)
@@ -299,23 +367,36 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     one = turn["turns"][0]
-    results = {"machine": machine(), "quick": args.quick,
-               "settings": {"default": "MLX's defaults in a fresh process",
-                            "raised": "a fresh process with MLX's cache limit at its memory limit"},
-               "page_cache_dropped": cold, "seconds": round(time.perf_counter() - t_start, 1),
-               "load_average": [load_start, _load_average()],  # 1-minute, at start and end: a shared machine's noise
-               "sizes": sizes,
-               "turn_32_on_4096": {"shape": turn["shape"], "kvstore_s": one["kvstore_s"]["median"],
-                                   "mlx_lm_s": one["mlx_lm_s"]["median"], "kvstore_bytes": one["kvstore_blob_bytes"],
-                                   "mlx_lm_bytes": one["mlx_lm_file_bytes"],
-                                   "bytes_ratio": round(one["kvstore_blob_bytes"] / one["mlx_lm_file_bytes"], 4),
-                                   "time_ratio": round(one["kvstore_s"]["median"] / one["mlx_lm_s"]["median"], 4)},
-               "shared_prefix_8x": {**shared, "mlx_lm_files_bytes": shared["mlx_lm_bytes"],
-                                    "ratio": round((shared["blob_bytes"] + shared["index_bytes"])
-                                                   / shared["unique_kv_bytes"], 4),
-                                    "vs_mlx_lm": round((shared["blob_bytes"] + shared["index_bytes"])
-                                                       / shared["mlx_lm_bytes"], 4)},
-               "chunk_keys": keys, "restore_peak_memory": peak, "targets": TARGETS}
+    results = {
+        "machine": machine(),
+        "quick": args.quick,
+        "settings": {
+            "default": "MLX's defaults in a fresh process",
+            "raised": "a fresh process with MLX's cache limit at its memory limit",
+        },
+        "page_cache_dropped": cold,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "load_average": [load_start, _load_average()],  # 1-minute, at start and end: a shared machine's noise
+        "sizes": sizes,
+        "turn_32_on_4096": {
+            "shape": turn["shape"],
+            "kvstore_s": one["kvstore_s"]["median"],
+            "mlx_lm_s": one["mlx_lm_s"]["median"],
+            "kvstore_bytes": one["kvstore_blob_bytes"],
+            "mlx_lm_bytes": one["mlx_lm_file_bytes"],
+            "bytes_ratio": round(one["kvstore_blob_bytes"] / one["mlx_lm_file_bytes"], 4),
+            "time_ratio": round(one["kvstore_s"]["median"] / one["mlx_lm_s"]["median"], 4),
+        },
+        "shared_prefix_8x": {
+            **shared,
+            "mlx_lm_files_bytes": shared["mlx_lm_bytes"],
+            "ratio": round((shared["blob_bytes"] + shared["index_bytes"]) / shared["unique_kv_bytes"], 4),
+            "vs_mlx_lm": round((shared["blob_bytes"] + shared["index_bytes"]) / shared["mlx_lm_bytes"], 4),
+        },
+        "chunk_keys": keys,
+        "restore_peak_memory": peak,
+        "targets": TARGETS,
+    }
     results["summary"] = limits_summary(results)
     print_table(results)
     report.publish(NAME, results, section(results), quick=args.quick)
@@ -324,27 +405,39 @@ def main() -> None:
 def limits_summary(r: dict) -> dict:
     """The issue's ratios, worst case over sizes, each with its limit and whether it is met."""
     worst = lambda key: max(s[key]["ratio"] for s in r["sizes"] if key in s)  # noqa: E731
-    rows = {"restore_warm": worst("restore_warm"), "restore_warm_raised": worst("restore_warm_raised"),
-            "first_save": worst("first_save"),
-            "turn_bytes": r["turn_32_on_4096"]["bytes_ratio"], "turn_time": r["turn_32_on_4096"]["time_ratio"],
-            "shared_prefix_bytes": r["shared_prefix_8x"]["ratio"], "chunk_keys_100k_ms": r["chunk_keys"]["ms"],
-            "restore_peak_memory": r["restore_peak_memory"]["kvstore"]["ratio_to_cache"]}
+    rows = {
+        "restore_warm": worst("restore_warm"),
+        "restore_warm_raised": worst("restore_warm_raised"),
+        "first_save": worst("first_save"),
+        "turn_bytes": r["turn_32_on_4096"]["bytes_ratio"],
+        "turn_time": r["turn_32_on_4096"]["time_ratio"],
+        "shared_prefix_bytes": r["shared_prefix_8x"]["ratio"],
+        "chunk_keys_100k_ms": r["chunk_keys"]["ms"],
+        "restore_peak_memory": r["restore_peak_memory"]["kvstore"]["ratio_to_cache"],
+    }
     if r["page_cache_dropped"]:
         rows["restore_cold"] = worst("restore_cold")
         rows["restore_cold_raised"] = worst("restore_cold_raised")
-    return {k: {"value": v, "must": TARGETS[k][0], "target": TARGETS[k][1], "met": v <= TARGETS[k][0]}
-            for k, v in rows.items()}
+    return {
+        k: {"value": v, "must": TARGETS[k][0], "target": TARGETS[k][1], "met": v <= TARGETS[k][0]}
+        for k, v in rows.items()
+    }
 
 
 def print_table(r: dict) -> None:
-    print(f"\nkvstore vs mlx-lm (ratios are kvstore / mlx-lm; {r['machine']['cpu']}, {r['machine']['cores']} cores;"
-          " restores in fresh processes with MLX's defaults, and with its cache limit raised)")
-    print(f"{'shape':14s}{'tokens':>7s}{'MiB':>8s}{'save':>8s}{'warm':>8s}{'cold':>8s}{'warm*':>8s}{'cold*':>8s}"
-          f"   (* raised; medians of {r['sizes'][0]['first_save']['kvstore']['runs']})")
+    print(
+        f"\nkvstore vs mlx-lm (ratios are kvstore / mlx-lm; {r['machine']['cpu']}, {r['machine']['cores']} cores;"
+        " restores in fresh processes with MLX's defaults, and with its cache limit raised)"
+    )
+    print(
+        f"{'shape':14s}{'tokens':>7s}{'MiB':>8s}{'save':>8s}{'warm':>8s}{'cold':>8s}{'warm*':>8s}{'cold*':>8s}"
+        f"   (* raised; medians of {r['sizes'][0]['first_save']['kvstore']['runs']})"
+    )
     for s in r["sizes"]:
-        cells = "".join(f"{s[k]['ratio']:8.2f}" if k in s else f"{'-':>8s}"
-                        for k in ("first_save", "restore_warm", "restore_cold", "restore_warm_raised",
-                                  "restore_cold_raised"))
+        cells = "".join(
+            f"{s[k]['ratio']:8.2f}" if k in s else f"{'-':>8s}"
+            for k in ("first_save", "restore_warm", "restore_cold", "restore_warm_raised", "restore_cold_raised")
+        )
         print(f"{s['shape']:14s}{s['tokens']:7d}{s['kv_bytes'] / 2**20:8.1f}{cells}")
     print("\nlimits (worst case over sizes):")
     for k, v in r["summary"].items():
@@ -354,48 +447,68 @@ def print_table(r: dict) -> None:
 
 # -- the report -----------------------------------------------------------------------------------------
 
-STORE_COLUMNS = (("first_save", "first save (durable)"), ("restore_warm", "restore warm"),
-                 ("restore_cold", "restore cold"), ("restore_warm_raised", "warm, limit raised"),
-                 ("restore_cold_raised", "cold, limit raised"))
+STORE_COLUMNS = (
+    ("first_save", "first save (durable)"),
+    ("restore_warm", "restore warm"),
+    ("restore_cold", "restore cold"),
+    ("restore_warm_raised", "warm, limit raised"),
+    ("restore_cold_raised", "cold, limit raised"),
+)
 
 
 def section(r: dict) -> str:
     """This benchmark's block of docs/BENCHMARKS.md."""
-    out = ["### Storage engine against mlx-lm's file per agent (`bench_store.py`)\n",
-           f"_{machine_line(r['machine'])}; page cache dropped for the cold runs: {r['page_cache_dropped']}; "
-           f"{r['sizes'][0]['first_save']['kvstore']['runs']} interleaved rounds per figure (warm restores "
-           f"{r['sizes'][0]['restore_warm']['kvstore']['runs']}), medians in ms; ratio = kvstore / mlx-lm"
-           + (f"; 1-minute load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end"
-              if r.get("load_average") else "") + "._\n",
-           "| shape | tokens | MiB | " + " | ".join(f"{title} | ratio" for _k, title in STORE_COLUMNS) + " |",
-           "|---|---:|---:|" + "---:|---:|" * len(STORE_COLUMNS)]
+    out = [
+        "### Storage engine against mlx-lm's file per agent (`bench_store.py`)\n",
+        f"_{machine_line(r['machine'])}; page cache dropped for the cold runs: {r['page_cache_dropped']}; "
+        f"{r['sizes'][0]['first_save']['kvstore']['runs']} interleaved rounds per figure (warm restores "
+        f"{r['sizes'][0]['restore_warm']['kvstore']['runs']}), medians in ms; ratio = kvstore / mlx-lm"
+        + (
+            f"; 1-minute load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end"
+            if r.get("load_average")
+            else ""
+        )
+        + "._\n",
+        "| shape | tokens | MiB | " + " | ".join(f"{title} | ratio" for _k, title in STORE_COLUMNS) + " |",
+        "|---|---:|---:|" + "---:|---:|" * len(STORE_COLUMNS),
+    ]
     for s in r["sizes"]:
         cells = []
         for k, _title in STORE_COLUMNS:
             x = s.get(k)
-            cells += ([f"{report.fmt_ms(x['kvstore']['median'])} / {report.fmt_ms(x['mlx_lm']['median'])}", f"{x['ratio']:.2f}"]
-                      if x else ["—", "—"])
+            cells += (
+                [
+                    f"{report.fmt_ms(x['kvstore']['median'])} / {report.fmt_ms(x['mlx_lm']['median'])}",
+                    f"{x['ratio']:.2f}",
+                ]
+                if x
+                else ["—", "—"]
+            )
         out.append(f"| {s['shape']} | {s['tokens']} | {s['kv_bytes'] / 2**20:.0f} | " + " | ".join(cells) + " |")
     t, sh, k, pk = r["turn_32_on_4096"], r["shared_prefix_8x"], r["chunk_keys"], r["restore_peak_memory"]
     out += ["", "| limit (issues 2 and 15) | measured | must | |", "|---|---:|---:|---|"]
     for name, row in r["summary"].items():
-        out.append(f"| {name.replace('_', ' ')} | {row['value']} | ≤ {row['must']} | "
-                   f"{'met' if row['met'] else '**not met**'} |")
-    out += ["",
-            f"A 32-token turn on a 4096-token {t['shape']} agent writes {t['kvstore_bytes'] / 2**20:.1f} MiB in "
-            f"{report.fmt_ms(t['kvstore_s'])} ms; mlx-lm rewrites {t['mlx_lm_bytes'] / 2**20:.0f} MiB in {report.fmt_ms(t['mlx_lm_s'])} ms. "
-            f"Eight agents sharing a 2048-token prefix ({sh['shape']}) take {sh['ratio']:.3f}× their unique KV bytes on "
-            f"disk ({sh['vs_mlx_lm']:.2f}× mlx-lm's eight files). Chunk keys for {k['tokens']:,} tokens: {k['ms']} ms. "
-            f"Peak memory of a {pk['tokens']}-token {pk['shape']} restore: {pk['kvstore']['ratio_to_cache']}× the "
-            f"cache's bytes above the baseline (mlx-lm {pk['mlx_lm']['ratio_to_cache']}×).\n",
-            "Where the ratio is above 1: a first save writes one blob per 256-token chunk and makes each "
-            "durable (file fsync, then its folder after the rename), then commits the index, where mlx-lm "
-            "writes and fsyncs one file: two device flushes in sequence against one, and per-save work "
-            "(planning, encoding and hashing before the first write; the SQL statements run beside the "
-            "writes) that a small save cannot hide. A restore scatters every blob into the new arrays and "
-            "re-hashes it, and looks its chunks up in the index, where mlx-lm reads one file with its I/O "
-            "threads and checks nothing.\n",
-            _memory_note(r)]
+        out.append(
+            f"| {name.replace('_', ' ')} | {row['value']} | ≤ {row['must']} | "
+            f"{'met' if row['met'] else '**not met**'} |"
+        )
+    out += [
+        "",
+        f"A 32-token turn on a 4096-token {t['shape']} agent writes {t['kvstore_bytes'] / 2**20:.1f} MiB in "
+        f"{report.fmt_ms(t['kvstore_s'])} ms; mlx-lm rewrites {t['mlx_lm_bytes'] / 2**20:.0f} MiB in {report.fmt_ms(t['mlx_lm_s'])} ms. "
+        f"Eight agents sharing a 2048-token prefix ({sh['shape']}) take {sh['ratio']:.3f}× their unique KV bytes on "
+        f"disk ({sh['vs_mlx_lm']:.2f}× mlx-lm's eight files). Chunk keys for {k['tokens']:,} tokens: {k['ms']} ms. "
+        f"Peak memory of a {pk['tokens']}-token {pk['shape']} restore: {pk['kvstore']['ratio_to_cache']}× the "
+        f"cache's bytes above the baseline (mlx-lm {pk['mlx_lm']['ratio_to_cache']}×).\n",
+        "Where the ratio is above 1: a first save writes one blob per 256-token chunk and makes each "
+        "durable (file fsync, then its folder after the rename), then commits the index, where mlx-lm "
+        "writes and fsyncs one file: two device flushes in sequence against one, and per-save work "
+        "(planning, encoding and hashing before the first write; the SQL statements run beside the "
+        "writes) that a small save cannot hide. A restore scatters every blob into the new arrays and "
+        "re-hashes it, and looks its chunks up in the index, where mlx-lm reads one file with its I/O "
+        "threads and checks nothing.\n",
+        _memory_note(r),
+    ]
     return "\n".join(out)
 
 
@@ -404,14 +517,16 @@ def _memory_note(r: dict) -> str:
     if "settings" not in r:
         return "This run measured restores in one setting only.\n"
     ours, theirs = ([s["restore_warm"][side]["page_faults"] for s in r["sizes"]] for side in ("kvstore", "mlx_lm"))
-    return ("Saves ran in the benchmark's own process, with MLX's defaults. Each size's restores ran in two "
-            "fresh processes, both sides side by side in each: one with MLX's defaults, as a user's process "
-            "has them (MLX's Linux CPU backend keeps only 32 MiB of freed buffers for reuse, so a larger "
-            "restore gets new memory from the kernel every time), and one with MLX's buffer cache limit "
-            "raised to its memory limit, MLX's default on macOS, where freed memory is reused. In the default "
-            f"setting the warm restores took {min(ours):,} to {max(ours):,} minor page faults a run for kvstore "
-            f"and {min(theirs):,} to {max(theirs):,} for mlx-lm; kvstore's large restores advise their "
-            "memory into 2 MiB transparent huge pages, one fault per 2 MiB instead of per 4 KiB.\n")
+    return (
+        "Saves ran in the benchmark's own process, with MLX's defaults. Each size's restores ran in two "
+        "fresh processes, both sides side by side in each: one with MLX's defaults, as a user's process "
+        "has them (MLX's Linux CPU backend keeps only 32 MiB of freed buffers for reuse, so a larger "
+        "restore gets new memory from the kernel every time), and one with MLX's buffer cache limit "
+        "raised to its memory limit, MLX's default on macOS, where freed memory is reused. In the default "
+        f"setting the warm restores took {min(ours):,} to {max(ours):,} minor page faults a run for kvstore "
+        f"and {min(theirs):,} to {max(theirs):,} for mlx-lm; kvstore's large restores advise their "
+        "memory into 2 MiB transparent huge pages, one fault per 2 MiB instead of per 4 KiB.\n"
+    )
 
 
 if __name__ == "__main__":

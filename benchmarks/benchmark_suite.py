@@ -40,10 +40,28 @@ HEADLINE_DOCS = [report.ROOT / "README.md", report.ROOT / "docs" / "blog-post.md
 SHAPE = "qwen2.5-0.5b"
 TTFT_SIZE = "tiny"  # built-in model for time to first token (MLX prefill on a 2-core CPU is slow; see docs)
 
-FULL = {"sizes": [100, 256, 512, 1024, 2048, 4096], "agents": [1, 3, 8], "prefix": 2048, "private": 256,
-        "turn_start": 1024, "turns": 8, "turn_tokens": 96, "contexts": [256, 512, 1024, 2048], "repeat": 7}
-QUICK = {"sizes": [100, 512, 2048], "agents": [1, 3, 8], "prefix": 1024, "private": 128,
-         "turn_start": 1024, "turns": 4, "turn_tokens": 96, "contexts": [256, 512], "repeat": 3}
+FULL = {
+    "sizes": [100, 256, 512, 1024, 2048, 4096],
+    "agents": [1, 3, 8],
+    "prefix": 2048,
+    "private": 256,
+    "turn_start": 1024,
+    "turns": 8,
+    "turn_tokens": 96,
+    "contexts": [256, 512, 1024, 2048],
+    "repeat": 7,
+}
+QUICK = {
+    "sizes": [100, 512, 2048],
+    "agents": [1, 3, 8],
+    "prefix": 1024,
+    "private": 128,
+    "turn_start": 1024,
+    "turns": 4,
+    "turn_tokens": 96,
+    "contexts": [256, 512],
+    "repeat": 3,
+}
 
 
 # -- restore time vs context, bytes on disk vs agents, bytes written per turn: bench_store's measurements --
@@ -57,13 +75,21 @@ def bench_restore(root: Path, sizes: list[int], repeat: int) -> list[dict]:
         shutil.rmtree(root / f"{SHAPE}-{n}")
         for f in root.glob(f"{SHAPE}-{n}-agent-*.safetensors"):
             f.unlink()
-        row = {"tokens": n, "kv_bytes": m["kv_bytes"], "mlx_lm_file_bytes": m["mlx_lm_file_bytes"],
-               "kvstore_blob_bytes": m["kvstore_blob_bytes"],
-               # restored in a fresh process with MLX's cache limit raised, the suite's setting since it began
-               "restore": m["restore_warm_raised"], "save": m["first_save"]}
+        row = {
+            "tokens": n,
+            "kv_bytes": m["kv_bytes"],
+            "mlx_lm_file_bytes": m["mlx_lm_file_bytes"],
+            "kvstore_blob_bytes": m["kvstore_blob_bytes"],
+            # restored in a fresh process with MLX's cache limit raised, the suite's setting since it began
+            "restore": m["restore_warm_raised"],
+            "save": m["first_save"],
+        }
         rows.append(row)
-        print(f"  restore {n:5d} tokens: kvstore {row['restore']['kvstore']['median'] * 1e3:7.1f} ms, "
-              f"mlx-lm {row['restore']['mlx_lm']['median'] * 1e3:7.1f} ms", flush=True)
+        print(
+            f"  restore {n:5d} tokens: kvstore {row['restore']['kvstore']['median'] * 1e3:7.1f} ms, "
+            f"mlx-lm {row['restore']['mlx_lm']['median'] * 1e3:7.1f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -72,12 +98,23 @@ def bench_shared(root: Path, counts: list[int], prefix: int, private: int) -> li
     rows = []
     for n in counts:
         m = measure_shared_prefix(root, SHAPE, n, prefix, private)
-        rows.append({"agents": n, "prefix_tokens": prefix, "private_tokens": private,
-                     "unique_kv_bytes": m["unique_kv_bytes"], "kvstore_bytes": m["kvstore_bytes"],
-                     "kvstore_blob_bytes": m["blob_bytes"], "kvstore_dedup_ratio": m["kvstore_dedup_ratio"],
-                     "mlx_lm_bytes": m["mlx_lm_bytes"]})
-        print(f"  shared  {n} agents: kvstore {m['kvstore_bytes'] / 2**20:6.1f} MiB, "
-              f"mlx-lm {m['mlx_lm_bytes'] / 2**20:6.1f} MiB", flush=True)
+        rows.append(
+            {
+                "agents": n,
+                "prefix_tokens": prefix,
+                "private_tokens": private,
+                "unique_kv_bytes": m["unique_kv_bytes"],
+                "kvstore_bytes": m["kvstore_bytes"],
+                "kvstore_blob_bytes": m["blob_bytes"],
+                "kvstore_dedup_ratio": m["kvstore_dedup_ratio"],
+                "mlx_lm_bytes": m["mlx_lm_bytes"],
+            }
+        )
+        print(
+            f"  shared  {n} agents: kvstore {m['kvstore_bytes'] / 2**20:6.1f} MiB, "
+            f"mlx-lm {m['mlx_lm_bytes'] / 2**20:6.1f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -86,13 +123,16 @@ def bench_turns(root: Path, start: int, turns: int, per_turn: int, repeat: int) 
     r = measure_turns(root, SHAPE, start, turns, per_turn, repeat)
     rows = r["turns"]
     k = ("kvstore_io_bytes", "mlx_lm_io_bytes") if r["measured_io"] else ("kvstore_blob_bytes", "mlx_lm_file_bytes")
-    print(f"  turns   {turns} x {per_turn} tokens: kvstore wrote {sum(x[k[0]] for x in rows) / 2**20:.1f} MiB, "
-          f"mlx-lm {sum(x[k[1]] for x in rows) / 2**20:.1f} MiB", flush=True)
-    return {key: r[key] for key in ("start_tokens", "turn_tokens", "measured_io", "turns", "bytes_ratio",
-                                    "time_ratio")}
+    print(
+        f"  turns   {turns} x {per_turn} tokens: kvstore wrote {sum(x[k[0]] for x in rows) / 2**20:.1f} MiB, "
+        f"mlx-lm {sum(x[k[1]] for x in rows) / 2**20:.1f} MiB",
+        flush=True,
+    )
+    return {key: r[key] for key in ("start_tokens", "turn_tokens", "measured_io", "turns", "bytes_ratio", "time_ratio")}
 
 
 # -- time to first token on the built-in model -------------------------------------------------
+
 
 def bench_ttft(root: Path, contexts: list[int], repeat: int) -> dict:
     """Second-turn time to first token: cold prefill vs mlx-lm file resume vs kvstore.agents resume.
@@ -113,20 +153,37 @@ def bench_ttft(root: Path, contexts: list[int], repeat: int) -> dict:
     rows = []
     for n in contexts:
         r = bench_resume(root, handle, n, repeat, cold_repeat=3)
-        row = {"context": r["context_tokens"], "prompt_tokens": r["prompt_tokens"],
-               "tokens_restored": r["prompt_tokens"] - r["prefilled_tokens"], "tokens_prefilled": r["prefilled_tokens"],
-               "cold": r["cold"], "mlx_lm_file": r["mlx_file"], "kvstore": r["ours"],
-               "speedup_vs_cold": round(r["speedup_vs_cold"], 2),
-               # The ratio of the medians shown beside it; bench_agents also reports the median of paired ratios.
-               "ratio_vs_mlx_lm_file": round(r["ours"]["median"] / r["mlx_file"]["median"], 3),
-               "paired_ratio_vs_mlx_lm_file": round(r["ratio_vs_mlx_file"], 3)}
+        row = {
+            "context": r["context_tokens"],
+            "prompt_tokens": r["prompt_tokens"],
+            "tokens_restored": r["prompt_tokens"] - r["prefilled_tokens"],
+            "tokens_prefilled": r["prefilled_tokens"],
+            "cold": r["cold"],
+            "mlx_lm_file": r["mlx_file"],
+            "kvstore": r["ours"],
+            "speedup_vs_cold": round(r["speedup_vs_cold"], 2),
+            # The ratio of the medians shown beside it; bench_agents also reports the median of paired ratios.
+            "ratio_vs_mlx_lm_file": round(r["ours"]["median"] / r["mlx_file"]["median"], 3),
+            "paired_ratio_vs_mlx_lm_file": round(r["ratio_vs_mlx_file"], 3),
+        }
         rows.append(row)
-        print(f"  ttft    {row['context']:5d} tokens: cold {row['cold']['median'] * 1e3:7.1f} ms, mlx-lm file "
-              f"{row['mlx_lm_file']['median'] * 1e3:7.1f} ms, kvstore {row['kvstore']['median'] * 1e3:7.1f} ms",
-              flush=True)
-    return {"model": {"arch": "llama", "size": TTFT_SIZE, "weights": "random weights",
-                      "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
-                      "kv_heads": config.get("num_key_value_heads"), "fingerprint": handle.fingerprint}, "rows": rows}
+        print(
+            f"  ttft    {row['context']:5d} tokens: cold {row['cold']['median'] * 1e3:7.1f} ms, mlx-lm file "
+            f"{row['mlx_lm_file']['median'] * 1e3:7.1f} ms, kvstore {row['kvstore']['median'] * 1e3:7.1f} ms",
+            flush=True,
+        )
+    return {
+        "model": {
+            "arch": "llama",
+            "size": TTFT_SIZE,
+            "weights": "random weights",
+            "layers": config.get("num_hidden_layers"),
+            "hidden_size": config.get("hidden_size"),
+            "kv_heads": config.get("num_key_value_heads"),
+            "fingerprint": handle.fingerprint,
+        },
+        "rows": rows,
+    }
 
 
 def _load() -> list[float] | None:
@@ -139,7 +196,9 @@ def _load() -> list[float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and runs (about a minute); writes benchmarks/quick/")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer sizes and runs (about a minute); writes benchmarks/quick/"
+    )
     ap.add_argument("--repeat", type=int, default=None, help="runs per figure (default 7, quick 3)")
     ap.add_argument("--only", default="restore,shared,turns,ttft", help="comma-separated sections to run")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp folder under benchmarks/)")
@@ -152,9 +211,19 @@ def main() -> None:
     touch_memory()  # both sides then start on memory the VM has already backed (see common.touch_memory)
     cache_limit = mlx_cache_like_macos()  # both sides reuse freed MLX buffers, as on a Mac
     t_start = time.perf_counter()
-    r = {"machine": machine(), "mlx_cache_limit": cache_limit, "quick": args.quick, "repeat": repeat,
-         "date": time.strftime("%Y-%m-%d"), "shape": SHAPE, "plan": plan, "load_average_start": _load()}
-    print(f"kvstore benchmark suite ({'quick' if args.quick else 'full'}, {repeat} runs) on {machine_line(r['machine'])}")
+    r = {
+        "machine": machine(),
+        "mlx_cache_limit": cache_limit,
+        "quick": args.quick,
+        "repeat": repeat,
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": SHAPE,
+        "plan": plan,
+        "load_average_start": _load(),
+    }
+    print(
+        f"kvstore benchmark suite ({'quick' if args.quick else 'full'}, {repeat} runs) on {machine_line(r['machine'])}"
+    )
     try:
         if "restore" in only:
             r["restore"] = bench_restore(root, plan["sizes"], repeat)
@@ -179,7 +248,9 @@ def main() -> None:
         path.write_text(render_headline(r) + "\n")
         print(f"wrote {path.relative_to(report.ROOT)} (the README and blog headline tables are untouched)")
         return
-    done = [p.relative_to(report.ROOT) for p in HEADLINE_DOCS if report.replace_block(p, "headline", render_headline(r))]
+    done = [
+        p.relative_to(report.ROOT) for p in HEADLINE_DOCS if report.replace_block(p, "headline", render_headline(r))
+    ]
     if done:
         print(f"updated the headline table of {', '.join(map(str, done))}")
 

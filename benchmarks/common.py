@@ -10,6 +10,7 @@ import subprocess
 
 import mlx.core as mx
 
+
 def eval_cache(cache: list) -> None:
     mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])
 
@@ -86,13 +87,22 @@ def machine() -> dict:
 
     from kvstore.blas import blas_name
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
-            "blas": blas_name()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+        "blas": blas_name(),
+    }
 
 
 def machine_line(m: dict) -> str:
     """machine() as one line of text, for the reports."""
-    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
-            f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']})")
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
+        f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']})"
+    )

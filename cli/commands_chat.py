@@ -28,22 +28,45 @@ def _load_model(name: str):
 @click.command()
 @click.argument("agent")
 @click.argument("message")
-@click.option("--model", "model_name", metavar="MODEL",
-              help="The model: `builtin` (offline, random weights), a model folder or a Hugging Face id. "
-                   "Needed to create AGENT; an existing agent uses the model it was created with.")
+@click.option(
+    "--model",
+    "model_name",
+    metavar="MODEL",
+    help="The model: `builtin` (offline, random weights), a model folder or a Hugging Face id. "
+    "Needed to create AGENT; an existing agent uses the model it was created with.",
+)
 @click.option("--system", "system_prompt", metavar="TEXT", help="The system prompt of a new AGENT.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="At most this many tokens in the reply.")
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Sampling temperature (0: greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-              help="Nucleus sampling (0: off).")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="At most this many tokens in the reply.",
+)
+@click.option(
+    "--temp", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Sampling temperature (0: greedy)."
+)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Nucleus sampling (0: off).")
 @click.option("--seed", type=int, help="Seed for repeatable sampling.")
-@click.option("--stats/--no-stats", default=True, show_default=True,
-              help="After the reply, print on stderr where the prompt came from and how long it took.")
+@click.option(
+    "--stats/--no-stats",
+    default=True,
+    show_default=True,
+    help="After the reply, print on stderr where the prompt came from and how long it took.",
+)
 @pass_store
-def chat(ref: StoreRef, agent: str, message: str, model_name: str | None, system_prompt: str | None,
-         max_tokens: int, temp: float, top_p: float, seed: int | None, stats: bool) -> None:
+def chat(
+    ref: StoreRef,
+    agent: str,
+    message: str,
+    model_name: str | None,
+    system_prompt: str | None,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    seed: int | None,
+    stats: bool,
+) -> None:
     """Send MESSAGE to AGENT and stream its reply; the turn is saved to the store.
 
     A new AGENT needs --model (and usually --system); the store is created if it does not exist.
@@ -65,8 +88,10 @@ def chat(ref: StoreRef, agent: str, message: str, model_name: str | None, system
         info = None
     if info is None:
         if model_name is None:
-            raise CliError(f"no agent named {agent!r} in {store.path}: create it with --model MODEL "
-                           "(`builtin`, a model folder or a Hugging Face id) and --system TEXT")
+            raise CliError(
+                f"no agent named {agent!r} in {store.path}: create it with --model MODEL "
+                "(`builtin`, a model folder or a Hugging Face id) and --system TEXT"
+            )
     else:
         if system_prompt is not None:
             raise CliError(f"agent {agent!r} already exists: --system only applies when creating an agent")
@@ -74,8 +99,9 @@ def chat(ref: StoreRef, agent: str, message: str, model_name: str | None, system
         stored_model = (record.get("meta") or {}).get(MODEL_KEY) if "kvstore_agent" in record else None
         model_name = model_name or stored_model
         if model_name is None:
-            raise CliError(f"agent {agent!r} does not record its model (it was not made by `kvstore chat`): "
-                           "pass --model MODEL")
+            raise CliError(
+                f"agent {agent!r} does not record its model (it was not made by `kvstore chat`): pass --model MODEL"
+            )
     mgr = AgentManager(_load_model(model_name), store, max_resident=1)
     try:
         if info is None:
@@ -89,10 +115,12 @@ def chat(ref: StoreRef, agent: str, message: str, model_name: str | None, system
         reply = stream.reply
         if stats and reply is not None:
             s = reply.stats
-            click.echo(f"[{agent}: {count(s.prompt_tokens)} prompt tokens: {count(s.reused_tokens + s.restored_tokens)} "
-                       f"from the cache, {count(s.prefilled_tokens)} prefilled; first token after "
-                       f"{s.ttft * 1000:.0f} ms; {count(s.generated_tokens)} tokens at {s.tokens_per_second:.1f}/s]",
-                       err=True)
+            click.echo(
+                f"[{agent}: {count(s.prompt_tokens)} prompt tokens: {count(s.reused_tokens + s.restored_tokens)} "
+                f"from the cache, {count(s.prefilled_tokens)} prefilled; first token after "
+                f"{s.ttft * 1000:.0f} ms; {count(s.generated_tokens)} tokens at {s.tokens_per_second:.1f}/s]",
+                err=True,
+            )
     finally:
         mgr.close()
 

@@ -22,20 +22,27 @@ def info(ref: StoreRef, as_json: bool) -> None:
     if as_json:
         emit_json(st.as_dict())
         return
-    click.echo(fields([
-        ("store", st.path),
-        ("index", st.url),
-        ("format", f"{st.format_version} (schema {st.schema_revision})"),
-        ("chunk size", f"{st.chunk_size} tokens"),
-        ("models", count(st.models)),
-        ("agents", count(st.agents)),
-        ("snapshots", count(st.snapshots)),
-        ("chunks", count(st.chunks)),
-        ("blobs", count(st.blobs)),
-        ("on disk", f"{size(st.bytes_on_disk)} ({count(st.bytes_on_disk)} bytes)"),
-        ("logical", f"{size(st.logical_bytes)} ({count(st.logical_bytes)} bytes, every agent's head stored apart)"),
-        ("dedup ratio", _dedup(st.dedup_ratio, st.snapshots, st.agents)),
-    ]))
+    click.echo(
+        fields(
+            [
+                ("store", st.path),
+                ("index", st.url),
+                ("format", f"{st.format_version} (schema {st.schema_revision})"),
+                ("chunk size", f"{st.chunk_size} tokens"),
+                ("models", count(st.models)),
+                ("agents", count(st.agents)),
+                ("snapshots", count(st.snapshots)),
+                ("chunks", count(st.chunks)),
+                ("blobs", count(st.blobs)),
+                ("on disk", f"{size(st.bytes_on_disk)} ({count(st.bytes_on_disk)} bytes)"),
+                (
+                    "logical",
+                    f"{size(st.logical_bytes)} ({count(st.logical_bytes)} bytes, every agent's head stored apart)",
+                ),
+                ("dedup ratio", _dedup(st.dedup_ratio, st.snapshots, st.agents)),
+            ]
+        )
+    )
 
 
 def _dedup(ratio: float, snapshots: int, agents: int) -> str:
@@ -43,8 +50,12 @@ def _dedup(ratio: float, snapshots: int, agents: int) -> str:
     if ratio >= 1:
         return f"{ratio:.2f}x (the agents' heads stored apart would take {ratio:.2f} times these bytes)"
     old = snapshots - agents
-    return (f"{ratio:.2f}x (the disk also holds {count(old)} older snapshot(s) that the heads do not "
-            "use; `kvstore gc` drops them)" if old > 0 else f"{ratio:.2f}x")
+    return (
+        f"{ratio:.2f}x (the disk also holds {count(old)} older snapshot(s) that the heads do not "
+        "use; `kvstore gc` drops them)"
+        if old > 0
+        else f"{ratio:.2f}x"
+    )
 
 
 def _printed_json_or_nothing(rows: list[dict], as_json: bool) -> bool:
@@ -73,14 +84,35 @@ def agents(ref: StoreRef, as_json: bool) -> None:
         nbytes = accounting.agent_bytes(store)
         infos = listing.result()
     names = accounting.model_names(store)
-    rows = [dict(info.as_dict(), model_name=names.get(info.model), **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}))
-            for info in infos]
+    rows = [
+        dict(
+            info.as_dict(),
+            model_name=names.get(info.model),
+            **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}),
+        )
+        for info in infos
+    ]
     if _printed_json_or_nothing(rows, as_json):
         return
     now = time.time()
-    click.echo(table(["AGENT", "MODEL", "TOKENS", "SNAPSHOTS", "UNIQUE", "SHARED", "LAST SAVED"],
-                     [[r["name"], r["model_name"] or short_fp(r["model"]), count(r["n_tokens"]), r["snapshots"], size(r["unique_bytes"]),
-                       size(r["shared_bytes"]), when(r["updated"], now)] for r in rows], right=(2, 3, 4, 5)))
+    click.echo(
+        table(
+            ["AGENT", "MODEL", "TOKENS", "SNAPSHOTS", "UNIQUE", "SHARED", "LAST SAVED"],
+            [
+                [
+                    r["name"],
+                    r["model_name"] or short_fp(r["model"]),
+                    count(r["n_tokens"]),
+                    r["snapshots"],
+                    size(r["unique_bytes"]),
+                    size(r["shared_bytes"]),
+                    when(r["updated"], now),
+                ]
+                for r in rows
+            ],
+            right=(2, 3, 4, 5),
+        )
+    )
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -104,36 +136,70 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
     runs = accounting.chunk_runs(store, agent)
     nbytes = accounting.agent_bytes(store, agent)[agent]
     if as_json:
-        emit_json({"agent": dict(info.as_dict(), **nbytes), "snapshots": [s.as_dict() for s in snaps],
-                   "chunk_map": runs})
+        emit_json(
+            {"agent": dict(info.as_dict(), **nbytes), "snapshots": [s.as_dict() for s in snaps], "chunk_map": runs}
+        )
         return
     now = time.time()
     model_name = accounting.model_names(store).get(info.model)
-    click.echo(fields([
-        ("agent", info.name), ("model", f"{model_name} ({info.model})" if model_name else info.model), ("tokens", count(info.n_tokens)),
-        ("bytes", f"{size(nbytes['total_bytes'])} ({size(nbytes['unique_bytes'])} unique, "
-                  f"{size(nbytes['shared_bytes'])} shared)"),
-        ("created", when(info.created, now)), ("last saved", when(info.updated, now)),
-        ("metadata", ", ".join(sorted(info.meta)) or "-"),
-    ]))
+    click.echo(
+        fields(
+            [
+                ("agent", info.name),
+                ("model", f"{model_name} ({info.model})" if model_name else info.model),
+                ("tokens", count(info.n_tokens)),
+                (
+                    "bytes",
+                    f"{size(nbytes['total_bytes'])} ({size(nbytes['unique_bytes'])} unique, "
+                    f"{size(nbytes['shared_bytes'])} shared)",
+                ),
+                ("created", when(info.created, now)),
+                ("last saved", when(info.updated, now)),
+                ("metadata", ", ".join(sorted(info.meta)) or "-"),
+            ]
+        )
+    )
     conversation = _conversation(info.meta)
     if conversation:
         click.echo("\nconversation")
         for role, content in conversation:
             click.echo(f"[{safe(role)}] " + safe(content, keep="\n\t"))  # a conversation keeps its lines
     click.echo("\nsnapshots")
-    click.echo(table(["ID", "TOKENS", "CREATED", "LABEL", ""],
-                     [[s.id, count(s.n_tokens), when(s.created, now), s.label or "-",
-                       " ".join(w for w, on in (("head", s.id == info.head), ("pinned", s.pinned)) if on)]
-                      for s in snaps], right=(0, 1)))
+    click.echo(
+        table(
+            ["ID", "TOKENS", "CREATED", "LABEL", ""],
+            [
+                [
+                    s.id,
+                    count(s.n_tokens),
+                    when(s.created, now),
+                    s.label or "-",
+                    " ".join(w for w, on in (("head", s.id == info.head), ("pinned", s.pinned)) if on),
+                ]
+                for s in snaps
+            ],
+            right=(0, 1),
+        )
+    )
     click.echo("\nchunk map (head snapshot)")
     if not runs:
         click.echo("no chunks")
         return
-    click.echo(table(["CHUNKS", "TOKENS", "BYTES", "SHARED WITH"],
-                     [[f"{r['first']}-{r['last']}" if r["last"] != r["first"] else str(r["first"]),
-                       f"{r['start']}-{r['end']}", size(r["bytes"]), _names(r["shared_with"])] for r in runs],
-                     right=(2,)))
+    click.echo(
+        table(
+            ["CHUNKS", "TOKENS", "BYTES", "SHARED WITH"],
+            [
+                [
+                    f"{r['first']}-{r['last']}" if r["last"] != r["first"] else str(r["first"]),
+                    f"{r['start']}-{r['end']}",
+                    size(r["bytes"]),
+                    _names(r["shared_with"]),
+                ]
+                for r in runs
+            ],
+            right=(2,),
+        )
+    )
 
 
 def _conversation(meta: dict) -> list[tuple[str, str]]:
@@ -161,11 +227,23 @@ def models(ref: StoreRef, as_json: bool) -> None:
     if not rows:
         click.echo("no models")
         return
-    click.echo(table(["FINGERPRINT", "NAME", "LAYERS", "AGENTS", "SNAPSHOTS", "CHUNKS"],
-                     [[r["fingerprint"], r["name"] or "-",
-                       f"{r['layers']} ({', '.join(f'{n} {c}' for c, n in sorted(r['cache_classes'].items()))})",
-                       count(r["agents"]), count(r["snapshots"]), count(r["chunks"])] for r in rows],
-                     right=(3, 4, 5)))
+    click.echo(
+        table(
+            ["FINGERPRINT", "NAME", "LAYERS", "AGENTS", "SNAPSHOTS", "CHUNKS"],
+            [
+                [
+                    r["fingerprint"],
+                    r["name"] or "-",
+                    f"{r['layers']} ({', '.join(f'{n} {c}' for c, n in sorted(r['cache_classes'].items()))})",
+                    count(r["agents"]),
+                    count(r["snapshots"]),
+                    count(r["chunks"]),
+                ]
+                for r in rows
+            ],
+            right=(3, 4, 5),
+        )
+    )
 
 
 @click.command()
@@ -188,8 +266,14 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
         return
     total = {k: sum(r[k] for r in rows) for k in ("unique_bytes", "shared_bytes", "total_bytes")}
     body = [[size(r["total_bytes"]), size(r["unique_bytes"]), size(r["shared_bytes"]), r["name"]] for r in rows]
-    body.append([size(total["total_bytes"]), size(total["unique_bytes"]), size(total["shared_bytes"]),
-                 "(all agents: the logical bytes)"])
+    body.append(
+        [
+            size(total["total_bytes"]),
+            size(total["unique_bytes"]),
+            size(total["shared_bytes"]),
+            "(all agents: the logical bytes)",
+        ]
+    )
     click.echo(table(["TOTAL", "UNIQUE", "SHARED", "AGENT"], body, right=(0, 1, 2)))
 
 

@@ -10,29 +10,43 @@ from .format import count, emit_json, fields, progress, size
 from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-grace_option = click.option("--grace", type=click.FloatRange(min=0), default=3600.0, show_default=True,
-                            metavar="SECONDS",
-                            help="Leave files younger than this alone (a save may be writing them).")
+grace_option = click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Leave files younger than this alone (a save may be writing them).",
+)
 
 
 @click.command()
-@click.option("--chunk-size", type=click.IntRange(min=1, max=1 << 20), metavar="TOKENS",
-              help="Tokens per chunk for a new store (default 256); fixed once the store exists.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1, max=1 << 20),
+    metavar="TOKENS",
+    help="Tokens per chunk for a new store (default 256); fixed once the store exists.",
+)
 @pass_store
 def init(ref: StoreRef, chunk_size: int | None) -> None:
     """Create the store (at --store, $KVSTORE_HOME or ~/.kvstore); an existing one is left as it is."""
     existed = ref.exists()
     store = ref.get(create=True, chunk_size=None if existed else chunk_size)
     if existed and chunk_size is not None and chunk_size != store.chunk_size:
-        raise CliError(f"the store at {store.path} already exists with chunk size {store.chunk_size}, "
-                       f"not {chunk_size}")
-    click.echo(f"{'a store already exists' if existed else 'created a store'} at {store.path} "
-               f"(chunk size {store.chunk_size} tokens)")
+        raise CliError(f"the store at {store.path} already exists with chunk size {store.chunk_size}, not {chunk_size}")
+    click.echo(
+        f"{'a store already exists' if existed else 'created a store'} at {store.path} "
+        f"(chunk size {store.chunk_size} tokens)"
+    )
 
 
 @click.command()
-@click.option("--repair", is_flag=True, help="Fix what can be fixed: drop damaged blobs and their rows (the "
-              "agents keep their tokens; their KV is recomputed later), rebuild chunk lists, remove leftovers.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what can be fixed: drop damaged blobs and their rows (the "
+    "agents keep their tokens; their KV is recomputed later), rebuild chunk lists, remove leftovers.",
+)
 @grace_option
 @json_option
 @yes_option
@@ -56,11 +70,21 @@ def fsck(ref: StoreRef, repair: bool, grace: float, as_json: bool, yes: bool) ->
             ids = ", ".join(str(i) for i in report.needs_recompute)
             click.echo(f"snapshots whose KV must be recomputed from their tokens: {ids}")
         left = sum(1 for p in report.problems if not p.repaired)
-        verdict = "clean" if not report.problems else (
-            f"{len(report.problems)} problem(s), all repaired" if report.ok else
-            f"{left} problem(s); run `kvstore fsck --repair`" if not repair else f"{left} problem(s) left")
-        click.echo(f"checked {count(report.blobs_checked)} blobs ({size(report.bytes_checked)}) "
-                   f"in {report.seconds:.1f}s: {verdict}")
+        verdict = (
+            "clean"
+            if not report.problems
+            else (
+                f"{len(report.problems)} problem(s), all repaired"
+                if report.ok
+                else f"{left} problem(s); run `kvstore fsck --repair`"
+                if not repair
+                else f"{left} problem(s) left"
+            )
+        )
+        click.echo(
+            f"checked {count(report.blobs_checked)} blobs ({size(report.bytes_checked)}) "
+            f"in {report.seconds:.1f}s: {verdict}"
+        )
     if not report.ok:
         raise click.exceptions.Exit(1)
 
@@ -68,8 +92,14 @@ def fsck(ref: StoreRef, repair: bool, grace: float, as_json: bool, yes: bool) ->
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Only count what would be removed.")
 @grace_option
-@click.option("--keep-last", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-              help="Snapshots kept per agent (besides its head and labelled or pinned ones).")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Snapshots kept per agent (besides its head and labelled or pinned ones).",
+)
 @json_option
 @yes_option
 @pass_store
@@ -80,23 +110,33 @@ def gc(ref: StoreRef, dry_run: bool, grace: float, keep_last: int, as_json: bool
     """
     store = ref.get()
     if not dry_run:
-        confirm(f"collect garbage in {store.path}: keep the last {keep_last} snapshot(s) per agent "
-                "(and labelled or pinned ones), delete the rest?", yes)
+        confirm(
+            f"collect garbage in {store.path}: keep the last {keep_last} snapshot(s) per agent "
+            "(and labelled or pinned ones), delete the rest?",
+            yes,
+        )
     with progress("removing blob files") as cb:
         report = store.gc(dry_run=dry_run, keep_last=keep_last, grace=grace, progress=cb)
     if as_json:
         emit_json(report.as_dict())
         return
     verb = "would remove" if dry_run else "removed"
-    click.echo(fields([
-        (f"{verb} snapshots", count(report.snapshots_removed)),
-        (f"{verb} chunks", count(report.chunks_removed)),
-        (f"{verb} blobs", count(report.blobs_removed)),
-        (f"{verb} blob files", count(report.files_removed)),
-        (f"{verb} temp files", count(report.temp_removed)),
-        ("would free" if dry_run else "freed", f"{size(report.bytes_freed)} ({count(report.bytes_freed)} bytes)"),
-        ("took", f"{report.seconds:.1f}s"),
-    ]))
+    click.echo(
+        fields(
+            [
+                (f"{verb} snapshots", count(report.snapshots_removed)),
+                (f"{verb} chunks", count(report.chunks_removed)),
+                (f"{verb} blobs", count(report.blobs_removed)),
+                (f"{verb} blob files", count(report.files_removed)),
+                (f"{verb} temp files", count(report.temp_removed)),
+                (
+                    "would free" if dry_run else "freed",
+                    f"{size(report.bytes_freed)} ({count(report.bytes_freed)} bytes)",
+                ),
+                ("took", f"{report.seconds:.1f}s"),
+            ]
+        )
+    )
 
 
 def _status(ref: StoreRef) -> dict:
@@ -104,8 +144,13 @@ def _status(ref: StoreRef) -> dict:
     from kvstore.index import db, schema
 
     if not ref.exists():
-        return {"store": str(ref.root), "exists": False, "current": None, "head": schema.SCHEMA_REVISION,
-                "up_to_date": False}
+        return {
+            "store": str(ref.root),
+            "exists": False,
+            "current": None,
+            "head": schema.SCHEMA_REVISION,
+            "up_to_date": False,
+        }
     url = ref.location if ref.is_url else sqlite_url(ref.root, readonly=True)
     engine = db.make_engine(url, readonly=True)
     try:
@@ -120,7 +165,9 @@ def _status(ref: StoreRef) -> dict:
 
 
 @click.command()
-@click.option("--status", is_flag=True, help="Show the index's schema revision and this kvstore's head; change nothing.")
+@click.option(
+    "--status", is_flag=True, help="Show the index's schema revision and this kvstore's head; change nothing."
+)
 @json_option
 @pass_store
 def migrate(ref: StoreRef, status: bool, as_json: bool) -> None:

@@ -37,18 +37,27 @@ def _tokens(value: str) -> list[int]:
             raise ValueError("not a list")
         return [int(t) for t in data]
     except (ValueError, TypeError, OSError) as e:
-        raise CliError(f"--tokens {value}: expected a JSON file with a list of token ids, or ids separated by "
-                       f"commas ({e})") from None
+        raise CliError(
+            f"--tokens {value}: expected a JSON file with a list of token ids, or ids separated by commas ({e})"
+        ) from None
 
 
 @click.command("import-mlx")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("agent")
-@click.option("--model", required=True, metavar="MODEL",
-              help="The model that made FILE: `builtin`, a model folder or a Hugging Face id.")
-@click.option("--tokens", "token_spec", metavar="FILE|IDS",
-              help="The token ids the cache has seen (a JSON list in a file, or 1,2,3); needed for files "
-                   "mlx-lm wrote, which do not record them.")
+@click.option(
+    "--model",
+    required=True,
+    metavar="MODEL",
+    help="The model that made FILE: `builtin`, a model folder or a Hugging Face id.",
+)
+@click.option(
+    "--tokens",
+    "token_spec",
+    metavar="FILE|IDS",
+    help="The token ids the cache has seen (a JSON list in a file, or 1,2,3); needed for files "
+    "mlx-lm wrote, which do not record them.",
+)
 @pass_store
 def import_mlx(ref: StoreRef, file: str, agent: str, model: str, token_spec: str | None) -> None:
     """Save the cache in FILE (from `mlx_lm.cache_prompt` or kvstore export-mlx) as AGENT's head."""
@@ -57,8 +66,10 @@ def import_mlx(ref: StoreRef, file: str, agent: str, model: str, token_spec: str
     tokens = _tokens(token_spec) if token_spec is not None else None
     fp = _fingerprint(model)
     snap = import_mlx_cache(ref.get(create=True), file, agent, model=fp, tokens=tokens)
-    click.echo(f"imported {file} as {agent}: {count(snap.n_tokens)} tokens, {size(snap.bytes_written)} written "
-               "(chunks the store lacked)")
+    click.echo(
+        f"imported {file} as {agent}: {count(snap.n_tokens)} tokens, {size(snap.bytes_written)} written "
+        "(chunks the store lacked)"
+    )
 
 
 @click.command("export-mlx")

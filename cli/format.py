@@ -7,7 +7,8 @@ import json
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import click
 
@@ -25,8 +26,16 @@ def safe(text: Any, keep: str = "") -> str:
 
     `keep` names controls to pass through (a conversation keeps its newlines; a table cell does not).
     """
-    return _UNSAFE.sub(lambda m: m.group() if m.group() in keep else f"\\x{ord(m.group()):02x}"
-                       if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+    return _UNSAFE.sub(
+        lambda m: (
+            m.group()
+            if m.group() in keep
+            else f"\\x{ord(m.group()):02x}"
+            if ord(m.group()) < 0x100
+            else f"\\u{ord(m.group()):04x}"
+        ),
+        str(text),
+    )
 
 
 def size(n: int | float) -> str:
@@ -102,9 +111,11 @@ def progress(label: str, unit_bytes: bool = False) -> Iterator[Callable[[int, in
         if bar is None or bar.length != total:
             if bar is not None:
                 stack.close()
-            bar = state["bar"] = stack.enter_context(click.progressbar(
-                length=max(total, 1), label=label, file=sys.stderr,
-                item_show_func=None, show_pos=not unit_bytes))
+            bar = state["bar"] = stack.enter_context(
+                click.progressbar(
+                    length=max(total, 1), label=label, file=sys.stderr, item_show_func=None, show_pos=not unit_bytes
+                )
+            )
             state["done"] = 0
         step = done - state["done"]
         if step > 0:

@@ -49,7 +49,7 @@ class StoreRef:
             if self.blobs:
                 return Path(self.blobs).expanduser()
             if self.location.startswith("sqlite:///"):
-                return Path(self.location[len("sqlite:///"):]).expanduser().resolve().parent
+                return Path(self.location[len("sqlite:///") :]).expanduser().resolve().parent
             raise click.UsageError("a database URL store needs --blobs PATH (the folder that holds its blobs)")
         return Path(self.location).expanduser()
 
@@ -69,9 +69,13 @@ class StoreRef:
                 self.root  # noqa: B018 (raises the usage error for a URL without --blobs)
             try:
                 new = create and not self.exists()
-                self._store = kvstore.open(self.location, blobs=self.blobs, create=create,
-                                           chunk_size=chunk_size if new else None,
-                                           **({"cache_size": self.cache_size} if self.cache_size else {}))
+                self._store = kvstore.open(
+                    self.location,
+                    blobs=self.blobs,
+                    create=create,
+                    chunk_size=chunk_size if new else None,
+                    **({"cache_size": self.cache_size} if self.cache_size else {}),
+                )
             except StoreError:
                 raise
             except Exception as e:  # a malformed URL or a missing database driver, before any data is touched
@@ -94,10 +98,12 @@ def missing_store_message(root: Path) -> str:
     shown = str(root)
     home = str(Path.home())
     if shown.startswith(home + os.sep):
-        shown = "~" + shown[len(home):]
+        shown = "~" + shown[len(home) :]
     where = "" if root == Path(kvstore_home()) else f"--store {shlex.quote(str(root))} "
-    return (f"no store at {shown}: create one with `kvstore {where}init` (or `kvstore {where}chat AGENT "
-            "MESSAGE --model builtin`), or point --store / KVSTORE_HOME at an existing store")
+    return (
+        f"no store at {shown}: create one with `kvstore {where}init` (or `kvstore {where}chat AGENT "
+        "MESSAGE --model builtin`), or point --store / KVSTORE_HOME at an existing store"
+    )
 
 
 def kvstore_home() -> str:
@@ -135,7 +141,7 @@ def hoist_global_options(args: list[str], commands: dict[str, click.Command]) ->
         return args
     own = {opt for p in commands[args[i]].params for opt in getattr(p, "opts", ())}
     head, tail, moved = args[:i], [args[i]], []
-    rest = args[i + 1:]
+    rest = args[i + 1 :]
     j = 0
     while j < len(rest):
         word = rest[j]
@@ -148,7 +154,7 @@ def hoist_global_options(args: list[str], commands: dict[str, click.Command]) ->
                 moved.append(word)
                 j += 1
             else:
-                moved += rest[j:j + 2]
+                moved += rest[j : j + 2]
                 j += 2
             continue
         tail.append(word)
@@ -177,15 +183,30 @@ class KvstoreGroup(click.Group):
 
 
 @click.group(cls=KvstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--store", "location", envvar="KVSTORE_HOME", default=kvstore_home,
-              show_default="$KVSTORE_HOME or ~/.kvstore", metavar="PATH|URL",
-              help="The store: a folder, or a database URL such as postgresql+psycopg://host/db.")
-@click.option("--blobs", envvar="KVSTORE_BLOBS", type=click.Path(file_okay=False), metavar="PATH|S3URL",
-              help="The blob folder of a database-URL store, or an S3 bucket: "
-                   "s3://bucket/prefix?endpoint=http://host:port (credentials: the AWS variables or a profile; "
-                   "env KVSTORE_BLOBS).")
-@click.option("--cache-size", envvar="KVSTORE_CACHE_SIZE", metavar="SIZE",
-              help="An S3 store's local disk tier budget, e.g. 10G or 512M (default 10G; env KVSTORE_CACHE_SIZE).")
+@click.option(
+    "--store",
+    "location",
+    envvar="KVSTORE_HOME",
+    default=kvstore_home,
+    show_default="$KVSTORE_HOME or ~/.kvstore",
+    metavar="PATH|URL",
+    help="The store: a folder, or a database URL such as postgresql+psycopg://host/db.",
+)
+@click.option(
+    "--blobs",
+    envvar="KVSTORE_BLOBS",
+    type=click.Path(file_okay=False),
+    metavar="PATH|S3URL",
+    help="The blob folder of a database-URL store, or an S3 bucket: "
+    "s3://bucket/prefix?endpoint=http://host:port (credentials: the AWS variables or a profile; "
+    "env KVSTORE_BLOBS).",
+)
+@click.option(
+    "--cache-size",
+    envvar="KVSTORE_CACHE_SIZE",
+    metavar="SIZE",
+    help="An S3 store's local disk tier budget, e.g. 10G or 512M (default 10G; env KVSTORE_CACHE_SIZE).",
+)
 @click.version_option(kvstore.__version__, "--version", prog_name="kvstore")
 @click.pass_context
 def cli(ctx: click.Context, location: str, blobs: str | None, cache_size: str | None) -> None:

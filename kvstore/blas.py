@@ -40,11 +40,15 @@ def use_openblas(path: str | None = None) -> str | None:
     if sys.platform != "linux":
         return None
     if "mlx.core" in sys.modules:
-        warnings.warn("kvstore.use_openblas() was called after mlx.core was imported: MLX keeps its bundled "
-                      "reference BLAS; call it before anything imports mlx", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "kvstore.use_openblas() was called after mlx.core was imported: MLX keeps its bundled "
+            "reference BLAS; call it before anything imports mlx",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     explicit = path or os.environ.get("KVSTORE_OPENBLAS")
-    for candidate in ([explicit] if explicit else CANDIDATES):
+    for candidate in [explicit] if explicit else CANDIDATES:
         if os.path.exists(candidate):
             ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
             _loaded = candidate

@@ -19,44 +19,74 @@ import json
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 ARCHITECTURES = ("llama", "gemma3")
 SIZES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, intermediate_size=128, sliding_window=64),
-    "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                  head_dim=32, intermediate_size=512, sliding_window=128),
-    "base": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
-                 head_dim=64, intermediate_size=1536, sliding_window=256),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        sliding_window=64,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        intermediate_size=512,
+        sliding_window=128,
+    ),
+    "base": dict(
+        hidden_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=1536,
+        sliding_window=256,
+    ),
 }
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # dtype -> safetensors code
 VOCAB_SIZE = 1024  # BPE training target, special tokens included
 BUILD_FORMAT = 1  # recorded in config.json; bump when the files written change
 MARKER = "KVSTORE_BUILTIN.txt"
 
-_CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-           " + '<|im_end|>' + '\\n' }}{%- endfor %}"
-           "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
-_GEMMA = ("{{ bos_token }}"
-          "{%- if messages[0]['role'] == 'system' -%}"
-          "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
-          "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-          "{%- for message in loop_messages -%}"
-          "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-          "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
-          "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
-          "{%- endfor -%}"
-          "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+_CHATML = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_GEMMA = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
 # arch -> (special tokens, ids in this order; bos; eos; pad; chat template). The eos is the
 # end-of-turn token, so generation stops at the end of a reply as with the instruct models imitated.
 _TOKENS = {
     "llama": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", "<|endoftext|>", _CHATML),
-    "gemma3": (("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-               "<bos>", "<end_of_turn>", "<pad>", _GEMMA),
+    "gemma3": (
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        "<bos>",
+        "<end_of_turn>",
+        "<pad>",
+        _GEMMA,
+    ),
 }
 
 CORPUS = """\
@@ -102,7 +132,7 @@ listed the steps to fix it. Summarise the incident, explain the cause, and sugge
 """
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer_json(arch: str) -> str:
     """Train the byte-level BPE for arch on CORPUS and return its tokenizer.json text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -112,12 +142,18 @@ def _tokenizer_json(arch: str) -> str:
     # Byte-level pieces cover every string, so decode(encode(s)) == s with no unknown token.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=1, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
     if arch == "gemma3":  # Gemma's tokenizer starts every encoded text with <bos>
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, specials.index(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, specials.index(bos))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok.to_str(pretty=True)
@@ -139,17 +175,37 @@ def _config(arch: str, size: str, dtype: str, vocab_size: int, overrides: dict) 
     """The config.json contents for arch and size, with overrides applied."""
     specials, bos, eos, pad, _ = _TOKENS[arch]
     ids = {t: i for i, t in enumerate(specials)}
-    c = dict(SIZES[size], vocab_size=vocab_size, max_position_embeddings=32768, tie_word_embeddings=True,
-             bos_token_id=ids[bos], eos_token_id=ids[eos], pad_token_id=ids[pad], torch_dtype=dtype)
+    c = dict(
+        SIZES[size],
+        vocab_size=vocab_size,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        bos_token_id=ids[bos],
+        eos_token_id=ids[eos],
+        pad_token_id=ids[pad],
+        torch_dtype=dtype,
+    )
     if arch == "llama":
         del c["sliding_window"]  # every Llama layer attends to the whole context
-        c.update(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
-                 rope_theta=10000.0, hidden_act="silu")
+        c.update(
+            model_type="llama",
+            architectures=["LlamaForCausalLM"],
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            hidden_act="silu",
+        )
     else:
-        c.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], rms_norm_eps=1e-6,
-                 rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=4,
-                 query_pre_attn_scalar=c["head_dim"], hidden_activation="gelu_pytorch_tanh",
-                 eos_token_id=[ids[eos], ids["<eos>"]])  # both stop generation, as in Gemma's config
+        c.update(
+            model_type="gemma3_text",
+            architectures=["Gemma3ForCausalLM"],
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=10_000.0,
+            sliding_window_pattern=4,
+            query_pre_attn_scalar=c["head_dim"],
+            hidden_activation="gelu_pytorch_tanh",
+            eos_token_id=[ids[eos], ids["<eos>"]],
+        )  # both stop generation, as in Gemma's config
     fields = {f.name for f in dataclasses.fields(_model_module(c["model_type"]).ModelArgs)}
     unknown = set(overrides) - fields - set(c)
     if unknown:  # a misspelt override would otherwise be ignored and build a different model
@@ -205,27 +261,39 @@ def _write_files(d: Path, arch: str, size: str, seed: int, dtype: str, overrides
     _check(arch, size, dtype)
     tok_json = _tokenizer_json(arch)
     config = _config(arch, size, dtype, len(json.loads(tok_json)["model"]["vocab"]), overrides)
-    params = dict(arch=arch, size=size, seed=seed, dtype=dtype, overrides=dict(sorted(overrides.items())),
-                  format=BUILD_FORMAT)
+    params = dict(
+        arch=arch, size=size, seed=seed, dtype=dtype, overrides=dict(sorted(overrides.items())), format=BUILD_FORMAT
+    )
     config["kvstore_builtin"] = params
     _write_safetensors(d / "model.safetensors", _weights(config, seed, dtype), dtype)
     specials, bos, eos, pad, template = _TOKENS[arch]
     special = dict(bos_token=bos, eos_token=eos, pad_token=pad, **({"unk_token": "<unk>"} if arch == "gemma3" else {}))
-    added = {str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
-             for i, t in enumerate(specials)}
-    tok_config = dict(tokenizer_class="PreTrainedTokenizerFast", **special, added_tokens_decoder=added,
-                      model_max_length=config["max_position_embeddings"], clean_up_tokenization_spaces=False,
-                      add_bos_token=arch == "gemma3", add_eos_token=False, chat_template=template)
+    added = {
+        str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+        for i, t in enumerate(specials)
+    }
+    tok_config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        **special,
+        added_tokens_decoder=added,
+        model_max_length=config["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+        add_bos_token=arch == "gemma3",
+        add_eos_token=False,
+        chat_template=template,
+    )
     files = {
         "config.json": json.dumps(config, indent=2),
         "tokenizer.json": tok_json,
         "tokenizer_config.json": json.dumps(tok_config, indent=2),
         "special_tokens_map.json": json.dumps(special, indent=2),
-        MARKER: ("Random weights, generated by kvstore, for tests and demos. Not a trained model: its text is "
-                 f"gibberish.\nRebuild: python -m kvstore.builtin_models PATH --arch {arch} --size {size} "
-                 f"--seed {seed} --dtype {dtype}"
-                 + "".join(f" --set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in params["overrides"].items())
-                 + f"\nParameters: {json.dumps(params, sort_keys=True)}"),
+        MARKER: (
+            "Random weights, generated by kvstore, for tests and demos. Not a trained model: its text is "
+            f"gibberish.\nRebuild: python -m kvstore.builtin_models PATH --arch {arch} --size {size} "
+            f"--seed {seed} --dtype {dtype}"
+            + "".join(f" --set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in params["overrides"].items())
+            + f"\nParameters: {json.dumps(params, sort_keys=True)}"
+        ),
     }
     for name, text in files.items():
         (d / name).write_text(text + "\n", encoding="utf-8")
@@ -306,14 +374,23 @@ def _parse_override(text: str) -> tuple:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m kvstore.builtin_models",
-                                 description="Write an mlx-lm model directory with random weights (tests, demos).")
+    ap = argparse.ArgumentParser(
+        prog="python -m kvstore.builtin_models",
+        description="Write an mlx-lm model directory with random weights (tests, demos).",
+    )
     ap.add_argument("path")
     ap.add_argument("--arch", choices=ARCHITECTURES, default="llama")
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    ap.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=_parse_override, action="append",
-                    default=[], help="override a config field, e.g. --set sliding_window=32")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        type=_parse_override,
+        action="append",
+        default=[],
+        help="override a config field, e.g. --set sliding_window=32",
+    )
     a = ap.parse_args()
     print(build_model(a.path, arch=a.arch, size=a.size, seed=a.seed, dtype=a.dtype, **dict(a.overrides)))

@@ -1,6 +1,6 @@
 """Format constants recorded in every store and checked when it is opened."""
 
-FORMAT_VERSION = 1          # the blob and key format; bump when keys or blob layout change
+FORMAT_VERSION = 1  # the blob and key format; bump when keys or blob layout change
 HASH_NAME = "xxh3-128"
-DEFAULT_CHUNK_SIZE = 256    # MLX's KV allocation step; LMCache and LM Studio use 256 too
+DEFAULT_CHUNK_SIZE = 256  # MLX's KV allocation step; LMCache and LM Studio use 256 too
 BLOB_SUFFIX = ".safetensors"

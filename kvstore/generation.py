@@ -14,7 +14,8 @@ the rest is prefilled.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from kvstore.errors import StoreError, TokenMismatchError
 
@@ -25,8 +26,8 @@ class Generation(NamedTuple):
     """What `generate` returns: unpack as `text, cache, tokens = kvstore.generate(...)`."""
 
     text: str
-    cache: list          # the mlx-lm cache, having seen exactly `tokens`
-    tokens: list[int]    # prompt + generated token ids the cache holds, in order (for store.save)
+    cache: list  # the mlx-lm cache, having seen exactly `tokens`
+    tokens: list[int]  # prompt + generated token ids the cache holds, in order (for store.save)
 
 
 def _leaves(cache: Sequence) -> list:
@@ -81,8 +82,16 @@ def _encode(tokenizer: Any, prompt: str | Sequence[int], continuing: bool) -> li
     return list(tokenizer.encode(prompt, add_special_tokens=special))
 
 
-def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, cache: list | None = None,
-             cache_tokens: Sequence[int] | None = None, max_tokens: int = 256, **kwargs) -> Generation:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    *,
+    cache: list | None = None,
+    cache_tokens: Sequence[int] | None = None,
+    max_tokens: int = 256,
+    **kwargs,
+) -> Generation:
     """Run mlx-lm's generation and return (text, cache, token ids the cache has seen).
 
     Args:
@@ -109,8 +118,10 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, cache: 
     else:
         n = check_cache(cache) if cache else 0
         if n and cache_tokens is None:
-            raise TokenMismatchError(f"the cache has seen {n} tokens: pass them as cache_tokens= so the prompt "
-                                     "can be checked against them (mlx-lm would prefill them twice)")
+            raise TokenMismatchError(
+                f"the cache has seen {n} tokens: pass them as cache_tokens= so the prompt "
+                "can be checked against them (mlx-lm would prefill them twice)"
+            )
         seen = [int(t) for t in (cache_tokens or [])]
         if len(seen) != n:
             raise TokenMismatchError(f"the cache has seen {n} tokens, but cache_tokens has {len(seen)}")
@@ -118,14 +129,15 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, cache: 
         full = seen + _encode(tokenizer, prompt, continuing=True)
     else:
         full = _encode(tokenizer, prompt, continuing=False)
-        if full[:len(seen)] != seen:
+        if full[: len(seen)] != seen:
             at = next((i for i, (a, b) in enumerate(zip(full, seen)) if a != b), min(len(full), len(seen)))
             raise TokenMismatchError(
                 f"the prompt does not extend the cache's {len(seen)} tokens (they differ from position {at}): "
-                "pass the whole prompt, starting with the tokens the cache has seen")
+                "pass the whole prompt, starting with the tokens the cache has seen"
+            )
     if not full:
         raise ValueError("the prompt is empty")
-    rest = full[len(seen):]
+    rest = full[len(seen) :]
     if not rest:
         # Nothing new: the model needs one token to produce the next one's logits. Step back one.
         if not can_trim_prompt_cache(cache):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import StoreError, TokenMismatchError, UnsupportedCacheError
 
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["import_mlx_cache", "export_mlx_cache", "TOKENS_KEY"]
 
-TOKENS_KEY = "kvstore_tokens"       # metadata: the token ids the cache has seen, as a JSON list
-FINGERPRINT_KEY = "kvstore_model"   # metadata: the model fingerprint the cache belongs to
+TOKENS_KEY = "kvstore_tokens"  # metadata: the token ids the cache has seen, as a JSON list
+FINGERPRINT_KEY = "kvstore_model"  # metadata: the model fingerprint the cache belongs to
 
 
 class MlxCacheFileError(StoreError, ValueError):
@@ -66,15 +67,18 @@ def read_mlx_cache(file: str | os.PathLike) -> tuple[list, dict[str, str], list[
         if name not in codec.KNOWN_CLASSES:
             raise UnsupportedCacheError(f"{path} layer {i} is a {name!r}, not a cache class kvstore knows")
         if name != "KVCache":
-            raise UnsupportedCacheError(f"{path} layer {i} is a {name}: importing mlx-lm files supports KVCache "
-                                        "layers (mlx_lm.cache_prompt without --kv-bits or --max-kv-size)")
+            raise UnsupportedCacheError(
+                f"{path} layer {i} is a {name}: importing mlx-lm files supports KVCache "
+                "layers (mlx_lm.cache_prompt without --kv-bits or --max-kv-size)"
+            )
         try:
             keys, values, offset = arrays[f"{i}.0"], arrays[f"{i}.1"], int(arrays[f"{i}.2"].item())
         except KeyError as e:
             raise MlxCacheFileError(f"{path} lacks layer {i}'s array {e.args[0]}") from None
         if keys.ndim != 4 or values.ndim != 4 or not 0 <= offset <= min(keys.shape[2], values.shape[2]):
-            raise MlxCacheFileError(f"{path} layer {i}: offset {offset} does not fit keys {keys.shape} "
-                                    f"and values {values.shape}")
+            raise MlxCacheFileError(
+                f"{path} layer {i}: offset {offset} does not fit keys {keys.shape} and values {values.shape}"
+            )
         c = codec.known_class(name)()
         c.keys = mx.array(keys[..., :offset, :])
         c.values = mx.array(values[..., :offset, :])
@@ -89,8 +93,15 @@ def read_mlx_cache(file: str | os.PathLike) -> tuple[list, dict[str, str], list[
     return cache, user, tokens
 
 
-def import_mlx_cache(store: "Store", file: str | os.PathLike, name: str, *, model: Any,
-                     tokens: Sequence[int] | None = None, meta: dict | None = None) -> "Snapshot":
+def import_mlx_cache(
+    store: Store,
+    file: str | os.PathLike,
+    name: str,
+    *,
+    model: Any,
+    tokens: Sequence[int] | None = None,
+    meta: dict | None = None,
+) -> Snapshot:
     """Save the cache of an mlx-lm prompt-cache file as agent `name`'s new head.
 
     Args:
@@ -102,8 +113,9 @@ def import_mlx_cache(store: "Store", file: str | os.PathLike, name: str, *, mode
     cache, user, recorded = read_mlx_cache(file)
     if tokens is None:
         if recorded is None:
-            raise TokenMismatchError(f"{file} does not record its token ids (mlx-lm's files do not): "
-                                     "give the tokens the cache was made from")
+            raise TokenMismatchError(
+                f"{file} does not record its token ids (mlx-lm's files do not): give the tokens the cache was made from"
+            )
         tokens = recorded
     tokens = [int(t) for t in tokens]
     if recorded is not None and recorded != tokens:
@@ -112,13 +124,16 @@ def import_mlx_cache(store: "Store", file: str | os.PathLike, name: str, *, mode
     if len(tokens) != seen:
         raise TokenMismatchError(f"{file} holds a cache of {seen} tokens, but {len(tokens)} token ids were given")
     if meta is None:
-        meta = {"imported_from": os.path.basename(os.fspath(file)), "mlx_lm_metadata":
-                {k: v for k, v in user.items() if k not in (TOKENS_KEY, "tokenizer_config")}}
+        meta = {
+            "imported_from": os.path.basename(os.fspath(file)),
+            "mlx_lm_metadata": {k: v for k, v in user.items() if k not in (TOKENS_KEY, "tokenizer_config")},
+        }
     return store.save(name, cache, tokens, model=model, meta=meta)
 
 
-def export_mlx_cache(store: "Store", name: str, file: str | os.PathLike, *, model: Any = None,
-                     overwrite: bool = False) -> int:
+def export_mlx_cache(
+    store: Store, name: str, file: str | os.PathLike, *, model: Any = None, overwrite: bool = False
+) -> int:
     """Write agent `name`'s head as an mlx-lm prompt-cache file (`mlx_lm.models.cache.load_prompt_cache`
     and `mlx_lm.generate --prompt-cache-file` read it). Returns the number of tokens it holds."""
     from mlx_lm.models.cache import save_prompt_cache

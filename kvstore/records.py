@@ -30,10 +30,10 @@ class Snapshot(_Record):
     created: float
     label: str | None = None
     pinned: bool = False
-    bytes_written: int = 0      # blob bytes this save wrote (0 when every chunk was already stored); in
-                                # store.snapshots(): bytes of the chunks no older retained snapshot lists
-    blobs_written: int = 0      # blob files this save wrote
-    blobs_reused: int = 0       # blob files it would have written but found already on disk
+    bytes_written: int = 0  # blob bytes this save wrote (0 when every chunk was already stored); in
+    # store.snapshots(): bytes of the chunks no older retained snapshot lists
+    blobs_written: int = 0  # blob files this save wrote
+    blobs_reused: int = 0  # blob files it would have written but found already on disk
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,16 @@ class Stats(_Record):
     snapshots: int
     chunks: int
     blobs: int
-    bytes_on_disk: int       # bytes of every blob the index records
-    logical_bytes: int       # bytes the agents' head snapshots would take stored one file per agent
-    dedup_ratio: float       # logical / on disk (1.0 when nothing is shared; below 1 when old snapshots
-                             # that no head uses hold more than sharing saves)
+    bytes_on_disk: int  # bytes of every blob the index records
+    logical_bytes: int  # bytes the agents' head snapshots would take stored one file per agent
+    dedup_ratio: float  # logical / on disk (1.0 when nothing is shared; below 1 when old snapshots
+    # that no head uses hold more than sharing saves)
 
 
 @dataclass(frozen=True)
 class Problem(_Record):
-    kind: str               # corrupt_blob | missing_blob | orphan_file | stale_temp | dangling_ref | token_mismatch | wrong_size ...
-    subject: str            # the blob id, snapshot id or path it concerns
+    kind: str  # corrupt_blob | missing_blob | orphan_file | stale_temp | dangling_ref | token_mismatch | wrong_size ...
+    subject: str  # the blob id, snapshot id or path it concerns
     detail: str
     repaired: bool = False
 
@@ -98,7 +98,7 @@ class FsckReport(_Record):
     blobs_checked: int
     bytes_checked: int
     problems: tuple[Problem, ...]
-    needs_recompute: tuple[int, ...] = ()   # snapshot ids whose KV is gone: their tokens are kept
+    needs_recompute: tuple[int, ...] = ()  # snapshot ids whose KV is gone: their tokens are kept
     repaired: bool = False
     seconds: float = 0.0
 

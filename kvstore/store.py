@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from kvstore.index import db
-from kvstore.index import queries
-from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
-from kvstore.index import sizes
 from kvstore.blob.backend import BlobBackend
-from kvstore.ops import reserve
-from kvstore.blob.local import BlobStore
 from kvstore.blob.iopool import IoPool
-from kvstore.errors import (AgentExistsError, IncompatibleStoreError, IndexDatabaseError, NotAStoreError,
-                     ReadOnlyStoreError, StoreError, UnknownAgentError)
+from kvstore.blob.local import BlobStore
 from kvstore.cache.fingerprint import fingerprint
+from kvstore.errors import (
+    AgentExistsError,
+    IncompatibleStoreError,
+    IndexDatabaseError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    StoreError,
+    UnknownAgentError,
+)
 from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
+from kvstore.index import db, queries, sizes
+from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
 from kvstore.names import validate_name
+from kvstore.ops import reserve
 from kvstore.records import AgentBytes, AgentInfo, Match, Snapshot, Stats
 
 Progress = Callable[[int, int], None] | None
@@ -34,8 +40,9 @@ def _fingerprint_of(model: Any) -> str:
     if isinstance(model, str) and len(model) == 32 and all(c in "0123456789abcdef" for c in model):
         return model
     if model is None or isinstance(model, (bool, int, float, bytes)):
-        raise TypeError(f"model= must be a fingerprint (kvstore.fingerprint(...)), a model path or a model, "
-                        f"not {model!r}")
+        raise TypeError(
+            f"model= must be a fingerprint (kvstore.fingerprint(...)), a model path or a model, not {model!r}"
+        )
     return fingerprint(model)
 
 
@@ -45,8 +52,17 @@ class Store:
     Use it as a context manager, or call `close()`.
     """
 
-    def __init__(self, url: str, root: Path, chunk_size: int | None, durable: bool, timeout: float,
-                 readonly: bool, io_threads: int, blobs: BlobBackend | None = None):
+    def __init__(
+        self,
+        url: str,
+        root: Path,
+        chunk_size: int | None,
+        durable: bool,
+        timeout: float,
+        readonly: bool,
+        io_threads: int,
+        blobs: BlobBackend | None = None,
+    ):
         self.url = url
         self.path = root
         self.readonly = readonly
@@ -64,8 +80,11 @@ class Store:
                 raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
             # A new index gets its settings in the very transaction that creates it: a crash between
             # the two would leave a store that the next open fills with defaults (crash suite found it).
-            self.schema_revision = db.ensure_schema(self.engine, readonly=readonly, initial_meta={
-                "format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})
+            self.schema_revision = db.ensure_schema(
+                self.engine,
+                readonly=readonly,
+                initial_meta={"format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME},
+            )
             self.chunk_size = self._settings(chunk_size)
         except BaseException:
             self.engine.dispose()
@@ -88,14 +107,16 @@ class Store:
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise IncompatibleStoreError(
                 f"the store at {self.path} uses blob format {meta['format_version']}; this kvstore reads up to "
-                f"{FORMAT_VERSION}: upgrade kvstore (pip install -U kvstore)")
+                f"{FORMAT_VERSION}: upgrade kvstore (pip install -U kvstore)"
+            )
         if meta.get("hash") != HASH_NAME:
             raise IncompatibleStoreError(f"the store hashes with {meta.get('hash')!r}; this kvstore uses {HASH_NAME}")
         stored = int(meta["chunk_size"])
         if chunk_size is not None and chunk_size != stored:
             raise IncompatibleStoreError(
                 f"the store at {self.path} was created with chunk size {stored}, not {chunk_size}: "
-                "open it without chunk_size, or create a new store for another chunk size")
+                "open it without chunk_size, or create a new store for another chunk size"
+            )
         return stored
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -105,7 +126,7 @@ class Store:
         self.blobs.close()
         self.engine.dispose()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -120,8 +141,18 @@ class Store:
 
     # -- the cache API ---------------------------------------------------------------------
 
-    def save(self, name: str, cache: list, tokens: Any, *, model: Any, meta: dict | None = None,
-             label: str | None = None, pinned: bool = False, captured: dict | None = None) -> Snapshot:
+    def save(
+        self,
+        name: str,
+        cache: list,
+        tokens: Any,
+        *,
+        model: Any,
+        meta: dict | None = None,
+        label: str | None = None,
+        pinned: bool = False,
+        captured: dict | None = None,
+    ) -> Snapshot:
         """Save `cache` (mlx-lm cache list that has seen exactly `tokens`) as agent `name`'s new head.
 
         Args:
@@ -165,9 +196,11 @@ class Store:
         """Forget an agent and its snapshots (their blobs go at the next gc). False if it did not exist."""
         validate_name(name)
         self._writable()
+
         def drop() -> bool:
             with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
                 return queries.delete_agent(conn, name)
+
         return reserve.freeing(self, drop)  # deleting is a way out of a full disk: it must work on one
 
     def fork(self, name: str, new_name: str) -> Snapshot:
@@ -186,11 +219,18 @@ class Store:
             snap = queries.snapshot_row(conn, src.id)
             keys = queries.snapshot_keys(conn, src.id)
             new_agent = queries.insert_agent(conn, new_name, agent.model_id, agent.meta, now, now)
-            new_snap = queries.insert_snapshot(conn, new_agent, snap.model_id, snap.tokens, snap.n_tokens, keys,
-                                               now, label=None, pinned=False)
+            new_snap = queries.insert_snapshot(
+                conn, new_agent, snap.model_id, snap.tokens, snap.n_tokens, keys, now, label=None, pinned=False
+            )
             queries.set_head(conn, new_agent, new_snap)
-        return Snapshot(id=new_snap, agent=new_name, model=src.fingerprint, n_tokens=src.n_tokens, created=now,
-                        blobs_reused=len(keys))
+        return Snapshot(
+            id=new_snap,
+            agent=new_name,
+            model=src.fingerprint,
+            n_tokens=src.n_tokens,
+            created=now,
+            blobs_reused=len(keys),
+        )
 
     def set_meta(self, name: str, meta: dict) -> None:
         """Replace an agent's metadata (its record: role, messages, ...)."""
@@ -291,8 +331,16 @@ class Store:
 
 # What a store being created holds before its index.db appears: another process creating the same
 # store at the same moment has got this far (issue 15, item 10).
-_SKELETON = {"blobs", "tmp", "gc.lock", "reserve", "reserve.tmp",
-             INDEX_FILE + "-journal", INDEX_FILE + "-wal", INDEX_FILE + "-shm"}
+_SKELETON = {
+    "blobs",
+    "tmp",
+    "gc.lock",
+    "reserve",
+    "reserve.tmp",
+    INDEX_FILE + "-journal",
+    INDEX_FILE + "-wal",
+    INDEX_FILE + "-shm",
+}
 
 
 def _foreign_entries(root: Path) -> list[str]:
@@ -302,10 +350,20 @@ def _foreign_entries(root: Path) -> list[str]:
     return foreign or [str(p) for _b, p in itertools.islice(BlobStore(root).iter_files(), 1)]
 
 
-def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLike | None = None,
-         blobs: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-         cache_size: int | str | None = None, chunk_size: int | None = None, durable: bool = True,
-         timeout: float = 30.0, readonly: bool | None = None, create: bool = True, io_threads: int = 4) -> Store:
+def open(
+    path_or_url: str | os.PathLike | None = None,
+    *,
+    index: str | os.PathLike | None = None,
+    blobs: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_size: int | str | None = None,
+    chunk_size: int | None = None,
+    durable: bool = True,
+    timeout: float = 30.0,
+    readonly: bool | None = None,
+    create: bool = True,
+    io_threads: int = 4,
+) -> Store:
     """Open (or create) a store.
 
     Args:
@@ -331,15 +389,16 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
     if blobs is None and env_blobs and ("://" in os.fspath(path_or_url or "") or env_blobs.startswith("s3://")):
         blobs = env_blobs
     if blobs is not None and os.fspath(blobs).startswith("s3://"):
-        return _open_s3(path_or_url, os.fspath(blobs), cache_dir, cache_size, chunk_size, durable, timeout,
-                        readonly, io_threads)
+        return _open_s3(
+            path_or_url, os.fspath(blobs), cache_dir, cache_size, chunk_size, durable, timeout, readonly, io_threads
+        )
     target = default_home() if path_or_url is None else path_or_url
     target = os.fspath(target)
     if "://" in target:
         url = target
         if blobs is None:
             if url.startswith("sqlite:///"):
-                blobs = Path(url[len("sqlite:///"):]).resolve().parent
+                blobs = Path(url[len("sqlite:///") :]).resolve().parent
             else:
                 raise TypeError("a database URL store needs blobs=PATH: the (shared) folder that holds the blobs")
         root = Path(blobs)
@@ -349,11 +408,16 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
             raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
         if root.is_dir() and not index_path(root).exists() and _foreign_entries(root):
             raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
-        if index_path(root).is_file() and index_path(root).stat().st_size == 0 \
-                and next(BlobStore(root).iter_files(), None) is not None:
+        if (
+            index_path(root).is_file()
+            and index_path(root).stat().st_size == 0
+            and next(BlobStore(root).iter_files(), None) is not None
+        ):
             # SQLite would take the empty file for a new index, and gc would then sweep every blob.
-            raise IndexDatabaseError(f"{root / INDEX_FILE} is empty but the store holds blobs: the index was "
-                                     "truncated; restore it from a backup (blobs alone cannot rebuild agents)")
+            raise IndexDatabaseError(
+                f"{root / INDEX_FILE} is empty but the store holds blobs: the index was "
+                "truncated; restore it from a backup (blobs alone cannot rebuild agents)"
+            )
         if not root.exists():
             if not create:
                 raise NotAStoreError(f"no store at {root}")
@@ -381,8 +445,7 @@ def open(path_or_url: str | os.PathLike | None = None, *, index: str | os.PathLi
     return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)
 
 
-def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, timeout, readonly,
-             io_threads) -> Store:
+def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, timeout, readonly, io_threads) -> Store:
     """A store whose index is a database URL or a folder's index.db and whose blobs are in a bucket."""
     from kvstore.blob.s3 import S3Blobs, parse_size
 
@@ -392,7 +455,7 @@ def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, 
         root.mkdir(parents=True, exist_ok=True)
         target = f"sqlite:///{(root / INDEX_FILE).resolve()}"
     elif target.startswith("sqlite:///"):
-        root = Path(target[len("sqlite:///"):]).resolve().parent
+        root = Path(target[len("sqlite:///") :]).resolve().parent
     else:
         root = None
     size = parse_size(cache_size if cache_size is not None else os.environ.get("KVSTORE_CACHE_SIZE"))
@@ -403,5 +466,6 @@ def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, 
         backend.close()
         raise
     # gc's lock file (SQLite indexes) goes beside the index; a server index locks in the database.
-    return Store(target, root or backend.tier.root, chunk_size, durable, timeout, bool(readonly), io_threads,
-                 blobs=backend)
+    return Store(
+        target, root or backend.tier.root, chunk_size, durable, timeout, bool(readonly), io_threads, blobs=backend
+    )

@@ -40,12 +40,15 @@ KINDS = ("kv", "quantized", "rotating", "arrays", "cachelist")
 def _random_kv(key, heads: int, n: int, dim: int, dtype) -> tuple[mx.array, mx.array]:
     """Keys and values (1, heads, n, dim) of standard normal noise."""
     k1, k2 = mx.random.split(key)
-    return (mx.random.normal((1, heads, n, dim), key=k1).astype(dtype),
-            mx.random.normal((1, heads, n, dim), key=k2).astype(dtype))
+    return (
+        mx.random.normal((1, heads, n, dim), key=k1).astype(dtype),
+        mx.random.normal((1, heads, n, dim), key=k2).astype(dtype),
+    )
 
 
-def random_cache(n_tokens: int, *, layers: int = 2, heads: int = 2, dim: int = 8, dtype=mx.float16,
-                 seed: int = 0) -> list:
+def random_cache(
+    n_tokens: int, *, layers: int = 2, heads: int = 2, dim: int = 8, dtype=mx.float16, seed: int = 0
+) -> list:
     """`layers` KVCache layers holding n_tokens positions of seeded random KV (equal seeds, equal arrays)."""
     key = mx.random.key(seed)
     cache = []
@@ -99,8 +102,9 @@ def feed(c, n: int, dtype, seed: int, n_heads: int = 2, dim: int = 8, steps: lis
     mx.eval(c.state if not isinstance(c, mlc.QuantizedKVCache) else [c.keys, c.values])
 
 
-def make_cache(kind: str, n: int, dtype=mx.float16, layers: int = 3, seed: int = 0, window: int = 24,
-               stepped: bool = False) -> list:
+def make_cache(
+    kind: str, n: int, dtype=mx.float16, layers: int = 3, seed: int = 0, window: int = 24, stepped: bool = False
+) -> list:
     """A model-shaped cache list of `layers` layers of one of `KINDS` (plus KVCache layers for mixed kinds)."""
     steps = [] if stepped else None
     out = []
@@ -197,8 +201,9 @@ def prefix_cache(tokens: list[int], kinds=PREFIX_KINDS, heads: int = 2, dim: int
     return cache
 
 
-def extend_prefix(cache: list, old: list[int], new: list[int], rng: random.Random, heads: int = 2,
-                  dim: int = 32) -> list:
+def extend_prefix(
+    cache: list, old: list[int], new: list[int], rng: random.Random, heads: int = 2, dim: int = 32
+) -> list:
     """Feed the positions of `new` past `old` into a prefix_cache (in place) in decode steps and prefill bursts."""
     assert new[: len(old)] == old
     arrays = [prefix_kv(new, layer, heads, dim) for layer in range(len(cache))]
@@ -265,9 +270,11 @@ def same_leaf(a, b) -> bool:
         return a.keys is None and b.keys is None or a.offset == 0
     if isinstance(a, mlc.QuantizedKVCache):
         return (a.bits, a.group_size) == (b.bits, b.group_size) and all(
-            _eq(x[..., : a.offset, :], y[..., : b.offset, :]) for x, y in zip(a.keys + a.values, b.keys + b.values))
-    return _eq(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :]) and \
-        _eq(a.values[..., : a.offset, :], b.values[..., : b.offset, :])
+            _eq(x[..., : a.offset, :], y[..., : b.offset, :]) for x, y in zip(a.keys + a.values, b.keys + b.values)
+        )
+    return _eq(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :]) and _eq(
+        a.values[..., : a.offset, :], b.values[..., : b.offset, :]
+    )
 
 
 def same_cache(a: list, b: list) -> bool:

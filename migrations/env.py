@@ -22,8 +22,8 @@ def _migrate(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
-        render_as_batch=True,          # SQLite cannot ALTER most things; batch mode copies the table
-        transactional_ddl=True,        # each migration commits together with its version row
+        render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
+        transactional_ddl=True,  # each migration commits together with its version row
         transaction_per_migration=True,
     )
     with context.begin_transaction():

@@ -27,12 +27,18 @@ class MessagesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    seed: int | None = None             # an extension (Anthropic's API has none): repeatable sampling
+    seed: int | None = None  # an extension (Anthropic's API has none): repeatable sampling
 
     def options(self, tools: list[dict] | None) -> GenerationOptions:
-        return GenerationOptions(max_tokens=self.max_tokens, temp=self.temperature or 0.0, top_p=self.top_p or 0.0,
-                                 top_k=self.top_k or 0, seed=self.seed, stop=tuple(s for s in self.stop_sequences or () if s),
-                                 tools=tools)
+        return GenerationOptions(
+            max_tokens=self.max_tokens,
+            temp=self.temperature or 0.0,
+            top_p=self.top_p or 0.0,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+            stop=tuple(s for s in self.stop_sequences or () if s),
+            tools=tools,
+        )
 
     @property
     def template_tools(self) -> bool:
@@ -45,10 +51,19 @@ def new_id() -> str:
 
 def usage(r: TurnResult) -> dict:
     """Anthropic usage: input_tokens counts only what was not read from the cache, as Anthropic's does."""
-    return {"input_tokens": r.prompt_tokens - r.cached, "output_tokens": r.reply.stats.generated_tokens,
-            "cache_read_input_tokens": r.cached, "cache_creation_input_tokens": 0,
-            "kvstore": {"cached_ram_tokens": r.cached_ram, "cached_disk_tokens": r.cached_disk,
-                        "prefilled_tokens": r.prefilled, "conversation": r.conversation, "ttft": r.ttft}}
+    return {
+        "input_tokens": r.prompt_tokens - r.cached,
+        "output_tokens": r.reply.stats.generated_tokens,
+        "cache_read_input_tokens": r.cached,
+        "cache_creation_input_tokens": 0,
+        "kvstore": {
+            "cached_ram_tokens": r.cached_ram,
+            "cached_disk_tokens": r.cached_disk,
+            "prefilled_tokens": r.prefilled,
+            "conversation": r.conversation,
+            "ttft": r.ttft,
+        },
+    }
 
 
 def stop_reason(r: TurnResult, calls: list) -> tuple[str, str | None]:
@@ -61,8 +76,10 @@ def stop_reason(r: TurnResult, calls: list) -> tuple[str, str | None]:
 
 
 def tool_use_blocks(calls: list[dict]) -> list[dict]:
-    return [{"type": "tool_use", "id": c["id"].replace("call_", "toolu_", 1), "name": c["name"],
-             "input": c["arguments"]} for c in calls]
+    return [
+        {"type": "tool_use", "id": c["id"].replace("call_", "toolu_", 1), "name": c["name"], "input": c["arguments"]}
+        for c in calls
+    ]
 
 
 def content_blocks(text: str, calls: list[dict]) -> list[dict]:
@@ -72,11 +89,29 @@ def content_blocks(text: str, calls: list[dict]) -> list[dict]:
 
 def message_body(mid: str, model: str, r: TurnResult, text: str, calls: list[dict]) -> dict:
     reason, seq = stop_reason(r, calls)
-    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content_blocks(text, calls),
-            "stop_reason": reason, "stop_sequence": seq, "usage": usage(r)}
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content_blocks(text, calls),
+        "stop_reason": reason,
+        "stop_sequence": seq,
+        "usage": usage(r),
+    }
 
 
 def message_start(mid: str, model: str, prompt_tokens: int) -> dict:
-    return {"type": "message_start", "message": {
-        "id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
-        "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}}
+    return {
+        "type": "message_start",
+        "message": {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        },
+    }

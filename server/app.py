@@ -74,8 +74,18 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": int(st.started),
-                                            "owned_by": "kvstore", "context_length": st.context_length}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": st.model_id,
+                    "object": "model",
+                    "created": int(st.started),
+                    "owned_by": "kvstore",
+                    "context_length": st.context_length,
+                }
+            ],
+        }
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
@@ -98,8 +108,14 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
         if "messages" in body:
             if not isinstance(body["messages"], list):
                 raise RequestError(400, "messages must be a list", param="messages")
-            prompt = render_chat(st.tokenizer, openai_messages(body["messages"]), body.get("tools"),
-                                 body.get("chat_template_kwargs"), None, 1)
+            prompt = render_chat(
+                st.tokenizer,
+                openai_messages(body["messages"]),
+                body.get("tools"),
+                body.get("chat_template_kwargs"),
+                None,
+                1,
+            )
         else:
             prompt = encode_prompt(st.tokenizer, body["prompt"], None, 1)
         return await st.call(lambda: st.conversations.lookup(prompt), request)

@@ -28,8 +28,13 @@ class Guard:
 
     async def _refuse(self, send, path: str, e: RequestError) -> None:
         body = json.dumps(body_for(path, e)).encode()
-        await send({"type": "http.response.start", "status": e.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
@@ -40,17 +45,27 @@ class Guard:
         if self.api_key and path not in OPEN_PATHS:
             given = _key_of(headers)
             if given is None or not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await self._refuse(send, path, RequestError(
-                    401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)",
-                    code="invalid_api_key"))
+                return await self._refuse(
+                    send,
+                    path,
+                    RequestError(
+                        401,
+                        "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)",
+                        code="invalid_api_key",
+                    ),
+                )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await self._refuse(send, path, RequestError(
-                413, f"the request body is {int(length)} bytes; the limit is {self.max_body}"))
+            return await self._refuse(
+                send, path, RequestError(413, f"the request body is {int(length)} bytes; the limit is {self.max_body}")
+            )
         if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
             # curl -d and some clients send no JSON content type; the body is JSON all the same.
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")])
+            scope = dict(
+                scope,
+                headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                + [(b"content-type", b"application/json")],
+            )
         seen = 0
 
         async def limited():

@@ -27,7 +27,7 @@ class DiskBudget:
     no kept snapshot references, so a chunk that a kept conversation needs is never deleted.
     """
 
-    def __init__(self, store: "Store", manager: "AgentManager", max_disk: int | None, min_free: int):
+    def __init__(self, store: Store, manager: AgentManager, max_disk: int | None, min_free: int):
         self.store = store
         self.manager = manager
         self.max_disk = max_disk
@@ -44,8 +44,12 @@ class DiskBudget:
         paused = free < self.min_free
         if paused != self.writes_paused:
             if paused:
-                log.warning("only %d bytes free on the store's disk (floor %d): not writing caches until there "
-                            "is room; serving goes on", free, self.min_free)
+                log.warning(
+                    "only %d bytes free on the store's disk (floor %d): not writing caches until there "
+                    "is room; serving goes on",
+                    free,
+                    self.min_free,
+                )
             else:
                 log.warning("%d bytes free on the store's disk again: writing caches", free)
         self.writes_paused = self.manager.writes_paused = paused
@@ -62,8 +66,10 @@ class DiskBudget:
         if self.used() <= self.max_disk:
             return []
         fp = self.manager.fingerprint
-        victims = sorted((a for a in self.store.agents() if is_conversation(a, fp) and a.name not in protect),
-                         key=lambda a: (a.updated, a.name))
+        victims = sorted(
+            (a for a in self.store.agents() if is_conversation(a, fp) and a.name not in protect),
+            key=lambda a: (a.updated, a.name),
+        )
         dropped: list[str] = []
         for info in victims:
             self.manager.delete(info.name)
@@ -73,9 +79,12 @@ class DiskBudget:
                 break
         self.dropped += len(dropped)
         used = self.used()
-        log.info("disk budget: dropped %d conversation(s); blobs now %d bytes of %d", len(dropped), used,
-                 self.max_disk)
+        log.info("disk budget: dropped %d conversation(s); blobs now %d bytes of %d", len(dropped), used, self.max_disk)
         if used > self.max_disk:
-            log.warning("disk budget: %d bytes of blobs are still over --max-disk %d (the conversations in use "
-                        "and other agents' caches need them)", used, self.max_disk)
+            log.warning(
+                "disk budget: %d bytes of blobs are still over --max-disk %d (the conversations in use "
+                "and other agents' caches need them)",
+                used,
+                self.max_disk,
+            )
         return dropped

@@ -7,8 +7,22 @@ from dataclasses import dataclass
 from typing import Any
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -58,8 +72,9 @@ class ServerConfig:
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""
         if self.host not in LOOPBACK and not self.api_key:
-            raise ValueError(f"binding {self.host} exposes the model to the network: give --api-key KEY "
-                             "(or bind 127.0.0.1)")
+            raise ValueError(
+                f"binding {self.host} exposes the model to the network: give --api-key KEY (or bind 127.0.0.1)"
+            )
         if self.max_disk is not None and self.max_disk <= 0:
             raise ValueError("--max-disk must be more than 0 bytes")
         if self.max_resident < 1:

@@ -41,9 +41,9 @@ class TurnRequest:
     prompt: list[int]
     messages: list[dict]
     options: GenerationOptions
-    conversation: str | None = None     # X-Kvstore-Agent
+    conversation: str | None = None  # X-Kvstore-Agent
     arrived: float = field(default_factory=time.perf_counter)
-    kind: str = "chat"                  # for the log line: chat | completion | messages
+    kind: str = "chat"  # for the log line: chat | completion | messages
 
 
 @dataclass
@@ -51,11 +51,11 @@ class TurnResult:
     conversation: str
     reply: Reply
     prompt_tokens: int
-    cached_ram: int                     # prompt tokens from a cache in memory
-    cached_disk: int                    # prompt tokens restored from the store
+    cached_ram: int  # prompt tokens from a cache in memory
+    cached_disk: int  # prompt tokens restored from the store
     prefilled: int
-    ttft: float                         # seconds from the request's arrival to the first token
-    stopped_by: str | None = None       # the stop string that ended the reply
+    ttft: float  # seconds from the request's arrival to the first token
+    stopped_by: str | None = None  # the stop string that ended the reply
 
     @property
     def cached(self) -> int:
@@ -73,9 +73,12 @@ class Counters:
 
     def as_dict(self) -> dict:
         p = self.prompt_tokens or 1
-        return dict(self.__dict__, hit_rate=round((self.cached_ram_tokens + self.cached_disk_tokens) / p, 4),
-                    ram_hit_rate=round(self.cached_ram_tokens / p, 4),
-                    disk_hit_rate=round(self.cached_disk_tokens / p, 4))
+        return dict(
+            self.__dict__,
+            hit_rate=round((self.cached_ram_tokens + self.cached_disk_tokens) / p, 4),
+            ram_hit_rate=round(self.cached_ram_tokens / p, 4),
+            disk_hit_rate=round(self.cached_disk_tokens / p, 4),
+        )
 
 
 class Conversations:
@@ -86,7 +89,7 @@ class Conversations:
         self.store = manager.store
         self.budget = budget
         self.counters = Counters()
-        self._by_prompt: dict[tuple[int, str], str] = {}   # (last prompt length, its hash) -> conversation
+        self._by_prompt: dict[tuple[int, str], str] = {}  # (last prompt length, its hash) -> conversation
         self._key_of: dict[str, tuple[int, str]] = {}
         for info in self.store.agents():
             if is_conversation(info, manager.fingerprint):
@@ -146,10 +149,16 @@ class Conversations:
         reply = stream.reply
         st = reply.stats
         first = stream.state.first or time.perf_counter()
-        result = TurnResult(conversation=agent.name, reply=reply, prompt_tokens=st.prompt_tokens,
-                            cached_ram=st.reused_tokens, cached_disk=st.restored_tokens,
-                            prefilled=st.prefilled_tokens, ttft=round(first - req.arrived, 6),
-                            stopped_by=stream.state.stopped_by)
+        result = TurnResult(
+            conversation=agent.name,
+            reply=reply,
+            prompt_tokens=st.prompt_tokens,
+            cached_ram=st.reused_tokens,
+            cached_disk=st.restored_tokens,
+            prefilled=st.prefilled_tokens,
+            ttft=round(first - req.arrived, 6),
+            stopped_by=stream.state.stopped_by,
+        )
         c = self.counters
         c.requests += 1
         c.prompt_tokens += st.prompt_tokens
@@ -157,10 +166,19 @@ class Conversations:
         c.cached_disk_tokens += st.restored_tokens
         c.prefilled_tokens += st.prefilled_tokens
         c.generated_tokens += st.generated_tokens
-        log.info("%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs%s",
-                 req.kind, agent.name, st.prompt_tokens, result.cached, st.reused_tokens, st.restored_tokens,
-                 st.prefilled_tokens, st.generated_tokens, result.ttft,
-                 ", client went away" if reply.finish_reason == "interrupted" else "")
+        log.info(
+            "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs%s",
+            req.kind,
+            agent.name,
+            st.prompt_tokens,
+            result.cached,
+            st.reused_tokens,
+            st.restored_tokens,
+            st.prefilled_tokens,
+            st.generated_tokens,
+            result.ttft,
+            ", client went away" if reply.finish_reason == "interrupted" else "",
+        )
         self.after_turn(agent.name)
         return result
 
@@ -175,13 +193,16 @@ class Conversations:
         """Where a prompt's tokens would come from now: memory, the store, or a prefill."""
         limit = len(prompt) - 1
         mgr = self.manager
-        ram = max((min(turn_mod.common_prefix(mgr.get(n).tokens, prompt), limit) for n in mgr.resident()),
-                  default=0)
+        ram = max((min(turn_mod.common_prefix(mgr.get(n).tokens, prompt), limit) for n in mgr.resident()), default=0)
         disk = self.store.match(prompt[:limit], model=mgr.fingerprint).n_tokens if limit > 0 else 0
         from_ram, from_disk = (ram, 0) if ram >= disk else (0, disk)
-        return {"prompt_tokens": len(prompt), "ram_tokens": from_ram, "disk_tokens": from_disk,
-                "prefill_tokens": len(prompt) - from_ram - from_disk,
-                "continues": self._continued(prompt)}
+        return {
+            "prompt_tokens": len(prompt),
+            "ram_tokens": from_ram,
+            "disk_tokens": from_disk,
+            "prefill_tokens": len(prompt) - from_ram - from_disk,
+            "continues": self._continued(prompt),
+        }
 
     def conversations(self) -> list:
         return [a for a in self.store.agents() if is_conversation(a, self.manager.fingerprint)]
@@ -193,15 +214,29 @@ class Conversations:
         report = mgr.memory_report()
         b = self.budget
         return {
-            "model": mgr.handle.name, "fingerprint": mgr.fingerprint,
-            "entries": len(convs), "tokens": sum(a.n_tokens for a in convs),
-            "bytes_on_disk": store.bytes_on_disk, "bytes_in_ram": report.caches_bytes,
+            "model": mgr.handle.name,
+            "fingerprint": mgr.fingerprint,
+            "entries": len(convs),
+            "tokens": sum(a.n_tokens for a in convs),
+            "bytes_on_disk": store.bytes_on_disk,
+            "bytes_in_ram": report.caches_bytes,
             "resident": {n: report.cache_tokens[n] for n in report.caches},
             "since_start": self.counters.as_dict(),
-            "store": {"path": store.path, "agents": store.agents, "chunks": store.chunks, "blobs": store.blobs,
-                      "dedup_ratio": store.dedup_ratio, "chunk_size": store.chunk_size},
-            "disk": {"max_disk": b.max_disk, "free_bytes": b.free_bytes(), "min_free_disk": b.min_free,
-                     "writes_paused": b.writes_paused, "conversations_dropped": b.dropped},
+            "store": {
+                "path": store.path,
+                "agents": store.agents,
+                "chunks": store.chunks,
+                "blobs": store.blobs,
+                "dedup_ratio": store.dedup_ratio,
+                "chunk_size": store.chunk_size,
+            },
+            "disk": {
+                "max_disk": b.max_disk,
+                "free_bytes": b.free_bytes(),
+                "min_free_disk": b.min_free,
+                "writes_paused": b.writes_paused,
+                "conversations_dropped": b.dropped,
+            },
         }
 
     def clear(self) -> dict:

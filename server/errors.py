@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 # HTTP status -> Anthropic's error type (https://docs.anthropic.com/en/api/errors)
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 # HTTP status -> OpenAI's error type
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 class RequestError(Exception):
@@ -23,8 +38,14 @@ class RequestError(Exception):
 
 
 def openai_body(e: RequestError) -> dict:
-    return {"error": {"message": e.message, "type": _OPENAI_TYPES.get(e.status, "invalid_request_error"),
-                      "param": e.param, "code": e.code}}
+    return {
+        "error": {
+            "message": e.message,
+            "type": _OPENAI_TYPES.get(e.status, "invalid_request_error"),
+            "param": e.param,
+            "code": e.code,
+        }
+    }
 
 
 def anthropic_body(e: RequestError) -> dict:

@@ -34,17 +34,26 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
-    def options(self, max_tokens: int | None, tools: list[dict] | None = None,
-                template_kwargs: dict | None = None) -> GenerationOptions:
+    def options(
+        self, max_tokens: int | None, tools: list[dict] | None = None, template_kwargs: dict | None = None
+    ) -> GenerationOptions:
         if self.n != 1:
             raise RequestError(400, "n must be 1: this server generates one choice per request", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise RequestError(400, "stop: up to 4 non-empty strings", param="stop")
-        return GenerationOptions(max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temp=self.temperature or 0.0,
-                                 top_p=self.top_p or 0.0, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-                                 repetition_penalty=self.repetition_penalty, seed=self.seed, stop=tuple(stop),
-                                 tools=tools, chat_template_kwargs=template_kwargs)
+        return GenerationOptions(
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            temp=self.temperature or 0.0,
+            top_p=self.top_p or 0.0,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=tuple(stop),
+            tools=tools,
+            chat_template_kwargs=template_kwargs,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -71,10 +80,19 @@ class CompletionRequest(_Sampling):
 def usage(r: TurnResult) -> dict:
     """OpenAI usage, with kvstore's own account of where the cached tokens came from."""
     n_gen = r.reply.stats.generated_tokens
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": n_gen, "total_tokens": r.prompt_tokens + n_gen,
-            "prompt_tokens_details": {"cached_tokens": r.cached},
-            "kvstore": {"cached_ram_tokens": r.cached_ram, "cached_disk_tokens": r.cached_disk,
-                        "prefilled_tokens": r.prefilled, "conversation": r.conversation, "ttft": r.ttft}}
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": n_gen,
+        "total_tokens": r.prompt_tokens + n_gen,
+        "prompt_tokens_details": {"cached_tokens": r.cached},
+        "kvstore": {
+            "cached_ram_tokens": r.cached_ram,
+            "cached_disk_tokens": r.cached_disk,
+            "prefilled_tokens": r.prefilled,
+            "conversation": r.conversation,
+            "ttft": r.ttft,
+        },
+    }
 
 
 def finish_reason(r: TurnResult, calls: list) -> str:
@@ -86,8 +104,11 @@ def finish_reason(r: TurnResult, calls: list) -> str:
 def tool_calls(calls: list[dict], streaming: bool = False) -> list[dict]:
     out = []
     for i, c in enumerate(calls):
-        tc = {"id": c["id"], "type": "function",
-              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        tc = {
+            "id": c["id"],
+            "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
+        }
         out.append(dict(tc, index=i) if streaming else tc)
     return out
 
@@ -100,30 +121,52 @@ def chat_body(rid: str, model: str, r: TurnResult, text: str, calls: list[dict])
     message: dict = {"role": "assistant", "content": text if text or not calls else None}
     if calls:
         message["tool_calls"] = tool_calls(calls)
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(r, calls)}],
-            "usage": usage(r)}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(r, calls)}],
+        "usage": usage(r),
+    }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None,
-               choices: bool = True) -> dict:
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}
+def chat_chunk(
+    rid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None, choices: bool = True
+) -> dict:
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+    }
     if usage_ is not None:
         body["usage"] = usage_
     return body
 
 
 def completion_body(rid: str, model: str, r: TurnResult) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": r.reply.text, "logprobs": None, "finish_reason": finish_reason(r, [])}],
-            "usage": usage(r)}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": r.reply.text, "logprobs": None, "finish_reason": finish_reason(r, [])}],
+        "usage": usage(r),
+    }
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None = None, usage_: dict | None = None,
-                     choices: bool = True) -> dict:
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}] if choices else []}
+def completion_chunk(
+    rid: str, model: str, text: str, finish: str | None = None, usage_: dict | None = None, choices: bool = True
+) -> dict:
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}] if choices else [],
+    }
     if usage_ is not None:
         body["usage"] = usage_
     return body

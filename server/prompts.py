@@ -51,14 +51,22 @@ def openai_messages(messages: list[dict]) -> list[dict]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
-            raise RequestError(400, f"messages[{i}].role must be system, user, assistant or tool, not {role!r}",
-                               param=f"messages[{i}].role")
+            raise RequestError(
+                400,
+                f"messages[{i}].role must be system, user, assistant or tool, not {role!r}",
+                param=f"messages[{i}].role",
+            )
         msg: dict = {"role": role, "content": text_of(m.get("content"), f"messages[{i}].content")}
         if role == "assistant" and m.get("tool_calls"):
-            msg["tool_calls"] = [dict(tc, function=dict(tc.get("function") or {},
-                                                        arguments=_arguments((tc.get("function") or {})
-                                                                             .get("arguments"))))
-                                 for tc in m["tool_calls"]]
+            msg["tool_calls"] = [
+                dict(
+                    tc,
+                    function=dict(
+                        tc.get("function") or {}, arguments=_arguments((tc.get("function") or {}).get("arguments"))
+                    ),
+                )
+                for tc in m["tool_calls"]
+            ]
         if role == "tool":
             for k in ("tool_call_id", "name"):
                 if m.get(k) is not None:
@@ -89,14 +97,27 @@ def anthropic_messages(system: Any, messages: list[dict]) -> list[dict]:
             if kind == "text":
                 texts.append(text_of([block], f"messages.{i}.content"))
             elif kind == "tool_use" and role == "assistant":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"), "arguments": block.get("input") or {}}})
+                calls.append(
+                    {
+                        "id": block.get("id"),
+                        "type": "function",
+                        "function": {"name": block.get("name"), "arguments": block.get("input") or {}},
+                    }
+                )
             elif kind == "tool_result" and role == "user":
-                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
-                                "content": text_of(block.get("content"), f"messages.{i}.content.tool_result")})
+                results.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.get("tool_use_id"),
+                        "content": text_of(block.get("content"), f"messages.{i}.content.tool_result"),
+                    }
+                )
             else:
-                raise RequestError(400, f"messages.{i}.content: unsupported content block {kind!r} "
-                                        "(text, tool_use and tool_result are supported)")
+                raise RequestError(
+                    400,
+                    f"messages.{i}.content: unsupported content block {kind!r} "
+                    "(text, tool_use and tool_result are supported)",
+                )
         out.extend(results)
         if texts or calls or not results:
             msg: dict = {"role": role, "content": "".join(texts)}
@@ -110,22 +131,40 @@ def anthropic_tools(tools: list[dict] | None) -> list[dict] | None:
     """Anthropic tool definitions in the OpenAI (function) shape that chat templates read."""
     if not tools:
         return None
-    return [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
-                                              "parameters": t.get("input_schema") or {"type": "object"}}}
-            for t in tools]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.get("name"),
+                "description": t.get("description", ""),
+                "parameters": t.get("input_schema") or {"type": "object"},
+            },
+        }
+        for t in tools
+    ]
 
 
 def check_length(prompt: list[int], context_length: int | None, max_tokens: int) -> list[int]:
     if not prompt:
         raise RequestError(400, "the prompt is empty", param="messages")
     if context_length is not None and len(prompt) >= context_length:
-        raise RequestError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context_length} "
-                                "tokens", param="messages", code="context_length_exceeded")
+        raise RequestError(
+            400,
+            f"the prompt has {len(prompt)} tokens; this model's context is {context_length} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
     return prompt
 
 
-def render_chat(tokenizer: Any, messages: list[dict], tools: list[dict] | None, template_kwargs: dict | None,
-                context_length: int | None, max_tokens: int) -> list[int]:
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict] | None,
+    template_kwargs: dict | None,
+    context_length: int | None,
+    max_tokens: int,
+) -> list[int]:
     """Prompt tokens of a chat request (the model's chat template), checked against the context length."""
     try:
         prompt = turn_mod.render(tokenizer, messages, tools, template_kwargs)
@@ -148,8 +187,7 @@ def encode_prompt(tokenizer: Any, prompt: Any, context_length: int | None, max_t
             raise RequestError(400, f"prompt: token ids must be between 0 and {vocab - 1}", param="prompt")
         tokens = list(prompt)
     else:
-        raise RequestError(400, "prompt must be a string, a list of one string, or a list of token ids",
-                           param="prompt")
+        raise RequestError(400, "prompt must be a string, a list of one string, or a list of token ids", param="prompt")
     return check_length(tokens, context_length, max_tokens)
 
 
@@ -171,8 +209,13 @@ def split_tool_calls(tokenizer: Any, text: str, tools: list[dict] | None) -> tup
             kept.append(start + body + found)
             continue
         for call in parsed if isinstance(parsed, list) else [parsed]:
-            calls.append({"id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}", "name": call.get("name"),
-                          "arguments": call.get("arguments") or {}})
+            calls.append(
+                {
+                    "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                    "name": call.get("name"),
+                    "arguments": call.get("arguments") or {},
+                }
+            )
     kept.append(rest)
     return "".join(kept).strip() if calls else text, calls
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -27,14 +27,18 @@ async def messages(body: an.MessagesRequest, request: Request):
     tools = anthropic_tools(body.tools) if body.template_tools else None
     options = body.options(tools)
     msgs = anthropic_messages(body.system, body.messages)
-    prompt = await asyncio.to_thread(render_chat, st.tokenizer, msgs, tools, None, st.context_length,
-                                     options.max_tokens)
+    prompt = await asyncio.to_thread(
+        render_chat, st.tokenizer, msgs, tools, None, st.context_length, options.max_tokens
+    )
     turn = TurnRequest(prompt, msgs, options, request.headers.get("x-kvstore-agent"), kind="messages")
     job = st.submit(lambda job: st.conversations.run(turn, job))
     mid = an.new_id()
     if body.stream:
-        return StreamingResponse(_stream(st, job, mid, body.model, len(prompt), tools),
-                                 media_type="text/event-stream", headers=STREAM_HEADERS)
+        return StreamingResponse(
+            _stream(st, job, mid, body.model, len(prompt), tools),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
+        )
     result: TurnResult = await st.result(job, request)
     text, calls = split_tool_calls(st.tokenizer, result.reply.text, tools)
     return an.message_body(mid, body.model, result, text, calls)
@@ -55,11 +59,19 @@ async def _stream(st: ServerState, job, mid: str, model: str, prompt_tokens: int
                 upto = held_back(text, marker)
                 if upto > sent:
                     if not opened:
-                        yield frame({"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}}, "content_block_start")
+                        yield frame(
+                            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                            "content_block_start",
+                        )
                         opened = True
-                    yield frame({"type": "content_block_delta", "index": 0,
-                                 "delta": {"type": "text_delta", "text": text[sent:upto]}}, "content_block_delta")
+                    yield frame(
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": text[sent:upto]},
+                        },
+                        "content_block_delta",
+                    )
                     sent = upto
             elif kind == "error":
                 yield frame(anthropic_body(as_request_error(value)), "error")
@@ -70,28 +82,41 @@ async def _stream(st: ServerState, job, mid: str, model: str, prompt_tokens: int
         final = rest if calls else result.reply.text
         if len(final) > sent or not (opened or calls):
             if not opened:
-                yield frame({"type": "content_block_start", "index": 0,
-                             "content_block": {"type": "text", "text": ""}}, "content_block_start")
+                yield frame(
+                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                    "content_block_start",
+                )
                 opened = True
             if len(final) > sent:
-                yield frame({"type": "content_block_delta", "index": 0,
-                             "delta": {"type": "text_delta", "text": final[sent:]}}, "content_block_delta")
+                yield frame(
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": final[sent:]}},
+                    "content_block_delta",
+                )
         index = 0
         if opened:
             yield frame({"type": "content_block_stop", "index": 0}, "content_block_stop")
             index = 1
         for block in an.tool_use_blocks(calls):
-            yield frame({"type": "content_block_start", "index": index,
-                         "content_block": dict(block, input={})}, "content_block_start")
-            yield frame({"type": "content_block_delta", "index": index,
-                         "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
-                        "content_block_delta")
+            yield frame(
+                {"type": "content_block_start", "index": index, "content_block": dict(block, input={})},
+                "content_block_start",
+            )
+            yield frame(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+                },
+                "content_block_delta",
+            )
             yield frame({"type": "content_block_stop", "index": index}, "content_block_stop")
             index += 1
         reason, seq = an.stop_reason(result, calls)
         usage = an.usage(result)
-        yield frame({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
-                     "usage": usage}, "message_delta")
+        yield frame(
+            {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": usage},
+            "message_delta",
+        )
         yield frame({"type": "message_stop"}, "message_stop")
     finally:
         job.cancel()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -31,14 +31,16 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
     options = body.options(max_tokens, tools, body.chat_template_kwargs)
     messages = openai_messages(body.messages)
-    prompt = await asyncio.to_thread(render_chat, st.tokenizer, messages, tools, body.chat_template_kwargs,
-                                     st.context_length, options.max_tokens)
+    prompt = await asyncio.to_thread(
+        render_chat, st.tokenizer, messages, tools, body.chat_template_kwargs, st.context_length, options.max_tokens
+    )
     turn = TurnRequest(prompt, messages, options, request.headers.get("x-kvstore-agent"), kind="chat")
     job = st.submit(lambda job: st.conversations.run(turn, job))
     rid = oa.new_id("chatcmpl")
     if body.stream:
-        return StreamingResponse(_chat_stream(st, job, rid, body, tools), media_type="text/event-stream",
-                                 headers=STREAM_HEADERS)
+        return StreamingResponse(
+            _chat_stream(st, job, rid, body, tools), media_type="text/event-stream", headers=STREAM_HEADERS
+        )
     result: TurnResult = await st.result(job, request)
     text, calls = split_tool_calls(st.tokenizer, result.reply.text, tools)
     return oa.chat_body(rid, body.model, result, text, calls)
@@ -90,16 +92,21 @@ async def completions(body: oa.CompletionRequest, request: Request):
     if body.echo:
         raise RequestError(400, "echo is not supported", param="echo")
     options = body.options(body.max_tokens)
-    prompt = await asyncio.to_thread(encode_prompt, st.tokenizer, body.prompt, st.context_length,
-                                     options.max_tokens)
+    prompt = await asyncio.to_thread(encode_prompt, st.tokenizer, body.prompt, st.context_length, options.max_tokens)
     text = body.prompt if isinstance(body.prompt, str) else ""
-    turn = TurnRequest(prompt, [{"role": "prompt", "content": text}], options,
-                       request.headers.get("x-kvstore-agent"), kind="completion")
+    turn = TurnRequest(
+        prompt,
+        [{"role": "prompt", "content": text}],
+        options,
+        request.headers.get("x-kvstore-agent"),
+        kind="completion",
+    )
     job = st.submit(lambda job: st.conversations.run(turn, job))
     rid = oa.new_id("cmpl")
     if body.stream:
-        return StreamingResponse(_completion_stream(st, job, rid, body), media_type="text/event-stream",
-                                 headers=STREAM_HEADERS)
+        return StreamingResponse(
+            _completion_stream(st, job, rid, body), media_type="text/event-stream", headers=STREAM_HEADERS
+        )
     return oa.completion_body(rid, body.model, await st.result(job, request))
 
 

@@ -27,6 +27,13 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
             # uvicorn re-raises the signal once shut down (exit status -15); ours is a clean exit: status 0.
             self._captured_signals.clear()
 
-    uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
-                        timeout_graceful_shutdown=30, access_log=False)
+    uv = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+        access_log=False,
+    )
     Server(uv).run()

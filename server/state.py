@@ -69,8 +69,13 @@ class ServerState:
         c = self.config
         self.store = kvstore.open(c.store, blobs=c.blobs, chunk_size=c.chunk_size)
         try:
-            self.manager = AgentManager(c.model, self.store, max_resident=c.max_resident,
-                                        max_resident_bytes=c.max_resident_bytes, share_resident=True)
+            self.manager = AgentManager(
+                c.model,
+                self.store,
+                max_resident=c.max_resident,
+                max_resident_bytes=c.max_resident_bytes,
+                share_resident=True,
+            )
         except BaseException:
             self.store.close()
             raise
@@ -86,8 +91,13 @@ class ServerState:
         self.conversations = Conversations(self.manager, self.budget)
         if not self.budget.check_floor():
             self.budget.enforce()
-        log.info("serving %s (%s) from the store at %s; context %s tokens", self.model_id,
-                 self.manager.fingerprint[:12], self.store.path, self.context_length)
+        log.info(
+            "serving %s (%s) from the store at %s; context %s tokens",
+            self.model_id,
+            self.manager.fingerprint[:12],
+            self.store.path,
+            self.context_length,
+        )
 
     def close(self) -> None:
         """Stop generating, finish the current save, save what is unsaved, close the store."""
@@ -106,8 +116,12 @@ class ServerState:
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
-            raise RequestError(404, f"the model {name!r} does not exist here: this server runs {self.model_id!r}",
-                               param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"the model {name!r} does not exist here: this server runs {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def submit(self, fn) -> Job:
         return self.worker.submit(fn, asyncio.get_running_loop())

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("kvstore.server")
 
@@ -15,7 +16,7 @@ log = logging.getLogger("kvstore.server")
 class Job:
     """A request's work on the model thread: its events go to an asyncio queue; `cancel()` stops it."""
 
-    def __init__(self, fn: Callable[["Job"], Any], loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, fn: Callable[[Job], Any], loop: asyncio.AbstractEventLoop | None):
         self.fn = fn
         self.loop = loop
         self.events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None

@@ -17,9 +17,12 @@ def recount_bytes(store, from_files: bool = False) -> tuple[dict[str, dict[str, 
     """
     with store.engine.connect() as conn:
         heads: dict[str, list[bytes]] = {n: [] for (n,) in conn.execute(text("SELECT name FROM agents"))}
-        for name, key in conn.execute(text(
+        for name, key in conn.execute(
+            text(
                 "SELECT a.name, sc.chunk_key FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
-                "ORDER BY a.name, sc.seq")):
+                "ORDER BY a.name, sc.seq"
+            )
+        ):
             heads[name].append(bytes(key))
         blob_rows = dict(conn.execute(text("SELECT id, nbytes FROM blobs")).all())
         blobs: dict[bytes, set] = {}
@@ -30,7 +33,9 @@ def recount_bytes(store, from_files: bool = False) -> tuple[dict[str, dict[str, 
     for name, keys in heads.items():
         others = {k for other, ks in heads.items() if other != name for k in ks}
         sizes = [(k in others, sum(blob_bytes(b) for b in blobs.get(k, ()))) for k in keys]
-        out[name] = {"unique_bytes": sum(n for shared, n in sizes if not shared),
-                     "shared_bytes": sum(n for shared, n in sizes if shared),
-                     "total_bytes": sum(n for _, n in sizes)}
+        out[name] = {
+            "unique_bytes": sum(n for shared, n in sizes if not shared),
+            "shared_bytes": sum(n for shared, n in sizes if shared),
+            "total_bytes": sum(n for _, n in sizes),
+        }
     return out, sum(v["total_bytes"] for v in out.values())

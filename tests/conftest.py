@@ -15,8 +15,11 @@ import pytest  # noqa: E402
 TEST_CHUNK = 16  # small chunks so short test caches span several of them
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")
 S3_URL = os.environ.get("KVSTORE_TEST_S3_URL")
-BACKENDS = ["sqlite"] + ([pytest.param("postgresql", marks=pytest.mark.postgres)] if PG_URL else []) \
+BACKENDS = (
+    ["sqlite"]
+    + ([pytest.param("postgresql", marks=pytest.mark.postgres)] if PG_URL else [])
     + ([pytest.param("s3", marks=pytest.mark.s3)] if S3_URL else [])
+)
 # The engine's core tests also run with blobs on S3 (its index on PostgreSQL when there is one): the rest
 # poke at blob files on disk, or are slow stress tests that would only repeat what these cover.
 S3_MODULES = {"test_roundtrip", "test_dedup", "test_read_path", "test_open"}
@@ -146,8 +149,12 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_addoption(parser):
     """`--long`: the reliability suite's crash harness runs 2,000 kills instead of 200."""
-    parser.addoption("--long", action="store_true", default=False,
-                     help="reliability suite: 2,000 crash-injection kills instead of 200")
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="reliability suite: 2,000 crash-injection kills instead of 200",
+    )
 
 
 @pytest.fixture(scope="session")

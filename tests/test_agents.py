@@ -8,6 +8,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TEST_CHUNK
 
 import kvstore
 from kvstore.agents import AgentManager, RecoveryWarning, consult, resolve_model
@@ -15,11 +16,11 @@ from kvstore.agents import turn as turn_mod
 from kvstore.agents.team import coordinator_message
 from kvstore.errors import AgentExistsError, ModelMismatchError, UnknownAgentError
 
-from conftest import TEST_CHUNK
-
 ARCHS = ("llama", "gemma3")
-WORDS = ("ledger capture refund webhook merchant acquirer idempotency canary rollback severity "
-         "replica schema migration retry timeout gateway").split()
+WORDS = (
+    "ledger capture refund webhook merchant acquirer idempotency canary rollback severity "
+    "replica schema migration retry timeout gateway"
+).split()
 
 
 def text_of(tokenizer, n_tokens: int, salt: int = 0) -> str:
@@ -74,6 +75,7 @@ def assert_exact_history(mgr, agent) -> None:
 
 
 # -- a turn ----------------------------------------------------------------------------------
+
 
 def test_turn_stats_and_incremental_autosave(tmp_path, handles, arch):
     h = handles[arch]
@@ -154,6 +156,7 @@ def test_template_rerender_trims_to_common_prefix(tmp_path, handles, arch):
 
 # -- warm start ------------------------------------------------------------------------------
 
+
 def test_warm_start_restores_shared_preamble_and_matches_cold(tmp_path, handles, arch):
     h = handles[arch]
     pre = preamble(h)
@@ -195,6 +198,7 @@ def test_sliding_window_chunks_of_a_long_answer_stay_restorable(tmp_path, handle
 
 
 # -- residency -------------------------------------------------------------------------------
+
 
 def test_lru_eviction_saves_and_reloads(tmp_path, handles, arch):
     h = handles[arch]
@@ -254,6 +258,7 @@ def test_load_get_list_delete_and_errors(tmp_path, handles):
 
 # -- fork ------------------------------------------------------------------------------------
 
+
 def test_fork_shares_blobs_and_is_independent(tmp_path, handles, arch):
     h = handles[arch]
     with fresh_store(tmp_path) as store:
@@ -296,16 +301,19 @@ def _arrays(cache):
 
 # -- recovery --------------------------------------------------------------------------------
 
+
 def _blob_of_first_chunk(store, name: str) -> str:
     from sqlalchemy import select
 
-    from kvstore.index import db
-    from kvstore.index import schema
+    from kvstore.index import db, schema
 
     sc, cl, a = schema.snapshot_chunks, schema.chunk_layers, schema.agents
     with db.transaction(store.engine, write=False, what="test") as conn:
-        key = conn.execute(select(sc.c.chunk_key).select_from(sc.join(a, a.c.head == sc.c.snapshot_id))
-                           .where(a.c.name == name, sc.c.seq == 0)).scalar_one()
+        key = conn.execute(
+            select(sc.c.chunk_key)
+            .select_from(sc.join(a, a.c.head == sc.c.snapshot_id))
+            .where(a.c.name == name, sc.c.seq == 0)
+        ).scalar_one()
         return conn.execute(select(cl.c.blob_id).where(cl.c.chunk_key == key).limit(1)).scalar_one()
 
 
@@ -366,6 +374,7 @@ def test_load_recomputes_a_damaged_agent_from_its_tokens(tmp_path, handles, arch
 
 
 # -- the multi-agent helper and the memory report --------------------------------------------
+
 
 def test_consult_and_memory_report(tmp_path, handles):
     h = handles["llama"]

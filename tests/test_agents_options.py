@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import TEST_CHUNK
 
 import kvstore
 from kvstore.agents import AgentManager, GenerationOptions, resolve_model
 from kvstore.agents import turn as turn_mod
-
-from conftest import TEST_CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +66,9 @@ def test_tools_and_template_kwargs_reach_the_chat_template(handle, tmp_path):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "hi"}]
     original = tok.chat_template
-    tok.chat_template = ("{% if tools %}TOOLS:{{ tools[0].function.name }}\n{% endif %}"
-                         "{% if shout %}LOUD\n{% endif %}" + original)
+    tok.chat_template = (
+        "{% if tools %}TOOLS:{{ tools[0].function.name }}\n{% endif %}{% if shout %}LOUD\n{% endif %}" + original
+    )
     try:
         plain = turn_mod.render(tok, messages)
         with_tools = turn_mod.render(tok, messages, tools)
@@ -85,8 +85,17 @@ def test_tools_and_template_kwargs_reach_the_chat_template(handle, tmp_path):
     assert agent.tokens[: len(both)] == both
 
 
-@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temp=-1.0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(repetition_penalty=0.0), dict(stop=[""])])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_tokens=0),
+        dict(temp=-1.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(repetition_penalty=0.0),
+        dict(stop=[""]),
+    ],
+)
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         GenerationOptions(**bad)

@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_CHUNK
+from test_agents import ARCHS, handles, model_paths, preamble  # noqa: F401  (session fixtures)
 
 import kvstore
 from kvstore.agents import AgentManager
 from kvstore.agents.demo import main as demo_main
 from kvstore.agents.demo import run_demo
-
-from conftest import TEST_CHUNK
-from test_agents import ARCHS, handles, model_paths, preamble  # noqa: F401  (session fixtures)
 
 QUESTIONS = ["What failed in the payment API?", "Which merchants are affected?", "What do we do first?"]
 
@@ -69,8 +68,15 @@ def test_resume_in_new_process_matches_uninterrupted(tmp_path, model_paths, hand
 def test_demo_runs_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
     lines: list[str] = []
-    results = run_demo(tmp_path / "demo-store", "builtin", session=None, size="tiny", max_tokens=6, echo=lines.append,
-                       json_out=tmp_path / "demo.json")
+    results = run_demo(
+        tmp_path / "demo-store",
+        "builtin",
+        session=None,
+        size="tiny",
+        max_tokens=6,
+        echo=lines.append,
+        json_out=tmp_path / "demo.json",
+    )
     text = "\n".join(lines)
     assert "RANDOM weights" in text and "gibberish" in text
     one, two = results["session1"], results["session2"]
@@ -91,5 +97,7 @@ def test_demo_runs_two_processes(tmp_path, monkeypatch):
 
 def test_demo_session_two_needs_session_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
-    assert demo_main(["--session", "2", "--store", str(tmp_path / "empty"), "--model", "builtin", "--size", "tiny"]) == 1
+    assert (
+        demo_main(["--session", "2", "--store", str(tmp_path / "empty"), "--model", "builtin", "--size", "tiny"]) == 1
+    )
     assert "run session 1 first" in capsys.readouterr().err

@@ -8,13 +8,13 @@ import tarfile
 
 import mlx.core as mx
 import pytest
+from conftest import TEST_CHUNK
 from sqlalchemy import select, text
 
 import kvstore
-from kvstore.testing import KINDS, make_cache, same_cache, tokens
-from conftest import TEST_CHUNK
 from kvstore.index import schema
 from kvstore.ops.archive import read_manifest
+from kvstore.testing import KINDS, make_cache, same_cache, tokens
 
 C = TEST_CHUNK
 FP = "a1" * 16
@@ -93,8 +93,9 @@ def test_import_keeps_history_and_dedups(tmp_path, source):
         assert first.blobs_written == 4
         assert got.blobs_reused == 3 and got.blobs_written == got.blobs - 3
         assert dst.stats().bytes_on_disk - before.bytes_on_disk == got.bytes_written
-        assert [(s.n_tokens, s.label) for s in dst.snapshots("tech")] == \
-            [(s.n_tokens, s.label) for s in source.snapshots("tech")]
+        assert [(s.n_tokens, s.label) for s in dst.snapshots("tech")] == [
+            (s.n_tokens, s.label) for s in source.snapshots("tech")
+        ]
         assert dst.agent("tech").meta == {"role": "tech", "turns": 2}
         for name in ("tech", "biz"):
             a, ta = source.load(name, model=FP)
@@ -166,6 +167,7 @@ def _edit_manifest(edit):
         edit(man)
         members["manifest.json"] = json.dumps(man).encode()
         write_members(path, members)
+
     return apply
 
 
@@ -174,6 +176,7 @@ def _edit_members(edit):
         members = read_members(path)
         edit(members)
         write_members(path, members)
+
     return apply
 
 
@@ -214,8 +217,9 @@ TAMPERING = {
     "bad layout": _edit_manifest(lambda m: m["model"].update(layout={"tree": [0], "slots": [["Pickle", "kv", []]]})),
     "missing blob": _edit_members(lambda ms: ms.pop(next(n for n in ms if n.startswith("blobs/")))),
     "extra member": _edit_members(lambda ms: ms.update({"../evil": b"x"})),
-    "truncated blob": _edit_members(lambda ms: ms.update({
-        (n := next(k for k in ms if k.startswith("blobs/"))): ms[n][:-9]})),
+    "truncated blob": _edit_members(
+        lambda ms: ms.update({(n := next(k for k in ms if k.startswith("blobs/"))): ms[n][:-9]})
+    ),
 }
 
 

@@ -51,6 +51,7 @@ def _relabel(path, new_tokens: list[int], fp: str = FP, out=None) -> None:
 
 # -- item 1: an import never changes what other agents restore -------------------------------------
 
+
 def test_relabelled_archive_cannot_poison_local_caches(tmp_path):
     """An archive whose token ids were relabelled imports (its keys and blobs agree with each other);
     a local agent that then saves those token ids must still restore its own KV, bit for bit."""
@@ -143,6 +144,7 @@ def test_verify_with_the_model_merges_true_kv_and_refuses_relabelled_kv(tmp_path
 
 # -- item 4: a sparse member is a decompression bomb ----------------------------------------------
 
+
 def test_sparse_member_is_refused_before_it_is_expanded(tmp_path):
     """A blob of mostly zeros written as a sparse member: tarfile would expand it to its full size
     from a fraction of the bytes. The archive is refused and the store is unchanged."""
@@ -161,8 +163,7 @@ def test_sparse_member_is_refused_before_it_is_expanded(tmp_path):
         for n, d in members.items():
             info = tarfile.TarInfo(n)
             if n == name:
-                info.pax_headers = {"GNU.sparse.map": f"0,{kept}", "GNU.sparse.size": str(len(d)),
-                                    "GNU.sparse.name": n}
+                info.pax_headers = {"GNU.sparse.map": f"0,{kept}", "GNU.sparse.size": str(len(d)), "GNU.sparse.name": n}
                 info.size = kept
                 tar.addfile(info, io.BytesIO(d[:kept]))
             else:
@@ -179,14 +180,16 @@ def test_sparse_member_is_refused_before_it_is_expanded(tmp_path):
 
 # -- item 5: a PAX header that makes tarfile's regex quadratic ------------------------------------
 
+
 def test_huge_pax_header_never_reaches_tarfile(tmp_path, monkeypatch):
     archive = _export(tmp_path, make_cache("kv", C, seed=9), tokens(C, seed=9))
     pax = b"1" * 100_000  # CVE-2024-6232: digits with no record behind them backtrack quadratically
     info = tarfile.TarInfo("././@PaxHeader")
     info.type, info.size = tarfile.XHDTYPE, len(pax)
     crafted = tmp_path / "pax.tar"
-    crafted.write_bytes(info.tobuf(format=tarfile.USTAR_FORMAT) + pax + b"\0" * (-len(pax) % 512)
-                        + archive.read_bytes())
+    crafted.write_bytes(
+        info.tobuf(format=tarfile.USTAR_FORMAT) + pax + b"\0" * (-len(pax) % 512) + archive.read_bytes()
+    )
     parsed = []
     real = tarfile.TarInfo._proc_pax
     monkeypatch.setattr(tarfile.TarInfo, "_proc_pax", lambda self, tar: parsed.append(1) or real(self, tar))
@@ -200,8 +203,9 @@ def test_huge_pax_header_never_reaches_tarfile(tmp_path, monkeypatch):
     # A short malformed PAX record is refused by the same scan.
     pax = b"99999999999999999999999 x"
     info.size = len(pax)
-    crafted.write_bytes(info.tobuf(format=tarfile.USTAR_FORMAT) + pax + b"\0" * (-len(pax) % 512)
-                        + archive.read_bytes())
+    crafted.write_bytes(
+        info.tobuf(format=tarfile.USTAR_FORMAT) + pax + b"\0" * (-len(pax) % 512) + archive.read_bytes()
+    )
     with open_store(tmp_path / "dst") as dst, pytest.raises(kvstore.ArchiveError, match="PAX"):
         kvstore.import_agent(dst, crafted)
     assert parsed == []
@@ -209,9 +213,11 @@ def test_huge_pax_header_never_reaches_tarfile(tmp_path, monkeypatch):
 
 # -- items 6 and 7: layouts, nesting and times ------------------------------------------------------
 
+
 def _layout(edit):
     def apply(man):
         edit(man["model"]["layout"])
+
     return apply
 
 
@@ -229,13 +235,16 @@ CRAFTED = {
     "tree nests another class": _layout(lambda lay: lay.update(tree=[0, 1, {"Pickle": [2]}])),
     "slot of the wrong kind": _layout(lambda lay: lay["slots"][0].__setitem__(1, "state")),
     "rotating slot without a window": _layout(lambda lay: lay["slots"].__setitem__(0, ["RotatingKVCache", "rot", []])),
-    "quantized slot with 7 bits": _layout(lambda lay: lay["slots"].__setitem__(
-        0, ["QuantizedKVCache", "kv", [["bits", 7], ["group_size", 64]]])),
-    "slot parameters not numbers": _layout(lambda lay: lay["slots"].__setitem__(
-        0, ["ArraysCache", "state", [["size", "2"]]])),
+    "quantized slot with 7 bits": _layout(
+        lambda lay: lay["slots"].__setitem__(0, ["QuantizedKVCache", "kv", [["bits", 7], ["group_size", 64]]])
+    ),
+    "slot parameters not numbers": _layout(
+        lambda lay: lay["slots"].__setitem__(0, ["ArraysCache", "state", [["size", "2"]]])
+    ),
     "extra layout key": _layout(lambda lay: lay.update(extra=1)),
-    "slot class unlike its blobs": _layout(lambda lay: lay["slots"].__setitem__(
-        1, ["QuantizedKVCache", "kv", [["bits", 4], ["group_size", 64]]])),
+    "slot class unlike its blobs": _layout(
+        lambda lay: lay["slots"].__setitem__(1, ["QuantizedKVCache", "kv", [["bits", 4], ["group_size", 64]]])
+    ),
     "metadata nested 70 deep": lambda m: m["agent"].update(meta=_deep(70)),
     "manifest nested 100,000 deep": lambda m: m.update(junk=None),  # replaced below by raw text
     "created time Infinity": lambda m: m["agent"].update(created=float("inf")),
@@ -271,6 +280,7 @@ def test_crafted_manifest_is_refused_before_anything_is_written(tmp_path, how):
 
 # -- item 8: blob ids are checked before a path is built from them ----------------------------------
 
+
 def test_blob_ids_never_reach_outside_the_store(tmp_path):
     from kvstore.errors import InvalidBlobIdError
 
@@ -297,10 +307,12 @@ def test_blob_ids_never_reach_outside_the_store(tmp_path):
 
 # -- item 9: terminal escapes in names and metadata -------------------------------------------------
 
+
 def test_cli_shows_escapes_instead_of_sending_them(tmp_path):
     toks = tokens(C + 3, seed=13)
-    archive = _export(tmp_path, make_cache("kv", len(toks), seed=13), toks,
-                      meta={"\x1b]0;owned\x07": 1, "\u202eevil": 2})
+    archive = _export(
+        tmp_path, make_cache("kv", len(toks), seed=13), toks, meta={"\x1b]0;owned\x07": 1, "\u202eevil": 2}
+    )
     members = read_members(archive)
     man = json.loads(members["manifest.json"])
     man["model"]["name"] = "\x1b[2J\x1b[31mred\x9b"
@@ -334,14 +346,16 @@ def test_import_flags(tmp_path):
     runner = CliRunner()
     for flags, merged in (([], False), (["--trust"], True), (["--verify-with", str(path)], True)):
         store = tmp_path / f"dst{len(flags)}"
-        out = runner.invoke(cli, ["--store", str(store), "import", str(tmp_path / "a.tar"), *flags],
-                            catch_exceptions=False)
+        out = runner.invoke(
+            cli, ["--store", str(store), "import", str(tmp_path / "a.tar"), *flags], catch_exceptions=False
+        )
         assert out.exit_code == 0, out.output
         with kvstore.open(store) as dst:
             assert dst.match(toks, model=fp).n_tokens == (len(toks) if merged else 0)
             assert dst.load("agent", model=fp)[1] == toks
-    out = runner.invoke(cli, ["--store", str(tmp_path / "x"), "import", str(tmp_path / "a.tar"), "--trust",
-                              "--verify-with", str(path)])
+    out = runner.invoke(
+        cli, ["--store", str(tmp_path / "x"), "import", str(tmp_path / "a.tar"), "--trust", "--verify-with", str(path)]
+    )
     assert out.exit_code != 0 and "--trust" in out.output
 
 

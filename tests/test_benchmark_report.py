@@ -16,8 +16,10 @@ def pages(tmp_path, monkeypatch):
     root = tmp_path / "repo"
     (root / "docs").mkdir(parents=True)
     page = root / "docs" / "BENCHMARKS.md"
-    page.write_text("# Benchmarks\n\n<!-- a:begin -->\nold a\n<!-- a:end -->\n\ntext between\n\n"
-                    "<!-- b:begin -->\nold b\n<!-- b:end -->\n")
+    page.write_text(
+        "# Benchmarks\n\n<!-- a:begin -->\nold a\n<!-- a:end -->\n\ntext between\n\n"
+        "<!-- b:begin -->\nold b\n<!-- b:end -->\n"
+    )
     monkeypatch.setattr(report, "ROOT", root)
     monkeypatch.setattr(report, "RESULTS", root / "benchmarks" / "results")
     monkeypatch.setattr(report, "QUICK", root / "benchmarks" / "quick")
@@ -28,8 +30,10 @@ def pages(tmp_path, monkeypatch):
 def test_a_benchmark_rewrites_only_its_own_block(pages):
     root, page = pages
     report.publish("a", {"x": 1}, "new a, see [the table](docs/BENCHMARKS.md)", quick=False)
-    assert page.read_text() == ("# Benchmarks\n\n<!-- a:begin -->\nnew a, see [the table](BENCHMARKS.md)\n"
-                                "<!-- a:end -->\n\ntext between\n\n<!-- b:begin -->\nold b\n<!-- b:end -->\n")
+    assert page.read_text() == (
+        "# Benchmarks\n\n<!-- a:begin -->\nnew a, see [the table](BENCHMARKS.md)\n"
+        "<!-- a:end -->\n\ntext between\n\n<!-- b:begin -->\nold b\n<!-- b:end -->\n"
+    )
     assert json.loads((root / "benchmarks" / "results" / "a.json").read_text()) == {"x": 1}
 
 

@@ -16,10 +16,18 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 from kvstore import builtin_models as bm
 
 TURN = {"llama": ("<|im_start|>", "<|im_end|>"), "gemma3": ("<start_of_turn>", "<end_of_turn>")}
-MESSAGES = [{"role": "system", "content": "You are a careful reviewer."},
-            {"role": "user", "content": "What should we do first?"}]
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-         bm.MARKER)
+MESSAGES = [
+    {"role": "system", "content": "You are a careful reviewer."},
+    {"role": "user", "content": "What should we do first?"},
+]
+FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    bm.MARKER,
+)
 
 
 @pytest.fixture(scope="module", params=bm.ARCHITECTURES)
@@ -39,8 +47,14 @@ def test_directory_and_config(built):
     assert sorted(p.name for p in path.iterdir()) == sorted(FILES)
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == {"llama": "llama", "gemma3": "gemma3_text"}[arch]
-    assert config["kvstore_builtin"] == {"arch": arch, "size": "tiny", "seed": 0, "dtype": "float32",
-                                         "overrides": {}, "format": bm.BUILD_FORMAT}
+    assert config["kvstore_builtin"] == {
+        "arch": arch,
+        "size": "tiny",
+        "seed": 0,
+        "dtype": "float32",
+        "overrides": {},
+        "format": bm.BUILD_FORMAT,
+    }
     assert (config["hidden_size"], config["num_hidden_layers"], config["head_dim"]) == (64, 4, 16)
     assert model.model.embed_tokens.weight.shape == (config["vocab_size"], 64)
     assert config["vocab_size"] == len(tokenizer.get_vocab())
@@ -63,11 +77,15 @@ def test_chat_template(built):
     start, end = TURN[arch]
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     if arch == "llama":
-        assert text == ("<|im_start|>system\nYou are a careful reviewer.<|im_end|>\n"
-                        "<|im_start|>user\nWhat should we do first?<|im_end|>\n<|im_start|>assistant\n")
+        assert text == (
+            "<|im_start|>system\nYou are a careful reviewer.<|im_end|>\n"
+            "<|im_start|>user\nWhat should we do first?<|im_end|>\n<|im_start|>assistant\n"
+        )
     else:  # Gemma has no system role: the system prompt opens the first user turn
-        assert text == ("<bos><start_of_turn>user\nYou are a careful reviewer.\n\nWhat should we do first?"
-                        "<end_of_turn>\n<start_of_turn>model\n")
+        assert text == (
+            "<bos><start_of_turn>user\nYou are a careful reviewer.\n\nWhat should we do first?"
+            "<end_of_turn>\n<start_of_turn>model\n"
+        )
     ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
     start_id, end_id = tokenizer.convert_tokens_to_ids([start, end])
     assert ids == tokenizer.encode(text, add_special_tokens=False)
@@ -77,8 +95,9 @@ def test_chat_template(built):
     assert end_id in tokenizer.eos_token_ids
     no_prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=False)
     assert ids[: len(no_prompt)] == no_prompt
-    assert ids[len(no_prompt):] == tokenizer.encode(start + {"llama": "assistant", "gemma3": "model"}[arch] + "\n",
-                                                    add_special_tokens=False)
+    assert ids[len(no_prompt) :] == tokenizer.encode(
+        start + {"llama": "assistant", "gemma3": "model"}[arch] + "\n", add_special_tokens=False
+    )
 
 
 def test_cache_kinds(built):
@@ -138,11 +157,21 @@ def test_reproducible_builds(tmp_path, arch):
 
 def test_tokenizer_training_is_deterministic_across_processes():
     # Loads the module file alone: importing the whole kvstore package would triple the time.
-    code = ("import hashlib, importlib.util as u, sys; s = u.spec_from_file_location('bm', sys.argv[1]); "
-            "bm = u.module_from_spec(s); s.loader.exec_module(bm); "
-            "print(hashlib.sha256(bm._tokenizer_json('gemma3').encode()).hexdigest())")
-    runs = {subprocess.run([sys.executable, "-c", code, bm.__file__], capture_output=True, text=True, check=True,
-                           env=dict(os.environ, PYTHONHASHSEED=str(i))).stdout.strip() for i in (1, 2)}
+    code = (
+        "import hashlib, importlib.util as u, sys; s = u.spec_from_file_location('bm', sys.argv[1]); "
+        "bm = u.module_from_spec(s); s.loader.exec_module(bm); "
+        "print(hashlib.sha256(bm._tokenizer_json('gemma3').encode()).hexdigest())"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", code, bm.__file__],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ, PYTHONHASHSEED=str(i)),
+        ).stdout.strip()
+        for i in (1, 2)
+    }
     assert runs == {hashlib.sha256(bm._tokenizer_json("gemma3").encode()).hexdigest()}
 
 
@@ -164,7 +193,9 @@ def test_overrides(tmp_path):
     assert [type(c) for c in cache] == ([RotatingKVCache] * 3 + [KVCache]) * 2
     assert cache[0].max_size == 32
     assert json.loads((path / "config.json").read_text())["kvstore_builtin"]["overrides"] == {
-        "num_hidden_layers": 8, "sliding_window": 32}
+        "num_hidden_layers": 8,
+        "sliding_window": 32,
+    }
     with pytest.raises(ValueError, match="sliding_windw"):
         bm.build_model(tmp_path / "typo", arch="gemma3", sliding_windw=32)
     with pytest.raises(ValueError, match="arch"):

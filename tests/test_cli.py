@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from byte_oracle import recount_bytes
 from click.testing import CliRunner
+from conftest import TEST_CHUNK
 
 import kvstore
-from kvstore.testing import make_cache, same_cache, tokens
-from byte_oracle import recount_bytes
-from conftest import TEST_CHUNK
 from kvstore.cli.main import cli
+from kvstore.testing import make_cache, same_cache, tokens
 
 C = TEST_CHUNK
 FP = "c1" * 16
@@ -69,8 +69,28 @@ def oracle_bytes(path: Path) -> dict[str, dict[str, int]]:
 def test_every_command_has_help():
     assert run(["--help"]).stdout.startswith("Usage: ")
     names = sorted(cli.commands)
-    assert names == sorted(["info", "agents", "show", "models", "du", "fsck", "gc", "rm", "fork", "export",
-                            "import", "migrate", "demo", "init", "chat", "import-mlx", "export-mlx", "serve"])
+    assert names == sorted(
+        [
+            "info",
+            "agents",
+            "show",
+            "models",
+            "du",
+            "fsck",
+            "gc",
+            "rm",
+            "fork",
+            "export",
+            "import",
+            "migrate",
+            "demo",
+            "init",
+            "chat",
+            "import-mlx",
+            "export-mlx",
+            "serve",
+        ]
+    )
     for name in names:
         out = run([name, "--help"]).stdout
         assert out.startswith("Usage: ") and name in out.splitlines()[0]
@@ -261,8 +281,12 @@ def test_store_from_env_and_sqlite_url(home):
 
 def test_migrate(home):
     assert json.loads(run(["migrate", "--status", "--json"], home).stdout) == {
-        "store": str(home), "exists": True, "current": kvstore.index.schema.SCHEMA_REVISION,
-        "head": kvstore.index.schema.SCHEMA_REVISION, "up_to_date": True}
+        "store": str(home),
+        "exists": True,
+        "current": kvstore.index.schema.SCHEMA_REVISION,
+        "head": kvstore.index.schema.SCHEMA_REVISION,
+        "up_to_date": True,
+    }
     assert "up to date" in run(["migrate", "--status"], home).stdout
     assert "nothing to do" in run(["migrate"], home).stdout
 
@@ -278,7 +302,11 @@ def test_installed_entry_point(home):
     assert done.returncode == 0, done.stderr
     assert [r["name"] for r in json.loads(done.stdout)] == ["biz", "old", "tech", "tech-2"]
     # `python -m kvstore.cli` is the same command; an error is one line on stderr and exit status 1.
-    bad = subprocess.run([sys.executable, "-m", "kvstore.cli", "--store", str(home), "show", "nobody"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli", "--store", str(home), "show", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == "kvstore: error: no agent named 'nobody' in this store\n"

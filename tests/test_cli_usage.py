@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 import kvstore
-from kvstore.testing import make_cache, tokens
 from kvstore.builtin_models import builtin_model_path
 from kvstore.cli.main import cli, hoist_global_options
+from kvstore.testing import make_cache, tokens
 
 HEAVY = ("mlx_lm", "transformers")
 KVSTORE = [sys.executable, "-c", "from kvstore.cli.main import main; main()"]
@@ -32,15 +32,18 @@ def run(args, code=0, env=None, input=None):
 def _imported_after(code: str, env: dict | None = None) -> set[str]:
     """Top-level packages a fresh interpreter has imported after running `code`."""
     probe = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
     assert out.returncode == 0, out.stderr
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def _cli_code(*args: str) -> str:
-    return (f"from kvstore.cli.main import cli\ntry:\n    cli.main(args={list(args)!r}, prog_name='kvstore')\n"
-            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n")
+    return (
+        f"from kvstore.cli.main import cli\ntry:\n    cli.main(args={list(args)!r}, prog_name='kvstore')\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+    )
 
 
 @pytest.fixture
@@ -56,8 +59,12 @@ def small_store(tmp_path) -> Path:
 
 def test_import_help_and_info_load_neither_mlx_lm_nor_transformers(small_store):
     """`import kvstore`, `kvstore --help` and `kvstore info` start without mlx-lm (which pulls in transformers)."""
-    for code in ("import kvstore", _cli_code("--help"), _cli_code("--store", str(small_store), "info"),
-                 _cli_code("--store", str(small_store), "agents")):
+    for code in (
+        "import kvstore",
+        _cli_code("--help"),
+        _cli_code("--store", str(small_store), "info"),
+        _cli_code("--store", str(small_store), "agents"),
+    ):
         loaded = _imported_after(code)
         assert not loaded & set(HEAVY), (code, loaded & set(HEAVY))
     assert "sqlalchemy" not in _imported_after(_cli_code("--help"))
@@ -148,9 +155,10 @@ def test_models_have_names(tmp_path):
     fp = kvstore.fingerprint(path)
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         t = tokens(20, seed=1)
-        from kvstore.builtin_models import load_builtin
-        from mlx_lm.models.cache import make_prompt_cache
         import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from kvstore.builtin_models import load_builtin
 
         model, _ = load_builtin()
         cache = make_prompt_cache(model)
@@ -176,15 +184,20 @@ def test_dedup_ratio_below_one_is_explained(tmp_path):
 
 
 def test_export_to_a_missing_folder_names_the_folder(small_store, tmp_path):
-    result = run(["export", "tech", str(tmp_path / "no" / "such" / "tech.kvagent"), "--store", str(small_store)],
-                 code=1)
+    result = run(
+        ["export", "tech", str(tmp_path / "no" / "such" / "tech.kvagent"), "--store", str(small_store)], code=1
+    )
     assert "the folder" in result.stderr and str(tmp_path / "no" / "such") in result.stderr
     assert ".tmp" not in result.stderr
 
 
 def test_python_dash_m_kvstore(small_store):
-    out = subprocess.run([sys.executable, "-m", "kvstore", "--store", str(small_store), "agents", "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore", "--store", str(small_store), "agents", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert [a["name"] for a in json.loads(out.stdout)] == ["biz", "tech"]
 
@@ -195,14 +208,34 @@ def test_chat_creates_streams_resumes_and_show_prints_the_conversation(tmp_path)
     env = {"KVSTORE_HOME": str(store)}
     missing = run(["chat", "tech", "hello"], code=1, env=env)
     assert "--model" in missing.stderr
-    first = subprocess.run(KVSTORE + ["chat", "tech", "The refund endpoint returns 500.", "--system",
-                                      "You are the technical specialist.", "--model", "builtin", "--max-tokens", "6"],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    first = subprocess.run(
+        KVSTORE
+        + [
+            "chat",
+            "tech",
+            "The refund endpoint returns 500.",
+            "--system",
+            "You are the technical specialist.",
+            "--model",
+            "builtin",
+            "--max-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert first.returncode == 0, first.stderr
     assert "0 from the cache" in first.stderr
     # A second process: the agent's model comes from its record; its history from the store.
-    second = subprocess.run(KVSTORE + ["chat", "tech", "What first?", "--max-tokens", "4"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    second = subprocess.run(
+        KVSTORE + ["chat", "tech", "What first?", "--max-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert second.returncode == 0, second.stderr
     assert "0 from the cache" not in second.stderr and "RuntimeWarning" not in second.stderr
     shown = run(["show", "tech"], env=env).stdout
@@ -234,11 +267,34 @@ def test_mlx_lm_cache_files_in_and_out(tmp_path):
     no_tokens = run(["import-mlx", str(theirs), "doc", "--model", "builtin", "--store", str(store)], code=1)
     assert "token ids" in no_tokens.stderr
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    short = run(["import-mlx", str(theirs), "doc", "--model", "builtin", "--tokens", ",".join(map(str, ids[:-1])),
-                 "--store", str(store)], code=1)
+    short = run(
+        [
+            "import-mlx",
+            str(theirs),
+            "doc",
+            "--model",
+            "builtin",
+            "--tokens",
+            ",".join(map(str, ids[:-1])),
+            "--store",
+            str(store),
+        ],
+        code=1,
+    )
     assert f"{len(ids)} tokens" in short.stderr
-    run(["import-mlx", str(theirs), "doc", "--model", "builtin", "--tokens", str(tmp_path / "ids.json"),
-         "--store", str(store)])
+    run(
+        [
+            "import-mlx",
+            str(theirs),
+            "doc",
+            "--model",
+            "builtin",
+            "--tokens",
+            str(tmp_path / "ids.json"),
+            "--store",
+            str(store),
+        ]
+    )
     fp = kvstore.fingerprint(builtin_model_path())
     with kvstore.open(store) as s:
         loaded, seen = s.load("doc", model=fp)
@@ -255,13 +311,23 @@ def test_mlx_lm_cache_files_in_and_out(tmp_path):
     run(["import-mlx", str(out), "doc-2", "--model", "builtin", "--store", str(store)])
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    assert "not a safetensors file" in run(["import-mlx", str(bad), "x", "--model", "builtin", "--tokens", "1",
-                                            "--store", str(store)], code=1).stderr
+    assert (
+        "not a safetensors file"
+        in run(
+            ["import-mlx", str(bad), "x", "--model", "builtin", "--tokens", "1", "--store", str(store)], code=1
+        ).stderr
+    )
 
 
 def test_show_escapes_control_characters_in_the_conversation(tmp_path):
-    record = {"kvstore_agent": 1, "system_prompt": "be brief", "messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "\x1b]0;owned\x07ok\nline two"}]}
+    record = {
+        "kvstore_agent": 1,
+        "system_prompt": "be brief",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "\x1b]0;owned\x07ok\nline two"},
+        ],
+    }
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         t = tokens(20, seed=1)
         store.save("a", make_cache("kv", len(t), seed=1), t, model="c1" * 16, meta=record)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from cachegen import make_cache, same_cache, tokens
 from mlx_lm.models import cache as mlc
 
 import kvstore
 from kvstore.blob import scatter
 from kvstore.cache.keys import chunk_keys
-
-from cachegen import make_cache, same_cache, tokens
 
 FP = "c0" * 16
 C = 16
@@ -59,8 +58,9 @@ def test_restores_of_different_agents_never_share_memory(store, how):
     assert same_cache(a, again)  # the store's bytes were not touched either
 
 
-@pytest.mark.parametrize("ids", [[0xFFFFFFFF, 0x10000, 65535, 65536, 2**31, 128_255],
-                                 [2**32 - 1 - i for i in range(40)]])
+@pytest.mark.parametrize(
+    "ids", [[0xFFFFFFFF, 0x10000, 65535, 65536, 2**31, 128_255], [2**32 - 1 - i for i in range(40)]]
+)
 def test_token_ids_up_to_2_to_the_32_minus_1_round_trip(store, ids):
     toks = (ids * (2 * C // len(ids) + 1))[: 2 * C + 3]
     cache = make_cache("kv", len(toks), mx.float16, seed=4)
@@ -127,8 +127,9 @@ def test_default_chunk_size_and_the_parallel_read_path(tmp_path):
         assert got == toks and same_cache(cache, loaded)
         restored, m = store.restore(toks[:700] + [1, 2], model=FP)
         assert m == 512  # two whole chunks of 256; the request's third chunk is not stored
-        assert all(bool(mx.array_equal(r.keys[..., :512, :], c.keys[..., :512, :]).item())
-                   for r, c in zip(restored, cache))
+        assert all(
+            bool(mx.array_equal(r.keys[..., :512, :], c.keys[..., :512, :]).item()) for r, c in zip(restored, cache)
+        )
         assert store.fsck().ok
 
 

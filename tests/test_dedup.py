@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import TEST_CHUNK
+
 from kvstore.testing import extend, random_cache, same_cache, tokens
 
 C = TEST_CHUNK
@@ -49,12 +50,25 @@ def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
     assert snap_c.n_tokens == 3 * C + 5
     with store.engine.connect() as conn:
         from sqlalchemy import text
-        keys_a = {bytes(r[0]) for r in conn.execute(text(
-            "SELECT sc.chunk_key FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id "
-            "JOIN agents a ON a.id = s.agent_id WHERE a.name = 'a'"))}
-        keys_c = {bytes(r[0]) for r in conn.execute(text(
-            "SELECT sc.chunk_key FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id "
-            "JOIN agents a ON a.id = s.agent_id WHERE a.name = 'c'"))}
+
+        keys_a = {
+            bytes(r[0])
+            for r in conn.execute(
+                text(
+                    "SELECT sc.chunk_key FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id "
+                    "JOIN agents a ON a.id = s.agent_id WHERE a.name = 'a'"
+                )
+            )
+        }
+        keys_c = {
+            bytes(r[0])
+            for r in conn.execute(
+                text(
+                    "SELECT sc.chunk_key FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id "
+                    "JOIN agents a ON a.id = s.agent_id WHERE a.name = 'c'"
+                )
+            )
+        }
     assert keys_a and keys_c and not (keys_a & keys_c)
     assert store.match(shared_tokens + tokens(5, seed=2), model=FP_B).n_tokens == 3 * C + 5
     assert store.match(shared_tokens, model="cc" * 16).n_tokens == 0
@@ -64,8 +78,9 @@ def test_shared_prefix_shares_blobs_and_other_model_shares_nothing(store):
 def test_eight_agents_store_the_prefix_once(store):
     shared_tokens = tokens(4 * C, seed=7)
     for i in range(8):
-        store.save(f"agent-{i}", prefix_cache(4 * C, 7, C, 100 + i), shared_tokens + tokens(C, seed=100 + i),
-                   model=FP_A)
+        store.save(
+            f"agent-{i}", prefix_cache(4 * C, 7, C, 100 + i), shared_tokens + tokens(C, seed=100 + i), model=FP_A
+        )
     unique_bytes = kv_nbytes(random_cache(4 * C)) + 8 * kv_nbytes(random_cache(C))
     stats = store.stats()
     assert stats.blobs == 4 + 8  # 4 shared chunks + 8 private ones, a blob per chunk

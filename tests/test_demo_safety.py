@@ -58,13 +58,35 @@ def test_kvstore_demo_runs_both_sessions_on_openblas_where_installed(tmp_path):
     from kvstore import blas
 
     env = dict(os.environ, KVSTORE_MODELS=str(tmp_path / "models"))
-    done = subprocess.run([sys.executable, "-m", "kvstore.cli", "demo", "--model", "builtin", "--size", "tiny",
-                           "--max-tokens", "2", "--store", str(tmp_path / "demo")], capture_output=True, text=True,
-                          env=env, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvstore.cli",
+            "demo",
+            "--model",
+            "builtin",
+            "--size",
+            "tiny",
+            "--max-tokens",
+            "2",
+            "--store",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     banners = [line for line in done.stdout.splitlines() if line.startswith("Matmuls on: ")]
     assert len(banners) == 2
-    expected = "OpenBLAS" if sys.platform == "linux" and any(os.path.exists(c) for c in blas.CANDIDATES) \
-        else "reference BLAS" if sys.platform == "linux" else "Accelerate"
+    expected = (
+        "OpenBLAS"
+        if sys.platform == "linux" and any(os.path.exists(c) for c in blas.CANDIDATES)
+        else "reference BLAS"
+        if sys.platform == "linux"
+        else "Accelerate"
+    )
     assert all(expected in line for line in banners), banners
     assert "RuntimeWarning" not in done.stderr

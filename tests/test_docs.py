@@ -30,8 +30,9 @@ def code_blocks(path: Path, langs: set[str]) -> list[tuple[int, str, str]]:
     """(line number, language, code) of each fenced block in one of `langs`."""
     assert path.exists(), f"{path.relative_to(ROOT)} is missing"
     text = path.read_text()
-    return [(text[: m.start()].count("\n") + 1, m.group(1), m.group(2))
-            for m in FENCE.finditer(text) if m.group(1) in langs]
+    return [
+        (text[: m.start()].count("\n") + 1, m.group(1), m.group(2)) for m in FENCE.finditer(text) if m.group(1) in langs
+    ]
 
 
 def doc_ids() -> list:
@@ -57,9 +58,12 @@ def _fresh_environment(folder: Path) -> dict[str, str]:
     from kvstore.builtin_models import builtin_model_path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-    env.update(HOME=str(folder / "home"), KVSTORE_MODELS=str(builtin_model_path().parent),
-               KVSTORE_CACHE_DIR=os.environ.get("KVSTORE_CACHE_DIR") or str(Path.home() / ".cache" / "kvstore"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        HOME=str(folder / "home"),
+        KVSTORE_MODELS=str(builtin_model_path().parent),
+        KVSTORE_CACHE_DIR=os.environ.get("KVSTORE_CACHE_DIR") or str(Path.home() / ".cache" / "kvstore"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     (folder / "home").mkdir()
     return env
 
@@ -92,10 +96,13 @@ def test_code_blocks_run_as_written(doc, tmp_path, monkeypatch):
             except Exception as e:  # noqa: BLE001 - re-raised with the block's location
                 raise AssertionError(f"the python block at {doc.name} line {line} failed: {e!r}") from e
         else:
-            done = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env,
-                                  capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, (f"the shell block at {doc.name} line {line} exited {done.returncode}:\n"
-                                          f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, (
+                f"the shell block at {doc.name} line {line} exited {done.returncode}:\n"
+                f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+            )
 
 
 @pytest.mark.parametrize("doc", doc_ids())

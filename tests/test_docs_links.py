@@ -82,7 +82,11 @@ def test_the_checker_finds_broken_links(tmp_path):
         "`[code](not-a-link.md)`\n\n```\n[code](not-a-link-either.md)\n```\n"
     )
     assert [p.split(":")[0] for p in broken_links(doc)] == [
-        "missing.md", "images/none.png", "other.md#nowhere", "#no-such-heading"]
+        "missing.md",
+        "images/none.png",
+        "other.md#nowhere",
+        "#no-such-heading",
+    ]
 
 
 PACKAGES = ("kvstore", "agents", "cli", "migrations")

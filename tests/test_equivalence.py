@@ -88,8 +88,10 @@ def test_sliding_window_prefix_rebuilds_only_with_capture(tmp_path, model):
     arch, m, fp = model
     toks = tokens(160, seed=3, vocab=400)
     other = toks[:96] + tokens(40, seed=4, vocab=400)  # shares 6 chunks with toks
-    with kvstore.open(tmp_path / "plain", chunk_size=C) as plain, \
-            kvstore.open(tmp_path / "captured", chunk_size=C) as captured:
+    with (
+        kvstore.open(tmp_path / "plain", chunk_size=C) as plain,
+        kvstore.open(tmp_path / "captured", chunk_size=C) as captured,
+    ):
         live = make_prompt_cache(m)
         capture = Capture(C)
         prefill(m, live, toks[:128], step=C, capture=capture)

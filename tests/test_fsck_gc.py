@@ -7,11 +7,11 @@ import time
 
 import mlx.core as mx
 import pytest
+from conftest import TEST_CHUNK
 from sqlalchemy import text
 
 import kvstore
 from kvstore.testing import make_cache, same_cache, tokens
-from conftest import TEST_CHUNK
 
 C = TEST_CHUNK
 FP = "ee" * 16
@@ -26,10 +26,16 @@ def save(store, name, n, seed):
 
 def blobs_of(store, name):
     with store.engine.connect() as conn:
-        return [r[0] for r in conn.execute(text(
-            "SELECT cl.blob_id FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
-            "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key WHERE a.name = :n ORDER BY sc.seq, cl.layer"),
-            {"n": name})][::2]  # two layers share each chunk's blob
+        return [
+            r[0]
+            for r in conn.execute(
+                text(
+                    "SELECT cl.blob_id FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
+                    "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key WHERE a.name = :n ORDER BY sc.seq, cl.layer"
+                ),
+                {"n": name},
+            )
+        ][::2]  # two layers share each chunk's blob
 
 
 def test_fsck_finds_each_flip_truncation_and_deletion(store):
@@ -48,7 +54,10 @@ def test_fsck_finds_each_flip_truncation_and_deletion(store):
     report = store.fsck()
     assert not report.ok
     assert {(pr.kind, pr.subject) for pr in report.problems} == {
-        ("corrupt_blob", flipped), ("corrupt_blob", truncated), ("missing_blob", deleted)}
+        ("corrupt_blob", flipped),
+        ("corrupt_blob", truncated),
+        ("missing_blob", deleted),
+    }
     # Loading the damaged agent names the blob and the agent; the other agent is unaffected.
     with pytest.raises(kvstore.BlobError) as err:
         store.load("a", model=FP)
@@ -92,8 +101,10 @@ def test_fsck_finds_dangling_references(store, backend):
         if backend == "sqlite":
             conn.execute(text("PRAGMA foreign_keys = OFF"))
         # A snapshot whose token ids no longer derive its chunks, and an agent head that points nowhere.
-        conn.execute(text("UPDATE snapshots SET tokens = :t WHERE id = (SELECT head FROM agents WHERE name = 'b')"),
-                     {"t": bytes(4 * 2 * C)})
+        conn.execute(
+            text("UPDATE snapshots SET tokens = :t WHERE id = (SELECT head FROM agents WHERE name = 'b')"),
+            {"t": bytes(4 * 2 * C)},
+        )
         conn.execute(text("UPDATE agents SET head = 9999 WHERE name = 'a'"))
     kinds = sorted((p.kind, p.subject) for p in store.fsck().problems)
     assert kinds == [("dangling_ref", "agent a"), ("token_mismatch", f"snapshot {store.snapshots('b')[0].id}")]
@@ -114,8 +125,11 @@ def test_gc_keeps_retained_snapshots_and_removes_the_rest(store):
     dry = store.gc(dry_run=True, keep_last=2, grace=0)
     assert {b for b, _ in store.blobs.iter_files()} == before
     report = store.gc(keep_last=2, grace=0)
-    assert (dry.snapshots_removed, dry.blobs_removed, dry.bytes_freed) == \
-        (report.snapshots_removed, report.blobs_removed, report.bytes_freed)
+    assert (dry.snapshots_removed, dry.blobs_removed, dry.bytes_freed) == (
+        report.snapshots_removed,
+        report.blobs_removed,
+        report.bytes_freed,
+    )
     assert report.snapshots_removed == 1
     assert [s.n_tokens for s in store.snapshots("a")] == [3 * C, 3 * C + 2]
     loaded, got = store.load("a", model=FP)
@@ -126,9 +140,16 @@ def test_gc_keeps_retained_snapshots_and_removes_the_rest(store):
     needed = set()
     for snap in store.snapshots("a"):
         with store.engine.connect() as conn:
-            needed |= {r[0] for r in conn.execute(text(
-                "SELECT cl.blob_id FROM snapshot_chunks sc JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key "
-                "WHERE sc.snapshot_id = :s"), {"s": snap.id})}
+            needed |= {
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT cl.blob_id FROM snapshot_chunks sc JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key "
+                        "WHERE sc.snapshot_id = :s"
+                    ),
+                    {"s": snap.id},
+                )
+            }
     assert {b for b, _ in store.blobs.iter_files()} == needed
     assert store.fsck().ok
 

@@ -50,8 +50,9 @@ def test_continuing_a_restored_cache_prefills_only_the_rest(lm, tmp_path, fp):
         store.save("notes", cache, seen, model=fp)
         restored, stored = store.load("notes", model=fp)
     more = stored + tokenizer.encode(" What should we check first?", add_special_tokens=False)
-    warm_text, warm_cache, warm_seen = kvstore.generate(model, tokenizer, more, cache=restored,
-                                                        cache_tokens=stored, max_tokens=6)
+    warm_text, warm_cache, warm_seen = kvstore.generate(
+        model, tokenizer, more, cache=restored, cache_tokens=stored, max_tokens=6
+    )
     cold_text, _, cold_seen = kvstore.generate(model, tokenizer, more, max_tokens=6)
     assert warm_seen == cold_seen
     assert warm_text == cold_text
@@ -63,7 +64,7 @@ def test_text_continuing_a_cache_adds_no_second_bos(lm):
     _, cache, seen = kvstore.generate(model, tokenizer, _prompt(tokenizer), max_tokens=3)
     _, _, after = kvstore.generate(model, tokenizer, " and then?", cache=cache, cache_tokens=seen, max_tokens=3)
     assert after[: len(seen)] == seen
-    assert after[len(seen):len(seen) + 3] == tokenizer.encode(" and then?", add_special_tokens=False)[:3]
+    assert after[len(seen) : len(seen) + 3] == tokenizer.encode(" and then?", add_special_tokens=False)[:3]
 
 
 def test_a_prompt_that_does_not_extend_the_cache_is_refused(lm):
@@ -137,7 +138,7 @@ def test_agent_bytes_in_the_public_api(tmp_path):
         store.save("b", make_cache("kv", len(b), seed=3), b, model="c1" * 16)
         got = store.agent_bytes()
         assert set(got) == {"a", "b"}
-        for name, nb in got.items():
+        for _name, nb in got.items():
             assert nb.unique_bytes > 0 and nb.shared_bytes > 0
             assert nb.total_bytes == nb.unique_bytes + nb.shared_bytes
         assert got["a"].shared_bytes == got["b"].shared_bytes

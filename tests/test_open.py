@@ -41,12 +41,14 @@ def test_newer_schema_is_refused_naming_both_versions(tmp_path):
 
 
 def test_fresh_index_is_stamped_at_head(tmp_path):
-    from kvstore.index import db
-    from kvstore.index import schema
+    from kvstore.index import db, schema
 
     with kvstore.open(tmp_path / "s") as store:
-        assert db.migration_status(store.engine) == {"current": schema.SCHEMA_REVISION,
-                                                     "head": schema.SCHEMA_REVISION, "up_to_date": True}
+        assert db.migration_status(store.engine) == {
+            "current": schema.SCHEMA_REVISION,
+            "head": schema.SCHEMA_REVISION,
+            "up_to_date": True,
+        }
 
 
 def test_old_index_is_upgraded_by_alembic(tmp_path):
@@ -54,8 +56,7 @@ def test_old_index_is_upgraded_by_alembic(tmp_path):
     from alembic import command
     from sqlalchemy import create_engine, inspect
 
-    from kvstore.index import db
-    from kvstore.index import schema
+    from kvstore.index import db, schema
 
     engine = create_engine(f"sqlite:///{tmp_path / 'm.db'}")
     with engine.connect() as conn:
@@ -153,8 +154,7 @@ def test_processes_opening_an_old_index_at_once_upgrade_it_once(tmp_path):
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from kvstore.index import db
-    from kvstore.index import schema
+    from kvstore.index import db, schema
 
     root = tmp_path / "s"
     with kvstore.open(root) as store:  # a real store (settings, folders), then its index rebuilt at the oldest revision

@@ -25,8 +25,10 @@ import kvstore
 
 TESTS_DIR = Path(__file__).resolve().parent
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")
-pytestmark = [pytest.mark.postgres,
-              pytest.mark.skipif(not PG_URL, reason="needs a PostgreSQL server: set KVSTORE_TEST_PG_URL")]
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not PG_URL, reason="needs a PostgreSQL server: set KVSTORE_TEST_PG_URL"),
+]
 
 POSITIONAL = ("kv", "kv", "quant")  # every layer holds every position: a chunk's blob is a pure function of its key
 DEDUP_WORKERS, DEDUP_AGENTS = 2, 12
@@ -50,8 +52,14 @@ def _child(role: str, *args: str, timeout: float = 300) -> subprocess.Popen:
     """This file run as a child process in `role` (see main)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     env.pop("KVSTORE_CRASH_AT", None)
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), role, *args], env=env, cwd=TESTS_DIR,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), role, *args],
+        env=env,
+        cwd=TESTS_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _counts(store: kvstore.Store) -> dict:
@@ -63,8 +71,13 @@ def _counts(store: kvstore.Store) -> dict:
         from kvstore.index import schema
 
         layers = conn.execute(select(func.count()).select_from(schema.chunk_layers)).scalar_one()
-    return {"blobs": st.blobs, "chunks": st.chunks, "chunk_layers": layers, "bytes_on_disk": st.bytes_on_disk,
-            "files": sum(1 for _ in store.blobs.iter_files())}
+    return {
+        "blobs": st.blobs,
+        "chunks": st.chunks,
+        "chunk_layers": layers,
+        "bytes_on_disk": st.bytes_on_disk,
+        "files": sum(1 for _ in store.blobs.iter_files()),
+    }
 
 
 # -- dedup between processes -------------------------------------------------------------------------
@@ -113,8 +126,17 @@ def test_two_processes_saving_shared_prefixes_dedup_against_each_other(tmp_path)
     for w, plan in enumerate(plans):
         agents = tmp_path / f"agents{w}.json"
         agents.write_text(json.dumps(plan))
-        procs.append(_child("dedup", url, str(blobs), str(agents), str(tmp_path / f"ready{w}"), str(go),
-                            str(tmp_path / f"out{w}.json")))
+        procs.append(
+            _child(
+                "dedup",
+                url,
+                str(blobs),
+                str(agents),
+                str(tmp_path / f"ready{w}"),
+                str(go),
+                str(tmp_path / f"out{w}.json"),
+            )
+        )
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready{w}").exists() for w in range(DEDUP_WORKERS)):
         assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
@@ -233,12 +255,11 @@ def test_fresh_database_opened_by_many_at_once_is_created_once(tmp_path):
 def test_alembic_migration_from_empty_stamps_head(tmp_path):
     """`alembic upgrade head` on an empty PostgreSQL database builds the same schema as a fresh open, at head."""
     from alembic import command
+    from reliability import synth
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.pool import NullPool
 
-    from kvstore.index import db
-    from kvstore.index import schema
-    from reliability import synth
+    from kvstore.index import db, schema
 
     url, blobs = _fresh(tmp_path)
     engine = create_engine(url, poolclass=NullPool)
@@ -266,8 +287,8 @@ def test_cli_migrate_on_an_empty_database_stamps_head(tmp_path):
     """`kvstore --store URL --blobs PATH migrate` sets up an empty database, and says it is up to date after."""
     from click.testing import CliRunner
 
-    from kvstore.index import schema
     from kvstore.cli.main import cli
+    from kvstore.index import schema
 
     url, blobs = _fresh(tmp_path)
     runner = CliRunner()
@@ -300,11 +321,10 @@ def test_missing_database_is_a_store_error_that_names_the_fix(tmp_path):
 
 def test_readonly_store_is_refused_by_the_server_too(tmp_path):
     """readonly=True makes every transaction read-only on the server, not just in kvstore's own checks."""
+    from reliability import synth
     from sqlalchemy import insert
 
-    from kvstore.index import db
-    from kvstore.index import schema
-    from reliability import synth
+    from kvstore.index import db, schema
 
     url, blobs = _fresh(tmp_path)
     tokens = synth.PREFIXES[1]
@@ -340,7 +360,8 @@ def test_threads_save_while_gc_loops_on_postgres(tmp_path):
     results = stress.run_threads(url, WORKERS, SAVES, 7, blobs=blobs)
     assert results["gc"] > 0
     assert check_final(url, results, blobs=blobs, chunk_size=synth.CHUNK) == len(
-        {name for w in range(WORKERS) for name in results[w]["agents"]})
+        {name for w in range(WORKERS) for name in results[w]["agents"]}
+    )
 
 
 @pytest.mark.slow
@@ -353,8 +374,10 @@ def test_processes_save_while_gc_loops_on_postgres(tmp_path):
     _open(url, blobs).close()
     stop = tmp_path / "stop"
     gc_proc = _child("gc", url, str(blobs), str(stop), str(tmp_path / "gc.json"))
-    savers = [_child("saver", url, str(blobs), str(w), str(SAVES), str(100 + w), str(tmp_path / f"w{w}.json"))
-              for w in range(WORKERS)]
+    savers = [
+        _child("saver", url, str(blobs), str(w), str(SAVES), str(100 + w), str(tmp_path / f"w{w}.json"))
+        for w in range(WORKERS)
+    ]
     errors = [p.communicate(timeout=600)[1] for p in savers]
     stop.touch()
     gc_err = gc_proc.communicate(timeout=600)[1]

@@ -230,8 +230,10 @@ def test_the_default_chunk_size_restores_bit_exact_and_continues(tmp_path):
         diverged = toks[:300] + [t + 1 for t in toks[300:]]
         prefix, m = store.restore(diverged, model=FP)
         assert m == DEFAULT_CHUNK_SIZE
-        assert all(np.array_equal(np.asarray(p.keys.view(mx.uint16)), np.asarray(c.keys[..., :m, :].view(mx.uint16)))
-                   for p, c in zip(prefix, cache))
+        assert all(
+            np.array_equal(np.asarray(p.keys.view(mx.uint16)), np.asarray(c.keys[..., :m, :].view(mx.uint16)))
+            for p, c in zip(prefix, cache)
+        )
 
 
 def _big_cache(n: int, layers: int = 4, heads: int = 8, dim: int = 128):

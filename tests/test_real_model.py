@@ -12,16 +12,18 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TEST_CHUNK
+
 from kvstore.agents import AgentManager, turn
 
 pytestmark = pytest.mark.real_model
 
 import kvstore  # noqa: E402
 
-SYSTEM = ("You are a concise assistant for a small bakery in Lyon. The bakery opens at 7:00, closes at 19:00, "
-          "sells croissants for 1.20 EUR and baguettes for 1.10 EUR, and is closed on Mondays.")
+SYSTEM = (
+    "You are a concise assistant for a small bakery in Lyon. The bakery opens at 7:00, closes at 19:00, "
+    "sells croissants for 1.20 EUR and baguettes for 1.10 EUR, and is closed on Mondays."
+)
 QUESTIONS = ["When does the bakery open?", "How much do two croissants cost?", "Is it open on Monday?"]
 MAX_TOKENS = 12
 
@@ -42,9 +44,24 @@ print(json.dumps({"tokens": list(reply.tokens), "text": reply.text, "stats": rep
 
 
 def chat_in_new_process(store_path, model_dir, name, question, system=SYSTEM) -> dict:
-    out = subprocess.run([sys.executable, "-c", TURN_SCRIPT, str(store_path), str(model_dir), name, system,
-                          question, str(MAX_TOKENS), str(TEST_CHUNK)], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TURN_SCRIPT,
+            str(store_path),
+            str(model_dir),
+            name,
+            system,
+            question,
+            str(MAX_TOKENS),
+            str(TEST_CHUNK),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,8 +121,10 @@ def test_answer_after_export_and_import_into_a_fresh_store_is_the_same(tmp_path,
         mgr.create("baker", system_prompt=SYSTEM).chat(QUESTIONS[0], max_tokens=MAX_TOKENS)
         mgr.close()
     archive = tmp_path / "baker.kvs"
-    for args in (["--store", str(home), "export", "baker", str(archive)],
-                 ["--store", str(tmp_path / "elsewhere"), "import", str(archive)]):
+    for args in (
+        ["--store", str(home), "export", "baker", str(archive)],
+        ["--store", str(tmp_path / "elsewhere"), "import", str(archive)],
+    ):
         done = subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     answers = {}
@@ -129,7 +148,6 @@ def test_template_re_rendering_never_serves_unseen_tokens(tmp_path, real_model):
     with kvstore.open(tmp_path / "s", chunk_size=TEST_CHUNK) as store:
         mgr = AgentManager(real_model, store, max_resident=1)
         agent = mgr.create("plain")  # no system prompt: the template inserts its default one
-        history: list[dict] = []
         for i, q in enumerate(QUESTIONS[:2] + ["Thanks! Anything else?"]):
             seen, earlier = list(agent.tokens), [dict(m) for m in agent.messages]
             prompt = turn.render(tok, earlier + [{"role": "user", "content": q}])

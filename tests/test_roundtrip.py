@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import TEST_CHUNK
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvstore
 from kvstore.testing import DTYPES, KINDS, make_cache, same_cache, tokens
-from conftest import TEST_CHUNK
 
 FP = "0f" * 16
 C = TEST_CHUNK
@@ -30,8 +31,13 @@ def test_save_load_bit_exact(store, kind, dtype, n):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(KINDS), dtype=st.sampled_from(sorted(DTYPES)), n=st.integers(0, 5 * C + 3),
-       stepped=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    kind=st.sampled_from(KINDS),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    n=st.integers(0, 5 * C + 3),
+    stepped=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_roundtrip_arbitrary_caches(tmp_path_factory, kind, dtype, n, stepped, seed):
     path = tmp_path_factory.mktemp("rt")
     with kvstore.open(path / "s", chunk_size=C) as store:

@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 
 import kvstore
-from kvstore.errors import (BlobServiceError, CorruptBlobError, NoSuchBucketError, StoreAccessDeniedError)
+from kvstore.errors import BlobServiceError, CorruptBlobError, NoSuchBucketError, StoreAccessDeniedError
 
 TESTS_DIR = Path(__file__).resolve().parent
 S3_URL = os.environ.get("KVSTORE_TEST_S3_URL")
-pytestmark = [pytest.mark.s3,
-              pytest.mark.skipif(not S3_URL, reason="needs an S3 server: set KVSTORE_TEST_S3_URL (.ci/run does)")]
+pytestmark = [
+    pytest.mark.s3,
+    pytest.mark.skipif(not S3_URL, reason="needs an S3 server: set KVSTORE_TEST_S3_URL (.ci/run does)"),
+]
 
 
 def _args(tmp_path, tier: str = "tier") -> tuple[str, dict]:
@@ -43,8 +45,14 @@ def _open(index: str, **kw) -> kvstore.Store:
 def _child(role: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     env.pop("KVSTORE_CRASH_AT", None)
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), role, *args], env=env, cwd=TESTS_DIR,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), role, *args],
+        env=env,
+        cwd=TESTS_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(p: subprocess.Popen, timeout: float = 600) -> None:
@@ -59,8 +67,9 @@ def _object_store():
     from kvstore.blob.s3 import parse_url
 
     loc = parse_url(S3_URL)
-    return S3Store(loc.bucket, config={"endpoint": loc.endpoint, "region": "us-east-1"},
-                   client_options={"allow_http": True})
+    return S3Store(
+        loc.bucket, config={"endpoint": loc.endpoint, "region": "us-east-1"}, client_options={"allow_http": True}
+    )
 
 
 def _save_some(store, names=("a", "b"), n=70):
@@ -92,8 +101,9 @@ def test_two_processes_share_one_bucket_and_index_while_a_third_collects(tmp_pat
     kvstore.open(index, **kw).close()  # create the index before the processes race to
     spec = json.dumps({"index": index, **kw})
     stop = tmp_path / "stop"
-    savers = [_child("saver", spec, str(tmp_path / f"tier{w}"), str(w), "12", str(tmp_path / f"out{w}"))
-              for w in range(2)]
+    savers = [
+        _child("saver", spec, str(tmp_path / f"tier{w}"), str(w), "12", str(tmp_path / f"out{w}")) for w in range(2)
+    ]
     gc = _child("gc", spec, str(tmp_path / "tier-gc"), str(stop), str(tmp_path / "out-gc"))
     try:
         for p in savers:
@@ -186,7 +196,6 @@ def test_server_stopped_mid_save_fails_cleanly_and_commits_nothing(tmp_path, own
 
 def test_deleted_and_altered_objects_are_found_by_fsck_and_refused_by_restore(tmp_path):
     import obstore as obs
-
     from reliability import synth
 
     index, kw = _args(tmp_path)
@@ -216,7 +225,6 @@ def test_deleted_and_altered_objects_are_found_by_fsck_and_refused_by_restore(tm
 
 
 def test_a_damaged_tier_file_is_dropped_and_fetched_again(tmp_path):
-    from reliability import synth
 
     index, kw = _args(tmp_path)
     with _open(index, **kw) as store:
@@ -237,8 +245,9 @@ def test_a_damaged_tier_file_is_dropped_and_fetched_again(tmp_path):
 
 def test_large_blobs_are_fetched_as_ranged_gets_and_restore_bit_exact(tmp_path, monkeypatch):
     """Blobs larger than a part come back as several ranged GETs, assembled, verified and restored exactly."""
-    from kvstore.blob import s3, scatter
     from reliability import synth
+
+    from kvstore.blob import s3, scatter
 
     monkeypatch.setattr(s3, "PART", 4000)  # every test blob spans several parts (and one ends mid-part)
     index, kw = _args(tmp_path)
@@ -295,13 +304,15 @@ def test_profiles_from_the_aws_files(tmp_path, monkeypatch):
 
     (tmp_path / "credentials").write_text(
         f"[team]\naws_access_key_id = {os.environ['AWS_ACCESS_KEY_ID']}\n"
-        f"aws_secret_access_key = {os.environ['AWS_SECRET_ACCESS_KEY']}\n")
+        f"aws_secret_access_key = {os.environ['AWS_SECRET_ACCESS_KEY']}\n"
+    )
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with kvstore.open(tmp_path / "store", blobs=s3_url("profile") + "&profile=team", cache_dir=tmp_path / "t",
-                      chunk_size=synth.CHUNK) as store:
+    with kvstore.open(
+        tmp_path / "store", blobs=s3_url("profile") + "&profile=team", cache_dir=tmp_path / "t", chunk_size=synth.CHUNK
+    ) as store:
         _check(store, *next(iter(_save_some(store, ["p"]).items())))
     with pytest.raises(StoreAccessDeniedError, match="nobody"):
         kvstore.open(tmp_path / "store", blobs=s3_url("profile") + "&profile=nobody", cache_dir=tmp_path / "t")
@@ -311,7 +322,6 @@ def test_profiles_from_the_aws_files(tmp_path, monkeypatch):
 
 
 def test_puts_are_conditional_and_gc_deletes_in_batches(tmp_path):
-    from reliability import synth
 
     index, kw = _args(tmp_path)
     with _open(index, **kw) as store:

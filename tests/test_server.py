@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai and anthropic SDKs are built on
 import pytest
+from conftest import TEST_CHUNK
 
 import kvstore
-
-from conftest import TEST_CHUNK
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
@@ -42,9 +41,21 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "kvstore.server", "--model", self.model, "--store", str(self.store),
-               "--port", str(self.port), "--min-free-disk", "0", *self.args]
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "kvstore.server",
+            "--model",
+            self.model,
+            "--store",
+            str(self.store),
+            "--port",
+            str(self.port),
+            "--min-free-disk",
+            "0",
+            *self.args,
+        ]
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -68,10 +79,10 @@ class ServerProcess:
         self.proc = None
         return rc
 
-    def openai(self, key: str = "none") -> "openai.OpenAI":
+    def openai(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
-    def anthropic(self, key: str = "none") -> "anthropic.Anthropic":
+    def anthropic(self, key: str = "none") -> anthropic.Anthropic:
         return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, timeout=120)
 
     def stats(self, **headers) -> dict:
@@ -111,6 +122,7 @@ def chat(model: str, *turns: str) -> list[dict]:
 
 # -- OpenAI ------------------------------------------------------------------------------------
 
+
 def test_models_and_health(server, model_path):
     client = server.openai()
     assert [m.id for m in client.models.list()] == [model_path]
@@ -121,13 +133,15 @@ def test_models_and_health(server, model_path):
 
 def test_chat_next_turn_reports_cached_tokens(server, model_path):
     client = server.openai()
-    first = client.chat.completions.create(model=model_path, messages=chat(model_path, "Tell me about caches."),
-                                           max_tokens=12)
+    first = client.chat.completions.create(
+        model=model_path, messages=chat(model_path, "Tell me about caches."), max_tokens=12
+    )
     assert first.choices[0].message.role == "assistant"
     assert first.usage.completion_tokens == 12 and first.choices[0].finish_reason == "length"
     reply = first.choices[0].message.content
     second = client.chat.completions.create(
-        model=model_path, messages=chat(model_path, "Tell me about caches.", reply, "And more?"), max_tokens=5)
+        model=model_path, messages=chat(model_path, "Tell me about caches.", reply, "And more?"), max_tokens=5
+    )
     cached = second.usage.prompt_tokens_details.cached_tokens
     ext = second.usage.model_extra["kvstore"]
     assert cached == ext["cached_ram_tokens"] + ext["cached_disk_tokens"]
@@ -141,10 +155,18 @@ def test_chat_next_turn_reports_cached_tokens(server, model_path):
 def test_streaming_chat_matches_non_streaming(server, model_path):
     client = server.openai()
     msgs = chat(model_path, "Stream this please.")
-    whole = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=10, temperature=1.0,
-                                           seed=11)
-    chunks = list(client.chat.completions.create(model=model_path, messages=msgs, max_tokens=10, temperature=1.0,
-                                                 seed=11, stream=True, stream_options={"include_usage": True}))
+    whole = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=10, temperature=1.0, seed=11)
+    chunks = list(
+        client.chat.completions.create(
+            model=model_path,
+            messages=msgs,
+            max_tokens=10,
+            temperature=1.0,
+            seed=11,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -157,8 +179,15 @@ def test_completions_streaming_and_not(server, model_path):
     client = server.openai()
     whole = client.completions.create(model=model_path, prompt="Once upon a time", max_tokens=6)
     assert whole.usage.completion_tokens == 6 and whole.choices[0].finish_reason == "length"
-    parts = list(client.completions.create(model=model_path, prompt="Once upon a time", max_tokens=6, stream=True,
-                                           stream_options={"include_usage": True}))
+    parts = list(
+        client.completions.create(
+            model=model_path,
+            prompt="Once upon a time",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
     assert parts[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
 
@@ -170,22 +199,32 @@ def test_stop_sequences(server, model_path):
     text = free.choices[0].message.content
     assert len(text) > 8
     stop = text[4:7]
-    cut = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=20, temperature=1.0, seed=5,
-                                         stop=[stop])
+    cut = client.chat.completions.create(
+        model=model_path, messages=msgs, max_tokens=20, temperature=1.0, seed=5, stop=[stop]
+    )
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=20, temperature=1.0, seed=5,
-                                              stop=stop, stream=True)
+    streamed = client.chat.completions.create(
+        model=model_path, messages=msgs, max_tokens=20, temperature=1.0, seed=5, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text[: text.index(stop)]
 
 
 def test_named_conversation_shows_in_kvstore_agents(server, model_path):
     client = server.openai()
-    r = client.chat.completions.create(model=model_path, messages=chat(model_path, "hi"), max_tokens=3,
-                                       extra_headers={"X-Kvstore-Agent": "support-bot"})
+    r = client.chat.completions.create(
+        model=model_path,
+        messages=chat(model_path, "hi"),
+        max_tokens=3,
+        extra_headers={"X-Kvstore-Agent": "support-bot"},
+    )
     assert r.usage.model_extra["kvstore"]["conversation"] == "support-bot"
-    out = subprocess.run([sys.executable, "-m", "kvstore.cli", "--store", str(server.store), "agents", "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore.cli", "--store", str(server.store), "agents", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {a["name"] for a in json.loads(out.stdout)}
     assert "support-bot" in names and any(n.startswith("anon:") for n in names)
 
@@ -239,6 +278,7 @@ def test_cache_lookup_stats_and_clear(tmp_path, model_path):
 
 # -- Anthropic ---------------------------------------------------------------------------------
 
+
 def test_anthropic_messages_streaming_and_not(server, model_path):
     client = server.anthropic()
     msgs = [{"role": "user", "content": "Hello from an Anthropic client."}]
@@ -264,8 +304,9 @@ def test_anthropic_stop_sequence_and_errors(server, model_path):
     free = client.messages.create(model=model_path, messages=msgs, max_tokens=20, extra_body=sampling)
     text = free.content[0].text
     stop = text[3:6]
-    cut = client.messages.create(model=model_path, messages=msgs, max_tokens=20, extra_body=sampling,
-                                 stop_sequences=[stop])
+    cut = client.messages.create(
+        model=model_path, messages=msgs, max_tokens=20, extra_body=sampling, stop_sequences=[stop]
+    )
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.content[0].text == text[: text.index(stop)]
     with pytest.raises(anthropic.NotFoundError) as e:
@@ -278,17 +319,20 @@ def test_anthropic_stop_sequence_and_errors(server, model_path):
 
 # -- auth and binding --------------------------------------------------------------------------
 
+
 def test_api_key_is_required_when_given(tmp_path, model_path):
     srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--api-key", KEY).start()
     try:
         with pytest.raises(openai.AuthenticationError):
             srv.openai("wrong").models.list()
         with pytest.raises(anthropic.AuthenticationError):
-            srv.anthropic("wrong").messages.create(model=model_path, max_tokens=2,
-                                                   messages=[{"role": "user", "content": "hi"}])
+            srv.anthropic("wrong").messages.create(
+                model=model_path, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+            )
         assert [m.id for m in srv.openai(KEY).models.list()] == [model_path]
-        r = srv.anthropic(KEY).messages.create(model=model_path, max_tokens=2,
-                                               messages=[{"role": "user", "content": "hi"}])
+        r = srv.anthropic(KEY).messages.create(
+            model=model_path, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        )
         assert r.usage.output_tokens == 2
         assert httpx.get(srv.url + "/health").status_code == 200  # liveness needs no key
         assert httpx.get(srv.url + "/v1/cache/stats").status_code == 401
@@ -297,14 +341,30 @@ def test_api_key_is_required_when_given(tmp_path, model_path):
 
 
 def test_binding_off_loopback_needs_an_api_key(tmp_path, model_path):
-    out = subprocess.run([sys.executable, "-m", "kvstore.cli", "--store", str(tmp_path / "s"), "serve", "--model",
-                          model_path, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvstore.cli",
+            "--store",
+            str(tmp_path / "s"),
+            "serve",
+            "--model",
+            model_path,
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "--api-key" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "s").exists()  # refused before anything was opened
 
 
 # -- crash safety, sharing, budget, disconnects ------------------------------------------------
+
 
 def conversation(client, model: str, turns: int, **kw) -> list[tuple[str, object]]:
     """`turns` turns of one conversation; returns (reply text, usage) per turn."""
@@ -356,8 +416,9 @@ def test_conversations_sharing_a_system_prompt_share_its_chunks(tmp_path, model_
     try:
         client = srv.openai()
         a = client.chat.completions.create(model=model_path, messages=chat(model_path, "First user."), max_tokens=4)
-        b = client.chat.completions.create(model=model_path, messages=chat(model_path, "Second user here."),
-                                           max_tokens=4)
+        b = client.chat.completions.create(
+            model=model_path, messages=chat(model_path, "Second user here."), max_tokens=4
+        )
         assert b.usage.model_extra["kvstore"]["conversation"] != a.usage.model_extra["kvstore"]["conversation"]
         assert b.usage.prompt_tokens_details.cached_tokens >= 2 * TEST_CHUNK  # the system prompt, not prefilled
     finally:
@@ -383,8 +444,10 @@ def test_disk_budget_holds_under_a_stream_of_new_conversations(tmp_path, model_p
         client = srv.openai()
         names = []
         for i in range(10):
-            msgs = [{"role": "system", "content": f"Conversation {i} has its own long system prompt. " * 8},
-                    {"role": "user", "content": "Go."}]
+            msgs = [
+                {"role": "system", "content": f"Conversation {i} has its own long system prompt. " * 8},
+                {"role": "user", "content": "Go."},
+            ]
             r = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=8)
             names.append(r.usage.model_extra["kvstore"]["conversation"])
             stats = srv.stats()
@@ -402,8 +465,12 @@ def test_disk_budget_holds_under_a_stream_of_new_conversations(tmp_path, model_p
 
 def test_client_disconnect_mid_stream_stops_generation(server, model_path):
     before = server.stats()["since_start"]["generated_tokens"]
-    body = {"model": model_path, "messages": chat(model_path, "Talk for a very long time."), "max_tokens": 3000,
-            "stream": True}
+    body = {
+        "model": model_path,
+        "messages": chat(model_path, "Talk for a very long time."),
+        "max_tokens": 3000,
+        "stream": True,
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
@@ -414,8 +481,7 @@ def test_client_disconnect_mid_stream_stops_generation(server, model_path):
         time.sleep(0.2)
     assert "client went away" in server.log.read_text()
     assert server.stats()["since_start"]["generated_tokens"] - before < 3000
-    r = server.openai().chat.completions.create(model=model_path, messages=chat(model_path, "Still ok?"),
-                                                max_tokens=2)
+    r = server.openai().chat.completions.create(model=model_path, messages=chat(model_path, "Still ok?"), max_tokens=2)
     assert r.usage.completion_tokens == 2
 
 
@@ -440,8 +506,13 @@ def test_a_queued_stream_gets_keep_alives_and_runs_after_the_request_before_it(t
             first = pool.submit(httpx.post, url, json=long_body, timeout=300)
             while httpx.get(srv.url + "/health").json()["queued"] == 0 and not first.done():
                 time.sleep(0.02)  # until the long request holds the model
-            body = {"model": model_path, "messages": chat(model_path, "Short."), "max_tokens": 3, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": model_path,
+                "messages": chat(model_path, "Short."),
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             with httpx.stream("POST", url, json=body, timeout=300) as resp:
                 lines = [line for line in resp.iter_lines() if line]
             long_reply = first.result().json()

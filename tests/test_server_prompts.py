@@ -8,8 +8,15 @@ import shutil
 import pytest
 
 from kvstore.server.errors import RequestError
-from kvstore.server.prompts import (anthropic_messages, anthropic_tools, encode_prompt, openai_messages, render_chat,
-                                    split_tool_calls, tool_call_start)
+from kvstore.server.prompts import (
+    anthropic_messages,
+    anthropic_tools,
+    encode_prompt,
+    openai_messages,
+    render_chat,
+    split_tool_calls,
+    tool_call_start,
+)
 from kvstore.server.sse import held_back
 
 # A Qwen-style template: tools in the system turn, calls as <tool_call>{json}</tool_call>, results as tool turns.
@@ -18,12 +25,20 @@ TOOL_TEMPLATE = (
     "{% endif %}"
     "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content or '' }}"
     "{%- for tool_call in message.tool_calls or [] %}{% set tool_call = tool_call.function %}"
-    "<tool_call>{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}</tool_call>"
+    '<tool_call>{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}</tool_call>'
     "{%- endfor %}<|im_end|>\n{% endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                             "parameters": {"type": "object",
-                                                            "properties": {"city": {"type": "string"}}}}}]
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +72,24 @@ def test_tool_calls_are_parsed_out_of_a_reply(tool_tokenizer):
 
 
 def test_tools_and_tool_turns_reach_the_template(tool_tokenizer):
-    messages = openai_messages([
-        {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
-    ])
+    messages = openai_messages(
+        [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
+        ]
+    )
     assert messages[0]["role"] == "system" and messages[1]["content"] == "Weather in Paris?"
     text = tool_tokenizer.decode(render_chat(tool_tokenizer, messages, WEATHER, None, None, 16))
     assert text.startswith("<|im_start|>system\nTools: get_weather<|im_end|>")
@@ -73,28 +98,53 @@ def test_tools_and_tool_turns_reach_the_template(tool_tokenizer):
 
 
 def test_anthropic_blocks_become_the_same_template_messages(tool_tokenizer):
-    converted = anthropic_messages([{"type": "text", "text": "Be brief."}], [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
-                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                           "input": {"city": "Paris"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                      "content": [{"type": "text", "text": "18 C and sunny"}]}]},
-    ])
+    converted = anthropic_messages(
+        [{"type": "text", "text": "Be brief."}],
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "18 C and sunny"}],
+                    }
+                ],
+            },
+        ],
+    )
     assert [m["role"] for m in converted] == ["system", "user", "assistant", "tool"]
     assert converted[2]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert converted[3] == {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C and sunny"}
-    tools = anthropic_tools([{"name": "get_weather", "description": "Weather in a city",
-                              "input_schema": WEATHER[0]["function"]["parameters"]}])
+    tools = anthropic_tools(
+        [
+            {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "input_schema": WEATHER[0]["function"]["parameters"],
+            }
+        ]
+    )
     assert tools == WEATHER
 
 
-@pytest.mark.parametrize("bad", [
-    [],
-    [{"role": "wizard", "content": "x"}],
-    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
-    [{"role": "user", "content": 5}],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [],
+        [{"role": "wizard", "content": "x"}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+        [{"role": "user", "content": 5}],
+    ],
+)
 def test_bad_openai_messages_are_request_errors(bad):
     with pytest.raises(RequestError) as e:
         openai_messages(bad)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from test_server import ServerProcess, new_store
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -29,8 +28,10 @@ def real_model() -> str:
 def test_real_model_answers_and_resumes_from_disk_after_a_restart(tmp_path, real_model):
     srv = ServerProcess(real_model, new_store(tmp_path / "store")).start()
     client = srv.openai()
-    messages = [{"role": "system", "content": "You are a concise geography assistant. " * 20},
-                {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "You are a concise geography assistant. " * 20},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     first = client.chat.completions.create(model=real_model, messages=messages, max_tokens=24)
     answer = first.choices[0].message.content
     assert "Paris" in answer  # a real model, really answering

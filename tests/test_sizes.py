@@ -8,17 +8,17 @@ import shutil
 
 import mlx.core as mx
 import pytest
+from byte_oracle import recount_bytes
 from click.testing import CliRunner
+from conftest import TEST_CHUNK, make_store
 from mlx_lm.models import cache as mlc
 from sqlalchemy import MetaData, create_engine, select, text
 
 import kvstore
-from kvstore.testing import make_cache, tokens
-from byte_oracle import recount_bytes
-from conftest import TEST_CHUNK, make_store
+from kvstore.cache.capture import Capture
 from kvstore.index import db
 from kvstore.ops import accounting as accounting
-from kvstore.cache.capture import Capture
+from kvstore.testing import make_cache, tokens
 
 C = TEST_CHUNK
 FP = "5a" * 16
@@ -52,8 +52,10 @@ def rotating_with_capture(n: int, seed: int):
         step = min(C, n - start)
         for c in cache:
             key, k1, k2 = mx.random.split(key, 3)
-            c.update_and_fetch(mx.random.normal((1, 2, step, 8), key=k1).astype(mx.float16),
-                               mx.random.normal((1, 2, step, 8), key=k2).astype(mx.float16))
+            c.update_and_fetch(
+                mx.random.normal((1, 2, step, 8), key=k1).astype(mx.float16),
+                mx.random.normal((1, 2, step, 8), key=k2).astype(mx.float16),
+            )
         capture.take(cache)
     return cache, capture.pieces
 
@@ -115,9 +117,12 @@ def test_archive_import_and_discard_keep_sizes(store, tmp_path):
             assert conn.execute(text("SELECT COUNT(*) FROM chunks WHERE parent IS NULL")).scalar() == 0
         assert_fast_equals_slow(other)
     with store.engine.connect() as conn:
-        blob = conn.execute(text(
-            "SELECT cl.blob_id FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
-            "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key WHERE a.name = 'biz' AND sc.seq = 1")).scalar()
+        blob = conn.execute(
+            text(
+                "SELECT cl.blob_id FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
+                "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key WHERE a.name = 'biz' AND sc.seq = 1"
+            )
+        ).scalar()
     store.discard_blob(blob)  # a chunk in the shared prefix loses its KV
     assert_fast_equals_slow(store)
 
@@ -125,11 +130,20 @@ def test_archive_import_and_discard_keep_sizes(store, tmp_path):
 def test_fsck_reports_a_wrong_size_and_repair_fixes_it(store):
     build(store)
     with db.transaction(store.engine, write=True, what="test") as conn:
-        key = conn.execute(text("SELECT sc.chunk_key FROM agents a JOIN snapshot_chunks sc "
-                                "ON sc.snapshot_id = a.head WHERE a.name = 'tech' AND sc.seq = 3")).scalar()
+        key = conn.execute(
+            text(
+                "SELECT sc.chunk_key FROM agents a JOIN snapshot_chunks sc "
+                "ON sc.snapshot_id = a.head WHERE a.name = 'tech' AND sc.seq = 3"
+            )
+        ).scalar()
         conn.execute(text("UPDATE chunks SET nbytes = nbytes + 7 WHERE key = :k"), {"k": key})
-        conn.execute(text("UPDATE chunks SET prefix_bytes = 1 WHERE seq = 0 AND model_id = "
-                          "(SELECT id FROM models WHERE fingerprint = :fp)"), {"fp": HYBRID})
+        conn.execute(
+            text(
+                "UPDATE chunks SET prefix_bytes = 1 WHERE seq = 0 AND model_id = "
+                "(SELECT id FROM models WHERE fingerprint = :fp)"
+            ),
+            {"fp": HYBRID},
+        )
     report = store.fsck()
     kinds = {(p.kind, p.subject.split()[0]) for p in report.problems}
     assert not report.ok and kinds == {("wrong_size", "chunk")}
@@ -165,18 +179,23 @@ def _copy_rows(src, dst_url: str, orphan_agent: str) -> None:
         assert "nbytes" not in target.tables["chunks"].c
         for name in TABLES:
             table = target.tables[name]
-            rows = [dict(r._mapping) for r in s.execute(select(*[text(c.name) for c in table.c]).select_from(
-                text(name)))]
+            rows = [
+                dict(r._mapping) for r in s.execute(select(*[text(c.name) for c in table.c]).select_from(text(name)))
+            ]
             if rows:
                 dst.execute(table.insert(), rows)
-        dst.execute(text(
-            "UPDATE chunks SET parent = NULL WHERE key IN (SELECT sc.chunk_key FROM snapshot_chunks sc "
-            "JOIN snapshots sn ON sn.id = sc.snapshot_id JOIN agents a ON a.id = sn.agent_id WHERE a.name = :n)"),
-            {"n": orphan_agent})
+        dst.execute(
+            text(
+                "UPDATE chunks SET parent = NULL WHERE key IN (SELECT sc.chunk_key FROM snapshot_chunks sc "
+                "JOIN snapshots sn ON sn.id = sc.snapshot_id JOIN agents a ON a.id = sn.agent_id WHERE a.name = :n)"
+            ),
+            {"n": orphan_agent},
+        )
         if dst.dialect.name == "postgresql":  # ids were copied: move the sequences past them
             for name in ("models", "agents", "snapshots"):
-                dst.execute(text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), "
-                                 f"(SELECT MAX(id) FROM {name}))"))
+                dst.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence('{name}', 'id'), (SELECT MAX(id) FROM {name}))")
+                )
     engine.dispose()
 
 
@@ -185,8 +204,11 @@ def _figures(store) -> dict:
     for k in ("path", "url", "schema_revision"):
         st.pop(k)
     names = [a.name for a in store.agents()]
-    return {"stats": st, "bytes": accounting.agent_bytes(store),
-            "runs": {n: accounting.chunk_runs(store, n) for n in names}}
+    return {
+        "stats": st,
+        "bytes": accounting.agent_bytes(store),
+        "runs": {n: accounting.chunk_runs(store, n) for n in names},
+    }
 
 
 def _parents(store) -> dict:
@@ -248,8 +270,11 @@ def test_kvstore_migrate_upgrades_an_index_at_0001(old_index, backend):
     assert run("migrate", "--json") == {"from": "0001", "to": kvstore.index.schema.SCHEMA_REVISION, "upgraded": True}
     info = run("info", "--json")
     want = src.stats().as_dict()
-    assert {k: info[k] for k in ("logical_bytes", "bytes_on_disk", "chunks", "agents", "dedup_ratio")} == \
-        {k: want[k] for k in ("logical_bytes", "bytes_on_disk", "chunks", "agents", "dedup_ratio")}
-    got = {r["name"]: {k: r[k] for k in ("unique_bytes", "shared_bytes", "total_bytes")} for r in run("agents", "--json")}
+    assert {k: info[k] for k in ("logical_bytes", "bytes_on_disk", "chunks", "agents", "dedup_ratio")} == {
+        k: want[k] for k in ("logical_bytes", "bytes_on_disk", "chunks", "agents", "dedup_ratio")
+    }
+    got = {
+        r["name"]: {k: r[k] for k in ("unique_bytes", "shared_bytes", "total_bytes")} for r in run("agents", "--json")
+    }
     assert got == accounting.agent_bytes(src)
     assert run("fsck", "--json")["ok"] is True

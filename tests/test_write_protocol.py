@@ -68,7 +68,7 @@ def test_blob_files_are_valid_safetensors(tmp_path):
 
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         store.save("a", make_cache("kv", 16, mx.float32, layers=1), tokens(16), model=FP)
-        (blob_id, path), = list(store.blobs.iter_files())
+        ((blob_id, path),) = list(store.blobs.iter_files())
         arrays = load_file(str(path))
         assert sorted(arrays) == ["0.k", "0.v"] and arrays["0.k"].shape == (1, 2, 16, 8)
 
@@ -85,7 +85,7 @@ def test_large_blobs_start_their_data_on_a_page(tmp_path, layers):
         c.values = mx.random.normal((1, 2, 16, 256))
     with kvstore.open(tmp_path / "s", chunk_size=16) as store:
         store.save("a", cache, tokens(16), model=FP)
-        (blob_id, path), = list(store.blobs.iter_files())
+        ((blob_id, path),) = list(store.blobs.iter_files())
         raw = path.read_bytes()
         base, header, _meta = tensorfile.parse_header(raw)
         data = max(end for _b, end in (info["data_offsets"] for info in header.values()))

@@ -13,8 +13,9 @@ object's key/size/mtime), read back through `age`, `size` and `describe`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 PathOf = Callable[[str], "str | Path"]
 
@@ -39,8 +40,9 @@ class BlobBackend(ABC):
     # -- writing ---------------------------------------------------------------------------
 
     @abstractmethod
-    def put(self, buffers: list, blob_id: str | None = None,
-            copied: Callable[[], None] | None = None) -> tuple[str, int, bool]:
+    def put(
+        self, buffers: list, blob_id: str | None = None, copied: Callable[[], None] | None = None
+    ) -> tuple[str, int, bool]:
         """Store the blob made of `buffers` durably; (id, bytes, written) — written is False for a dedup hit.
 
         `copied` is called once the bytes have left the caller's buffers (if it writes).

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 # Cores this process may run on: the width of CPU-bound work (hashing, copies out of the page cache).
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

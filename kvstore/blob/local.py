@@ -16,9 +16,9 @@ import stat
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import xxhash
 
@@ -124,8 +124,9 @@ class BlobStore(BlobBackend):
         """The file of a blob. Every path is built here, from a checked id: an index row or a caller
         naming '../../x' must never reach a file outside the store (issue 15, item 8)."""
         if not is_blob_id(blob_id):
-            raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)",
-                                     str(blob_id)[:80])
+            raise InvalidBlobIdError(
+                f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)", str(blob_id)[:80]
+            )
         return self.blob_dir / blob_id[:2] / (blob_id[2:] + BLOB_SUFFIX)
 
     def describe_location(self) -> str:
@@ -156,8 +157,9 @@ class BlobStore(BlobBackend):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, buffers: list[bytes | memoryview], blob_id: str | None = None,
-            copied: Callable[[], None] | None = None) -> tuple[str, int, bool]:
+    def put(
+        self, buffers: list[bytes | memoryview], blob_id: str | None = None, copied: Callable[[], None] | None = None
+    ) -> tuple[str, int, bool]:
         """Store a blob made of `buffers`; return (id, bytes, written) where written is False for a dedup hit.
 
         `copied` is called once the bytes are in the kernel's hands (before the fsync), if it writes.
@@ -245,8 +247,9 @@ class BlobStore(BlobBackend):
             raise MissingBlobError(f"blob {blob_id} is missing from {self.blob_dir}{who}", blob_id, agent) from None
         if got != size or xxhash.xxh3_128_hexdigest(data) != blob_id:
             who = f" (needed by agent {agent!r})" if agent else ""
-            raise CorruptBlobError(f"blob {blob_id} is corrupt: its bytes no longer match its hash{who}",
-                                   blob_id, agent)
+            raise CorruptBlobError(
+                f"blob {blob_id} is corrupt: its bytes no longer match its hash{who}", blob_id, agent
+            )
         return data
 
     def hashes_to_name(self, blob_id: str, buf: bytearray) -> bool:
@@ -293,8 +296,7 @@ class BlobStore(BlobBackend):
 
     def iter_temp(self) -> Iterator[Path]:
         if self.tmp_dir.is_dir():
-            for p in self.tmp_dir.iterdir():
-                yield p
+            yield from self.tmp_dir.iterdir()
 
     def remove(self, blob_id: str) -> int:
         """Delete a blob file; return the bytes freed (0 if it was already gone)."""
@@ -312,8 +314,10 @@ class BlobStore(BlobBackend):
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 # Called after the commit that unreferenced it: the file is now an orphan that a later
                 # gc removes once the folder is writable (issue 15, item 13: a bare PermissionError).
-                raise ReadOnlyStoreError(f"cannot remove blob file {path}: {e.strerror}; the index no longer "
-                                         "names it, so a later gc removes it once its folder is writable") from e
+                raise ReadOnlyStoreError(
+                    f"cannot remove blob file {path}: {e.strerror}; the index no longer "
+                    "names it, so a later gc removes it once its folder is writable"
+                ) from e
             raise
 
     def remove_many(self, blob_ids: list[str]) -> list[int]:

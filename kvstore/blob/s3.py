@@ -18,19 +18,25 @@ import configparser
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import xxhash
 
 from kvstore.blob.backend import BlobBackend, PathOf
 from kvstore.blob.tier import DiskTier, check_blob_id
-from kvstore.errors import (BlobServiceError, CorruptBlobError, MissingBlobError, NoSuchBucketError,
-                            StoreError, StoreAccessDeniedError)
+from kvstore.errors import (
+    BlobServiceError,
+    CorruptBlobError,
+    MissingBlobError,
+    NoSuchBucketError,
+    StoreAccessDeniedError,
+    StoreError,
+)
 from kvstore.formats import BLOB_SUFFIX
 
 DEFAULT_CACHE_SIZE = 10 << 30  # the disk tier's budget when none is given
@@ -67,8 +73,9 @@ def parse_url(url: str) -> S3Location:
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
     unknown = set(query) - URL_OPTIONS
     if unknown:
-        raise StoreError(f"unknown option(s) in {url!r}: {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(sorted(URL_OPTIONS))})")
+        raise StoreError(
+            f"unknown option(s) in {url!r}: {', '.join(sorted(unknown))} (known: {', '.join(sorted(URL_OPTIONS))})"
+        )
     try:
         concurrency = int(query.get("concurrency", DEFAULT_CONCURRENCY))
         retries = int(query.get("retries", 5))
@@ -77,12 +84,17 @@ def parse_url(url: str) -> S3Location:
         raise StoreError(f"a numeric option in {url!r} is not a number: {e}") from None
     if concurrency < 1 or retries < 0 or retry_timeout <= 0:
         raise StoreError(f"{url!r}: concurrency must be >= 1, retries >= 0, retry_timeout > 0")
-    return S3Location(bucket=parts.netloc, prefix=parts.path.strip("/"),
-                      endpoint=query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                      or os.environ.get("AWS_ENDPOINT_URL"),
-                      region=query.get("region"), profile=query.get("profile"), concurrency=concurrency,
-                      retries=retries, retry_timeout=retry_timeout,
-                      conditional=query.get("conditional", "1") not in ("0", "false", "no"))
+    return S3Location(
+        bucket=parts.netloc,
+        prefix=parts.path.strip("/"),
+        endpoint=query.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        region=query.get("region"),
+        profile=query.get("profile"),
+        concurrency=concurrency,
+        retries=retries,
+        retry_timeout=retry_timeout,
+        conditional=query.get("conditional", "1") not in ("0", "false", "no"),
+    )
 
 
 def profile_credentials(profile: str | None) -> dict:
@@ -104,8 +116,11 @@ def profile_credentials(profile: str | None) -> dict:
     if profile is not None and not section and not config:
         raise StoreAccessDeniedError(f"AWS profile {profile!r} is not in ~/.aws/credentials or ~/.aws/config")
     out = {}
-    for key, ours in (("aws_access_key_id", "access_key_id"), ("aws_secret_access_key", "secret_access_key"),
-                      ("aws_session_token", "session_token")):
+    for key, ours in (
+        ("aws_access_key_id", "access_key_id"),
+        ("aws_secret_access_key", "secret_access_key"),
+        ("aws_session_token", "session_token"),
+    ):
         value = section.get(key) or config.get(key)
         if value:
             out[ours] = value
@@ -128,10 +143,16 @@ def _translate(e: Exception, what: str, where: str) -> Exception:
     import obstore.exceptions as oe
 
     text = str(e)
-    if isinstance(e, (oe.PermissionDeniedError, oe.UnauthenticatedError)) or "SignatureDoesNotMatch" in text \
-            or "InvalidAccessKeyId" in text or "AccessDenied" in text:
-        return StoreAccessDeniedError(f"{where} refused the credentials while {what}: check AWS_ACCESS_KEY_ID / "
-                                      "AWS_SECRET_ACCESS_KEY (or the profile) and the bucket's policy")
+    if (
+        isinstance(e, (oe.PermissionDeniedError, oe.UnauthenticatedError))
+        or "SignatureDoesNotMatch" in text
+        or "InvalidAccessKeyId" in text
+        or "AccessDenied" in text
+    ):
+        return StoreAccessDeniedError(
+            f"{where} refused the credentials while {what}: check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or the profile) and the bucket's policy"
+        )
     if "NoSuchBucket" in text:
         return NoSuchBucketError(f"{where}: the bucket does not exist; create it (e.g. `aws s3 mb`) first")
     first = text.splitlines()[0] if text else type(e).__name__
@@ -150,16 +171,25 @@ class S3Blobs(BlobBackend):
         self.durable = True  # a PUT that returned is durable; there is nothing to fsync
         keys = profile_credentials(self.loc.profile)
         config: dict = {k: v for k, v in keys.items() if k != "region"}
-        region = self.loc.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") \
-            or keys.get("region") or "us-east-1"
+        region = (
+            self.loc.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or keys.get("region")
+            or "us-east-1"
+        )
         config["region"] = region
         if self.loc.endpoint:
             config["endpoint"] = self.loc.endpoint
-        retry = {"max_retries": self.loc.retries, "retry_timeout": timedelta(seconds=self.loc.retry_timeout),
-                 "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5),
-                             "base": 2.0}}
-        client = {"allow_http": bool(self.loc.endpoint and self.loc.endpoint.startswith("http://")),
-                  "pool_max_idle_per_host": str(self.loc.concurrency * 2)}
+        retry = {
+            "max_retries": self.loc.retries,
+            "retry_timeout": timedelta(seconds=self.loc.retry_timeout),
+            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=5), "base": 2.0},
+        }
+        client = {
+            "allow_http": bool(self.loc.endpoint and self.loc.endpoint.startswith("http://")),
+            "pool_max_idle_per_host": str(self.loc.concurrency * 2),
+        }
         self.base = f"{self.loc.prefix}/blobs" if self.loc.prefix else "blobs"
         try:
             self.client = S3Store(self.loc.bucket, config=config, client_options=client, retry_config=retry)
@@ -212,13 +242,15 @@ class S3Blobs(BlobBackend):
         try:
             return self._call("listing the bucket", fn, *args, **kwargs)
         except (FileNotFoundError, oe.NotFoundError) as e:
-            raise NoSuchBucketError(f"{self.loc.url}: the bucket does not exist; create it (e.g. `aws s3 mb`) "
-                                    "first") from e
+            raise NoSuchBucketError(
+                f"{self.loc.url}: the bucket does not exist; create it (e.g. `aws s3 mb`) first"
+            ) from e
 
     # -- writing ---------------------------------------------------------------------------
 
-    def put(self, buffers: list, blob_id: str | None = None,
-            copied: Callable[[], None] | None = None) -> tuple[str, int, bool]:
+    def put(
+        self, buffers: list, blob_id: str | None = None, copied: Callable[[], None] | None = None
+    ) -> tuple[str, int, bool]:
         import obstore as obs
         import obstore.exceptions as oe
 
@@ -233,8 +265,9 @@ class S3Blobs(BlobBackend):
         written = False
         if self.loc.conditional:  # one round trip: written, or 412 because the object exists
             try:
-                self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, mode="create",
-                           use_multipart=False)
+                self._call(
+                    f"writing blob {blob_id}", obs.put, self.client, key, data, mode="create", use_multipart=False
+                )
                 written = True
             except oe.AlreadyExistsError:
                 pass
@@ -261,8 +294,9 @@ class S3Blobs(BlobBackend):
             return self._call(f"reading blob {blob_id}", obs.get, self.client, self.key(blob_id)).bytes()
         except (FileNotFoundError, oe.NotFoundError):
             who = f" (needed by agent {agent!r})" if agent else ""
-            raise MissingBlobError(f"blob {blob_id} is missing from {self.describe_location()}{who}",
-                                   blob_id, agent) from None
+            raise MissingBlobError(
+                f"blob {blob_id} is missing from {self.describe_location()}{who}", blob_id, agent
+            ) from None
 
     def _fetch(self, blob_id: str, agent: str | None, keep: frozenset[str]) -> memoryview:
         """GET a blob, check its hash, keep it in the tier."""
@@ -287,8 +321,11 @@ class S3Blobs(BlobBackend):
         import obstore.exceptions as oe
 
         try:
-            return bytes(self._call(f"reading blob {blob_id}", obs.get_range, self.client, self.key(blob_id),
-                                    start=start, end=end))
+            return bytes(
+                self._call(
+                    f"reading blob {blob_id}", obs.get_range, self.client, self.key(blob_id), start=start, end=end
+                )
+            )
         except (FileNotFoundError, oe.NotFoundError):
             raise MissingBlobError(f"blob {blob_id} is missing from {self.describe_location()}", blob_id) from None
 
@@ -318,8 +355,7 @@ class S3Blobs(BlobBackend):
 
         for _ in self._pool.map(fetch, rest):
             pass
-        for _ in self._pool.map(lambda b: self._keep(b, [parts[b][k] for k in sorted(parts[b])], agent, ids),
-                                need):
+        for _ in self._pool.map(lambda b: self._keep(b, [parts[b][k] for k in sorted(parts[b])], agent, ids), need):
             pass
         return self.tier.path
 
@@ -329,13 +365,19 @@ class S3Blobs(BlobBackend):
         import obstore.exceptions as oe
 
         try:
-            got = self._call(f"reading blob {blob_id}", obs.get, self.client, self.key(blob_id),
-                             options={"range": (start, start + PART)})
+            got = self._call(
+                f"reading blob {blob_id}",
+                obs.get,
+                self.client,
+                self.key(blob_id),
+                options={"range": (start, start + PART)},
+            )
             return int(got.meta["size"]), got.bytes()
         except (FileNotFoundError, oe.NotFoundError):
             who = f" (needed by agent {agent!r})" if agent else ""
-            raise MissingBlobError(f"blob {blob_id} is missing from {self.describe_location()}{who}",
-                                   blob_id, agent) from None
+            raise MissingBlobError(
+                f"blob {blob_id} is missing from {self.describe_location()}{who}", blob_id, agent
+            ) from None
 
     def _keep(self, blob_id: str, pieces: list, agent: str | None, keep: frozenset[str]) -> None:
         """Verify a fetched blob whole (its pieces in order), then keep it in the tier."""
@@ -345,8 +387,11 @@ class S3Blobs(BlobBackend):
         if h.hexdigest() != blob_id:
             self._bad_remote.add(blob_id)
             who = f" (needed by agent {agent!r})" if agent else ""
-            raise CorruptBlobError(f"blob {blob_id} is corrupt in {self.describe_location()}: its bytes no "
-                                   f"longer match its hash{who}", blob_id, agent)
+            raise CorruptBlobError(
+                f"blob {blob_id} is corrupt in {self.describe_location()}: its bytes no longer match its hash{who}",
+                blob_id,
+                agent,
+            )
         try:
             self.tier.add(blob_id, pieces, keep)
         except OSError:
@@ -394,8 +439,10 @@ class S3Blobs(BlobBackend):
             for meta in batch:
                 rel = meta["path"][cut:]  # "ab/cdef….safetensors"
                 if len(rel) > 3 and rel[2] == "/" and rel.endswith(BLOB_SUFFIX):
-                    yield rel[:2] + rel[3: -len(BLOB_SUFFIX)], ObjectEntry(
-                        meta["path"], int(meta["size"]), meta["last_modified"].timestamp())
+                    yield (
+                        rel[:2] + rel[3 : -len(BLOB_SUFFIX)],
+                        ObjectEntry(meta["path"], int(meta["size"]), meta["last_modified"].timestamp()),
+                    )
 
     def age(self, entry: ObjectEntry, now: float | None = None) -> float:
         return (now or time.time()) - entry.modified
@@ -416,7 +463,7 @@ class S3Blobs(BlobBackend):
         sizes = list(self._pool.map(self.stat, blob_ids))
         there = [(b, st[0]) for b, st in zip(blob_ids, sizes) if st is not None]
         for i in range(0, len(there), DELETE_BATCH):
-            part = there[i: i + DELETE_BATCH]
+            part = there[i : i + DELETE_BATCH]
             self._call("deleting blobs", obs.delete, self.client, [self.key(b) for b, _ in part])
             for b, _ in part:
                 self.tier.drop(b)

@@ -20,11 +20,20 @@ import mlx.core as mx
 import numpy as np
 import xxhash
 
-from kvstore.errors import CorruptBlobError, MissingBlobError, StoreError
 from kvstore.blob import uninit
 from kvstore.blob.iopool import CORES, IoPool
 from kvstore.blob.local import open_blob
-from kvstore.blob.tensorfile import HEADER_PROBE, PAGE, blocks, mlx_dtype, parse_header, read_into, st_dtype, writable_view
+from kvstore.blob.tensorfile import (
+    HEADER_PROBE,
+    PAGE,
+    blocks,
+    mlx_dtype,
+    parse_header,
+    read_into,
+    st_dtype,
+    writable_view,
+)
+from kvstore.errors import CorruptBlobError, StoreError
 
 
 def _corrupt(blob_id: str, agent: str | None, why: str) -> CorruptBlobError:
@@ -175,15 +184,26 @@ class _Dest:
     def fits(self, dtype: str, shape: tuple[int, ...], nbytes: int) -> bool:
         """A blob tensor of this dtype, shape and size can land in this array (where is checked apart).
         String and tuple compares, not numpy's."""
-        return (dtype == self.dtype and len(shape) == len(self.lead) + 2 and shape[-1] == self.row
-                and shape[:-2] == self.lead and nbytes == shape[-2] * self.position_bytes)
+        return (
+            dtype == self.dtype
+            and len(shape) == len(self.lead) + 2
+            and shape[-1] == self.row
+            and shape[:-2] == self.lead
+            and nbytes == shape[-2] * self.position_bytes
+        )
 
 
 class ScatterReader:
     """Builds the positional slots' arrays: slot -> (origin, total positions) from the blobs given."""
 
-    def __init__(self, blob_path, spans: dict[int, tuple[int, int]], agent: str | None, io: IoPool | None = None,
-                 windowed: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        blob_path,
+        spans: dict[int, tuple[int, int]],
+        agent: str | None,
+        io: IoPool | None = None,
+        windowed: frozenset[int] = frozenset(),
+    ):
         self.blob_path = blob_path
         self.spans = spans
         self.windowed = windowed  # slots of sliding-window layers: their arrays outlive the others'
@@ -245,8 +265,14 @@ class ScatterReader:
         for (slot, name), a in zip(names, arrays):
             self.arrays.setdefault(slot, {})[name] = a
             view, flat = writable_view(a)
-            self.dests[(slot, name)] = _Dest(view, flat, st_dtype(a), tuple(view.shape[:-2]), view.shape[-1],
-                                             math.prod(view.shape[:-2]) * view.shape[-1] * view.itemsize)
+            self.dests[(slot, name)] = _Dest(
+                view,
+                flat,
+                st_dtype(a),
+                tuple(view.shape[:-2]),
+                view.shape[-1],
+                math.prod(view.shape[:-2]) * view.shape[-1] * view.itemsize,
+            )
 
     def run(self) -> dict[int, dict[str, mx.array]]:
         """Read every planned blob and return slot -> arrays (blobs side by side on the store's I/O
@@ -263,8 +289,10 @@ class ScatterReader:
         for slot, arrays in self.arrays.items():
             for name in arrays:
                 if landed.get((slot, name), 0) != self.spans[slot][1]:
-                    raise StoreError(f"restore of layer {slot} filled {landed.get((slot, name), 0)} of "
-                                     f"{self.spans[slot][1]} positions; nothing was returned")
+                    raise StoreError(
+                        f"restore of layer {slot} filled {landed.get((slot, name), 0)} of "
+                        f"{self.spans[slot][1]} positions; nothing was returned"
+                    )
         return self.arrays
 
     def _fill(self, plan: _Planned) -> dict[tuple[int, str], int]:
@@ -365,8 +393,11 @@ class ScatterReader:
             length = shape[-2] if len(shape) >= 2 else 0
             cut = max(0, origin - file_from)
             at = file_from + cut - origin
-            if not (len(shape) >= 2 and dest.fits(dtype, shape, end - begin)) or length < cut \
-                    or at + length - cut > total:
+            if (
+                not (len(shape) >= 2 and dest.fits(dtype, shape, end - begin))
+                or length < cut
+                or at + length - cut > total
+            ):
                 raise _corrupt(plan.blob_id, self.agent, f"its layer {slot} does not fit the cache")
             landed[(slot, arr)] = length - cut
             if cut == 0:

@@ -19,14 +19,36 @@ import numpy as np
 from kvstore.errors import CorruptBlobError
 
 _TO_ST = {
-    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
-    mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.int64: "I64",
-    mx.uint64: "U64", mx.bool_: "BOOL", mx.float64: "F64",
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.int64: "I64",
+    mx.uint64: "U64",
+    mx.bool_: "BOOL",
+    mx.float64: "F64",
 }
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
-       "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "I64": np.int64,
-       "U64": np.uint64, "BOOL": np.bool_, "F64": np.float64}
+_NP = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+    "F64": np.float64,
+}
 HEADER_PROBE = 16384  # one read gets a chunk blob's header (and its padding) for models of up to ~100 layers
 PAGE = 4096
 PAGE_ALIGN_FROM = 1 << 20  # data sections of at least this many bytes start on a page

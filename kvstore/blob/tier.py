@@ -16,8 +16,9 @@ import time
 import uuid
 from pathlib import Path
 
-from kvstore.formats import BLOB_SUFFIX
 from kvstore.blob.tensorfile import write_all
+from kvstore.formats import BLOB_SUFFIX
+
 
 def check_blob_id(blob_id) -> None:
     """InvalidBlobIdError unless `blob_id` is 32 lowercase hex digits (the rule of kvstore.blob.local)."""
@@ -25,8 +26,7 @@ def check_blob_id(blob_id) -> None:
     from kvstore.errors import InvalidBlobIdError
 
     if not is_blob_id(blob_id):
-        raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)",
-                                 str(blob_id)[:80])
+        raise InvalidBlobIdError(f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)", str(blob_id)[:80])
 
 
 EVICT_TO = 0.9  # an eviction frees down to this share of the budget, so the next add does not evict again

@@ -151,8 +151,9 @@ def _address(a: mx.array) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(memoryview(a).cast("B")))
 
 
-def empty(specs: list[tuple[tuple[int, ...], mx.Dtype]], phases: list[int | None] | None = None,
-          lifetimes: list | None = None) -> list[mx.array]:
+def empty(
+    specs: list[tuple[tuple[int, ...], mx.Dtype]], phases: list[int | None] | None = None, lifetimes: list | None = None
+) -> list[mx.array]:
     """Evaluated, C-contiguous arrays of these (shape, dtype)s, in order, with unspecified contents.
 
     Arrays whose `lifetimes` entries differ never share a buffer (all alike by default).

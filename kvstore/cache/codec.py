@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import mlx.core as mx
@@ -38,7 +38,7 @@ class _MlxLmCache:
 mlc = _MlxLmCache()
 
 
-@lru_cache(maxsize=None)
+@cache
 def known_class(name: str) -> type | None:
     """The mlx-lm class registered under `name`, or None: never a lookup of an arbitrary name."""
     return getattr(mlc, name) if name in KNOWN_CLASSES else None
@@ -49,8 +49,8 @@ class Slot:
     """A leaf cache's description: its class, its kind and the parameters needed to rebuild it."""
 
     cls: str
-    kind: str               # "kv" | "rot" | "state"
-    params: tuple = ()      # sorted (name, value) pairs
+    kind: str  # "kv" | "rot" | "state"
+    params: tuple = ()  # sorted (name, value) pairs
 
     def param(self, name: str) -> Any:
         return dict(self.params)[name]
@@ -58,12 +58,14 @@ class Slot:
 
 # -- layout ------------------------------------------------------------------------------------
 
+
 def _describe(c: Any, slots: list[Slot], leaves: list[Any]) -> Any:
     name = type(c).__name__
     if known_class(name) is not type(c):
         raise UnsupportedCacheError(
             f"cannot store a {type(c).__module__}.{name}: kvstore stores KVCache, QuantizedKVCache, "
-            "RotatingKVCache, ArraysCache and CacheList (it never pickles unknown classes)")
+            "RotatingKVCache, ArraysCache and CacheList (it never pickles unknown classes)"
+        )
     if name == "CacheList":
         return {"CacheList": [_describe(sub, slots, leaves) for sub in c.caches]}
     if name == "KVCache":
@@ -101,6 +103,7 @@ def layout_from_json(data: dict) -> tuple[list, list[Slot]]:
 
 
 # -- taking pieces out of a live cache ---------------------------------------------------------
+
 
 def leaf_offset(c: Any) -> int | None:
     """Tokens a leaf cache has seen (None for a recurrent state, which does not count them)."""
@@ -152,12 +155,15 @@ def extract_state(slot: Slot, c: Any) -> tuple[dict[str, mx.array], dict[str, st
         return {"k": keys, "v": values}, {"offset": str(c.offset)}
     arrays = {f"s{i}": a for i, a in enumerate(c.cache) if a is not None}
     if c.left_padding is not None or c.lengths is not None:
-        raise UnsupportedCacheError("an ArraysCache in the middle of a batch (left_padding/lengths set) "
-                                    "cannot be stored; store a single-sequence cache")
+        raise UnsupportedCacheError(
+            "an ArraysCache in the middle of a batch (left_padding/lengths set) "
+            "cannot be stored; store a single-sequence cache"
+        )
     return arrays, {"present": ",".join(str(i) for i, a in enumerate(c.cache) if a is not None)}
 
 
 # -- building caches back ----------------------------------------------------------------------
+
 
 def _concat(pieces: list[mx.array]) -> mx.array:
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=2)
@@ -230,4 +236,5 @@ def check_offsets(leaves: list[Any], slots: list[Slot], n_tokens: int) -> None:
         if off is not None and off != n_tokens:
             raise StoreError(
                 f"layer {i} ({slot.cls}) has seen {off} tokens but {n_tokens} token ids were given; "
-                "a cache is saved with exactly the tokens it holds")
+                "a cache is saved with exactly the tokens it holds"
+            )

@@ -21,7 +21,7 @@ from kvstore.formats import FORMAT_VERSION
 _COSMETIC_KEYS = {"_name_or_path", "transformers_version", "architectures", "kvstore_builtin", "auto_map"}
 _WEIGHT_SUFFIXES = (".safetensors", ".npz", ".gguf", ".bin")
 _cache_lock = threading.Lock()
-_names: dict[str, str] = {}   # fingerprint -> a human name for it, from the folder or model it was computed from
+_names: dict[str, str] = {}  # fingerprint -> a human name for it, from the folder or model it was computed from
 
 
 def model_name(fp: str) -> str | None:
@@ -37,7 +37,7 @@ def _name_of_directory(path: Path) -> str:
     parts = path.resolve().parts
     for i, part in enumerate(parts):
         if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
-            return part[len("models--"):].replace("--", "/")
+            return part[len("models--") :].replace("--", "/")
     return path.resolve().name
 
 
@@ -176,8 +176,9 @@ def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 
                 pass
         ident = cached[1]
         name = getattr(getattr(model, "args", None), "model_type", None) or type(model).__module__.rsplit(".", 1)[-1]
-    ident = dict(ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None,
-                 format=FORMAT_VERSION)
+    ident = dict(
+        ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None, format=FORMAT_VERSION
+    )
     fp = xxhash.xxh3_128_hexdigest(_canonical(ident))
     _names.setdefault(fp, name)
     return fp

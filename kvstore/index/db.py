@@ -6,16 +6,16 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from sqlalchemy import create_engine, event, inspect, insert, select, text
+from sqlalchemy import create_engine, event, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
-from kvstore.index import schema
 from kvstore._crash import crash_point
 from kvstore.errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError, StoreFullError, StoreLockedError
+from kvstore.index import schema
 
 # Taken by every writer on PostgreSQL: SQLite's BEGIN IMMEDIATE serializes writers, this does the same there.
 PG_WRITE_LOCK = 0x6B7673746F7265  # "kvstore"
@@ -77,8 +77,9 @@ def _postgres_engine(url: str, timeout: float, readonly: bool) -> Engine:
         # (under REPEATABLE READ its snapshot would predate that commit).
         engine = create_engine(u, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
     except ModuleNotFoundError as e:
-        raise IndexDatabaseError(f"a PostgreSQL index needs the psycopg driver ({e}): "
-                                 "pip install 'kvstore[postgres]'") from None
+        raise IndexDatabaseError(
+            f"a PostgreSQL index needs the psycopg driver ({e}): pip install 'kvstore[postgres]'"
+        ) from None
 
     @event.listens_for(engine, "connect")
     def _session(dbapi_conn, record):
@@ -111,8 +112,9 @@ def parse_json(raw: str | None, what: str):
     try:
         return json.loads(raw or "{}")
     except ValueError as e:
-        raise IndexDatabaseError(f"the index holds damaged JSON for {what} ({e}); run `kvstore fsck --repair`"
-                                 ) from None
+        raise IndexDatabaseError(
+            f"the index holds damaged JSON for {what} ({e}); run `kvstore fsck --repair`"
+        ) from None
 
 
 def translate(e: Exception, what: str) -> Exception:
@@ -135,7 +137,7 @@ def translate(e: Exception, what: str) -> Exception:
 # SQLSTATE classes and codes a caller can act on (PostgreSQL manual, appendix A).
 _PG_LOCKED = {"55P03": "lock_timeout passed", "40P01": "deadlock", "40001": "serialization failure"}
 _PG_READONLY = {"25006", "42501"}  # read-only transaction (a standby, or readonly=True); no privilege
-_PG_DAMAGED = {"XX001", "XX002"}   # data or index corrupted
+_PG_DAMAGED = {"XX001", "XX002"}  # data or index corrupted
 
 
 def _translate_postgres(orig: Exception, what: str) -> Exception:
@@ -143,11 +145,15 @@ def _translate_postgres(orig: Exception, what: str) -> Exception:
     state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     if state in _PG_LOCKED:
-        return StoreLockedError(f"the store stayed locked by another writer while {what} ({_PG_LOCKED[state]}): "
-                                "try again, or open the store with a longer timeout=")
+        return StoreLockedError(
+            f"the store stayed locked by another writer while {what} ({_PG_LOCKED[state]}): "
+            "try again, or open the store with a longer timeout="
+        )
     if state in _PG_READONLY:
-        return ReadOnlyStoreError(f"the index database refuses writes while {what} ({first}): open the store "
-                                  "with readonly=True, or use a primary server and a user allowed to write")
+        return ReadOnlyStoreError(
+            f"the index database refuses writes while {what} ({first}): open the store "
+            "with readonly=True, or use a primary server and a user allowed to write"
+        )
     if state.startswith("53"):  # insufficient resources: disk full, out of memory, too many connections
         if state == "53100":
             return StoreFullError(28, f"the database server's disk is full while {what}; nothing was committed")
@@ -165,8 +171,10 @@ def _translate_postgres(orig: Exception, what: str) -> Exception:
             hint = "check the URL's host and port, and that the PostgreSQL server is running"
         return IndexDatabaseError(f"cannot connect to the index database ({first}): {hint}")
     if state.startswith("08") or state.startswith("57P") or not state and "connection" in low:
-        return IndexDatabaseError(f"lost the connection to the index database while {what} ({first}): "
-                                  "check the server and try again (a write either committed whole or not at all)")
+        return IndexDatabaseError(
+            f"lost the connection to the index database while {what} ({first}): "
+            "check the server and try again (a write either committed whole or not at all)"
+        )
     return IndexDatabaseError(f"index error while {what}: {first}")
 
 
@@ -222,8 +230,10 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
         return rev
     if rev is None and has_tables:
         # Alembic would take it for an empty database and fail creating tables that exist (issue 15, item 11).
-        raise IndexDatabaseError("the index has kvstore's tables but no alembic_version table (its schema "
-                                 "version record): it is damaged; restore index.db from a backup")
+        raise IndexDatabaseError(
+            "the index has kvstore's tables but no alembic_version table (its schema "
+            "version record): it is damaged; restore index.db from a backup"
+        )
     if rev is not None and rev not in known_revisions():
         raise SchemaTooNewError(
             f"the index was written by a newer kvstore (schema revision {rev}; this kvstore knows up to "
@@ -231,7 +241,8 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
         )
     if readonly:
         raise ReadOnlyStoreError(
-            f"the index needs a schema upgrade ({rev} -> {schema.SCHEMA_REVISION}) but the store is read-only")
+            f"the index needs a schema upgrade ({rev} -> {schema.SCHEMA_REVISION}) but the store is read-only"
+        )
     from alembic import command
 
     with transaction(engine, write=True, what="setting up the index") as conn:

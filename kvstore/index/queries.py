@@ -8,19 +8,38 @@ disagree on what a row holds.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from sqlalchemy import delete, func, insert, literal, literal_column, select, text, update
 
-from kvstore.index import db
-from kvstore.index import schema
+from kvstore.index import db, schema
 from kvstore.records import AgentInfo, Snapshot
 
-__all__ = ["IN_BATCH", "batches", "existing_layers", "model_row", "model_layout", "model_in_use",
-           "relayout_model", "record_namespace",
-           "namespace_model", "agent_namespace", "agent_row", "agent_fingerprint", "insert_agent",
-           "save_agent_row", "insert_snapshot", "snapshot_row", "snapshot_keys", "set_head", "update_agent_meta",
-           "delete_agent", "agent_infos", "snapshot_list", "drop_blob_rows"]
+__all__ = [
+    "IN_BATCH",
+    "batches",
+    "existing_layers",
+    "model_row",
+    "model_layout",
+    "model_in_use",
+    "relayout_model",
+    "record_namespace",
+    "namespace_model",
+    "agent_namespace",
+    "agent_row",
+    "agent_fingerprint",
+    "insert_agent",
+    "save_agent_row",
+    "insert_snapshot",
+    "snapshot_row",
+    "snapshot_keys",
+    "set_head",
+    "update_agent_meta",
+    "delete_agent",
+    "agent_infos",
+    "snapshot_list",
+    "drop_blob_rows",
+]
 
 # Values per IN (...) list: under SQLite's and PostgreSQL's bound-parameter limits with room to spare.
 IN_BATCH = 400
@@ -47,6 +66,7 @@ def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]
 
 # -- models ----------------------------------------------------------------------------------------
 
+
 def model_layout(conn, fingerprint: str) -> str | None:
     """The cache layout (JSON text) recorded for a model fingerprint, or None for an unknown model."""
     m = schema.models
@@ -64,8 +84,9 @@ def model_row(conn, fingerprint: str, layout: str, now: float, name: str | None 
         if row.name is None and name is not None:
             conn.execute(update(m).where(m.c.id == row.id).values(name=name))
         return row.id
-    return conn.execute(insert(m).values(fingerprint=fingerprint, name=name, layout=layout, created=now)
-                        .returning(m.c.id)).scalar_one()
+    return conn.execute(
+        insert(m).values(fingerprint=fingerprint, name=name, layout=layout, created=now).returning(m.c.id)
+    ).scalar_one()
 
 
 def model_in_use(conn, fingerprint: str) -> bool:
@@ -74,8 +95,10 @@ def model_in_use(conn, fingerprint: str) -> bool:
     row_id = conn.execute(select(m.c.id).where(m.c.fingerprint == fingerprint)).scalar()
     if row_id is None:
         return False
-    return any(conn.execute(select(t.c.model_id).where(t.c.model_id == row_id).limit(1)).first() is not None
-               for t in (schema.agents, schema.snapshots, schema.chunks))
+    return any(
+        conn.execute(select(t.c.model_id).where(t.c.model_id == row_id).limit(1)).first() is not None
+        for t in (schema.agents, schema.snapshots, schema.chunks)
+    )
 
 
 def relayout_model(conn, fingerprint: str, layout: str) -> None:
@@ -116,6 +139,7 @@ def agent_namespace(conn, name: str, fingerprint: str) -> str:
 
 # -- agents and snapshots --------------------------------------------------------------------------
 
+
 def agent_row(conn, name: str):
     """The agents row of `name` (every column), or None."""
     a = schema.agents
@@ -125,15 +149,19 @@ def agent_row(conn, name: str):
 def agent_fingerprint(conn, name: str) -> str | None:
     """The model fingerprint agent `name` belongs to, or None if there is no such agent."""
     a, m = schema.agents, schema.models
-    return conn.execute(select(m.c.fingerprint).select_from(a.join(m, a.c.model_id == m.c.id))
-                        .where(a.c.name == name)).scalar()
+    return conn.execute(
+        select(m.c.fingerprint).select_from(a.join(m, a.c.model_id == m.c.id)).where(a.c.name == name)
+    ).scalar()
 
 
 def insert_agent(conn, name: str, model_row_id: int, meta_json: str, created: float, updated: float) -> int:
     """A new agent row (no head yet: `set_head` once its snapshots are in); returns its id."""
     a = schema.agents
-    return conn.execute(insert(a).values(name=name, model_id=model_row_id, meta=meta_json, created=created,
-                                         updated=updated).returning(a.c.id)).scalar_one()
+    return conn.execute(
+        insert(a)
+        .values(name=name, model_id=model_row_id, meta=meta_json, created=created, updated=updated)
+        .returning(a.c.id)
+    ).scalar_one()
 
 
 def save_agent_row(conn, name: str, model_row_id: int, meta_json: str | None, now: float) -> int:
@@ -147,13 +175,32 @@ def save_agent_row(conn, name: str, model_row_id: int, meta_json: str | None, no
     return row_id
 
 
-def insert_snapshot(conn, agent_id: int, model_row_id: int, tokens: bytes, n_tokens: int, keys: Sequence[bytes],
-                    created: float, label: str | None, pinned: bool) -> int:
+def insert_snapshot(
+    conn,
+    agent_id: int,
+    model_row_id: int,
+    tokens: bytes,
+    n_tokens: int,
+    keys: Sequence[bytes],
+    created: float,
+    label: str | None,
+    pinned: bool,
+) -> int:
     """A snapshot row and its chunk list (`keys` in order); returns the snapshot's id."""
     s, sc = schema.snapshots, schema.snapshot_chunks
-    snap_id = conn.execute(insert(s).values(
-        agent_id=agent_id, model_id=model_row_id, n_tokens=int(n_tokens), tokens=tokens, created=created,
-        label=label, pinned=bool(pinned)).returning(s.c.id)).scalar_one()
+    snap_id = conn.execute(
+        insert(s)
+        .values(
+            agent_id=agent_id,
+            model_id=model_row_id,
+            n_tokens=int(n_tokens),
+            tokens=tokens,
+            created=created,
+            label=label,
+            pinned=bool(pinned),
+        )
+        .returning(s.c.id)
+    ).scalar_one()
     if keys:
         conn.execute(insert(sc), [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
     return snap_id
@@ -168,8 +215,10 @@ def snapshot_row(conn, snapshot_id: int):
 def snapshot_keys(conn, snapshot_id: int) -> list[bytes]:
     """A snapshot's chunk keys, in order."""
     sc = schema.snapshot_chunks
-    return [bytes(k) for (k,) in conn.execute(select(sc.c.chunk_key).where(sc.c.snapshot_id == snapshot_id)
-                                              .order_by(sc.c.seq))]
+    return [
+        bytes(k)
+        for (k,) in conn.execute(select(sc.c.chunk_key).where(sc.c.snapshot_id == snapshot_id).order_by(sc.c.seq))
+    ]
 
 
 def set_head(conn, agent_id: int, snapshot_id: int, updated: float | None = None) -> None:
@@ -182,8 +231,11 @@ def set_head(conn, agent_id: int, snapshot_id: int, updated: float | None = None
 def update_agent_meta(conn, name: str, meta: dict, now: float) -> bool:
     """Replace agent `name`'s metadata; False if there is no such agent."""
     a = schema.agents
-    return bool(conn.execute(update(a).where(a.c.name == name).values(
-        meta=json.dumps(meta, sort_keys=True, default=str), updated=now)).rowcount)
+    return bool(
+        conn.execute(
+            update(a).where(a.c.name == name).values(meta=json.dumps(meta, sort_keys=True, default=str), updated=now)
+        ).rowcount
+    )
 
 
 def delete_agent(conn, name: str) -> bool:
@@ -213,21 +265,43 @@ def agent_infos(conn, name: str | None) -> list[AgentInfo]:
     # every snapshot in the store for a single agent's record.
     count = select(func.count()).where(s.c.agent_id == a.c.id).correlate(a).scalar_subquery()
     head = s.alias("head")
-    q = (select(a.c.name, _shown_fingerprint(m), a.c.meta, a.c.created, a.c.updated, a.c.head,
-                func.coalesce(head.c.n_tokens, 0), count)
-         .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
-         .order_by(a.c.name))
+    q = (
+        select(
+            a.c.name,
+            _shown_fingerprint(m),
+            a.c.meta,
+            a.c.created,
+            a.c.updated,
+            a.c.head,
+            func.coalesce(head.c.n_tokens, 0),
+            count,
+        )
+        .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
+        .order_by(a.c.name)
+    )
     if name is not None:
         q = q.where(a.c.name == name)
-    return [AgentInfo(name=r[0], model=r[1], meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"), created=r[3],
-                      updated=r[4], head=r[5], n_tokens=r[6], snapshots=r[7]) for r in conn.execute(q).all()]
+    return [
+        AgentInfo(
+            name=r[0],
+            model=r[1],
+            meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"),
+            created=r[3],
+            updated=r[4],
+            head=r[5],
+            n_tokens=r[6],
+            snapshots=r[7],
+        )
+        for r in conn.execute(q).all()
+    ]
 
 
 # Bytes of the chunks a snapshot was the first retained snapshot (of any agent) to list.
 _FIRST_WRITTEN = text(
     "(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
     "WHERE sc.snapshot_id = snapshots.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
-    "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))")
+    "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))"
+)
 
 
 def snapshot_list(conn, name: str) -> list[Snapshot] | None:
@@ -239,13 +313,33 @@ def snapshot_list(conn, name: str) -> list[Snapshot] | None:
     a, s, m = schema.agents, schema.snapshots, schema.models
     if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
         return None
-    rows = conn.execute(select(s.c.id, s.c.n_tokens, s.c.created, s.c.label, s.c.pinned,
-                               _shown_fingerprint(m).label("fingerprint"),
-                               literal_column(_FIRST_WRITTEN.text).label("written"))
-                        .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-                        .where(a.c.name == name).order_by(s.c.id)).all()
-    return [Snapshot(id=r.id, agent=name, model=r.fingerprint, n_tokens=r.n_tokens, created=r.created,
-                     label=r.label, pinned=bool(r.pinned), bytes_written=int(r.written or 0)) for r in rows]
+    rows = conn.execute(
+        select(
+            s.c.id,
+            s.c.n_tokens,
+            s.c.created,
+            s.c.label,
+            s.c.pinned,
+            _shown_fingerprint(m).label("fingerprint"),
+            literal_column(_FIRST_WRITTEN.text).label("written"),
+        )
+        .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+        .where(a.c.name == name)
+        .order_by(s.c.id)
+    ).all()
+    return [
+        Snapshot(
+            id=r.id,
+            agent=name,
+            model=r.fingerprint,
+            n_tokens=r.n_tokens,
+            created=r.created,
+            label=r.label,
+            pinned=bool(r.pinned),
+            bytes_written=int(r.written or 0),
+        )
+        for r in rows
+    ]
 
 
 def drop_blob_rows(conn, blob_id: str) -> tuple[int, list[bytes]]:

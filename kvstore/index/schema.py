@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
-    Table, Text,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
 )
 
 SCHEMA_REVISION = "0002"  # Alembic head; open() refuses an index stamped with a revision it does not know
@@ -12,33 +22,37 @@ SCHEMA_REVISION = "0002"  # Alembic head; open() refuses an index stamped with a
 metadata = MetaData()
 
 store_meta = Table(
-    "store_meta", metadata,
+    "store_meta",
+    metadata,
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
 
 models = Table(
-    "models", metadata,
+    "models",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("fingerprint", String(32), nullable=False, unique=True),
-    Column("name", Text),                 # a human hint (model path or id); never trusted for identity
-    Column("layout", Text),               # JSON: the cache classes and their parameters, per layer
+    Column("name", Text),  # a human hint (model path or id); never trusted for identity
+    Column("layout", Text),  # JSON: the cache classes and their parameters, per layer
     Column("created", Float, nullable=False),
 )
 
 blobs = Table(
-    "blobs", metadata,
-    Column("id", String(32), primary_key=True),   # xxh3-128 of the file's bytes
+    "blobs",
+    metadata,
+    Column("id", String(32), primary_key=True),  # xxh3-128 of the file's bytes
     Column("nbytes", BigInteger, nullable=False),
     Column("created", Float, nullable=False),
 )
 
 chunks = Table(
-    "chunks", metadata,
+    "chunks",
+    metadata,
     Column("key", LargeBinary(16), primary_key=True),  # K_i of the hash chain: names the chunk given its prefix
     Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
-    Column("seq", Integer, nullable=False),              # chunk index: it starts at seq * chunk_size
-    Column("length", Integer, nullable=False),           # tokens in the chunk (< chunk_size for a tail)
+    Column("seq", Integer, nullable=False),  # chunk index: it starts at seq * chunk_size
+    Column("length", Integer, nullable=False),  # tokens in the chunk (< chunk_size for a tail)
     # K_{i-1} (the fingerprint for chunk 0): key = H(parent || tokens). Lets match() find a stored
     # partial tail chunk that a longer request's own chunking cannot name.
     Column("parent", LargeBinary(16)),
@@ -50,9 +64,10 @@ chunks = Table(
 )
 
 chunk_layers = Table(
-    "chunk_layers", metadata,
+    "chunk_layers",
+    metadata,
     Column("chunk_key", LargeBinary(16), ForeignKey("chunks.key", ondelete="CASCADE"), primary_key=True),
-    Column("layer", Integer, primary_key=True),          # slot: the leaf cache's place in the model's layout
+    Column("layer", Integer, primary_key=True),  # slot: the leaf cache's place in the model's layout
     Column("blob_id", String(32), ForeignKey("blobs.id"), nullable=False),
     # Leading tokens of the chunk the blob lacks: a sliding-window layer may only hold a chunk's tail.
     Column("first", Integer, nullable=False, default=0),
@@ -60,23 +75,25 @@ chunk_layers = Table(
 )
 
 agents = Table(
-    "agents", metadata,
+    "agents",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("name", String(200), nullable=False, unique=True),
     Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
     Column("meta", Text, nullable=False, default="{}"),  # JSON: role, messages, caller's metadata
-    Column("head", Integer),                             # snapshots.id of the newest snapshot
+    Column("head", Integer),  # snapshots.id of the newest snapshot
     Column("created", Float, nullable=False),
     Column("updated", Float, nullable=False),
 )
 
 snapshots = Table(
-    "snapshots", metadata,
+    "snapshots",
+    metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("agent_id", Integer, ForeignKey("agents.id", ondelete="CASCADE"), nullable=False),
     Column("model_id", Integer, ForeignKey("models.id"), nullable=False),
     Column("n_tokens", Integer, nullable=False),
-    Column("tokens", LargeBinary, nullable=False),       # little-endian uint32: verified on every load
+    Column("tokens", LargeBinary, nullable=False),  # little-endian uint32: verified on every load
     Column("created", Float, nullable=False),
     Column("label", String(200)),
     Column("pinned", Boolean, nullable=False, default=False),
@@ -84,7 +101,8 @@ snapshots = Table(
 )
 
 snapshot_chunks = Table(
-    "snapshot_chunks", metadata,
+    "snapshot_chunks",
+    metadata,
     Column("snapshot_id", Integer, ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("chunk_key", LargeBinary(16), ForeignKey("chunks.key"), nullable=False),

@@ -13,17 +13,18 @@ fsck checks both columns (`check`) and `rebuild` recomputes them (fsck --repair)
 
 from __future__ import annotations
 
-from sqlalchemy import Column, BigInteger, LargeBinary, MetaData, Table, and_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, Table, and_, bindparam, select, text, update
 
-from kvstore.index import db
-from kvstore.index import schema
+from kvstore.index import db, schema
 from kvstore.index.queries import batches
 
 __all__ = ["add_chains", "refresh", "check", "rebuild"]
 
 # Bytes of chunk `c.key`: IN (...) keeps one blob shared by several layers from counting twice.
-CHUNK_BYTES = ("(SELECT COALESCE(SUM(b.nbytes), 0) FROM blobs b WHERE b.id IN "
-               "(SELECT cl.blob_id FROM chunk_layers cl WHERE cl.chunk_key = c.key))")
+CHUNK_BYTES = (
+    "(SELECT COALESCE(SUM(b.nbytes), 0) FROM blobs b WHERE b.id IN "
+    "(SELECT cl.blob_id FROM chunk_layers cl WHERE cl.chunk_key = c.key))"
+)
 
 # Adds :delta to the prefix bytes of chunk :key and of every chunk after it on any chain.
 # `seq = sub.seq + 1` bounds the walk even on a damaged index whose parent links loop.
@@ -35,8 +36,15 @@ _CARRY = text("""
     UPDATE chunks SET prefix_bytes = prefix_bytes + :delta WHERE key IN (SELECT key FROM sub)""")
 
 
-def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]], lengths: dict[bytes, int],
-               layer_rows: list[dict], blob_bytes: dict[str, int]) -> None:
+def add_chains(
+    conn,
+    model_id: int,
+    fingerprint: str,
+    chains: list[list[bytes]],
+    lengths: dict[bytes, int],
+    layer_rows: list[dict],
+    blob_bytes: dict[str, int],
+) -> None:
     """Insert the chunk rows of `chains` and `layer_rows`, with their sizes, in the caller's write transaction.
 
     Each chain is a snapshot's chunk keys from chunk 0. Layer rows of chunks the index already
@@ -58,8 +66,11 @@ def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]],
     if old_rows:
         db.insert_ignore(conn, cl, old_rows)
         for r in old_rows:  # a fuller piece of a sliding-window chunk replaces a partial one
-            conn.execute(update(cl).where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"],
-                                               cl.c.first > r["first"])).values(blob_id=r["blob_id"], first=r["first"]))
+            conn.execute(
+                update(cl)
+                .where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"], cl.c.first > r["first"]))
+                .values(blob_id=r["blob_id"], first=r["first"])
+            )
         refresh(conn, {r["chunk_key"] for r in old_rows})
     fresh = [k for k in place if k not in have]
     if not fresh:
@@ -70,15 +81,25 @@ def add_chains(conn, model_id: int, fingerprint: str, chains: list[list[bytes]],
     prefix: dict[bytes, int] = {root: 0}
     stored_parents = {place[k][1] for k in fresh} & have
     for part in batches(stored_parents):
-        prefix.update((bytes(k), int(p)) for k, p in conn.execute(
-            select(c.c.key, c.c.prefix_bytes).where(c.c.key.in_(part))))
+        prefix.update(
+            (bytes(k), int(p)) for k, p in conn.execute(select(c.c.key, c.c.prefix_bytes).where(c.c.key.in_(part)))
+        )
     rows = []
     for key in sorted(fresh, key=lambda k: place[k][0]):  # parents before children
         seq, parent = place[key]
         nbytes = sum(blob_bytes[b] for b in blobs_of.get(key, ()))
         prefix[key] = prefix[parent] + nbytes
-        rows.append({"key": key, "model_id": model_id, "seq": seq, "length": lengths[key], "parent": parent,
-                     "nbytes": nbytes, "prefix_bytes": prefix[key]})
+        rows.append(
+            {
+                "key": key,
+                "model_id": model_id,
+                "seq": seq,
+                "length": lengths[key],
+                "parent": parent,
+                "nbytes": nbytes,
+                "prefix_bytes": prefix[key],
+            }
+        )
     db.insert_ignore(conn, c, rows)
     db.insert_ignore(conn, cl, new_rows)
 
@@ -90,7 +111,8 @@ def refresh(conn, keys) -> dict[bytes, int]:
     """
     changed: dict[bytes, int] = {}
     q = text(f"SELECT c.key, c.nbytes, {CHUNK_BYTES} FROM chunks c WHERE c.key IN :keys").bindparams(
-        bindparam("keys", expanding=True, type_=LargeBinary))
+        bindparam("keys", expanding=True, type_=LargeBinary)
+    )
     for part in batches(sorted(set(keys))):
         for key, old, new in conn.execute(q, {"keys": part}):
             if int(old) != int(new):
@@ -109,33 +131,57 @@ def check(conn) -> list[tuple[bytes, str, int, int]]:
     not along with every chunk after it. A chunk whose parent row is gone (garbage awaiting gc) is
     not checked for its prefix.
     """
-    out = [(bytes(k), "nbytes", int(got), int(want)) for k, got, want in conn.execute(text(
-        f"SELECT key, nbytes, want FROM (SELECT c.key, c.nbytes, {CHUNK_BYTES} AS want FROM chunks c) sized "
-        "WHERE nbytes <> want"))]
-    out += [(bytes(k), "prefix_bytes", int(got), int(want)) for k, got, want in conn.execute(text(
-        "SELECT c.key, c.prefix_bytes, c.nbytes + COALESCE(p.prefix_bytes, 0) FROM chunks c "
-        "LEFT JOIN chunks p ON p.key = c.parent AND p.seq = c.seq - 1 "
-        "WHERE (c.seq = 0 OR p.key IS NOT NULL) AND c.prefix_bytes <> c.nbytes + COALESCE(p.prefix_bytes, 0)"))]
+    out = [
+        (bytes(k), "nbytes", int(got), int(want))
+        for k, got, want in conn.execute(
+            text(
+                f"SELECT key, nbytes, want FROM (SELECT c.key, c.nbytes, {CHUNK_BYTES} AS want FROM chunks c) sized "
+                "WHERE nbytes <> want"
+            )
+        )
+    ]
+    out += [
+        (bytes(k), "prefix_bytes", int(got), int(want))
+        for k, got, want in conn.execute(
+            text(
+                "SELECT c.key, c.prefix_bytes, c.nbytes + COALESCE(p.prefix_bytes, 0) FROM chunks c "
+                "LEFT JOIN chunks p ON p.key = c.parent AND p.seq = c.seq - 1 "
+                "WHERE (c.seq = 0 OR p.key IS NOT NULL) AND c.prefix_bytes <> c.nbytes + COALESCE(p.prefix_bytes, 0)"
+            )
+        )
+    ]
     return out
 
 
 def rebuild(conn) -> None:
     """Recompute both columns of every chunk from the layer rows and blob sizes (fsck --repair)."""
-    conn.execute(text(f"UPDATE chunks SET nbytes = {CHUNK_BYTES.replace('c.key', 'chunks.key')} "
-                      f"WHERE nbytes <> {CHUNK_BYTES.replace('c.key', 'chunks.key')}"))
+    conn.execute(
+        text(
+            f"UPDATE chunks SET nbytes = {CHUNK_BYTES.replace('c.key', 'chunks.key')} "
+            f"WHERE nbytes <> {CHUNK_BYTES.replace('c.key', 'chunks.key')}"
+        )
+    )
     # Prefixes walk each tree of chunks from its chunk 0 into a temporary table, then go back in one
     # UPDATE: a recursive CTE inside the UPDATE's subquery could be evaluated once per row.
-    walk = Table("kvstore_prefix_walk", MetaData(), Column("key", LargeBinary(16), primary_key=True),
-                 Column("total", BigInteger, nullable=False), prefixes=["TEMPORARY"])
+    walk = Table(
+        "kvstore_prefix_walk",
+        MetaData(),
+        Column("key", LargeBinary(16), primary_key=True),
+        Column("total", BigInteger, nullable=False),
+        prefixes=["TEMPORARY"],
+    )
     walk.drop(conn, checkfirst=True)
     walk.create(conn)
-    conn.execute(text("""
+    conn.execute(
+        text("""
         WITH RECURSIVE w(key, seq, total) AS (
             SELECT key, seq, nbytes FROM chunks WHERE seq = 0
             UNION ALL
             SELECT c.key, c.seq, w.total + c.nbytes FROM chunks c JOIN w ON c.parent = w.key AND c.seq = w.seq + 1)
-        INSERT INTO kvstore_prefix_walk (key, total) SELECT key, total FROM w"""))
+        INSERT INTO kvstore_prefix_walk (key, total) SELECT key, total FROM w""")
+    )
     total = "(SELECT t.total FROM kvstore_prefix_walk t WHERE t.key = chunks.key)"
-    conn.execute(text(f"UPDATE chunks SET prefix_bytes = {total} "
-                      f"WHERE prefix_bytes <> COALESCE({total}, prefix_bytes)"))
+    conn.execute(
+        text(f"UPDATE chunks SET prefix_bytes = {total} WHERE prefix_bytes <> COALESCE({total}, prefix_bytes)")
+    )
     walk.drop(conn)

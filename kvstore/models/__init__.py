@@ -15,5 +15,13 @@ from __future__ import annotations
 from .errors import ModelFileError, ModelLoadError
 from .fetch import MODELS, RealModel, ensure_model, how_to_get, is_converted, models_root
 
-__all__ = ["MODELS", "RealModel", "ensure_model", "how_to_get", "is_converted", "models_root",
-           "ModelLoadError", "ModelFileError"]
+__all__ = [
+    "MODELS",
+    "RealModel",
+    "ensure_model",
+    "how_to_get",
+    "is_converted",
+    "models_root",
+    "ModelLoadError",
+    "ModelFileError",
+]

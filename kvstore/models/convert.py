@@ -23,8 +23,7 @@ from .vocab import tokenizer_files
 
 DTYPES = ("float32", "float16", "bfloat16")
 # GGML types gguf.quants.dequantize reads (F32/F16/BF16 are plain arrays)
-SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                   "Q6_K"}
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 ARCHITECTURES = ("llama",)
 
 # GGUF tensor name (after "blk.N.") -> mlx-lm parameter name (after "model.layers.N.")
@@ -39,8 +38,11 @@ LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-               "output.weight": "lm_head.weight"}
+TOP_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def read_gguf(path: str | Path):
@@ -52,39 +54,52 @@ def read_gguf(path: str | Path):
         reader = GGUFReader(path)
         meta = {name: field.contents() for name, field in reader.fields.items()}
     except (ValueError, IndexError, KeyError, OSError, TypeError) as e:  # what the reader raises on bad bytes
-        raise ModelFileError(f"{path} is not a readable GGUF file: truncated or damaged "
-                             f"({type(e).__name__}: {e})") from e
+        raise ModelFileError(
+            f"{path} is not a readable GGUF file: truncated or damaged ({type(e).__name__}: {e})"
+        ) from e
     size = path.stat().st_size
     for t in reader.tensors:  # a truncated file can still parse: its last tensors run past the end
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ModelFileError(f"{path} is truncated: tensor {t.name} needs bytes up to "
-                                 f"{t.data_offset + t.n_bytes:,}, the file has {size:,}")
+            raise ModelFileError(
+                f"{path} is truncated: tensor {t.name} needs bytes up to "
+                f"{t.data_offset + t.n_bytes:,}, the file has {size:,}"
+            )
     return reader, meta
 
 
 def _config(meta: dict, source: str, tied: bool, dtype: str) -> dict:
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ModelFileError(f"{source}: architecture {arch!r} is not supported (supported: "
-                             f"{', '.join(ARCHITECTURES)})")
+        raise ModelFileError(
+            f"{source}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
     try:
         heads = int(meta[f"{arch}.attention.head_count"])
         hidden = int(meta[f"{arch}.embedding_length"])
-        c = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
-                 hidden_size=hidden, num_hidden_layers=int(meta[f"{arch}.block_count"]),
-                 intermediate_size=int(meta[f"{arch}.feed_forward_length"]), num_attention_heads=heads,
-                 num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-                 head_dim=hidden // heads,
-                 rms_norm_eps=float(f"{meta[f'{arch}.attention.layer_norm_rms_epsilon']:.7g}"),
-                 rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-                 max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
-                 vocab_size=len(meta["tokenizer.ggml.tokens"]), tie_word_embeddings=tied, torch_dtype=dtype)
+        c = dict(
+            model_type="llama",
+            architectures=["LlamaForCausalLM"],
+            hidden_act="silu",
+            hidden_size=hidden,
+            num_hidden_layers=int(meta[f"{arch}.block_count"]),
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=hidden // heads,
+            rms_norm_eps=float(f"{meta[f'{arch}.attention.layer_norm_rms_epsilon']:.7g}"),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+            vocab_size=len(meta["tokenizer.ggml.tokens"]),
+            tie_word_embeddings=tied,
+            torch_dtype=dtype,
+        )
     except KeyError as e:
         raise ModelFileError(f"{source}: metadata field {e.args[0]} is missing") from e
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", c["head_dim"]))
     if rope_dims != c["head_dim"]:
-        raise ModelFileError(f"{source}: partial rotary embeddings ({rope_dims} of {c['head_dim']} dimensions) "
-                             "are not supported")
+        raise ModelFileError(
+            f"{source}: partial rotary embeddings ({rope_dims} of {c['head_dim']} dimensions) are not supported"
+        )
     if f"{arch}.rope.scaling.type" in meta:
         raise ModelFileError(f"{source}: rope scaling ({meta[f'{arch}.rope.scaling.type']}) is not supported")
     for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
@@ -98,8 +113,10 @@ def _plan(reader, source: str) -> dict:
     plan = {}
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_TYPES:
-            raise ModelFileError(f"{source}: tensor {t.name} has quantization type {t.tensor_type.name}, which "
-                                 f"is not supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+            raise ModelFileError(
+                f"{source}: tensor {t.name} has quantization type {t.tensor_type.name}, which "
+                f"is not supported (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+            )
         parts = t.name.split(".", 2)
         if t.name in TOP_TENSORS:
             plan[t.name] = TOP_TENSORS[t.name]
@@ -145,8 +162,9 @@ def convert_gguf(source: str | Path, dest: str | Path, dtype: str = "float32") -
         weights[plan[t.name]] = mx.array(w).astype(getattr(mx, dtype))
     expected = 2 + 9 * config["num_hidden_layers"] + (0 if config["tie_word_embeddings"] else 1)
     if len(weights) != expected:
-        raise ModelFileError(f"{source}: {len(weights)} tensors where a {config['num_hidden_layers']}-layer llama "
-                             f"model has {expected}")
+        raise ModelFileError(
+            f"{source}: {len(weights)} tensors where a {config['num_hidden_layers']}-layer llama model has {expected}"
+        )
     mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
     for name, text in files.items():
         (dest / name).write_text(text + "\n", encoding="utf-8")

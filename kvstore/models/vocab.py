@@ -25,14 +25,16 @@ def tokenizer_json(meta: dict, source: str) -> str:
     if kind != "gpt2":
         raise ModelFileError(f"{source}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
     if pre not in PRE_TOKENIZERS:
-        raise ModelFileError(f"{source}: pre-tokenizer {pre!r} is not supported "
-                             f"(known: {', '.join(sorted(PRE_TOKENIZERS))})")
+        raise ModelFileError(
+            f"{source}: pre-tokenizer {pre!r} is not supported (known: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
     if "tokenizer.ggml.tokens" not in meta or "tokenizer.ggml.token_type" not in meta:
         raise ModelFileError(f"{source}: no tokenizer vocabulary in its metadata")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
-                               byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
+    )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if PRE_TOKENIZERS[pre]:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -40,8 +42,11 @@ def tokenizer_json(meta: dict, source: str) -> str:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = [AddedToken(tokens[i], special=True, normalized=False)
-                for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+    specials = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i, t in enumerate(types)
+        if t in (CONTROL, USER_DEFINED)
+    ]
     tok.add_special_tokens(specials)
     return tok.to_str(pretty=True)
 
@@ -62,16 +67,32 @@ def eos_token(meta: dict) -> str | None:
 def tokenizer_files(meta: dict, source: str, max_length: int) -> dict[str, str]:
     """{file name: text} for tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    special = {k: v for k, v in (("bos_token", _token(meta, "bos")), ("eos_token", eos_token(meta)),
-                                 ("unk_token", _token(meta, "unknown")), ("pad_token", _token(meta, "padding")))
-               if v is not None}
-    added = {str(i): dict(content=tokens[i], lstrip=False, normalized=False, rstrip=False, single_word=False,
-                          special=True) for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)}
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", **special, added_tokens_decoder=added,
-                  additional_special_tokens=[tokens[int(i)] for i in added if tokens[int(i)] not in special.values()],
-                  model_max_length=max_length, clean_up_tokenization_spaces=False,
-                  add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)), add_eos_token=False,
-                  add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)))
+    special = {
+        k: v
+        for k, v in (
+            ("bos_token", _token(meta, "bos")),
+            ("eos_token", eos_token(meta)),
+            ("unk_token", _token(meta, "unknown")),
+            ("pad_token", _token(meta, "padding")),
+        )
+        if v is not None
+    }
+    added = {
+        str(i): dict(content=tokens[i], lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
+        for i, t in enumerate(types)
+        if t in (CONTROL, USER_DEFINED)
+    }
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        **special,
+        added_tokens_decoder=added,
+        additional_special_tokens=[tokens[int(i)] for i in added if tokens[int(i)] not in special.values()],
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=False,
+        add_prefix_space=bool(meta.get("tokenizer.ggml.add_space_prefix", False)),
+    )
     template = meta.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template

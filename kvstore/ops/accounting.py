@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, text
 
-from kvstore.index import db
-from kvstore.index import schema
 from kvstore.errors import UnknownAgentError
 from kvstore.formats import FORMAT_VERSION
+from kvstore.index import db, schema
 from kvstore.names import validate_name
 from kvstore.records import Stats
 
@@ -35,8 +34,10 @@ __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary", "model_n
 
 def _prefix_at(snap: str, seq: str) -> str:
     """SQL: the prefix bytes of chunk `seq` of snapshot `snap` (NULL when it lists no such chunk)."""
-    return (f"(SELECT c.prefix_bytes FROM snapshot_chunks p JOIN chunks c ON c.key = p.chunk_key "
-            f"WHERE p.snapshot_id = {snap} AND p.seq = {seq})")
+    return (
+        f"(SELECT c.prefix_bytes FROM snapshot_chunks p JOIN chunks c ON c.key = p.chunk_key "
+        f"WHERE p.snapshot_id = {snap} AND p.seq = {seq})"
+    )
 
 
 def _n_chunks(snap: str) -> str:
@@ -75,22 +76,36 @@ def _count(conn, table) -> int:
     return conn.execute(select(func.count()).select_from(table)).scalar_one()
 
 
-def store_stats(store: "Store") -> Stats:
+def store_stats(store: Store) -> Stats:
     """Counts, bytes on disk (every blob the index records), logical bytes (every head, stored apart)."""
     with db.transaction(store.engine, write=False, what="reading statistics") as conn:
-        counts = {t.name: _count(conn, t) for t in (schema.models, schema.agents, schema.snapshots,
-                                                     schema.chunks, schema.blobs)}
+        counts = {
+            t.name: _count(conn, t)
+            for t in (schema.models, schema.agents, schema.snapshots, schema.chunks, schema.blobs)
+        }
         on_disk = conn.execute(select(func.coalesce(func.sum(schema.blobs.c.nbytes), 0))).scalar_one()
-        logical = conn.execute(text(
-            f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
-            "FROM agents a WHERE a.head IS NOT NULL")).scalar_one()
+        logical = conn.execute(
+            text(
+                f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
+                "FROM agents a WHERE a.head IS NOT NULL"
+            )
+        ).scalar_one()
     on_disk, logical = int(on_disk), int(logical)
-    return Stats(path=str(store.path), url=store.engine.url.render_as_string(hide_password=True),
-                 format_version=FORMAT_VERSION, schema_revision=store.schema_revision,
-                 chunk_size=store.chunk_size, models=counts["models"], agents=counts["agents"],
-                 snapshots=counts["snapshots"], chunks=counts["chunks"], blobs=counts["blobs"],
-                 bytes_on_disk=on_disk, logical_bytes=logical,
-                 dedup_ratio=round(logical / on_disk, 4) if on_disk else 1.0)
+    return Stats(
+        path=str(store.path),
+        url=store.engine.url.render_as_string(hide_password=True),
+        format_version=FORMAT_VERSION,
+        schema_revision=store.schema_revision,
+        chunk_size=store.chunk_size,
+        models=counts["models"],
+        agents=counts["agents"],
+        snapshots=counts["snapshots"],
+        chunks=counts["chunks"],
+        blobs=counts["blobs"],
+        bytes_on_disk=on_disk,
+        logical_bytes=logical,
+        dedup_ratio=round(logical / on_disk, 4) if on_disk else 1.0,
+    )
 
 
 PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two halves on two connections
@@ -98,18 +113,21 @@ PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two h
 
 def _agent_rows(conn, where: str, params: dict) -> list:
     """(name, head bytes, shared prefix bytes) of the agents `where` selects."""
-    return conn.execute(text(f"""
+    return conn.execute(
+        text(f"""
         WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
         SELECT a.name, {_prefix_at("a.head", _n_chunks("a.head") + " - 1")}, {_prefix_at("a.head", "depth.d - 1")}
-        FROM agents a JOIN depth ON depth.aid = a.id"""), params).all()
+        FROM agents a JOIN depth ON depth.aid = a.id"""),
+        params,
+    ).all()
 
 
-def _agent_half(store: "Store", k: int) -> list:
+def _agent_half(store: Store, k: int) -> list:
     with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
         return _agent_rows(conn, f"AND a.id % 2 = {k}", {})
 
 
-def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, int]]:
+def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, int]]:
     """Per agent (or just `name`): {"unique_bytes", "shared_bytes", "total_bytes"} of its head snapshot."""
     where, params = "", {}
     if name is not None:
@@ -135,7 +153,7 @@ def agent_bytes(store: "Store", name: str | None = None) -> dict[str, dict[str, 
     return out
 
 
-def chunk_runs(store: "Store", name: str) -> list[dict]:
+def chunk_runs(store: Store, name: str) -> list[dict]:
     """The chunk map of an agent's head: runs of consecutive chunks that the same other agents share.
 
     Each run: first and last chunk index, token range [start, end), chunk count, bytes, and the
@@ -149,16 +167,22 @@ def chunk_runs(store: "Store", name: str) -> list[dict]:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
         if row.head is None:
             return []
-        chunks = conn.execute(text(
-            "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
-            "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq"),
-            {"head": row.head}).all()
+        chunks = conn.execute(
+            text(
+                "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
+                "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq"
+            ),
+            {"head": row.head},
+        ).all()
         sharers: dict[int, list[str]] = {}
-        for seq, other in conn.execute(text(
+        for seq, other in conn.execute(
+            text(
                 "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
                 "JOIN agents o ON o.head = y.snapshot_id "
-                "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name"),
-                {"head": row.head, "aid": row.id}):
+                "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name"
+            ),
+            {"head": row.head, "aid": row.id},
+        ):
             sharers.setdefault(seq, []).append(other)
     runs: list[dict] = []
     for seq, length, nbytes in chunks:
@@ -166,20 +190,31 @@ def chunk_runs(store: "Store", name: str) -> list[dict]:
         who = sharers.get(seq, [])
         if runs and runs[-1]["shared_with"] == who and runs[-1]["last"] == seq - 1:
             run = runs[-1]
-            run.update(last=seq, end=start + int(length or 0), chunks=run["chunks"] + 1,
-                       bytes=run["bytes"] + int(nbytes or 0))
+            run.update(
+                last=seq, end=start + int(length or 0), chunks=run["chunks"] + 1, bytes=run["bytes"] + int(nbytes or 0)
+            )
         else:
-            runs.append({"first": seq, "last": seq, "start": start, "end": start + int(length or 0), "chunks": 1,
-                         "bytes": int(nbytes or 0), "shared_with": who})
+            runs.append(
+                {
+                    "first": seq,
+                    "last": seq,
+                    "start": start,
+                    "end": start + int(length or 0),
+                    "chunks": 1,
+                    "bytes": int(nbytes or 0),
+                    "shared_with": who,
+                }
+            )
     return runs
 
 
-def model_summary(store: "Store") -> list[dict]:
+def model_summary(store: Store) -> list[dict]:
     """Every model the store knows: fingerprint, name hint, layer layout, and its agents, snapshots and chunks."""
     m, a, s, c = schema.models, schema.agents, schema.snapshots, schema.chunks
     with db.transaction(store.engine, write=False, what="listing models") as conn:
-        models = conn.execute(select(m.c.id, m.c.fingerprint, m.c.name, m.c.layout, m.c.created)
-                              .order_by(m.c.created, m.c.id)).all()
+        models = conn.execute(
+            select(m.c.id, m.c.fingerprint, m.c.name, m.c.layout, m.c.created).order_by(m.c.created, m.c.id)
+        ).all()
         per = {}
         for table, col in ((a, a.c.model_id), (s, s.c.model_id), (c, c.c.model_id)):
             per[table.name] = dict(conn.execute(select(col, func.count()).group_by(col)).all())
@@ -189,13 +224,22 @@ def model_summary(store: "Store") -> list[dict]:
         kinds: dict[str, int] = {}
         for cls, _kind, _params in slots:
             kinds[cls] = kinds.get(cls, 0) + 1
-        out.append({"fingerprint": fp, "name": hint, "created": created, "layers": len(slots), "cache_classes": kinds,
-                    "agents": per["agents"].get(mid, 0), "snapshots": per["snapshots"].get(mid, 0),
-                    "chunks": per["chunks"].get(mid, 0)})
+        out.append(
+            {
+                "fingerprint": fp,
+                "name": hint,
+                "created": created,
+                "layers": len(slots),
+                "cache_classes": kinds,
+                "agents": per["agents"].get(mid, 0),
+                "snapshots": per["snapshots"].get(mid, 0),
+                "chunks": per["chunks"].get(mid, 0),
+            }
+        )
     return out
 
 
-def model_names(store: "Store") -> dict[str, str | None]:
+def model_names(store: Store) -> dict[str, str | None]:
     """fingerprint -> the model's name hint (None when the store was never told one): one small query."""
     m = schema.models
     with db.transaction(store.engine, write=False, what="listing models") as conn:

@@ -23,23 +23,21 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from kvstore.blob.tensorfile import HEADER_PROBE, parse_header
 from kvstore.cache.keys import chunk_keys
 from kvstore.errors import AgentExistsError, CorruptBlobError, ModelMismatchError, StoreError
-from kvstore.index import db
-from kvstore.index import queries
-from kvstore.index import schema
-from kvstore.index import sizes
+from kvstore.index import db, queries, schema, sizes
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART, ArchiveSummary, export_agent
 from kvstore.ops.archive_manifest import ARCHIVE_VERSION, ArchivePlan, check_manifest
-from kvstore.ops.archive_tar import (bad, manifest_bytes, members as tar_members, open_archive, parse_manifest,
-                                     read_member)
+from kvstore.ops.archive_tar import bad, manifest_bytes, open_archive, parse_manifest, read_member
+from kvstore.ops.archive_tar import members as tar_members
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -53,8 +51,10 @@ Progress = Callable[[int, int], None] | None
 
 # -- reading and checking an archive ---------------------------------------------------------------
 
-def _check_blob(tar: tarfile.TarFile, member: tarfile.TarInfo, blob_id: str, nbytes: int, plan: ArchivePlan,
-                uses: list[dict]) -> None:
+
+def _check_blob(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, blob_id: str, nbytes: int, plan: ArchivePlan, uses: list[dict]
+) -> None:
     """The blob's bytes hash to its id, and its own header agrees with the layer rows naming it."""
     if member.size != nbytes:  # before a byte is read: the member is bounded by the manifest
         raise bad(f"blob {blob_id} is {member.size} bytes, the manifest says {nbytes}")
@@ -85,18 +85,27 @@ def _check_blob(tar: tarfile.TarFile, member: tarfile.TarInfo, blob_id: str, nby
         if meta.get("kind") == "state":
             ok = meta.get("slot") == str(layer) and slot.kind == "state" and set(header) <= _state_names(slot)
         else:
-            mine = {tname.split(".", 1)[1]: info for tname, info in header.items()
-                    if tname.split(".", 1)[0] == str(layer) and "." in tname}
+            mine = {
+                tname.split(".", 1)[1]: info
+                for tname, info in header.items()
+                if tname.split(".", 1)[0] == str(layer) and "." in tname
+            }
             shapes = [info.get("shape") if isinstance(info, dict) else None for info in mine.values()]
             # The tensors a load builds this slot's class from, and no others (a layout naming another
             # class than the blobs hold made loads raise KeyError: issue 15, item 6).
             want = {f"{kv}{i}" for kv in "kv" for i in range(3)} if slot.cls == "QuantizedKVCache" else {"k", "v"}
-            ok = (meta.get("kind") == "chunk" and slot.kind != "state" and set(mine) == want
-                  and str(layer) in str(meta.get("slots", "")).split(",") and meta.get("first") == str(row["first"])
-                  and all(isinstance(s, list) and len(s) >= 2 and s[-2] == length - row["first"] for s in shapes))
+            ok = (
+                meta.get("kind") == "chunk"
+                and slot.kind != "state"
+                and set(mine) == want
+                and str(layer) in str(meta.get("slots", "")).split(",")
+                and meta.get("first") == str(row["first"])
+                and all(isinstance(s, list) and len(s) >= 2 and s[-2] == length - row["first"] for s in shapes)
+            )
         if not ok:
-            raise bad(f"blob {blob_id} does not hold layer {layer} of chunk {row['chunk_key'].hex()} "
-                      "as the manifest says")
+            raise bad(
+                f"blob {blob_id} does not hold layer {layer} of chunk {row['chunk_key'].hex()} as the manifest says"
+            )
 
 
 def _state_names(slot) -> set[str]:
@@ -120,6 +129,7 @@ def read_manifest(file: str | os.PathLike) -> dict:
 
 # -- keeping an import apart -----------------------------------------------------------------------
 
+
 def namespace_of(fingerprint: str, manifest: bytes | bytearray) -> str:
     """The fingerprint an unverified import's chunks live under: derived from the model's and the
     archive's manifest, so two archives never share a namespace and no local save can reach one."""
@@ -134,18 +144,23 @@ def _apart(plan: ArchivePlan, salted: str, chunk_size: int) -> ArchivePlan:
         keys = chunk_keys(salted, sn["tokens"], chunk_size)
         new_of.update(zip(sn["keys"], keys))
         snaps.append(dict(sn, keys=keys))
-    return replace(plan, fingerprint=salted, snapshots=snaps,
-                   chunks={new_of[k]: place for k, place in plan.chunks.items()},
-                   layers=[dict(r, chunk_key=new_of[r["chunk_key"]]) for r in plan.layers])
+    return replace(
+        plan,
+        fingerprint=salted,
+        snapshots=snaps,
+        chunks={new_of[k]: place for k, place in plan.chunks.items()},
+        layers=[dict(r, chunk_key=new_of[r["chunk_key"]]) for r in plan.layers],
+    )
 
 
 # -- import ----------------------------------------------------------------------------------------
+
 
 class _Retry(Exception):
     """A concurrent gc or save changed the rows this import planned on: plan again."""
 
 
-def _plan_target(store: "Store", plan: ArchivePlan, name: str) -> dict[tuple[bytes, int], int]:
+def _plan_target(store: Store, plan: ArchivePlan, name: str) -> dict[tuple[bytes, int], int]:
     """Refuse a clash with the target (agent name, model layout); return its (chunk, layer) -> first."""
     with db.transaction(store.engine, write=False, what="planning an import") as conn:
         _check_target(conn, plan, name)
@@ -154,12 +169,16 @@ def _plan_target(store: "Store", plan: ArchivePlan, name: str) -> dict[tuple[byt
 
 def _check_target(conn, plan: ArchivePlan, name: str) -> None:
     if queries.agent_row(conn, name) is not None:
-        raise AgentExistsError(f"an agent named {name!r} already exists in this store: import it under "
-                               "another name (--name NEW), or remove the existing one first")
+        raise AgentExistsError(
+            f"an agent named {name!r} already exists in this store: import it under "
+            "another name (--name NEW), or remove the existing one first"
+        )
     layout = queries.model_layout(conn, plan.fingerprint)
     if layout is not None and db.parse_json(layout, "a model's cache layout") != json.loads(plan.layout):
-        raise ModelMismatchError(f"this store records model {plan.fingerprint} with other cache layers than "
-                                 "the archive does: the archive's caches cannot be used here")
+        raise ModelMismatchError(
+            f"this store records model {plan.fingerprint} with other cache layers than "
+            "the archive does: the archive's caches cannot be used here"
+        )
 
 
 def _needed(plan: ArchivePlan, have: dict[tuple[bytes, int], int]) -> list[dict]:
@@ -167,8 +186,15 @@ def _needed(plan: ArchivePlan, have: dict[tuple[bytes, int], int]) -> list[dict]
     return [r for r in plan.layers if have.get((r["chunk_key"], r["layer"]), r["first"] + 1) > r["first"]]
 
 
-def import_agent(store: "Store", file: str | os.PathLike, name: str | None = None,
-                 progress: Progress = None, *, trust: bool = False, verify: Any = None) -> ArchiveSummary:
+def import_agent(
+    store: Store,
+    file: str | os.PathLike,
+    name: str | None = None,
+    progress: Progress = None,
+    *,
+    trust: bool = False,
+    verify: Any = None,
+) -> ArchiveSummary:
     """Bring the agent in archive `file` into `store` (as `name`, default its own name).
 
     Every blob is hashed and the manifest checked before anything is written; a damaged or
@@ -211,17 +237,37 @@ def import_agent(store: "Store", file: str | os.PathLike, name: str | None = Non
                 from kvstore.ops.archive_verify import verify_kv
 
                 verify_kv(plan, tar, members, verify, store.chunk_size)
-            got = _write(store, tar, members, dest, target, have, progress, done, grand,
-                         original=None if merged else plan.fingerprint)
+            got = _write(
+                store,
+                tar,
+                members,
+                dest,
+                target,
+                have,
+                progress,
+                done,
+                grand,
+                original=None if merged else plan.fingerprint,
+            )
             return replace(got, merged=merged)
         except (tarfile.TarError, EOFError) as e:
             raise bad(f"the tar file is damaged ({e})") from None
 
 
-def _write(store: "Store", tar, members, plan: ArchivePlan, target: str, have, progress, done: int, grand: int,
-           original: str | None) -> ArchiveSummary:
+def _write(
+    store: Store,
+    tar,
+    members,
+    plan: ArchivePlan,
+    target: str,
+    have,
+    progress,
+    done: int,
+    grand: int,
+    original: str | None,
+) -> ArchiveSummary:
     """Write the blobs the store lacks, then commit every row in one transaction."""
-    written: dict[str, bool] = {}   # blob id -> newly written by this import
+    written: dict[str, bool] = {}  # blob id -> newly written by this import
     try:
         for _attempt in range(ATTEMPTS):
             rows = _needed(plan, have)
@@ -241,22 +287,30 @@ def _write(store: "Store", tar, members, plan: ArchivePlan, target: str, have, p
             except _Retry:
                 have = _plan_target(store, plan, target)
         else:
-            raise StoreError(f"could not import agent {target!r}: concurrent saves and gc kept changing its "
-                             "chunks; try again")
+            raise StoreError(
+                f"could not import agent {target!r}: concurrent saves and gc kept changing its chunks; try again"
+            )
     except BaseException:
         _forget(store, [b for b, new in written.items() if new])
         raise
     head = plan.snapshots[plan.head]
     new = [b for b, fresh in written.items() if fresh]
-    return ArchiveSummary(agent=target, model=original or plan.fingerprint, snapshots=len(snap_ids),
-                          n_tokens=int(head["tokens"].size), blobs=len(plan.sizes),
-                          bytes=sum(plan.sizes.values()), blobs_written=len(new),
-                          bytes_written=sum(plan.sizes[b] for b in new),
-                          blobs_reused=len(plan.sizes) - len(new))
+    return ArchiveSummary(
+        agent=target,
+        model=original or plan.fingerprint,
+        snapshots=len(snap_ids),
+        n_tokens=int(head["tokens"].size),
+        blobs=len(plan.sizes),
+        bytes=sum(plan.sizes.values()),
+        blobs_written=len(new),
+        bytes_written=sum(plan.sizes[b] for b in new),
+        blobs_reused=len(plan.sizes) - len(new),
+    )
 
 
-def _commit(store: "Store", plan: ArchivePlan, target: str, rows: list[dict], written: dict[str, bool],
-            original: str | None) -> list[int]:
+def _commit(
+    store: Store, plan: ArchivePlan, target: str, rows: list[dict], written: dict[str, bool], original: str | None
+) -> list[int]:
     """One write transaction: model, blobs, chunks, layer rows, agent, snapshots, head.
 
     `original` is the real model's fingerprint when the plan is kept apart under a namespace of its own.
@@ -268,8 +322,9 @@ def _commit(store: "Store", plan: ArchivePlan, target: str, rows: list[dict], wr
         still = queries.existing_layers(conn, sorted(plan.chunks))
         mine = {(r["chunk_key"], r["layer"]) for r in rows}
         for r in plan.layers:
-            if (r["chunk_key"], r["layer"]) not in mine and still.get((r["chunk_key"], r["layer"]),
-                                                                      r["first"] + 1) > r["first"]:
+            if (r["chunk_key"], r["layer"]) not in mine and still.get((r["chunk_key"], r["layer"]), r["first"] + 1) > r[
+                "first"
+            ]:
                 raise _Retry()
         if store.blobs.missing(written):
             raise _Retry()
@@ -277,21 +332,43 @@ def _commit(store: "Store", plan: ArchivePlan, target: str, rows: list[dict], wr
         model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name)
         if original is not None:
             queries.record_namespace(conn, plan.fingerprint, original)
-        db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": plan.sizes[b], "created": now}
-                                              for b in sorted({r["blob_id"] for r in rows})])
+        db.insert_ignore(
+            conn,
+            schema.blobs,
+            [{"id": b, "nbytes": plan.sizes[b], "created": now} for b in sorted({r["blob_id"] for r in rows})],
+        )
         # Chunk rows get their parent (the previous key of a snapshot's chain) and sizes, as a save's do.
-        sizes.add_chains(conn, model_row_id, plan.fingerprint, [sn["keys"] for sn in plan.snapshots],
-                         {k: length for k, (_seq, length) in plan.chunks.items()}, rows, plan.sizes)
-        agent_id = queries.insert_agent(conn, target, model_row_id, json.dumps(plan.meta, sort_keys=True, default=str),
-                                        plan.created, plan.updated)
-        ids = [queries.insert_snapshot(conn, agent_id, model_row_id, sn["tokens"].tobytes(), int(sn["tokens"].size),
-                                       sn["keys"], sn["created"], sn["label"], sn["pinned"])
-               for sn in plan.snapshots]
+        sizes.add_chains(
+            conn,
+            model_row_id,
+            plan.fingerprint,
+            [sn["keys"] for sn in plan.snapshots],
+            {k: length for k, (_seq, length) in plan.chunks.items()},
+            rows,
+            plan.sizes,
+        )
+        agent_id = queries.insert_agent(
+            conn, target, model_row_id, json.dumps(plan.meta, sort_keys=True, default=str), plan.created, plan.updated
+        )
+        ids = [
+            queries.insert_snapshot(
+                conn,
+                agent_id,
+                model_row_id,
+                sn["tokens"].tobytes(),
+                int(sn["tokens"].size),
+                sn["keys"],
+                sn["created"],
+                sn["label"],
+                sn["pinned"],
+            )
+            for sn in plan.snapshots
+        ]
         queries.set_head(conn, agent_id, ids[plan.head])
     return ids
 
 
-def _forget(store: "Store", blob_ids: list[str]) -> None:
+def _forget(store: Store, blob_ids: list[str]) -> None:
     """After a failed import: remove the blob files it wrote that no row names (the store is as before)."""
     if not blob_ids:
         return
@@ -299,8 +376,12 @@ def _forget(store: "Store", blob_ids: list[str]) -> None:
         with db.transaction(store.engine, write=True, what="undoing a failed import") as conn:
             named = set()
             for part in queries.batches(blob_ids):
-                named |= {b for (b,) in conn.execute(schema.blobs.select().with_only_columns(schema.blobs.c.id)
-                                                     .where(schema.blobs.c.id.in_(part)))}
+                named |= {
+                    b
+                    for (b,) in conn.execute(
+                        schema.blobs.select().with_only_columns(schema.blobs.c.id).where(schema.blobs.c.id.in_(part))
+                    )
+                }
             for b in blob_ids:
                 if b not in named:
                     store.blobs.remove(b)

@@ -8,9 +8,10 @@ import os
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -18,9 +19,7 @@ from kvstore.blob.local import fsync_file
 from kvstore.cache.keys import chunk_keys, tokens_from_bytes
 from kvstore.errors import CorruptBlobError
 from kvstore.formats import BLOB_SUFFIX, FORMAT_VERSION, HASH_NAME
-from kvstore.index import db
-from kvstore.index import schema
-from kvstore.index import queries
+from kvstore.index import db, queries, schema
 from kvstore.index.queries import batches
 from kvstore.names import validate_name
 from kvstore.ops.archive_manifest import ARCHIVE_VERSION
@@ -40,13 +39,13 @@ class ArchiveSummary:
     agent: str
     model: str
     snapshots: int
-    n_tokens: int            # tokens of the head snapshot
-    blobs: int               # blobs in the archive
-    bytes: int               # their bytes
-    blobs_written: int = 0   # import: blob files written into the target store
+    n_tokens: int  # tokens of the head snapshot
+    blobs: int  # blobs in the archive
+    bytes: int  # their bytes
+    blobs_written: int = 0  # import: blob files written into the target store
     bytes_written: int = 0
-    blobs_reused: int = 0    # import: blobs the target already held (not written again)
-    merged: bool = False     # import: its chunks joined the store's own (trusted or verified), not kept apart
+    blobs_reused: int = 0  # import: blobs the target already held (not written again)
+    merged: bool = False  # import: its chunks joined the store's own (trusted or verified), not kept apart
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,12 +53,20 @@ class ArchiveSummary:
 
 # -- export ----------------------------------------------------------------------------------------
 
-def _collect(store: "Store", name: str) -> dict:
+
+def _collect(store: Store, name: str) -> dict:
     """The manifest of agent `name`, read in one transaction."""
     from kvstore.ops.restore import head_snapshot
 
-    a, m, s, sc, c, cl, b = (schema.agents, schema.models, schema.snapshots, schema.snapshot_chunks,
-                             schema.chunks, schema.chunk_layers, schema.blobs)
+    a, m, s, sc, c, cl, b = (
+        schema.agents,
+        schema.models,
+        schema.snapshots,
+        schema.snapshot_chunks,
+        schema.chunks,
+        schema.chunk_layers,
+        schema.blobs,
+    )
     with db.transaction(store.engine, write=False, what=f"exporting agent {name!r}") as conn:
         head_snapshot(conn, name)  # UnknownAgentError, or an agent that has no snapshot to move
         agent = conn.execute(select(a).where(a.c.name == name)).first()
@@ -67,15 +74,19 @@ def _collect(store: "Store", name: str) -> dict:
         real = queries.namespace_model(conn, model.fingerprint)  # an import kept apart: export it as its model's
         snaps = conn.execute(select(s).where(s.c.agent_id == agent.id).order_by(s.c.id)).all()
         lists: dict[int, list[bytes]] = {sn.id: [] for sn in snaps}
-        for sid, key in conn.execute(select(sc.c.snapshot_id, sc.c.chunk_key)
-                                     .where(sc.c.snapshot_id.in_(list(lists))).order_by(sc.c.snapshot_id, sc.c.seq)):
+        for sid, key in conn.execute(
+            select(sc.c.snapshot_id, sc.c.chunk_key)
+            .where(sc.c.snapshot_id.in_(list(lists)))
+            .order_by(sc.c.snapshot_id, sc.c.seq)
+        ):
             lists[sid].append(bytes(key))
         keys = sorted({k for ks in lists.values() for k in ks})
         chunk_rows, layer_rows = [], []
         for part in batches(keys):
             chunk_rows += conn.execute(select(c.c.key, c.c.seq, c.c.length).where(c.c.key.in_(part))).all()
-            layer_rows += conn.execute(select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first)
-                                       .where(cl.c.chunk_key.in_(part))).all()
+            layer_rows += conn.execute(
+                select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))
+            ).all()
         blob_ids = sorted({r.blob_id for r in layer_rows})
         blob_rows = []
         for part in batches(blob_ids):
@@ -87,21 +98,42 @@ def _collect(store: "Store", name: str) -> dict:
         lists = {sid: [rekey[k] for k in ks] for sid, ks in lists.items()}
     key_of = lambda k: rekey.get(bytes(k), bytes(k)).hex()  # noqa: E731
     return {
-        "kvstore_archive": ARCHIVE_VERSION, "format_version": FORMAT_VERSION, "hash": HASH_NAME,
-        "chunk_size": store.chunk_size, "exported": time.time(),
-        "agent": {"name": agent.name, "meta": db.parse_json(agent.meta, f"agent {name!r}'s metadata"),
-                  "created": agent.created, "updated": agent.updated},
-        "model": {"fingerprint": real or model.fingerprint,
-                  "name": model.name.removesuffix(KEPT_APART) if real and model.name else model.name,
-                  "layout": db.parse_json(model.layout, f"model {model.fingerprint}'s cache layout")},
+        "kvstore_archive": ARCHIVE_VERSION,
+        "format_version": FORMAT_VERSION,
+        "hash": HASH_NAME,
+        "chunk_size": store.chunk_size,
+        "exported": time.time(),
+        "agent": {
+            "name": agent.name,
+            "meta": db.parse_json(agent.meta, f"agent {name!r}'s metadata"),
+            "created": agent.created,
+            "updated": agent.updated,
+        },
+        "model": {
+            "fingerprint": real or model.fingerprint,
+            "name": model.name.removesuffix(KEPT_APART) if real and model.name else model.name,
+            "layout": db.parse_json(model.layout, f"model {model.fingerprint}'s cache layout"),
+        },
         "head": [sn.id for sn in snaps].index(agent.head),
-        "snapshots": [{"n_tokens": sn.n_tokens, "tokens": tokens_from_bytes(sn.tokens), "created": sn.created,
-                       "label": sn.label, "pinned": bool(sn.pinned), "chunks": [k.hex() for k in lists[sn.id]]}
-                      for sn in snaps],
-        "chunks": sorted(({"key": key_of(r.key), "seq": r.seq, "length": r.length} for r in chunk_rows),
-                         key=lambda r: (r["seq"], r["key"])),
-        "layers": sorted(({"chunk": key_of(r.chunk_key), "layer": r.layer, "blob": r.blob_id, "first": r.first}
-                          for r in layer_rows), key=lambda r: (r["chunk"], r["layer"])),
+        "snapshots": [
+            {
+                "n_tokens": sn.n_tokens,
+                "tokens": tokens_from_bytes(sn.tokens),
+                "created": sn.created,
+                "label": sn.label,
+                "pinned": bool(sn.pinned),
+                "chunks": [k.hex() for k in lists[sn.id]],
+            }
+            for sn in snaps
+        ],
+        "chunks": sorted(
+            ({"key": key_of(r.key), "seq": r.seq, "length": r.length} for r in chunk_rows),
+            key=lambda r: (r["seq"], r["key"]),
+        ),
+        "layers": sorted(
+            ({"chunk": key_of(r.chunk_key), "layer": r.layer, "blob": r.blob_id, "first": r.first} for r in layer_rows),
+            key=lambda r: (r["chunk"], r["layer"]),
+        ),
         "blobs": [{"id": r.id, "nbytes": int(r.nbytes)} for r in sorted(blob_rows)],
     }
 
@@ -114,8 +146,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes | bytearray, mtime:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_agent(store: "Store", name: str, file: str | os.PathLike, progress: Progress = None, *,
-                 overwrite: bool = False) -> ArchiveSummary:
+def export_agent(
+    store: Store, name: str, file: str | os.PathLike, progress: Progress = None, *, overwrite: bool = False
+) -> ArchiveSummary:
     """Write agent `name` (record, every snapshot, every blob they need) to the archive `file`.
 
     Every blob is checked against its hash as it is read: a damaged store exports nothing (run
@@ -124,8 +157,9 @@ def export_agent(store: "Store", name: str, file: str | os.PathLike, progress: P
     validate_name(name)
     target = Path(file)
     if target.exists() and not overwrite:
-        raise FileExistsError(17, "the archive already exists: choose another file or overwrite it "
-                                  "(--force, overwrite=True)", str(target))
+        raise FileExistsError(
+            17, "the archive already exists: choose another file or overwrite it (--force, overwrite=True)", str(target)
+        )
     manifest = _collect(store, name)
     raw = json.dumps(manifest, separators=(",", ":")).encode()
     total = sum(bl["nbytes"] for bl in manifest["blobs"])
@@ -138,8 +172,11 @@ def export_agent(store: "Store", name: str, file: str | os.PathLike, progress: P
                 for bl in manifest["blobs"]:
                     data = store.blobs.read(bl["id"], agent=name)  # verified against its id
                     if len(data) != bl["nbytes"]:
-                        raise CorruptBlobError(f"blob {bl['id']} is {len(data)} bytes, the index says "
-                                               f"{bl['nbytes']}; run `kvstore fsck`", bl["id"], name)
+                        raise CorruptBlobError(
+                            f"blob {bl['id']} is {len(data)} bytes, the index says {bl['nbytes']}; run `kvstore fsck`",
+                            bl["id"],
+                            name,
+                        )
                     _add_member(tar, BLOB_PREFIX + bl["id"] + BLOB_SUFFIX, data, manifest["exported"])
                     done += len(data)
                     if progress:
@@ -151,5 +188,11 @@ def export_agent(store: "Store", name: str, file: str | os.PathLike, progress: P
         tmp.unlink(missing_ok=True)
         raise
     head = manifest["snapshots"][manifest["head"]]
-    return ArchiveSummary(agent=name, model=manifest["model"]["fingerprint"], snapshots=len(manifest["snapshots"]),
-                          n_tokens=head["n_tokens"], blobs=len(manifest["blobs"]), bytes=total)
+    return ArchiveSummary(
+        agent=name,
+        model=manifest["model"]["fingerprint"],
+        snapshots=len(manifest["snapshots"]),
+        n_tokens=head["n_tokens"],
+        blobs=len(manifest["blobs"]),
+        bytes=total,
+    )

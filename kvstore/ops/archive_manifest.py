@@ -19,7 +19,7 @@ from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ArchiveError, StoreError
 from kvstore.formats import FORMAT_VERSION, HASH_NAME
 from kvstore.names import validate_name
-from kvstore.ops.archive_tar import MAX_JSON_DEPTH, _HEX32, bad
+from kvstore.ops.archive_tar import _HEX32, MAX_JSON_DEPTH, bad
 
 ARCHIVE_VERSION = 1
 # Timestamps are seconds since 1970: a created time past year 9999 cannot be shown by time.localtime
@@ -39,13 +39,13 @@ class ArchivePlan:
     updated: float
     fingerprint: str
     model_name: str | None
-    layout: str                                  # canonical JSON text of the cache layout
+    layout: str  # canonical JSON text of the cache layout
     slots: list
-    snapshots: list[dict]                        # tokens (uint32 array), keys, created, label, pinned
+    snapshots: list[dict]  # tokens (uint32 array), keys, created, label, pinned
     head: int
-    chunks: dict[bytes, tuple[int, int]]         # key -> (seq, length)
-    layers: list[dict]                           # chunk_key, layer, blob_id, first
-    sizes: dict[str, int]                        # blob id -> bytes
+    chunks: dict[bytes, tuple[int, int]]  # key -> (seq, length)
+    layers: list[dict]  # chunk_key, layer, blob_id, first
+    sizes: dict[str, int]  # blob id -> bytes
 
 
 def _int(v: Any, what: str, lo: int = 0) -> int:
@@ -77,17 +77,23 @@ def check_versions(man: Any, chunk_size: int) -> None:
     if not isinstance(man, dict) or man.get("kvstore_archive") is None:
         raise bad("its manifest is not a kvstore manifest")
     if man["kvstore_archive"] != ARCHIVE_VERSION:
-        raise ArchiveError(f"the archive is version {str(man['kvstore_archive'])[:20]!r}; this kvstore reads "
-                           f"version {ARCHIVE_VERSION}: upgrade kvstore (pip install -U kvstore)")
+        raise ArchiveError(
+            f"the archive is version {str(man['kvstore_archive'])[:20]!r}; this kvstore reads "
+            f"version {ARCHIVE_VERSION}: upgrade kvstore (pip install -U kvstore)"
+        )
     if _int(man.get("format_version"), "format_version", 1) > FORMAT_VERSION:
-        raise ArchiveError(f"the archive holds blob format {man['format_version']}; this kvstore reads up to "
-                           f"{FORMAT_VERSION}: upgrade kvstore (pip install -U kvstore)")
+        raise ArchiveError(
+            f"the archive holds blob format {man['format_version']}; this kvstore reads up to "
+            f"{FORMAT_VERSION}: upgrade kvstore (pip install -U kvstore)"
+        )
     if man.get("hash") != HASH_NAME:
         raise ArchiveError(f"the archive hashes with {str(man.get('hash'))[:40]!r}; this kvstore uses {HASH_NAME}")
     if man.get("chunk_size") != chunk_size:
         theirs = str(man.get("chunk_size"))[:20]
-        raise ArchiveError(f"the archive was exported from a store with chunk size {theirs} and this store uses "
-                           f"{chunk_size}: import it into a store created with chunk_size={theirs}")
+        raise ArchiveError(
+            f"the archive was exported from a store with chunk size {theirs} and this store uses "
+            f"{chunk_size}: import it into a store created with chunk_size={theirs}"
+        )
 
 
 def check_agent(agent: Any) -> tuple[str, dict, float, float]:
@@ -112,25 +118,37 @@ def check_agent(agent: Any) -> tuple[str, dict, float, float]:
 
 def _slot(raw: Any, i: int) -> codec.Slot:
     """One layout slot, as codec.describe would have written it for a real cache."""
-    if not isinstance(raw, list) or len(raw) != 3 or not isinstance(raw[0], str) or not isinstance(raw[2], list) \
-            or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in raw[2]):
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 3
+        or not isinstance(raw[0], str)
+        or not isinstance(raw[2], list)
+        or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in raw[2])
+    ):
         raise bad(f"layout slot {i} is not [class, kind, [[name, value], ...]]")
     cls, kind, params = raw[0], raw[1], {p[0]: p[1] for p in raw[2]}
     ints = {k: v for k, v in params.items() if isinstance(v, int) and not isinstance(v, bool)}
     if len(ints) != len(params) or len(params) != len(raw[2]):
         raise bad(f"layout slot {i}'s parameters are not distinct whole numbers")
-    want = {"KVCache": ((), "kv"), "QuantizedKVCache": (("bits", "group_size"), "kv"),
-            "RotatingKVCache": (("keep", "max_size"), "rot" if params.get("keep") == 0 else "state"),
-            "ArraysCache": (("size",), "state")}.get(cls)
+    want = {
+        "KVCache": ((), "kv"),
+        "QuantizedKVCache": (("bits", "group_size"), "kv"),
+        "RotatingKVCache": (("keep", "max_size"), "rot" if params.get("keep") == 0 else "state"),
+        "ArraysCache": (("size",), "state"),
+    }.get(cls)
     if want is None:
         raise bad(f"layout slot {i} names cache class {cls[:40]!r}, which kvstore does not store")
     if tuple(sorted(params)) != want[0] or kind != want[1]:
-        raise bad(f"layout slot {i} ({cls}) has kind {str(kind)[:20]!r} and parameters {sorted(params)}, "
-                  f"not {want[1]!r} and {list(want[0])}")
-    ok = {"KVCache": True,
-          "QuantizedKVCache": params.get("bits") in QUANT_BITS and params.get("group_size") in (32, 64, 128),
-          "RotatingKVCache": 0 <= params.get("keep", -1) < params.get("max_size", 0) <= 1 << 24,
-          "ArraysCache": 1 <= params.get("size", 0) <= 64}[cls]
+        raise bad(
+            f"layout slot {i} ({cls}) has kind {str(kind)[:20]!r} and parameters {sorted(params)}, "
+            f"not {want[1]!r} and {list(want[0])}"
+        )
+    ok = {
+        "KVCache": True,
+        "QuantizedKVCache": params.get("bits") in QUANT_BITS and params.get("group_size") in (32, 64, 128),
+        "RotatingKVCache": 0 <= params.get("keep", -1) < params.get("max_size", 0) <= 1 << 24,
+        "ArraysCache": 1 <= params.get("size", 0) <= 64,
+    }[cls]
     if not ok:
         raise bad(f"layout slot {i} ({cls}) has parameters out of range: {params}")
     return codec.Slot(cls, kind, tuple(sorted(params.items())))
@@ -226,8 +244,7 @@ def check_snapshots(snaps: Any, head: Any, fp: str, chunk_size: int) -> tuple[li
         for seq, (key, (_start, length)) in enumerate(zip(keys, chunk_spans(n, chunk_size))):
             if where.setdefault(key, (seq, length)) != (seq, length):
                 raise bad(f"chunk {key.hex()} sits at two places")
-        parsed.append({"tokens": np.asarray(toks), "keys": keys, "created": created, "label": label,
-                       "pinned": pinned})
+        parsed.append({"tokens": np.asarray(toks), "keys": keys, "created": created, "label": label, "pinned": pinned})
     return parsed, where
 
 
@@ -268,8 +285,9 @@ def check_blob_rows(blobs: Any) -> dict[str, int]:
     return sizes
 
 
-def check_layer_rows(layers: Any, chunks: dict[bytes, tuple[int, int]], n_slots: int,
-                     sizes: dict[str, int]) -> list[dict]:
+def check_layer_rows(
+    layers: Any, chunks: dict[bytes, tuple[int, int]], n_slots: int, sizes: dict[str, int]
+) -> list[dict]:
     """The (chunk, layer) -> blob rows: each fits the layout, its chunk and the blob list; every blob is used."""
     if not isinstance(layers, list):
         raise bad("its layers are not a list")
@@ -303,6 +321,18 @@ def check_manifest(man: Any, chunk_size: int) -> ArchivePlan:
     chunks = check_chunk_rows(man["chunks"], where)
     sizes = check_blob_rows(man["blobs"])
     layers = check_layer_rows(man["layers"], chunks, len(slots), sizes)
-    return ArchivePlan(name=name, meta=meta, created=created, updated=updated, fingerprint=fp,
-                       model_name=model_name, layout=layout, slots=slots, snapshots=snaps, head=man["head"],
-                       chunks=chunks, layers=layers, sizes=sizes)
+    return ArchivePlan(
+        name=name,
+        meta=meta,
+        created=created,
+        updated=updated,
+        fingerprint=fp,
+        model_name=model_name,
+        layout=layout,
+        slots=slots,
+        snapshots=snaps,
+        head=man["head"],
+        chunks=chunks,
+        layers=layers,
+        sizes=sizes,
+    )

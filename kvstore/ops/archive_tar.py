@@ -24,17 +24,26 @@ from kvstore.formats import BLOB_SUFFIX
 MANIFEST = "manifest.json"
 BLOB_PREFIX = "blobs/"
 BLOCK = 512
-MAX_MANIFEST = 1 << 30   # a manifest is token ids and rows: a gigabyte of it is not an archive we wrote
+MAX_MANIFEST = 1 << 30  # a manifest is token ids and rows: a gigabyte of it is not an archive we wrote
 # Extended headers (PAX 'x'/'g', GNU long name 'L'/'K') of an archive we wrote are a few hundred
 # bytes at most; a bound this small keeps even tarfile's quadratic PAX regex to milliseconds.
 MAX_EXTENDED_HEADER = 16 << 10
 MAX_MEMBERS = 1 << 22
-MAX_JSON_DEPTH = 64      # a manifest nests 4 deep; metadata is the caller's, but never this deep
+MAX_JSON_DEPTH = 64  # a manifest nests 4 deep; metadata is the caller's, but never this deep
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _PAX_RECORD = re.compile(rb"([1-9][0-9]{0,19}) ")  # "<length> <key>=<value>\n", length in decimal
 
-__all__ = ["MANIFEST", "BLOB_PREFIX", "bad", "open_archive", "members", "read_member", "manifest_bytes",
-           "parse_manifest", "json_depth"]
+__all__ = [
+    "MANIFEST",
+    "BLOB_PREFIX",
+    "bad",
+    "open_archive",
+    "members",
+    "read_member",
+    "manifest_bytes",
+    "parse_manifest",
+    "json_depth",
+]
 
 
 def bad(msg: str) -> ArchiveError:
@@ -140,8 +149,11 @@ def members(tar: tarfile.TarFile) -> tuple[tarfile.TarInfo, dict[str, tarfile.Ta
                 raise bad(f"{MANIFEST} appears twice")
             manifest = m
             continue
-        blob_id = m.name[len(BLOB_PREFIX):-len(BLOB_SUFFIX)] if m.name.startswith(BLOB_PREFIX) \
-            and m.name.endswith(BLOB_SUFFIX) else ""
+        blob_id = (
+            m.name[len(BLOB_PREFIX) : -len(BLOB_SUFFIX)]
+            if m.name.startswith(BLOB_PREFIX) and m.name.endswith(BLOB_SUFFIX)
+            else ""
+        )
         if not _HEX32.fullmatch(blob_id):
             raise bad(f"unexpected member {m.name[:80]!r}")
         if blob_id in blobs:

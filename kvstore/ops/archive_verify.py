@@ -32,8 +32,10 @@ TOLERANCE = 2e-2
 
 
 def _refuse(msg: str) -> ArchiveError:
-    return ArchiveError(f"the archive's KV does not verify against the model: {msg}; nothing was imported "
-                        "(import it without verification to keep it apart from this store's own caches)")
+    return ArchiveError(
+        f"the archive's KV does not verify against the model: {msg}; nothing was imported "
+        "(import it without verification to keep it apart from this store's own caches)"
+    )
 
 
 def _close(live: mx.array, stored: mx.array) -> bool:
@@ -50,8 +52,12 @@ def _floats(slot: codec.Slot, arrays: dict[str, mx.array]) -> dict[str, mx.array
     if slot.cls != "QuantizedKVCache":
         return arrays
     p = dict(slot.params)
-    return {kv: mx.dequantize(arrays[f"{kv}0"], arrays[f"{kv}1"], arrays[f"{kv}2"], group_size=p["group_size"],
-                              bits=p["bits"]) for kv in ("k", "v")}
+    return {
+        kv: mx.dequantize(
+            arrays[f"{kv}0"], arrays[f"{kv}1"], arrays[f"{kv}2"], group_size=p["group_size"], bits=p["bits"]
+        )
+        for kv in ("k", "v")
+    }
 
 
 def _check_row(row: dict, start: int, end: int, slots, leaves, blob: tuple[dict, dict]) -> None:
@@ -67,8 +73,9 @@ def _check_row(row: dict, start: int, end: int, slots, leaves, blob: tuple[dict,
         if start + row["first"] < lo or end > hi:
             raise _refuse(f"{where} cannot be recomputed: the model's window no longer holds it")
         live = _floats(slot, codec.extract(slot, leaf, start + row["first"], end))
-        stored = _floats(slot, {name.split(".", 1)[1]: a for name, a in arrays.items()
-                                if name.split(".", 1)[0] == str(s)})
+        stored = _floats(
+            slot, {name.split(".", 1)[1]: a for name, a in arrays.items() if name.split(".", 1)[0] == str(s)}
+        )
     if set(live) != set(stored) or not all(_close(live[n], stored[n]) for n in live):
         raise _refuse(f"{where} is not what the model computes from the archive's token ids")
 
@@ -81,8 +88,9 @@ def _arrays(leaves) -> list[mx.array]:
     return out
 
 
-def verify_kv(plan: ArchivePlan, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], model: Any,
-              chunk_size: int) -> int:
+def verify_kv(
+    plan: ArchivePlan, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], model: Any, chunk_size: int
+) -> int:
     """Recompute the archive's KV with `model` and compare every layer row; returns the chunks checked.
 
     `model` is a model folder (loaded here) or a loaded mlx-lm model; its fingerprint must be the
@@ -93,8 +101,10 @@ def verify_kv(plan: ArchivePlan, tar: tarfile.TarFile, members: dict[str, tarfil
 
     fp = fingerprint(model)
     if fp != plan.fingerprint:
-        raise ArchiveError(f"the model given to verify the archive has fingerprint {fp}, not the "
-                           f"archive's {plan.fingerprint}; nothing was imported")
+        raise ArchiveError(
+            f"the model given to verify the archive has fingerprint {fp}, not the "
+            f"archive's {plan.fingerprint}; nothing was imported"
+        )
     if isinstance(model, (str, os.PathLike)):
         from mlx_lm import load
 
@@ -111,8 +121,10 @@ def verify_kv(plan: ArchivePlan, tar: tarfile.TarFile, members: dict[str, tarfil
         cache = make_prompt_cache(model)
         tree, slots, leaves = codec.describe(cache)
         if json.dumps(codec.layout_json(tree, slots), sort_keys=True) != plan.layout:
-            raise ArchiveError("the model given to verify the archive makes caches of another layout than the "
-                               "archive's (KV quantization?); nothing was imported")
+            raise ArchiveError(
+                "the model given to verify the archive makes caches of another layout than the "
+                "archive's (KV quantization?); nothing was imported"
+            )
         for key, (start, length) in zip(sn["keys"], chunk_spans(int(sn["tokens"].size), chunk_size)):
             model(mx.array(sn["tokens"][start : start + length].astype(np.int32))[None], cache=cache)
             mx.eval(_arrays(leaves))  # one step at a time: a lazy graph over every chunk would hold them all

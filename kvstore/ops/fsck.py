@@ -17,10 +17,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, func, select, update
 
 from kvstore.blob.local import is_blob_id
-from kvstore.index import db
-from kvstore.index import schema
-from kvstore.index import sizes
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes
+from kvstore.index import db, schema, sizes
 from kvstore.records import FsckReport, Problem
 
 if TYPE_CHECKING:
@@ -31,8 +29,12 @@ DAMAGED = "damaged_index"  # a row whose values no longer have their types: a da
 
 
 def _is_blob_row(blob_id, nbytes) -> bool:
-    return isinstance(blob_id, str) and len(blob_id) == 32 and isinstance(nbytes, int) and \
-        all(c in "0123456789abcdef" for c in blob_id)
+    return (
+        isinstance(blob_id, str)
+        and len(blob_id) == 32
+        and isinstance(nbytes, int)
+        and all(c in "0123456789abcdef" for c in blob_id)
+    )
 
 
 def _is_fingerprint(f) -> bool:
@@ -43,7 +45,7 @@ def _hex(key) -> str:
     return bytes(key).hex() if isinstance(key, bytes) else repr(key)
 
 
-def _check_blob(store: "Store", blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
+def _check_blob(store: Store, blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
     """None if the blob is sound, else (kind, detail). `entry` is its listing (None: not listed)."""
     if not is_blob_id(blob_id):  # a crafted row: never build a path from it (repair drops the row only)
         return "corrupt_blob", f"blob id {blob_id[:80]!r} is not 32 hex digits"
@@ -77,35 +79,68 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     out = []
     fps = {i: f for i, f in conn.execute(select(m.c.id, m.c.fingerprint)).all() if _is_fingerprint(f)}
     listed = conn.execute(select(sc.c.snapshot_id, sc.c.seq, sc.c.chunk_key).order_by(sc.c.snapshot_id, sc.c.seq))
-    chunk_lists = {sid: [r.chunk_key if isinstance(r.chunk_key, bytes) else None for r in rows]
-                   for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)}
+    chunk_lists = {
+        sid: [r.chunk_key if isinstance(r.chunk_key, bytes) else None for r in rows]
+        for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)
+    }
     for sid, model_id, n_tokens, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.n_tokens, s.c.tokens)):
         if not isinstance(tokens, bytes) or len(tokens) % 4 or not isinstance(n_tokens, int):
             # A damaged page can hold any value in any column; the token ids are primary data, and no
             # repair can invent them (issue 15, item 11: tokens_from_bytes raised TypeError).
-            out.append((Problem(DAMAGED, f"snapshot {sid}", "its token ids or token count are unreadable "
-                                f"({type(tokens).__name__}); restore index.db from a backup"), sid, b""))
+            out.append(
+                (
+                    Problem(
+                        DAMAGED,
+                        f"snapshot {sid}",
+                        "its token ids or token count are unreadable "
+                        f"({type(tokens).__name__}); restore index.db from a backup",
+                    ),
+                    sid,
+                    b"",
+                )
+            )
             continue
         ids = tokens_from_bytes(tokens)
         if model_id not in fps:  # only a damaged index gets here (foreign keys forbid it)
-            out.append((Problem("dangling_ref", f"snapshot {sid}", f"names model row {model_id} which is missing"),
-                        sid, b""))
+            out.append(
+                (Problem("dangling_ref", f"snapshot {sid}", f"names model row {model_id} which is missing"), sid, b"")
+            )
             continue
         if len(ids) != n_tokens:
-            out.append((Problem("token_mismatch", f"snapshot {sid}",
-                                f"records {n_tokens} tokens but stores {len(ids)} token ids"), sid, None))
+            out.append(
+                (
+                    Problem(
+                        "token_mismatch",
+                        f"snapshot {sid}",
+                        f"records {n_tokens} tokens but stores {len(ids)} token ids",
+                    ),
+                    sid,
+                    None,
+                )
+            )
             continue
         keys = chunk_keys(fps[model_id], ids, chunk_size)
         if chunk_lists.get(sid, []) != keys:
-            out.append((Problem("token_mismatch", f"snapshot {sid}",
-                                "its token ids do not re-derive the chunks it lists"), sid, None))
+            out.append(
+                (
+                    Problem("token_mismatch", f"snapshot {sid}", "its token ids do not re-derive the chunks it lists"),
+                    sid,
+                    None,
+                )
+            )
     known_chunks = select(schema.chunks.c.key)
     for sid, key in conn.execute(select(sc.c.snapshot_id, sc.c.chunk_key).where(sc.c.chunk_key.not_in(known_chunks))):
         name = bytes(key).hex() if isinstance(key, bytes) else repr(key)
-        out.append((Problem("dangling_ref", f"snapshot {sid}", f"lists chunk {name} which has no row"),
-                    sid, key if isinstance(key, bytes) else None))
-    for name, head in conn.execute(select(a.c.name, a.c.head).where(a.c.head.is_not(None),
-                                                                      a.c.head.not_in(select(s.c.id)))):
+        out.append(
+            (
+                Problem("dangling_ref", f"snapshot {sid}", f"lists chunk {name} which has no row"),
+                sid,
+                key if isinstance(key, bytes) else None,
+            )
+        )
+    for name, head in conn.execute(
+        select(a.c.name, a.c.head).where(a.c.head.is_not(None), a.c.head.not_in(select(s.c.id)))
+    ):
         out.append((Problem("dangling_ref", f"agent {name}", f"head snapshot {head} does not exist"), -1, None))
     for name, meta in conn.execute(select(a.c.name, a.c.meta)):
         try:
@@ -115,7 +150,7 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     return out
 
 
-def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckReport:
+def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
     from kvstore.ops.gc import check_grace, stale_temps
 
     check_grace(grace)
@@ -125,26 +160,40 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
         blob_rows = conn.execute(select(schema.blobs.c.id, schema.blobs.c.nbytes)).all()
         snap_problems = _check_snapshots(conn, store.chunk_size)
         cl = schema.chunk_layers
-        dangling_layers = conn.execute(select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id)
-                                       .where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))).all()
+        dangling_layers = conn.execute(
+            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id).where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))
+        ).all()
         try:
             wrong_sizes = sizes.check(conn)
         except (TypeError, ValueError) as e:  # a size column holding text or NULL: damaged, not a crash
             wrong_sizes = []
-            problems.append(Problem(DAMAGED, "chunk sizes", f"the chunks table holds unreadable sizes ({e}); "
-                                    "`kvstore fsck --repair` recomputes them"))
+            problems.append(
+                Problem(
+                    DAMAGED,
+                    "chunk sizes",
+                    f"the chunks table holds unreadable sizes ({e}); `kvstore fsck --repair` recomputes them",
+                )
+            )
             size_damage = True
         else:
             size_damage = False
     unreadable = [(b, n) for b, n in blob_rows if not _is_blob_row(b, n)]
     blob_rows = [(b, n) for b, n in blob_rows if _is_blob_row(b, n)]
-    problems += [Problem(DAMAGED, f"blob row {b!r}", f"its id or size is unreadable (size {n!r}); "
-                         "restore index.db from a backup") for b, n in unreadable]
+    problems += [
+        Problem(
+            DAMAGED, f"blob row {b!r}", f"its id or size is unreadable (size {n!r}); restore index.db from a backup"
+        )
+        for b, n in unreadable
+    ]
     problems += [p for p, _, _ in snap_problems]
-    problems += [Problem("dangling_ref", f"chunk {_hex(k)} layer {layer}", f"names blob {b!r} which has no row")
-                 for k, layer, b in dangling_layers]
-    problems += [Problem("wrong_size", f"chunk {k.hex()}", f"records {column} = {got}, its blobs make {want}")
-                 for k, column, got, want in wrong_sizes]
+    problems += [
+        Problem("dangling_ref", f"chunk {_hex(k)} layer {layer}", f"names blob {b!r} which has no row")
+        for k, layer, b in dangling_layers
+    ]
+    problems += [
+        Problem("wrong_size", f"chunk {k.hex()}", f"records {column} = {got}, its blobs make {want}")
+        for k, column, got, want in wrong_sizes
+    ]
 
     bad_blobs: dict[str, Problem] = {}
     total = len(blob_rows)
@@ -152,8 +201,9 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
     listed = dict(store.blobs.iter_files())  # one listing (a bucket's LIST) serves both directions
     # A blob written after the listing (a save in flight) is looked up again before it counts as missing.
     with ThreadPoolExecutor(max_workers=max(store.io_threads, getattr(store.blobs, "concurrency", 0))) as pool:
-        for (blob_id, nbytes), result in zip(blob_rows, pool.map(
-                lambda r: _check_blob(store, r[0], r[1], listed.get(r[0])), blob_rows)):
+        for (blob_id, nbytes), result in zip(
+            blob_rows, pool.map(lambda r: _check_blob(store, r[0], r[1], listed.get(r[0])), blob_rows)
+        ):
             done += 1
             checked_bytes += int(nbytes)
             if result is not None:
@@ -165,39 +215,59 @@ def fsck(store: "Store", repair: bool, grace: float, progress=None) -> FsckRepor
     known = {b for b, _ in blob_rows}
     now = time.time()
     stray = [(b, p) for b, p in listed.items() if b not in known and store.blobs.age(p, now) > grace]
-    problems += [Problem("orphan_file", store.blobs.describe(p), "a blob file no index row names (a crashed save's "
-                         "leftover)") for _, p in stray]
+    problems += [
+        Problem("orphan_file", store.blobs.describe(p), "a blob file no index row names (a crashed save's leftover)")
+        for _, p in stray
+    ]
     temps = stale_temps(store, grace, now)  # a live write's temp file (flock'ed) is not a problem
     problems += [Problem("stale_temp", str(p), "an unfinished write's temp file") for p in temps]
 
     needs_recompute: set[int] = set()
     if repair and problems:
-        needs_recompute = _repair(store, bad_blobs, [p for p in snap_problems if p[0].kind != DAMAGED],
-                                  dangling_layers, stray, temps, bool(wrong_sizes) or size_damage)
+        needs_recompute = _repair(
+            store,
+            bad_blobs,
+            [p for p in snap_problems if p[0].kind != DAMAGED],
+            dangling_layers,
+            stray,
+            temps,
+            bool(wrong_sizes) or size_damage,
+        )
         # What a damaged page destroyed (token ids, blob rows) stays a problem: no repair can invent it.
-        problems = [Problem(p.kind, p.subject, p.detail, repaired=p.kind != DAMAGED or p.subject == "chunk sizes")
-                    for p in problems]
-    return FsckReport(blobs_checked=total, bytes_checked=checked_bytes, problems=tuple(problems),
-                      needs_recompute=tuple(sorted(needs_recompute)), repaired=repair,
-                      seconds=round(time.perf_counter() - t0, 3))
+        problems = [
+            Problem(p.kind, p.subject, p.detail, repaired=p.kind != DAMAGED or p.subject == "chunk sizes")
+            for p in problems
+        ]
+    return FsckReport(
+        blobs_checked=total,
+        bytes_checked=checked_bytes,
+        problems=tuple(problems),
+        needs_recompute=tuple(sorted(needs_recompute)),
+        repaired=repair,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
 
 
 def _snapshots_using(conn, chunk_keys_: list[bytes]) -> set[int]:
     sc = schema.snapshot_chunks
     out: set[int] = set()
     for i in range(0, len(chunk_keys_), 400):
-        out |= {sid for (sid,) in conn.execute(select(sc.c.snapshot_id).where(sc.c.chunk_key.in_(chunk_keys_[i:i + 400])))}
+        out |= {
+            sid for (sid,) in conn.execute(select(sc.c.snapshot_id).where(sc.c.chunk_key.in_(chunk_keys_[i : i + 400])))
+        }
     return out
 
 
 def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool) -> set[int]:
-    cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks,
-                       schema.agents)
+    cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks, schema.agents)
     affected: set[int] = set()
     with db.transaction(store.engine, write=True, what="repairing the store") as conn:
         bad_ids = list(bad_blobs)
-        lost_chunks = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id.in_(bad_ids)))] \
-            if bad_ids else []
+        lost_chunks = (
+            [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id.in_(bad_ids)))]
+            if bad_ids
+            else []
+        )
         lost_chunks += [k for k, _, _ in dangling_layers if isinstance(k, bytes)]
         affected |= _snapshots_using(conn, lost_chunks)
         if bad_ids:
@@ -212,14 +282,14 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
         fps = dict(conn.execute(select(schema.models.c.id, schema.models.c.fingerprint)).all())
         for problem, sid, key in snap_problems:
             if problem.kind == "damaged_meta":  # keep the damaged text where a person can still read it
-                name = problem.subject[len("agent "):]
+                name = problem.subject[len("agent ") :]
                 raw = conn.execute(select(a.c.meta).where(a.c.name == name)).scalar_one()
                 conn.execute(update(a).where(a.c.name == name).values(meta=json.dumps({"damaged_meta": raw})))
                 continue
             if key == b"":
                 continue  # no model row: nothing to re-derive chunk keys from
             if problem.subject.startswith("agent "):
-                name = problem.subject[len("agent "):]
+                name = problem.subject[len("agent ") :]
                 newest = select(func.max(s.c.id)).where(s.c.agent_id == a.c.id).scalar_subquery()
                 conn.execute(update(a).where(a.c.name == name).values(head=newest))
                 continue
@@ -229,8 +299,9 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
             spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
             conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
             conn.execute(update(s).where(s.c.id == sid).values(n_tokens=len(tokens_from_bytes(snap.tokens))))
-            sizes.add_chains(conn, snap.model_id, fps[snap.model_id], [keys],
-                             {k: ln for k, (_st, ln) in zip(keys, spans)}, [], {})
+            sizes.add_chains(
+                conn, snap.model_id, fps[snap.model_id], [keys], {k: ln for k, (_st, ln) in zip(keys, spans)}, [], {}
+            )
             if keys:
                 conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
             affected.add(sid)

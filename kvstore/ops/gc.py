@@ -11,18 +11,18 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, delete, func, not_, select, text
 
-from kvstore.index import db
-from kvstore.index import schema
 from kvstore._crash import crash_point
 from kvstore.errors import StoreLockedError
-from kvstore.records import GcReport
+from kvstore.index import db, schema
 from kvstore.index.queries import batches
 from kvstore.ops import reserve
+from kvstore.records import GcReport
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -32,7 +32,7 @@ GC_CACHE_KIB = 256 * 1024  # SQLite page cache for gc's big transaction
 
 
 @contextlib.contextmanager
-def gc_lock(store: "Store") -> Iterator[None]:
+def gc_lock(store: Store) -> Iterator[None]:
     """One gc at a time per store: a file lock beside a SQLite index, an advisory lock on PostgreSQL."""
     if store.engine.dialect.name == "postgresql":
         with store.engine.connect() as conn:
@@ -69,12 +69,21 @@ def check_grace(grace) -> None:
 def doomed_snapshots_query(keep_last: int):
     """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept."""
     s, a = schema.snapshots, schema.agents
-    newer = (select(func.count()).select_from(s.alias("newer"))
-             .where(and_(text("newer.agent_id = snapshots.agent_id"), text("newer.id > snapshots.id")))
-             .scalar_subquery())
+    newer = (
+        select(func.count())
+        .select_from(s.alias("newer"))
+        .where(and_(text("newer.agent_id = snapshots.agent_id"), text("newer.id > snapshots.id")))
+        .scalar_subquery()
+    )
     heads = select(a.c.head).where(a.c.head.is_not(None))
-    return select(s.c.id).where(and_(newer >= keep_last, not_(s.c.id.in_(heads)), s.c.pinned == False,  # noqa: E712
-                                     s.c.label.is_(None)))
+    return select(s.c.id).where(
+        and_(
+            newer >= keep_last,
+            not_(s.c.id.in_(heads)),
+            s.c.pinned == False,  # noqa: E712
+            s.c.label.is_(None),
+        )
+    )
 
 
 # Both scans run in key order: SQLite then walks the key's own index and probes the referencing
@@ -92,7 +101,7 @@ def _unreferenced_blobs():
     return select(b.c.id, size).where(not_(b.c.id.in_(select(cl.c.blob_id)))).order_by(b.c.id)
 
 
-def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=None) -> GcReport:
+def gc(store: Store, dry_run: bool, keep_last: int, grace: float, progress=None) -> GcReport:
     if not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be a whole number >= 1, not {keep_last!r}")
     check_grace(grace)
@@ -106,12 +115,19 @@ def gc(store: "Store", dry_run: bool, keep_last: int, grace: float, progress=Non
         temps = _sweep_temp(store, grace)
         if db.is_sqlite(store.engine):
             reserve.ensure(store.path)  # room was freed: keep some for the next full disk
-    return GcReport(dry_run=False, snapshots_removed=len(doomed), chunks_removed=len(chunk_keys),
-                    blobs_removed=len(dead), files_removed=files, temp_removed=temps, bytes_freed=freed,
-                    seconds=round(time.perf_counter() - t0, 3))
+    return GcReport(
+        dry_run=False,
+        snapshots_removed=len(doomed),
+        chunks_removed=len(chunk_keys),
+        blobs_removed=len(dead),
+        files_removed=files,
+        temp_removed=temps,
+        bytes_freed=freed,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
 
 
-def _drop_rows(store: "Store", keep_last: int):
+def _drop_rows(store: Store, keep_last: int):
     """Retention, then unreferenced chunks and blob rows, in one transaction: (snapshots, chunks, blobs) dropped."""
     with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
         restore_cache = _big_page_cache(conn)
@@ -147,7 +163,7 @@ def _known_blob_ids(conn) -> set[str]:
     return {b for (b,) in conn.execute(select(schema.blobs.c.id))}
 
 
-def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str]) -> tuple[int, int]:
+def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -> tuple[int, int]:
     """Remove the files of blobs whose rows this gc removed, and files no row names older than the grace period.
 
     A file without a row may be a save in flight (written, not yet committed): the grace period
@@ -168,10 +184,15 @@ def _sweep_files(store: "Store", grace: float, progress, unreferenced: set[str])
         batch = candidates[i : i + FILE_BATCH]
         with db.transaction(store.engine, write=True, what="removing blob files") as conn:
             # Re-check under the write lock: a save may have committed a row for one of them since.
-            back = {b for (b,) in conn.execute(select(schema.blobs.c.id).where(
-                schema.blobs.c.id.in_([b for b, _ in batch])))}
-            doomed = [blob_id for blob_id, path in batch
-                      if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))]
+            back = {
+                b
+                for (b,) in conn.execute(select(schema.blobs.c.id).where(schema.blobs.c.id.in_([b for b, _ in batch])))
+            }
+            doomed = [
+                blob_id
+                for blob_id, path in batch
+                if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))
+            ]
             # The backend batches: overlapped unlinks on a folder, DeleteObjects on S3.
             for size in store.blobs.remove_many(doomed):
                 removed += 1
@@ -201,13 +222,13 @@ def temp_in_use(path: Path) -> bool:
         os.close(fd)
 
 
-def stale_temps(store: "Store", grace: float, now: float | None = None) -> list[Path]:
+def stale_temps(store: Store, grace: float, now: float | None = None) -> list[Path]:
     """Temp files older than `grace` that no live write holds."""
     now = now or time.time()
     return [p for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace and not temp_in_use(p)]
 
 
-def _sweep_temp(store: "Store", grace: float) -> int:
+def _sweep_temp(store: Store, grace: float) -> int:
     n = 0
     for p in stale_temps(store, grace):
         try:
@@ -218,24 +239,36 @@ def _sweep_temp(store: "Store", grace: float) -> int:
     return n
 
 
-def _dry_run(store: "Store", keep_last: int, grace: float, t0: float) -> GcReport:
+def _dry_run(store: Store, keep_last: int, grace: float, t0: float) -> GcReport:
     """What gc would remove, counted without changing anything."""
     with db.transaction(store.engine, write=False, what="planning gc") as conn:
         doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
         sc, cl, b = schema.snapshot_chunks, schema.chunk_layers, schema.blobs
-        surviving = select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else \
-            select(sc.c.chunk_key)
-        dead_chunks = [k for (k,) in conn.execute(select(schema.chunks.c.key).where(
-            not_(schema.chunks.c.key.in_(surviving))))]
+        surviving = (
+            select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else select(sc.c.chunk_key)
+        )
+        dead_chunks = [
+            k for (k,) in conn.execute(select(schema.chunks.c.key).where(not_(schema.chunks.c.key.in_(surviving))))
+        ]
         live_blobs = select(cl.c.blob_id).where(cl.c.chunk_key.in_(surviving))
         dead = conn.execute(select(b.c.id, b.c.nbytes).where(not_(b.c.id.in_(live_blobs)))).all()
         known = _known_blob_ids(conn)
     now = time.time()
     dead_ids = {bid for bid, _ in dead}
-    orphans = [(bid, p) for bid, p in store.blobs.iter_files()
-               if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace]
+    orphans = [
+        (bid, p)
+        for bid, p in store.blobs.iter_files()
+        if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace
+    ]
     temps = len(stale_temps(store, grace, now))
     freed = sum(n for _, n in dead) + sum(store.blobs.size(p) for _, p in orphans)
-    return GcReport(dry_run=True, snapshots_removed=len(doomed), chunks_removed=len(dead_chunks),
-                    blobs_removed=len(dead), files_removed=len(dead) + len(orphans), temp_removed=temps,
-                    bytes_freed=freed, seconds=round(time.perf_counter() - t0, 3))
+    return GcReport(
+        dry_run=True,
+        snapshots_removed=len(doomed),
+        chunks_removed=len(dead_chunks),
+        blobs_removed=len(dead),
+        files_removed=len(dead) + len(orphans),
+        temp_removed=temps,
+        bytes_freed=freed,
+        seconds=round(time.perf_counter() - t0, 3),
+    )

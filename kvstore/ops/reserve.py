@@ -10,8 +10,9 @@ then gives up the reserve and retries; gc makes the reserve again once it has fr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.errors import StoreFullError
 
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from kvstore.store import Store
 
 RESERVE_FILE = "reserve"
-RESERVE_BYTES = 8 << 20   # WAL pages for a gc of some 2,000 pages of index rows
-RESERVE_SHARE = 32        # but never more than 1/32 of the filesystem (a small test mount)
+RESERVE_BYTES = 8 << 20  # WAL pages for a gc of some 2,000 pages of index rows
+RESERVE_SHARE = 32  # but never more than 1/32 of the filesystem (a small test mount)
 T = TypeVar("T")
 
 
@@ -66,7 +67,7 @@ def release(root: Path) -> int:
         return 0
 
 
-def _checkpoint(store: "Store") -> None:
+def _checkpoint(store: Store) -> None:
     """Move the WAL's frames into index.db so the next writer rewinds into the WAL file's existing pages."""
     if store.engine.dialect.name != "sqlite":
         return
@@ -77,7 +78,7 @@ def _checkpoint(store: "Store") -> None:
         pass
 
 
-def freeing(store: "Store", work: Callable[[], T]) -> T:
+def freeing(store: Store, work: Callable[[], T]) -> T:
     """Run a write that frees space (delete, gc); on a full disk checkpoint and retry, then give up
     the reserve and retry."""
     try:

@@ -8,17 +8,22 @@ import mlx.core as mx
 import xxhash
 from sqlalchemy import select
 
-from kvstore.cache import codec
-from kvstore.index import db
-from kvstore.index import schema
 from kvstore.blob import tensorfile
-from kvstore.errors import (CorruptBlobError, IndexDatabaseError, MissingBlobError, ModelMismatchError, StoreError, TokenMismatchError,
-                     UnknownAgentError)
-from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
-from kvstore.records import Match
 from kvstore.blob.scatter import ScatterReader
-from kvstore.index import queries
+from kvstore.cache import codec
+from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
+from kvstore.errors import (
+    CorruptBlobError,
+    IndexDatabaseError,
+    MissingBlobError,
+    ModelMismatchError,
+    StoreError,
+    TokenMismatchError,
+    UnknownAgentError,
+)
+from kvstore.index import db, queries, schema
 from kvstore.index.queries import batches
+from kvstore.records import Match
 
 if TYPE_CHECKING:
     from kvstore.store import Store
@@ -30,7 +35,8 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
     out = {}
     for part in batches(keys):
         rows = conn.execute(  # .all(): one fetch, not one per row (a row per chunk and layer)
-            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))).all()
+            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))
+        ).all()
         out.update({(bytes(k), layer): (blob_id, first) for k, layer, blob_id, first in rows})
     return out
 
@@ -38,9 +44,12 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
 def _snapshot_layers(conn, snapshot_id: int) -> tuple[list[bytes], dict[tuple[bytes, int], tuple[str, int]]]:
     """A snapshot's chunk keys in order, and _layers() of them, in one query (a load's largest)."""
     sc, cl = schema.snapshot_chunks, schema.chunk_layers
-    rows = conn.execute(select(sc.c.seq, sc.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first)
-                        .select_from(sc.outerjoin(cl, cl.c.chunk_key == sc.c.chunk_key))
-                        .where(sc.c.snapshot_id == snapshot_id).order_by(sc.c.seq)).all()
+    rows = conn.execute(
+        select(sc.c.seq, sc.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first)
+        .select_from(sc.outerjoin(cl, cl.c.chunk_key == sc.c.chunk_key))
+        .where(sc.c.snapshot_id == snapshot_id)
+        .order_by(sc.c.seq)
+    ).all()
     keys: dict[int, bytes] = {}
     layers = {}
     for seq, key, layer, blob_id, first in rows:
@@ -63,8 +72,9 @@ def _parse_layout(text, model: str):
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, StoreError):
             raise
-        raise IndexDatabaseError(f"the index holds a damaged cache layout for model {model}; "
-                                 "restore index.db from a backup") from e
+        raise IndexDatabaseError(
+            f"the index holds a damaged cache layout for model {model}; restore index.db from a backup"
+        ) from e
 
 
 def plan(slots, keys: list[bytes], spans, n_tokens: int, layers: dict) -> list[list[tuple[str, int, int]]] | None:
@@ -124,14 +134,15 @@ def _leaf_arrays(leaf) -> list:
     return out
 
 
-def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
+def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
     """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
     spans = {s: ((codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0),) for s, slot in enumerate(slots)}
     spans = {s: (o[0], n_tokens - o[0]) for s, o in spans.items()}
     # A remote store fetches what its disk tier lacks first; the reader then hashes what it reads there.
     where = store.blobs.local_paths({b for blobs in plan_ for b, _f, _s in blobs}, agent)
-    rd = ScatterReader(where, spans, agent, store.io,
-                       windowed=frozenset(s for s, slot in enumerate(slots) if slot.kind == "rot"))
+    rd = ScatterReader(
+        where, spans, agent, store.io, windowed=frozenset(s for s, slot in enumerate(slots) if slot.kind == "rot")
+    )
     for s, (slot, blobs) in enumerate(zip(slots, plan_)):
         if slot.kind != "state":
             for blob_id, first, start in blobs:
@@ -154,21 +165,26 @@ def build_cache(store: "Store", tree, slots, plan_, n_tokens: int, agent: str | 
 
 def head_snapshot(conn, name: str, snapshot_id: int | None = None):
     a, s, m = schema.agents, schema.snapshots, schema.models
-    q = (select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, m.c.layout, a.c.name, a.c.meta)
-         .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-         .where(a.c.name == name))
+    q = (
+        select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, m.c.layout, a.c.name, a.c.meta)
+        .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+        .where(a.c.name == name)
+    )
     q = q.where(s.c.id == snapshot_id) if snapshot_id is not None else q.where(s.c.id == a.c.head)
     row = conn.execute(q).first()
     if row is None:
         exists = conn.execute(select(a.c.id).where(a.c.name == name)).first()
         if exists is None:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
-        raise UnknownAgentError(f"agent {name!r} has no snapshot {snapshot_id}" if snapshot_id is not None
-                                else f"agent {name!r} has no saved snapshot")
+        raise UnknownAgentError(
+            f"agent {name!r} has no snapshot {snapshot_id}"
+            if snapshot_id is not None
+            else f"agent {name!r} has no saved snapshot"
+        )
     return row
 
 
-def head(store: "Store", name: str) -> tuple[str, dict, list[int]]:
+def head(store: Store, name: str) -> tuple[str, dict, list[int]]:
     """(model fingerprint, meta, tokens) of an agent's head snapshot, in one query.
 
     The agent manager's `get` on resume: store.agent() also counts snapshots (a grouped scan).
@@ -184,15 +200,16 @@ def _snapshot_tokens(row, name: str) -> list[int]:
     """A head_snapshot row's token ids, checked against the count it records."""
     tokens = tokens_from_bytes(row.tokens)
     if len(tokens) != row.n_tokens:
-        raise TokenMismatchError(f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens "
-                                 f"but stores {len(tokens)} token ids")
+        raise TokenMismatchError(
+            f"agent {name!r}: snapshot {row.id} records {row.n_tokens} tokens but stores {len(tokens)} token ids"
+        )
     return tokens
 
 
 READ_ATTEMPTS = 5
 
 
-def _reread(store: "Store", read):
+def _reread(store: Store, read):
     """Run `read`; when a blob it planned on vanished because a concurrent gc dropped the rows naming it
     (the agent moved on to a new head), plan and read again. A blob the index still names is really gone.
     """
@@ -207,40 +224,50 @@ def _reread(store: "Store", read):
             if attempt == READ_ATTEMPTS - 1 or not e.blob_id:
                 raise
             with db.transaction(store.engine, write=False, what="re-checking a blob") as conn:
-                named = conn.execute(select(schema.chunk_layers.c.layer).where(
-                    schema.chunk_layers.c.blob_id == e.blob_id).limit(1)).first() is not None
+                named = (
+                    conn.execute(
+                        select(schema.chunk_layers.c.layer).where(schema.chunk_layers.c.blob_id == e.blob_id).limit(1)
+                    ).first()
+                    is not None
+                )
             if named and not store.blobs.exists(e.blob_id):
                 raise
 
 
-def load(store: "Store", name: str, model: str | None, snapshot_id: int | None):
+def load(store: Store, name: str, model: str | None, snapshot_id: int | None):
     """(cache, tokens) of a snapshot; see _load_once."""
     return _reread(store, lambda: _load_once(store, name, model, snapshot_id))
 
 
-def _load_once(store: "Store", name: str, model: str | None, snapshot_id: int | None):
+def _load_once(store: Store, name: str, model: str | None, snapshot_id: int | None):
     with db.transaction(store.engine, write=False, what=f"loading agent {name!r}") as conn:
         row = head_snapshot(conn, name, snapshot_id)
         if model is not None and row.fingerprint != model and queries.namespace_model(conn, row.fingerprint) != model:
             raise ModelMismatchError(
-                f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used")
+                f"agent {name!r} was saved with model {row.fingerprint}, not {model}: its cache cannot be used"
+            )
         tokens = _snapshot_tokens(row, name)
         stored, layers = _snapshot_layers(conn, row.id)
     keys = chunk_keys(row.fingerprint, tokens, store.chunk_size)
     if stored != keys:
         # Never trust a hash alone: the token ids must re-derive the very chunks the snapshot names.
-        raise TokenMismatchError(f"agent {name!r}: snapshot {row.id}'s token ids do not match its chunks; "
-                                 "run `kvstore fsck`")
+        raise TokenMismatchError(
+            f"agent {name!r}: snapshot {row.id}'s token ids do not match its chunks; run `kvstore fsck`"
+        )
     tree, slots = _parse_layout(row.layout, row.fingerprint)
     spans = chunk_spans(len(tokens), store.chunk_size)
     p = plan(slots, keys, spans, len(tokens), layers)
     if p is None:
-        raise MissingBlobError(f"agent {name!r}: snapshot {row.id} lacks the KV of some chunks "
-                               "(removed by fsck --repair?); recompute it from its tokens", "", name)
+        raise MissingBlobError(
+            f"agent {name!r}: snapshot {row.id} lacks the KV of some chunks "
+            "(removed by fsck --repair?); recompute it from its tokens",
+            "",
+            name,
+        )
     return build_cache(store, tree, slots, p, len(tokens), name), tokens
 
 
-def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> tuple[Match, Any]:
+def match(store: Store, tokens: Any, model: str, limit: int | None = None) -> tuple[Match, Any]:
     """The longest stored, token-verified prefix of `tokens` (at most `limit` tokens); and its plan."""
     toks = tokens_to_array(tokens)
     if limit is not None:
@@ -253,8 +280,7 @@ def match(store: "Store", tokens: Any, model: str, limit: int | None = None) -> 
             return Match(0, model), None
         layers = _layers(conn, keys)
         n = longest(layout[1], keys, spans, layers)
-        keys, spans, layers, n = _stored_tail(conn, layout[1], model, toks, keys, spans, layers, n,
-                                              store.chunk_size)
+        keys, spans, layers, n = _stored_tail(conn, layout[1], model, toks, keys, spans, layers, n, store.chunk_size)
         while n:
             verified = _verify_prefix(conn, keys, spans, toks, n)
             if verified == n:
@@ -283,9 +309,10 @@ def _stored_tail(conn, slots, model, toks, keys, spans, layers, n: int, chunk_si
     parents = {(keys[j - 1] if j else bytes.fromhex(model)): j for j in range(n // chunk_size, full + 1)}
     c = schema.chunks
     tails = []
-    for part in _ids(list(parents)):
-        for key, length, parent, seq in conn.execute(select(c.c.key, c.c.length, c.c.parent, c.c.seq).where(
-                c.c.parent.in_(part), c.c.length < chunk_size)).all():
+    for part in batches(parents):
+        for key, length, parent, seq in conn.execute(
+            select(c.c.key, c.c.length, c.c.parent, c.c.seq).where(c.c.parent.in_(part), c.c.length < chunk_size)
+        ).all():
             j = parents[bytes(parent)]
             if seq == j:
                 tails.append((j * chunk_size + length, j, bytes(key), length, bytes(parent)))
@@ -304,8 +331,12 @@ def _verify_prefix(conn, keys, spans, toks, n: int) -> int:
     """How many of the first n tokens agree with a stored snapshot that holds chunk n ends at."""
     i = next(i for i, (s, ln) in enumerate(spans) if s + ln == n)
     sc, s = schema.snapshot_chunks, schema.snapshots
-    row = conn.execute(select(s.c.tokens).select_from(sc.join(s, sc.c.snapshot_id == s.c.id))
-                       .where(sc.c.chunk_key == keys[i], sc.c.seq == i).limit(1)).first()
+    row = conn.execute(
+        select(s.c.tokens)
+        .select_from(sc.join(s, sc.c.snapshot_id == s.c.id))
+        .where(sc.c.chunk_key == keys[i], sc.c.seq == i)
+        .limit(1)
+    ).first()
     if row is None:
         return 0
     stored = tokens_to_array(tokens_from_bytes(row.tokens))[:n]
@@ -316,12 +347,12 @@ def _verify_prefix(conn, keys, spans, toks, n: int) -> int:
     return int(diff[0]) if diff.size else int(min(stored.size, n))
 
 
-def restore(store: "Store", tokens: Any, model: str, limit: int | None = None):
+def restore(store: Store, tokens: Any, model: str, limit: int | None = None):
     """(cache or None, n): the longest stored prefix; see _restore_once."""
     return _reread(store, lambda: _restore_once(store, tokens, model, limit))
 
 
-def _restore_once(store: "Store", tokens: Any, model: str, limit: int | None = None):
+def _restore_once(store: Store, tokens: Any, model: str, limit: int | None = None):
     m, found = match(store, tokens, model, limit)
     if found is None:
         return None, 0

@@ -12,17 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
-from kvstore.cache import codec
-from kvstore.index import db
-from kvstore.index import queries
-from kvstore.index import schema
-from kvstore.index import sizes
+
 from kvstore.blob import tensorfile
-from kvstore.blob.local import hash_buffers
-from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
 from kvstore.blob.iopool import CORES
+from kvstore.blob.local import hash_buffers
+from kvstore.cache import codec
 from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
+from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
+from kvstore.index import db, queries, schema, sizes
 from kvstore.names import validate_name
 from kvstore.records import Snapshot
 
@@ -68,16 +66,25 @@ def _host_arrays(slots, leaves, wanted: list[int]) -> dict[int, tuple[dict[str, 
     evaluation per layer costs ~0.07 ms, a millisecond or two of a small save)."""
     views = {s: _host_views(slots[s], leaves[s]) for s in wanted}
     mx.eval([a for named, _d, _lo in views.values() for a in named.values()])
-    return {s: ({n: tensorfile.HostArray(np.asarray(a), dtypes[n]) for n, a in named.items()}, lo)
-            for s, (named, dtypes, lo) in views.items()}
+    return {
+        s: ({n: tensorfile.HostArray(np.asarray(a), dtypes[n]) for n, a in named.items()}, lo)
+        for s, (named, dtypes, lo) in views.items()
+    }
 
 
 def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
     return {n: tensorfile.HostArray(h.data[..., a:b, :], h.dtype) for n, h in arrays.items()}
 
 
-def plan_pieces(slots, leaves, n_tokens: int, chunk_size: int, keys: list[bytes],
-                have: dict[tuple[bytes, int], int], captured: dict | None) -> list[Piece]:
+def plan_pieces(
+    slots,
+    leaves,
+    n_tokens: int,
+    chunk_size: int,
+    keys: list[bytes],
+    have: dict[tuple[bytes, int], int],
+    captured: dict | None,
+) -> list[Piece]:
     """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
     spans = chunk_spans(n_tokens, chunk_size)
     want: dict[tuple[int, int], Piece] = {}
@@ -132,8 +139,7 @@ def _encode(group: list[Piece], slots, model: str) -> list:
         meta.update(first.meta or {})
         return tensorfile.encode(first.arrays, meta)
     arrays = {f"{p.slot}.{name}": a for p in group for name, a in p.arrays.items()}
-    meta = {"kind": "chunk", "first": str(first.first), "slots": ",".join(str(p.slot) for p in group),
-            "model": model}
+    meta = {"kind": "chunk", "first": str(first.first), "slots": ",".join(str(p.slot) for p in group), "model": model}
     return tensorfile.encode(arrays, meta)
 
 
@@ -147,7 +153,7 @@ class _Blob:
     nbytes: int
 
 
-def encode_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> list[_Blob]:
+def encode_pieces(store: Store, pieces: list[Piece], slots, model: str) -> list[_Blob]:
     """Every group of pieces encoded and hashed, a blob each (CPU work: one thread per core)."""
     if not pieces:
         return []
@@ -160,7 +166,7 @@ def encode_pieces(store: "Store", pieces: list[Piece], slots, model: str) -> lis
     return store.io.map(encode, _group(pieces, slots), width=CORES)
 
 
-def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
+def start_writes(store: Store, blobs: list[_Blob]) -> Future:
     """Put the blobs on the store's I/O threads; the future holds, per blob, whether it was written
     (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
 
@@ -190,7 +196,7 @@ def start_writes(store: "Store", blobs: list[_Blob]) -> Future:
     return pending
 
 
-def finish_writes(store: "Store", blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
+def finish_writes(store: Store, blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
     """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
     flags = pending.result()
     store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote
@@ -202,19 +208,28 @@ class SavePlan:
     """What a save commits, fixed before its first attempt: the agent, model and snapshot."""
 
     name: str
-    model: str               # the caller's model fingerprint
-    fingerprint: str         # the one its chunk keys derive from: `model`, or an unverified import's namespace
-    layout: str              # the cache layout, JSON text
-    tokens: np.ndarray       # uint32 token ids
-    keys: list[bytes]        # chunk keys of `tokens`
+    model: str  # the caller's model fingerprint
+    fingerprint: str  # the one its chunk keys derive from: `model`, or an unverified import's namespace
+    layout: str  # the cache layout, JSON text
+    tokens: np.ndarray  # uint32 token ids
+    keys: list[bytes]  # chunk keys of `tokens`
     spans: list[tuple[int, int]]
-    meta_json: str | None    # None keeps the agent's stored metadata
+    meta_json: str | None  # None keeps the agent's stored metadata
     label: str | None
     pinned: bool
 
 
-def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: dict | None,
-         label: str | None, pinned: bool, captured: dict | None) -> Snapshot:
+def save(
+    store: Store,
+    name: str,
+    cache: list,
+    tokens: Any,
+    model: str,
+    meta: dict | None,
+    label: str | None,
+    pinned: bool,
+    captured: dict | None,
+) -> Snapshot:
     validate_name(name)
     if label is not None:
         validate_name(label, "snapshot label")
@@ -233,14 +248,24 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
         # After LOCKED_AFTER attempts a gc keeps sweeping what this save relies on (grace=0 in a loop):
         # plan, write and commit under the write lock, where no gc removes a file.
         locked = attempt >= LOCKED_AFTER
-        with db.transaction(store.engine, write=locked, what=f"saving agent {name!r}" if locked
-                            else "planning a save") as conn:
+        with db.transaction(
+            store.engine, write=locked, what=f"saving agent {name!r}" if locked else "planning a save"
+        ) as conn:
             if plan is None:
                 # An agent imported without trust keeps its own namespace when it continues (ops.archive).
                 fp = queries.agent_namespace(conn, name, model)
-                plan = SavePlan(name=name, model=model, fingerprint=fp, layout=layout, tokens=toks,
-                                keys=chunk_keys(fp, toks, store.chunk_size), spans=chunk_spans(n, store.chunk_size),
-                                meta_json=meta_json, label=label, pinned=bool(pinned))
+                plan = SavePlan(
+                    name=name,
+                    model=model,
+                    fingerprint=fp,
+                    layout=layout,
+                    tokens=toks,
+                    keys=chunk_keys(fp, toks, store.chunk_size),
+                    spans=chunk_spans(n, store.chunk_size),
+                    meta_json=meta_json,
+                    label=label,
+                    pinned=bool(pinned),
+                )
             stale = _check_model_and_agent(conn, plan)
             have = queries.existing_layers(conn, plan.keys)
             if locked:  # this attempt cannot be undone by a gc
@@ -258,7 +283,7 @@ def save(store: "Store", name: str, cache: list, tokens: Any, model: str, meta: 
     raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
 
 
-def _warn_window_lost(store: "Store", model: str, slots, leaves, keys, spans, have, captured, n: int) -> None:
+def _warn_window_lost(store: Store, model: str, slots, leaves, keys, spans, have, captured, n: int) -> None:
     """Warn (once per store and model) when sliding-window chunks that already left the window are
     neither stored nor captured: the snapshot then restores only at exactly its length, never at an
     earlier chunk boundary (issue 15, item 3)."""
@@ -269,15 +294,21 @@ def _warn_window_lost(store: "Store", model: str, slots, leaves, keys, spans, ha
         if slot.kind != "rot" or leaf.keys is None:
             continue
         lo = codec.held_range(slot, leaf)[0]
-        lost = [i for i, (start, length) in enumerate(spans) if start + length <= lo
-                and (keys[i], s) not in have and (i, s) not in (captured or {})]
+        lost = [
+            i
+            for i, (start, length) in enumerate(spans)
+            if start + length <= lo and (keys[i], s) not in have and (i, s) not in (captured or {})
+        ]
         if lost:
             warned.add(model)
-            warnings.warn(WindowNotCapturedWarning(
-                f"this sliding-window cache no longer holds {len(lost)} chunk(s) that left its window and were "
-                f"not captured: its snapshot restores only at exactly {n} tokens, never at an earlier chunk "
-                "boundary; capture chunks while prefilling (kvstore.cache.capture) to share prefixes"),
-                stacklevel=4)
+            warnings.warn(
+                WindowNotCapturedWarning(
+                    f"this sliding-window cache no longer holds {len(lost)} chunk(s) that left its window and were "
+                    f"not captured: its snapshot restores only at exactly {n} tokens, never at an earlier chunk "
+                    "boundary; capture chunks while prefilling (kvstore.cache.capture) to share prefixes"
+                ),
+                stacklevel=4,
+            )
             return
 
 
@@ -289,16 +320,25 @@ def _check_model_and_agent(conn, plan: SavePlan) -> bool:
     if stale and queries.model_in_use(conn, plan.fingerprint):
         raise ModelMismatchError(
             f"this cache's layers do not match the ones stored for model {plan.fingerprint}: "
-            "the cache comes from another model (or other KV quantization) than the fingerprint says")
+            "the cache comes from another model (or other KV quantization) than the fingerprint says"
+        )
     owner = queries.agent_fingerprint(conn, plan.name)
     if owner is not None and owner != plan.fingerprint:
-        raise ModelMismatchError(f"agent {plan.name!r} belongs to model {owner}, not {plan.fingerprint}; "
-                                 "fork or delete it to change models")
+        raise ModelMismatchError(
+            f"agent {plan.name!r} belongs to model {owner}, not {plan.fingerprint}; fork or delete it to change models"
+        )
     return stale
 
 
-def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], blobs: list[_Blob],
-            pending: Future, locked=None, stale_layout: bool = False) -> Snapshot:
+def _commit(
+    store: Store,
+    plan: SavePlan,
+    have: dict[tuple[bytes, int], int],
+    blobs: list[_Blob],
+    pending: Future,
+    locked=None,
+    stale_layout: bool = False,
+) -> Snapshot:
     """Commit the snapshot once its blobs are durable.
 
     The blob writes (`pending`) run while this fills in the transaction: the statements cost a few
@@ -310,8 +350,11 @@ def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], 
     now = db.now()
     n = int(plan.tokens.size)
     try:
-        with contextlib.nullcontext(locked) if locked is not None else \
-                db.transaction(store.engine, write=True, what=f"saving agent {plan.name!r}") as conn:
+        with (
+            contextlib.nullcontext(locked)
+            if locked is not None
+            else db.transaction(store.engine, write=True, what=f"saving agent {plan.name!r}") as conn
+        ):
             # Under the write lock: the chunks this snapshot reuses must still exist (a gc may have run).
             reused = list(have)
             if reused:
@@ -322,16 +365,29 @@ def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], 
                 _check_model_and_agent(conn, plan)
                 queries.relayout_model(conn, plan.fingerprint, plan.layout)
             model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name(plan.model))
-            db.insert_ignore(conn, schema.blobs, [{"id": b.blob_id, "nbytes": b.nbytes, "created": now}
-                                                  for b in {b.blob_id: b for b in blobs}.values()])
-            rows = [{"chunk_key": plan.keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
-                    for b in blobs for p in b.group]
-            sizes.add_chains(conn, model_row_id, plan.fingerprint, [plan.keys],
-                             {k: length for k, (_s, length) in zip(plan.keys, plan.spans)}, rows,
-                             {b.blob_id: b.nbytes for b in blobs})
+            db.insert_ignore(
+                conn,
+                schema.blobs,
+                [{"id": b.blob_id, "nbytes": b.nbytes, "created": now} for b in {b.blob_id: b for b in blobs}.values()],
+            )
+            rows = [
+                {"chunk_key": plan.keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
+                for b in blobs
+                for p in b.group
+            ]
+            sizes.add_chains(
+                conn,
+                model_row_id,
+                plan.fingerprint,
+                [plan.keys],
+                {k: length for k, (_s, length) in zip(plan.keys, plan.spans)},
+                rows,
+                {b.blob_id: b.nbytes for b in blobs},
+            )
             agent_id = queries.save_agent_row(conn, plan.name, model_row_id, plan.meta_json, now)
-            snap_id = queries.insert_snapshot(conn, agent_id, model_row_id, plan.tokens.tobytes(), n, plan.keys,
-                                              now, plan.label, plan.pinned)
+            snap_id = queries.insert_snapshot(
+                conn, agent_id, model_row_id, plan.tokens.tobytes(), n, plan.keys, now, plan.label, plan.pinned
+            )
             queries.set_head(conn, agent_id, snap_id, updated=now)
             written = finish_writes(store, blobs, pending)
             if store.blobs.missing({w[1] for w in written}):  # a gc took one since: write it again
@@ -339,7 +395,15 @@ def _commit(store: "Store", plan: SavePlan, have: dict[tuple[bytes, int], int], 
     finally:
         pending.exception()  # a failed commit never leaves blob writes running behind it
     files = {b: (nb, w) for _p, b, nb, w in written}
-    return Snapshot(id=snap_id, agent=plan.name, model=plan.model, n_tokens=n, created=now, label=plan.label,
-                    pinned=plan.pinned, bytes_written=sum(nb for nb, w in files.values() if w),
-                    blobs_written=sum(1 for _nb, w in files.values() if w),
-                    blobs_reused=sum(1 for _nb, w in files.values() if not w))
+    return Snapshot(
+        id=snap_id,
+        agent=plan.name,
+        model=plan.model,
+        n_tokens=n,
+        created=now,
+        label=plan.label,
+        pinned=plan.pinned,
+        bytes_written=sum(nb for nb, w in files.values() if w),
+        blobs_written=sum(1 for _nb, w in files.values() if w),
+        blobs_reused=sum(1 for _nb, w in files.values() if not w),
+    )

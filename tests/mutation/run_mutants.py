@@ -19,8 +19,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST_TESTS = ["tests/test_contracts.py", "tests/test_roundtrip.py", "tests/test_dedup.py", "tests/test_fsck_gc.py",
-              "tests/test_read_path.py", "tests/test_write_protocol.py", "tests/test_sliding_window.py"]
+FAST_TESTS = [
+    "tests/test_contracts.py",
+    "tests/test_roundtrip.py",
+    "tests/test_dedup.py",
+    "tests/test_fsck_gc.py",
+    "tests/test_read_path.py",
+    "tests/test_write_protocol.py",
+    "tests/test_sliding_window.py",
+]
 
 _REUSE = '''
 
@@ -42,40 +49,95 @@ def _reuse(arrays):
 
 # name -> (what the bug is, [(file, old text, new text), ...])
 MUTANTS = {
-    "key_ignores_last_token": ("a chunk key hashes all but the chunk's last token", [
-        ("kvstore/cache/keys.py", "prev = digest(prev + data[start : start + step])",
-         "prev = digest(prev + data[start : start + step - 4])")]),
-    "tokens_in_16_bits": ("token ids are kept in 16 bits", [
-        ("kvstore/cache/keys.py", 'return np.ascontiguousarray(arr, dtype="<u4")',
-         'return np.ascontiguousarray(arr.astype("<u2"), dtype="<u4")')]),
-    "gc_drops_labelled": ("gc's retention forgets labelled snapshots", [
-        ("kvstore/ops/gc.py", "s.c.pinned == False,  # noqa: E712\n                                     s.c.label.is_(None)))",
-         "s.c.pinned == False))  # noqa: E712")]),
-    "gc_drops_pinned": ("gc's retention forgets pinned snapshots", [
-        ("kvstore/ops/gc.py", "s.c.pinned == False,  # noqa: E712", "True,  # noqa: E712")]),
-    "gc_ignores_grace": ("gc sweeps unnamed blob files whatever their age", [
-        ("kvstore/ops/gc.py", "if b in unreferenced or store.blobs.age(p, now) > grace]", "if True]")]),
-    "restores_share_memory": ("a restore writes into an earlier restore's arrays of the same shapes", [
-        ("kvstore/ops/restore.py", "    arrays = rd.run()\n", "    arrays = _reuse(rd.run())\n"),
-        ("kvstore/ops/restore.py", "def head_snapshot(", _REUSE.lstrip("\n") + "\n\ndef head_snapshot(")]),
-    "plan_ignores_first": ("restore accepts a stored piece that starts after the positions it needs", [
-        ("kvstore/ops/restore.py", "if hit is None or start + hit[1] > max(need_from, start):", "if hit is None:")]),
-    "load_trusts_chunk_list": ("load does not check that the token ids re-derive the snapshot's chunks", [
-        ("kvstore/ops/restore.py", "    if stored != keys:", "    if False:")]),
-    "match_trusts_hashes": ("restore trusts a hash match without comparing the stored token ids", [
-        ("kvstore/ops/restore.py", "    if stored.size == n and (stored == mine).all():", "    if True:")]),
-    "window_off_by_one": ("a sliding layer's window starts one position late", [
-        ("kvstore/cache/codec.py", 'return max(0, n_tokens - slot.param("max_size"))',
-         'return max(0, n_tokens - slot.param("max_size") + 1)')]),
-    "save_skips_fuller_piece": ("save keeps a stored piece that lacks the chunk's first position", [
-        ("kvstore/ops/save.py", "if have.get((keys[i], s), length + 1) > first:",
-         "if have.get((keys[i], s), length + 1) > first + 1:")]),
-    "fsck_checks_sizes_only": ("fsck checks each blob's size, not its hash", [
-        ("kvstore/ops/fsck.py", "if not store.blobs.hashes_to_name(blob_id, buf):", "if False:")]),
-    "repair_keeps_layer_rows": ("fsck --repair drops a bad blob's row but not the layers naming it", [
-        ("kvstore/ops/fsck.py", "            conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))\n", "")]),
-    "save_skips_recheck": ("save does not re-check under the write lock that reused chunks still exist", [
-        ("kvstore/ops/save.py", "if any(key not in still for key in reused):", "if False:")]),
+    "key_ignores_last_token": (
+        "a chunk key hashes all but the chunk's last token",
+        [
+            (
+                "kvstore/cache/keys.py",
+                "prev = digest(prev + data[start : start + step])",
+                "prev = digest(prev + data[start : start + step - 4])",
+            )
+        ],
+    ),
+    "tokens_in_16_bits": (
+        "token ids are kept in 16 bits",
+        [
+            (
+                "kvstore/cache/keys.py",
+                'return np.ascontiguousarray(arr, dtype="<u4")',
+                'return np.ascontiguousarray(arr.astype("<u2"), dtype="<u4")',
+            )
+        ],
+    ),
+    "gc_drops_labelled": (
+        "gc's retention forgets labelled snapshots",
+        [
+            (
+                "kvstore/ops/gc.py",
+                "s.c.pinned == False,  # noqa: E712\n                                     s.c.label.is_(None)))",
+                "s.c.pinned == False))  # noqa: E712",
+            )
+        ],
+    ),
+    "gc_drops_pinned": (
+        "gc's retention forgets pinned snapshots",
+        [("kvstore/ops/gc.py", "s.c.pinned == False,  # noqa: E712", "True,  # noqa: E712")],
+    ),
+    "gc_ignores_grace": (
+        "gc sweeps unnamed blob files whatever their age",
+        [("kvstore/ops/gc.py", "if b in unreferenced or store.blobs.age(p, now) > grace]", "if True]")],
+    ),
+    "restores_share_memory": (
+        "a restore writes into an earlier restore's arrays of the same shapes",
+        [
+            ("kvstore/ops/restore.py", "    arrays = rd.run()\n", "    arrays = _reuse(rd.run())\n"),
+            ("kvstore/ops/restore.py", "def head_snapshot(", _REUSE.lstrip("\n") + "\n\ndef head_snapshot("),
+        ],
+    ),
+    "plan_ignores_first": (
+        "restore accepts a stored piece that starts after the positions it needs",
+        [("kvstore/ops/restore.py", "if hit is None or start + hit[1] > max(need_from, start):", "if hit is None:")],
+    ),
+    "load_trusts_chunk_list": (
+        "load does not check that the token ids re-derive the snapshot's chunks",
+        [("kvstore/ops/restore.py", "    if stored != keys:", "    if False:")],
+    ),
+    "match_trusts_hashes": (
+        "restore trusts a hash match without comparing the stored token ids",
+        [("kvstore/ops/restore.py", "    if stored.size == n and (stored == mine).all():", "    if True:")],
+    ),
+    "window_off_by_one": (
+        "a sliding layer's window starts one position late",
+        [
+            (
+                "kvstore/cache/codec.py",
+                'return max(0, n_tokens - slot.param("max_size"))',
+                'return max(0, n_tokens - slot.param("max_size") + 1)',
+            )
+        ],
+    ),
+    "save_skips_fuller_piece": (
+        "save keeps a stored piece that lacks the chunk's first position",
+        [
+            (
+                "kvstore/ops/save.py",
+                "if have.get((keys[i], s), length + 1) > first:",
+                "if have.get((keys[i], s), length + 1) > first + 1:",
+            )
+        ],
+    ),
+    "fsck_checks_sizes_only": (
+        "fsck checks each blob's size, not its hash",
+        [("kvstore/ops/fsck.py", "if not store.blobs.hashes_to_name(blob_id, buf):", "if False:")],
+    ),
+    "repair_keeps_layer_rows": (
+        "fsck --repair drops a bad blob's row but not the layers naming it",
+        [("kvstore/ops/fsck.py", "            conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))\n", "")],
+    ),
+    "save_skips_recheck": (
+        "save does not re-check under the write lock that reused chunks still exist",
+        [("kvstore/ops/save.py", "if any(key not in still for key in reused):", "if False:")],
+    ),
 }
 
 
@@ -97,9 +159,25 @@ def run(name: str) -> tuple[str, str, float]:
             path.write_text(text.replace(old, new))
         env = dict(os.environ, PYTHONPATH=str(work), PYTHONDONTWRITEBYTECODE="1")
         t0 = time.perf_counter()
-        got = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-                              f"--basetemp={work / 'pytest'}", *FAST_TESTS],
-                             cwd=work, env=env, capture_output=True, text=True)
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-x",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-W",
+                "ignore",
+                f"--basetemp={work / 'pytest'}",
+                *FAST_TESTS,
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - t0
         failed = next((ln.split(" ")[1] for ln in got.stdout.splitlines() if ln.startswith("FAILED ")), "")
         if got.returncode == 0:

@@ -34,8 +34,14 @@ def populate(store: kvstore.Store, agents: int = 6, seed: int = 5) -> Expect:
     exp = Expect()
     for i in range(agents):
         tokens = synth.agent_tokens(rng)
-        snap = store.save(f"a{i}", synth.make_cache(tokens), tokens, model=synth.FP,
-                          label="first" if i == 0 else None, meta={"role": f"agent {i}"})
+        snap = store.save(
+            f"a{i}",
+            synth.make_cache(tokens),
+            tokens,
+            model=synth.FP,
+            label="first" if i == 0 else None,
+            meta={"role": f"agent {i}"},
+        )
         exp.heads[f"a{i}"] = tokens
         if i == 0:
             exp.labelled[snap.id] = ("a0", tokens)
@@ -50,9 +56,12 @@ def blobs_by_snapshot(store: kvstore.Store) -> dict[int, set[str]]:
     """snapshot id -> the blob ids its chunks use (read straight from the index)."""
     out: dict[int, set[str]] = {}
     with store.engine.connect() as conn:
-        for sid, blob in conn.execute(text(
+        for sid, blob in conn.execute(
+            text(
                 "SELECT sc.snapshot_id, cl.blob_id FROM snapshot_chunks sc "
-                "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key")):
+                "JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key"
+            )
+        ):
             out.setdefault(sid, set()).add(blob)
     return out
 

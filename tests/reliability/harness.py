@@ -104,18 +104,21 @@ def run_worker(cfg: dict) -> None:
             ask = agents[name] + [rng.randrange(5000) for _ in range(rng.choice([0, 0, 3]))]
             cache, n = store.restore(ask, model=synth.FP)
             # The exact head tokens are stored in full; a longer ask may stop earlier (sliding-window layer).
-            if (ask == agents[name] and n != len(ask)) or \
-                    (n and synth.checksum(cache) != synth.expected_sum(ask[:n])):
+            if (ask == agents[name] and n != len(ask)) or (n and synth.checksum(cache) != synth.expected_sum(ask[:n])):
                 raise AssertionError(f"restore of {name}'s {len(ask)} tokens gave a wrong cache ({n} tokens)")
     store.close()
 
 
 def serve() -> None:
     """The zygote: fork a worker per JSON line on stdin, report its pid and its exit status."""
-    import kvstore  # noqa: F401  (warm imports, inherited by every fork)
-    import kvstore.store, kvstore.ops.save, kvstore.ops.restore, kvstore.ops.gc  # noqa: E401,F401 (import kvstore is lazy)
     import mlx.core  # noqa: F401
     import mlx_lm.models.cache  # noqa: F401
+
+    import kvstore  # noqa: F401  (warm imports, inherited by every fork)
+    import kvstore.ops.gc
+    import kvstore.ops.restore
+    import kvstore.ops.save
+    import kvstore.store  # noqa: E401,F401 (import kvstore is lazy)
 
     from . import synth  # noqa: F401
 

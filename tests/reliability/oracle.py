@@ -25,8 +25,14 @@ import kvstore
 from . import synth
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
-CRASH_POINTS = ("blob.before_rename", "blob.after_rename", "txn.before_commit", "txn.after_commit",
-                "gc.after_rows", "gc.file_removed")
+CRASH_POINTS = (
+    "blob.before_rename",
+    "blob.after_rename",
+    "txn.before_commit",
+    "txn.after_commit",
+    "gc.after_rows",
+    "gc.file_removed",
+)
 
 
 class Zygote:
@@ -36,8 +42,15 @@ class Zygote:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
         env.pop("KVSTORE_CRASH_AT", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "reliability.harness", "serve"], cwd=TESTS_DIR,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reliability.harness", "serve"],
+            cwd=TESTS_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -212,8 +225,14 @@ def campaign(root: Path, kills: int, seed: int) -> Counter:
             if rng.random() < 0.6:
                 point = rng.choice(CRASH_POINTS)
                 crash_at = f"{point}@{rng.randint(1, 12 if point.startswith('blob') else 4)}"
-            cfg = {"store": str(store_dir), "state": str(state), "log": str(log), "err": str(err),
-                   "seed": rng.getrandbits(32), "crash_at": crash_at}
+            cfg = {
+                "store": str(store_dir),
+                "state": str(state),
+                "log": str(log),
+                "err": str(err),
+                "seed": rng.getrandbits(32),
+                "crash_at": crash_at,
+            }
             pid = zygote.start(cfg)
             code = zygote.wait(pid, 1.0 if crash_at else rng.uniform(0.02, 0.3))
             if code is None:

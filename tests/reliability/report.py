@@ -39,8 +39,11 @@ def write(path: Path | None = None) -> Path | None:
     path = path or results_path()
     base = path if path.exists() else PUBLISHED
     data = json.loads(base.read_text()) if base.exists() else {}
-    stamp = {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.system()} "
-             f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"}
+    stamp = {
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.system()} "
+        f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+    }
     for name, counts in _sections.items():
         data[name] = {**counts, **stamp}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,11 @@ import random
 from kvstore import testing
 from kvstore.testing import checksum  # noqa: F401  (the suite compares caches as synth.checksum)
 
-FP = "5e" * 16            # model fingerprint of the synthetic model
-OTHER_FP = "a7" * 16      # another model, for mismatch tests
-CHUNK = 16                # store chunk size: short token lists still span several chunks
+FP = "5e" * 16  # model fingerprint of the synthetic model
+OTHER_FP = "a7" * 16  # another model, for mismatch tests
+CHUNK = 16  # store chunk size: short token lists still span several chunks
 HEADS, DIM = 2, 32
-WINDOW = 24               # sliding-window size of the rotating layer
+WINDOW = 24  # sliding-window size of the rotating layer
 KINDS = ("kv", "kv", "rot", "quant")
 PREFIXES = [[random.Random(1000 + i).randrange(5000) for _ in range(n)] for i, n in enumerate((40, 23, 50))]
 
@@ -36,5 +36,6 @@ def expected_sum(tokens: list[int], kinds=KINDS) -> str:
 def agent_tokens(rng: random.Random, max_suffix: int = 40) -> list[int]:
     """A shared system prompt (cut at a random length) and a random user part."""
     prefix = rng.choice(PREFIXES)
-    return prefix[: rng.randint(len(prefix) // 2, len(prefix))] + [rng.randrange(5000)
-                                                                   for _ in range(rng.randint(0, max_suffix))]
+    return prefix[: rng.randint(len(prefix) // 2, len(prefix))] + [
+        rng.randrange(5000) for _ in range(rng.randint(0, max_suffix))
+    ]

@@ -14,9 +14,39 @@ import kvstore
 
 from . import report, synth
 
-HOSTILE = ["", ".", "..", "/", "a/b", "../etc/passwd", "a\\b", "a\0b", "\0", "x" * 10_000, "x" * 201, "-rf",
-           "--all", ".hidden", " lead", "trail ", "a\nb", "tab\t", "a..b", "\u202egnp.exe", "ａｄｍｉｎ", "e\u0301",
-           "Ω", "\ufeffbom", "a\u200bb", "~", "$HOME", "*", "a;rm -rf /", "C:\\x", "%s%n"]
+HOSTILE = [
+    "",
+    ".",
+    "..",
+    "/",
+    "a/b",
+    "../etc/passwd",
+    "a\\b",
+    "a\0b",
+    "\0",
+    "x" * 10_000,
+    "x" * 201,
+    "-rf",
+    "--all",
+    ".hidden",
+    " lead",
+    "trail ",
+    "a\nb",
+    "tab\t",
+    "a..b",
+    "\u202egnp.exe",
+    "ａｄｍｉｎ",
+    "e\u0301",
+    "Ω",
+    "\ufeffbom",
+    "a\u200bb",
+    "~",
+    "$HOME",
+    "*",
+    "a;rm -rf /",
+    "C:\\x",
+    "%s%n",
+]
 NOT_STRINGS = [None, 5, 1.5, b"bytes", ["a"], {"a": 1}, True]
 
 
@@ -39,10 +69,16 @@ def _unchanged(store) -> None:
 @pytest.mark.parametrize("name", HOSTILE + NOT_STRINGS, ids=repr)
 def test_hostile_names_are_refused_everywhere(store, name):
     tokens = synth.PREFIXES[1]
-    calls = [lambda: store.save(name, synth.make_cache(tokens), tokens, model=synth.FP),
-             lambda: store.load(name, model=synth.FP), lambda: store.delete(name), lambda: store.agent(name),
-             lambda: store.fork("good", name), lambda: store.fork(name, "other"), lambda: store.snapshots(name),
-             lambda: store.set_meta(name, {})]
+    calls = [
+        lambda: store.save(name, synth.make_cache(tokens), tokens, model=synth.FP),
+        lambda: store.load(name, model=synth.FP),
+        lambda: store.delete(name),
+        lambda: store.agent(name),
+        lambda: store.fork("good", name),
+        lambda: store.fork(name, "other"),
+        lambda: store.snapshots(name),
+        lambda: store.set_meta(name, {}),
+    ]
     if name is not None:  # label=None means "no label"
         calls.append(lambda: store.save("good2", synth.make_cache(tokens), tokens, model=synth.FP, label=name))
     for call in calls:
@@ -105,10 +141,16 @@ def _check_read_only(ro: kvstore.Store) -> None:
     cache, n = ro.restore(tokens, model=synth.FP)
     assert n == len(tokens) and synth.checksum(cache) == synth.expected_sum(tokens)
     assert ro.fsck().ok and [a.name for a in ro.agents()] == ["good"]
-    for write in (lambda: ro.save("new", synth.make_cache(tokens), tokens, model=synth.FP),
-                  lambda: ro.save("good", synth.make_cache(tokens), tokens, model=synth.FP),
-                  lambda: ro.delete("good"), lambda: ro.fork("good", "copy"), lambda: ro.set_meta("good", {}),
-                  lambda: ro.gc(), lambda: ro.fsck(repair=True), lambda: ro.discard_blob("0" * 32)):
+    for write in (
+        lambda: ro.save("new", synth.make_cache(tokens), tokens, model=synth.FP),
+        lambda: ro.save("good", synth.make_cache(tokens), tokens, model=synth.FP),
+        lambda: ro.delete("good"),
+        lambda: ro.fork("good", "copy"),
+        lambda: ro.set_meta("good", {}),
+        lambda: ro.gc(),
+        lambda: ro.fsck(repair=True),
+        lambda: ro.discard_blob("0" * 32),
+    ):
         with pytest.raises(kvstore.ReadOnlyStoreError, match="read-only"):
             write()
 
@@ -129,8 +171,10 @@ def test_read_only_mount(store, tmp_path):
     store.close()
     ro_dir = tmp_path / "ro"
     ro_dir.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(src), str(ro_dir)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "--bind", str(src), str(ro_dir)], capture_output=True).returncode != 0
+    ):
         pytest.skip("cannot bind-mount here")
     try:
         assert subprocess.run(["mount", "-o", "remount,ro,bind", str(ro_dir)]).returncode == 0
@@ -150,27 +194,39 @@ def test_arguments_of_the_wrong_type(store):
     tokens = synth.PREFIXES[1]
     cache = synth.make_cache(tokens)
     wrong = [
-        (lambda: store.save("b", cache, "some text", model=synth.FP), TypeError, 'tokens must be'),
-        (lambda: store.save("b", cache, None, model=synth.FP), TypeError, 'tokens must be'),
-        (lambda: store.save("b", cache, [t + 0.5 for t in tokens], model=synth.FP), TypeError, 'token ids must be integers'),
-        (lambda: store.save("b", cache, [tokens, tokens], model=synth.FP), ValueError, 'one sequence'),
-        (lambda: store.save("b", cache, [-1] * len(tokens), model=synth.FP), ValueError, 'fit in uint32'),
-        (lambda: store.save("b", cache, tokens[:-1], model=synth.FP), kvstore.StoreError, 'has seen 23 tokens but 22'),
-        (lambda: store.save("b", {"k": cache}, tokens, model=synth.FP), TypeError, 'cache must be a list'),
-        (lambda: store.save("b", None, tokens, model=synth.FP), TypeError, 'cache must be a list'),
-        (lambda: store.save("b", ["not a cache"], tokens, model=synth.FP), kvstore.UnsupportedCacheError, 'cannot store a builtins.str'),
-        (lambda: store.save("b", cache, tokens, model=None), TypeError, 'model= must be'),
-        (lambda: store.save("b", cache, tokens, model=42), TypeError, 'model= must be'),
-        (lambda: store.save("b", cache, tokens, model=synth.FP, meta=["not", "a", "dict"]), TypeError, 'meta must be a dict'),
-        (lambda: store.set_meta("good", "not a dict"), TypeError, 'meta must be a dict'),
-        (lambda: store.restore("some text", model=synth.FP), TypeError, 'tokens must be'),
-        (lambda: store.match([0.5], model=synth.FP), TypeError, 'token ids must be integers'),
-        (lambda: store.gc(keep_last=0), ValueError, 'keep_last'),
-        (lambda: store.gc(grace="soon"), TypeError, 'grace must be a number'),
-        (lambda: store.gc(grace=-1), ValueError, 'grace must be >= 0'),
-        (lambda: store.fsck(grace="soon"), TypeError, 'grace must be a number'),
-        (lambda: kvstore.open(store.path, chunk_size="16"), (ValueError, kvstore.StoreError), 'chunk_size must be'),
-        (lambda: kvstore.open(42), TypeError, 'os.PathLike'),
+        (lambda: store.save("b", cache, "some text", model=synth.FP), TypeError, "tokens must be"),
+        (lambda: store.save("b", cache, None, model=synth.FP), TypeError, "tokens must be"),
+        (
+            lambda: store.save("b", cache, [t + 0.5 for t in tokens], model=synth.FP),
+            TypeError,
+            "token ids must be integers",
+        ),
+        (lambda: store.save("b", cache, [tokens, tokens], model=synth.FP), ValueError, "one sequence"),
+        (lambda: store.save("b", cache, [-1] * len(tokens), model=synth.FP), ValueError, "fit in uint32"),
+        (lambda: store.save("b", cache, tokens[:-1], model=synth.FP), kvstore.StoreError, "has seen 23 tokens but 22"),
+        (lambda: store.save("b", {"k": cache}, tokens, model=synth.FP), TypeError, "cache must be a list"),
+        (lambda: store.save("b", None, tokens, model=synth.FP), TypeError, "cache must be a list"),
+        (
+            lambda: store.save("b", ["not a cache"], tokens, model=synth.FP),
+            kvstore.UnsupportedCacheError,
+            "cannot store a builtins.str",
+        ),
+        (lambda: store.save("b", cache, tokens, model=None), TypeError, "model= must be"),
+        (lambda: store.save("b", cache, tokens, model=42), TypeError, "model= must be"),
+        (
+            lambda: store.save("b", cache, tokens, model=synth.FP, meta=["not", "a", "dict"]),
+            TypeError,
+            "meta must be a dict",
+        ),
+        (lambda: store.set_meta("good", "not a dict"), TypeError, "meta must be a dict"),
+        (lambda: store.restore("some text", model=synth.FP), TypeError, "tokens must be"),
+        (lambda: store.match([0.5], model=synth.FP), TypeError, "token ids must be integers"),
+        (lambda: store.gc(keep_last=0), ValueError, "keep_last"),
+        (lambda: store.gc(grace="soon"), TypeError, "grace must be a number"),
+        (lambda: store.gc(grace=-1), ValueError, "grace must be >= 0"),
+        (lambda: store.fsck(grace="soon"), TypeError, "grace must be a number"),
+        (lambda: kvstore.open(store.path, chunk_size="16"), (ValueError, kvstore.StoreError), "chunk_size must be"),
+        (lambda: kvstore.open(42), TypeError, "os.PathLike"),
     ]
     for call, error, says in wrong:
         with pytest.raises(error) as info:

@@ -48,11 +48,23 @@ def test_processes_save_while_gc_loops(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
     stop = tmp_path / "stop"
     cmd = [sys.executable, "-m", "reliability.stress"]
-    gc_proc = subprocess.Popen(cmd + ["gc", str(path), str(stop), str(tmp_path / "gc.json")], env=env,
-                               cwd=TESTS_DIR, stderr=subprocess.PIPE, text=True)
-    savers = [subprocess.Popen(cmd + ["saver", str(path), str(w), str(SAVES), str(100 + w),
-                                      str(tmp_path / f"w{w}.json")], env=env, cwd=TESTS_DIR,
-                               stderr=subprocess.PIPE, text=True) for w in range(WORKERS)]
+    gc_proc = subprocess.Popen(
+        cmd + ["gc", str(path), str(stop), str(tmp_path / "gc.json")],
+        env=env,
+        cwd=TESTS_DIR,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    savers = [
+        subprocess.Popen(
+            cmd + ["saver", str(path), str(w), str(SAVES), str(100 + w), str(tmp_path / f"w{w}.json")],
+            env=env,
+            cwd=TESTS_DIR,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(WORKERS)
+    ]
     errors = [(p.args[3:5], p.communicate(timeout=600)[1]) for p in savers]
     stop.touch()
     gc_err = gc_proc.communicate(timeout=600)[1]
@@ -63,8 +75,15 @@ def test_processes_save_while_gc_loops(tmp_path):
     gc_passes = json.loads((tmp_path / "gc.json").read_text())["passes"]
     agents = check_final(path, results)
     assert gc_passes > 0
-    report.record("concurrency_processes", saves=WORKERS * SAVES, writers=WORKERS, gc_passes=gc_passes,
-                  agents_verified=agents, cross_checks=sum(r["checks"] for r in results.values()), errors=0)
+    report.record(
+        "concurrency_processes",
+        saves=WORKERS * SAVES,
+        writers=WORKERS,
+        gc_passes=gc_passes,
+        agents_verified=agents,
+        cross_checks=sum(r["checks"] for r in results.values()),
+        errors=0,
+    )
 
 
 @pytest.mark.slow
@@ -73,6 +92,12 @@ def test_threads_save_while_gc_loops(tmp_path):
     results = stress.run_threads(path, WORKERS, SAVES, seed=7)
     agents = check_final(path, results)
     assert results["gc"] > 0
-    report.record("concurrency_threads", saves=WORKERS * SAVES, writers=WORKERS, gc_passes=results["gc"],
-                  agents_verified=agents, cross_checks=sum(results[w]["checks"] for w in range(WORKERS)),
-                  errors=0)
+    report.record(
+        "concurrency_threads",
+        saves=WORKERS * SAVES,
+        writers=WORKERS,
+        gc_passes=results["gc"],
+        agents_verified=agents,
+        cross_checks=sum(results[w]["checks"] for w in range(WORKERS)),
+        errors=0,
+    )

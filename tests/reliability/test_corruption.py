@@ -16,12 +16,16 @@ import pytest
 import kvstore
 
 from . import report, synth
-from .damage import (blobs_by_snapshot, check_prefix_restores, check_restores, flip_byte, populate,
-                     token_history)
+from .damage import blobs_by_snapshot, check_prefix_restores, check_restores, flip_byte, populate, token_history
 
 MODES = ("flip", "truncate", "delete", "append", "empty")
-KIND = {"flip": "corrupt_blob", "truncate": "corrupt_blob", "delete": "missing_blob", "append": "corrupt_blob",
-        "empty": "corrupt_blob"}
+KIND = {
+    "flip": "corrupt_blob",
+    "truncate": "corrupt_blob",
+    "delete": "missing_blob",
+    "append": "corrupt_blob",
+    "empty": "corrupt_blob",
+}
 
 
 def damage_blob(path, mode: str, rng: random.Random) -> None:
@@ -84,9 +88,9 @@ def test_damaged_blob_never_restores_wrong_and_repair_keeps_the_rest(populated, 
     fixed = store.fsck(repair=True)
     assert fixed.repaired and set(fixed.needs_recompute) == hit
     assert store.fsck().problems == ()
-    assert token_history(store) == history                    # every agent keeps its token history
+    assert token_history(store) == history  # every agent keeps its token history
     outcome = check_restores(store, snaps)
-    assert {sid for sid, o in outcome.items() if o == "ok"} == set(snaps) - hit   # intact ones come back exact
+    assert {sid for sid, o in outcome.items() if o == "ok"} == set(snaps) - hit  # intact ones come back exact
     assert {o for o in outcome.values() if o != "ok"} <= {"MissingBlobError"}
     # Recomputing a damaged agent's KV from its kept tokens makes it whole again.
     for sid in hit & set(snaps):
@@ -177,8 +181,13 @@ def test_random_index_flips_never_restore_wrong(populated, tmp_path):
     allowed = {"ok", "fsck_found", "incomplete_found"} | {n for n in dir(kvstore) if n.endswith("Error")}
     assert set(outcomes) <= allowed, outcomes
     assert outcomes.get("ok", 0) < trials  # the flips did damage something that was noticed
-    report.record("corruption", index_flips=trials, index_flips_harmless=outcomes.get("ok", 0),
-                  index_flips_detected=trials - outcomes.get("ok", 0), index_flip_outcomes=outcomes)
+    report.record(
+        "corruption",
+        index_flips=trials,
+        index_flips_harmless=outcomes.get("ok", 0),
+        index_flips_detected=trials - outcomes.get("ok", 0),
+        index_flip_outcomes=outcomes,
+    )
 
 
 @pytest.mark.parametrize("mode", ["flip_last_frame", "truncate", "delete"])
@@ -187,7 +196,7 @@ def test_damaged_wal_falls_back_to_an_intact_commit(tmp_path, mode):
     store = kvstore.open(tmp_path / "store", chunk_size=synth.CHUNK)
     exp = populate(store)
     history = {name: [] for name in exp.heads}
-    for sid, (name, tokens) in token_history(store).items():
+    for _sid, (name, tokens) in token_history(store).items():
         history[name].append(tokens)
     wal = store.path / "index.db-wal"
     assert wal.stat().st_size > 0  # the commits still live in the WAL (no checkpoint yet)
@@ -213,8 +222,12 @@ def test_damaged_wal_falls_back_to_an_intact_commit(tmp_path, mode):
             assert synth.checksum(cache) == synth.expected_sum(tokens)
         reopened.fsck(repair=True, grace=0)
         assert reopened.fsck(grace=0).problems == ()
-        report.record("corruption", wal_damage_rolled_back=1,
-                      wal_agents_kept=len(reopened.agents()), wal_agents_committed=len(exp.heads))
+        report.record(
+            "corruption",
+            wal_damage_rolled_back=1,
+            wal_agents_kept=len(reopened.agents()),
+            wal_agents_committed=len(exp.heads),
+        )
 
 
 def test_damaged_index_values_are_found_and_repaired(populated):
@@ -227,11 +240,15 @@ def test_damaged_index_values_are_found_and_repaired(populated):
     with store.engine.begin() as conn:
         conn.execute(sql("UPDATE snapshots SET n_tokens = n_tokens + 1 WHERE id = :i"), {"i": head})
         conn.execute(sql("UPDATE agents SET meta = '{\"role\": \x02oops' WHERE name = 'a2'"))
-        conn.execute(sql("DELETE FROM snapshot_chunks WHERE snapshot_id = :i AND seq = 0"),
-                     {"i": store.agent("a3").head})
+        conn.execute(
+            sql("DELETE FROM snapshot_chunks WHERE snapshot_id = :i AND seq = 0"), {"i": store.agent("a3").head}
+        )
     found = {(p.kind, p.subject) for p in store.fsck().problems}
-    assert found == {("token_mismatch", f"snapshot {head}"), ("damaged_meta", "agent a2"),
-                     ("token_mismatch", f"snapshot {store.agent('a3').head}")}
+    assert found == {
+        ("token_mismatch", f"snapshot {head}"),
+        ("damaged_meta", "agent a2"),
+        ("token_mismatch", f"snapshot {store.agent('a3').head}"),
+    }
     with pytest.raises(kvstore.TokenMismatchError):
         store.load("a1", model=synth.FP)
     with pytest.raises(kvstore.IndexDatabaseError):

@@ -40,8 +40,7 @@ def test_crash_point_is_a_no_op_unless_armed(tmp_path):
     assert _crash._armed == {}
 
 
-@pytest.mark.parametrize("point", ["blob.before_rename", "blob.after_rename", "txn.before_commit",
-                                   "txn.after_commit"])
+@pytest.mark.parametrize("point", ["blob.before_rename", "blob.after_rename", "txn.before_commit", "txn.after_commit"])
 def test_env_var_kills_at_the_named_point(tmp_path, point):
     """KVSTORE_CRASH_AT in a fresh process: the save dies there, and what it leaves is consistent."""
     code = (
@@ -50,12 +49,17 @@ def test_env_var_kills_at_the_named_point(tmp_path, point):
         "s = kvstore.open(sys.argv[1], chunk_size=synth.CHUNK, io_threads=1)\n"
         "t = synth.PREFIXES[0]\n"
         "s.save('a', synth.make_cache(t), t, model=synth.FP)\n"
-        "print('survived')\n")
+        "print('survived')\n"
+    )
     kvstore.open(tmp_path / "s", chunk_size=synth.CHUNK).close()  # created here: the save's is the first commit
-    env = dict(os.environ, KVSTORE_CRASH_AT=point,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(oracle.TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    env = dict(
+        os.environ,
+        KVSTORE_CRASH_AT=point,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(oracle.TESTS_DIR), os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "s")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout
     with kvstore.open(tmp_path / "s") as store:
         names = [a.name for a in store.agents()]

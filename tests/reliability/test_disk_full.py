@@ -43,6 +43,7 @@ class _FailingOs(types.SimpleNamespace):
                 self.hits += 1
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return real(*args, **kwargs)
+
         return failing
 
 

@@ -40,8 +40,15 @@ _RACER = textwrap.dedent("""
 
 def test_processes_creating_one_store_at_once(tmp_path):
     """Item 10: 4 processes open the same new store at the same moment, 10 times; every open succeeds."""
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(RACE_TRIALS), "0.3"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(RACERS)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path), str(RACE_TRIALS), "0.3"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(RACERS)
+    ]
     assert [p.stdout.readline() for p in procs] == ["ready\n"] * RACERS  # every racer has imported kvstore
     t0 = time.time() + 0.5
     for p in procs:
@@ -83,6 +90,7 @@ def damaged_copies(tmp_path):
         dst = tmp_path / name
         shutil.copytree(src, dst)
         return dst
+
     return src, copy
 
 
@@ -126,8 +134,9 @@ def test_an_index_without_its_version_table_is_refused_clearly(damaged_copies):
     assert "\n" not in str(err.value) and "CREATE" not in str(err.value)
 
 
-@pytest.mark.parametrize("damage", ["tokens_integer", "tokens_odd_length", "chunk_size_text", "blob_size_text",
-                                    "blob_id_integer"])
+@pytest.mark.parametrize(
+    "damage", ["tokens_integer", "tokens_odd_length", "chunk_size_text", "blob_size_text", "blob_id_integer"]
+)
 def test_fsck_reports_values_a_damaged_page_left_and_never_crashes(tmp_path, damage):
     """Item 11: values of the wrong type inside intact pages (what a bit flip in a record header makes)."""
     store = kvstore.open(tmp_path / "store", chunk_size=synth.CHUNK)

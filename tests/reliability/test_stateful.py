@@ -45,12 +45,23 @@ class StoreMachine(RuleBasedStateMachine):
         assert synth.checksum(cache) == synth.expected_sum(tokens)
         STEPS["loads"] += 1
 
-    @rule(name=NAMES, prefix=st.integers(0, len(synth.PREFIXES) - 1), cut=st.integers(0, 50),
-          suffix=st.lists(TOKEN, max_size=20), keep=st.sampled_from(["", "label", "pin"]))
+    @rule(
+        name=NAMES,
+        prefix=st.integers(0, len(synth.PREFIXES) - 1),
+        cut=st.integers(0, 50),
+        suffix=st.lists(TOKEN, max_size=20),
+        keep=st.sampled_from(["", "label", "pin"]),
+    )
     def save(self, name, prefix, cut, suffix, keep):
         tokens = synth.PREFIXES[prefix][:cut] + suffix
-        snap = self.store.save(name, synth.make_cache(tokens), tokens, model=synth.FP,
-                               label=f"L{len(self.labelled)}" if keep == "label" else None, pinned=keep == "pin")
+        snap = self.store.save(
+            name,
+            synth.make_cache(tokens),
+            tokens,
+            model=synth.FP,
+            label=f"L{len(self.labelled)}" if keep == "label" else None,
+            pinned=keep == "pin",
+        )
         self.agents[name] = tokens
         if keep:  # labelled and pinned snapshots survive every gc
             self.labelled[snap.id] = (name, tokens)
@@ -134,9 +145,14 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = settings(max_examples=EXAMPLES, stateful_step_count=20, deadline=None,
-                                     derandomize=True, database=None,
-                                     suppress_health_check=[HealthCheck.too_slow])
+TestStoreMachine.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def test_zz_record_stateful_figures():
