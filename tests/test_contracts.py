@@ -10,12 +10,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from cachegen import make_cache, same_cache, tokens
 from mlx_lm.models import cache as mlc
 
 import kvstore
 from kvstore.blob import scatter
 from kvstore.cache.keys import chunk_keys
+from kvstore.testing import make_cache, same_cache, tokens
 
 FP = "c0" * 16
 C = 16

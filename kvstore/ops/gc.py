@@ -113,7 +113,7 @@ def gc(store: Store, dry_run: bool, keep_last: int, grace: float, progress=None)
         crash_point("gc.after_rows")
         files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
         temps = _sweep_temp(store, grace)
-        if db.is_sqlite(store.engine):
+        if store.engine.dialect.name == "sqlite":
             reserve.ensure(store.path)  # room was freed: keep some for the next full disk
     return GcReport(
         dry_run=False,
