@@ -89,7 +89,7 @@ def test_the_checker_finds_broken_links(tmp_path):
     ]
 
 
-PACKAGES = ("kvstore", "agents", "cli", "migrations")
+PACKAGES = ("kvstore", "agents", "cli", "server", "migrations")
 MAP_ROW = re.compile(r"^\| `([^`]+\.py)` \|", re.M)
 
 
