@@ -29,12 +29,9 @@ DAMAGED = "damaged_index"  # a row whose values no longer have their types: a da
 
 
 def _is_blob_row(blob_id, nbytes) -> bool:
-    return (
-        isinstance(blob_id, str)
-        and len(blob_id) == 32
-        and isinstance(nbytes, int)
-        and all(c in "0123456789abcdef" for c in blob_id)
-    )
+    # Types only: a string that is not a blob id is a crafted or mangled row that _check_blob reports as a
+    # corrupt blob (repair drops the row and never builds a path from it); wrong types are a damaged page.
+    return isinstance(blob_id, str) and isinstance(nbytes, int)
 
 
 def _is_fingerprint(f) -> bool:
