@@ -218,14 +218,24 @@ def _alembic_config(conn: Connection):
     return cfg
 
 
+OPEN_ATTEMPTS = 40  # ~16 s of waiting in all, past any creation's WAL switch
+
+
 def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | None = None) -> str:
     """Create a fresh index at head, upgrade an old one, refuse a newer one. Returns the revision."""
-    try:
-        with engine.connect() as conn:
-            has_tables = inspect(conn).has_table("store_meta")
-            rev = current_revision(conn)
-    except (OperationalError, DBAPIError, sqlite3.Error) as e:  # "file is not a database", malformed, locked
-        raise translate(e, "opening the index") from e
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            with engine.connect() as conn:
+                has_tables = inspect(conn).has_table("store_meta")
+                rev = current_revision(conn)
+            break
+        except (OperationalError, DBAPIError, sqlite3.Error) as e:  # "file is not a database", malformed, locked
+            # SQLite answers "locked" at once, without its busy timeout, while another process that is creating
+            # the same store switches it to WAL (test_processes_creating_one_store_at_once): wait and look again.
+            if "locked" in str(e) and attempt < OPEN_ATTEMPTS - 1:
+                time.sleep(0.02 * (attempt + 1))
+                continue
+            raise translate(e, "opening the index") from e
     if rev == schema.SCHEMA_REVISION:
         return rev
     if rev is None and has_tables:
