@@ -18,7 +18,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @pass_store
 def info(ref: StoreRef, as_json: bool) -> None:
     """The store: where it is, its format, counts, bytes on disk, logical bytes and dedup ratio."""
-    st = ref.get().stats()
+    st = ref.reader().stats()
     if as_json:
         emit_json(st.as_dict())
         return
@@ -76,7 +76,7 @@ def agents(ref: StoreRef, as_json: bool) -> None:
     """One row per agent: model, tokens, snapshots, unique and shared bytes, last saved."""
     from kvstore.ops import accounting
 
-    store = ref.get()
+    store = ref.reader()
     # Two independent reads: the listing runs on a second connection while the byte accounting
     # (most of the time on a big store) runs here.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -130,7 +130,7 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
     """An agent: its conversation, its record, its snapshots, and its chunk map (who shares each run of chunks)."""
     from kvstore.ops import accounting
 
-    store = ref.get()
+    store = ref.reader()
     info = store.agent(agent)
     snaps = store.snapshots(agent)
     runs = accounting.chunk_runs(store, agent)
@@ -220,7 +220,7 @@ def models(ref: StoreRef, as_json: bool) -> None:
     """The models whose caches the store holds, with their layer layout and usage."""
     from kvstore.ops import accounting
 
-    rows = accounting.model_summary(ref.get())
+    rows = accounting.model_summary(ref.reader())
     if as_json:
         emit_json(rows)
         return
@@ -254,7 +254,7 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
     """Bytes per agent: unique (freed by `rm` + `gc`) and shared with other agents, largest first."""
     from kvstore.ops import accounting
 
-    store = ref.get()
+    store = ref.reader()
     if names:
         nbytes = {}
         for name in names:

@@ -6,12 +6,16 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 import kvstore
 from kvstore.errors import NotAStoreError, StoreError
 from kvstore.index.location import index_path
+
+if TYPE_CHECKING:
+    from kvstore.store_reads import StoreReader, StoreReads
 
 __all__ = ["cli", "main", "StoreRef", "pass_store", "CliError", "confirm", "yes_option"]
 
@@ -37,6 +41,7 @@ class StoreRef:
         self.blobs = blobs
         self.cache_size = cache_size
         self._store: kvstore.Store | None = None
+        self._reader: StoreReader | None = None
 
     @property
     def is_url(self) -> bool:
@@ -84,10 +89,33 @@ class StoreRef:
                 raise
         return self._store
 
+    def reader(self) -> StoreReads:
+        """The store for a command that only reads it (`info`, `agents`, `show`, `models`, `du`).
+
+        A folder store is read through the standard library's sqlite3 (kvstore.store_reads.StoreReader),
+        which starts ~0.2 s sooner than importing SQLAlchemy (issue 17) and returns the same records. A URL
+        or S3 store, a missing one, or one that a full open would first upgrade or refuse opens in full.
+        """
+        if self._store is not None:
+            return self._store
+        if self._reader is None and not self.is_url and not _s3(self.blobs) and self.exists():
+            from kvstore.store_reads import StoreReader
+
+            self._reader = StoreReader.open(self.location)
+        return self._reader or self.get()
+
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _s3(blobs: str | None) -> bool:
+    """Whether the blobs are in a bucket (--blobs, or KVSTORE_BLOBS as kvstore.open() reads it)."""
+    return (blobs or os.environ.get("KVSTORE_BLOBS") or "").startswith("s3://")
 
 
 pass_store = click.make_pass_decorator(StoreRef)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -23,10 +24,11 @@ from kvstore.errors import (
 )
 from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
 from kvstore.index import db, queries, sizes
-from kvstore.index.location import INDEX_FILE, index_path, sqlite_url
+from kvstore.index.location import INDEX_FILE, folder_url, index_path
 from kvstore.names import validate_name
 from kvstore.ops import reserve
-from kvstore.records import AgentBytes, AgentInfo, Match, Snapshot, Stats
+from kvstore.records import Match, Snapshot
+from kvstore.store_reads import StoreReads
 
 Progress = Callable[[int, int], None] | None
 
@@ -46,10 +48,12 @@ def _fingerprint_of(model: Any) -> str:
     return fingerprint(model)
 
 
-class Store:
+class Store(StoreReads):
     """A kvstore store: an index (SQLite file or database URL) and a folder of blobs.
 
-    Use it as a context manager, or call `close()`.
+    Use it as a context manager, or call `close()`. The read-only listings (`agents()`, `agent()`,
+    `snapshots()`, `agent_bytes()`, `stats()`) are StoreReads' (kvstore.store_reads), shared with the CLI's
+    StoreReader.
     """
 
     def __init__(
@@ -134,6 +138,15 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<kvstore.Store {self.url} chunk_size={self.chunk_size}>"
+
+    @property
+    def shown_url(self) -> str:
+        """The index URL, password hidden (`Stats.url`)."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def reading(self, what: str) -> contextlib.AbstractContextManager[db.SqlAlchemyReads]:
+        """A read transaction for the plain SQL of kvstore.index.reads (StoreReads, ops.accounting)."""
+        return db.reading(self.engine, what)
 
     def _writable(self) -> None:
         if self.readonly:
@@ -252,46 +265,9 @@ class Store:
             row = restore.head_snapshot(conn, name, snapshot)
         return restore.tokens_from_bytes(row.tokens)
 
-    def agent(self, name: str) -> AgentInfo:
-        validate_name(name)
-        for info in self._agent_infos(name):
-            return info
-        raise UnknownAgentError(f"no agent named {name!r} in this store")
-
-    def agents(self) -> list[AgentInfo]:
-        """Every agent, by name."""
-        return self._agent_infos(None)
-
-    def _agent_infos(self, name: str | None) -> list[AgentInfo]:
-        with db.transaction(self.engine, write=False, what="listing agents") as conn:
-            return queries.agent_infos(conn, name)
-
-    def snapshots(self, name: str) -> list[Snapshot]:
-        """An agent's snapshots, oldest first (`bytes_written`: see queries.snapshot_list)."""
-        validate_name(name)
-        with db.transaction(self.engine, write=False, what="listing snapshots") as conn:
-            out = queries.snapshot_list(conn, name)
-        if out is None:
-            raise UnknownAgentError(f"no agent named {name!r} in this store")
-        return out
-
-    def agent_bytes(self, name: str | None = None) -> dict[str, AgentBytes]:
-        """Bytes of each agent's head snapshot (or only `name`'s): unique to it and shared with other agents.
-
-        Deleting an agent and running gc frees its `unique_bytes`; the sum of every agent's `total_bytes`
-        is the store's logical bytes.
-        """
-        from kvstore.ops.accounting import agent_bytes
-
-        return {n: AgentBytes(**b) for n, b in agent_bytes(self, name).items()}
+    # agent(), agents(), snapshots(), agent_bytes() and stats() are inherited from StoreReads.
 
     # -- whole-store operations ------------------------------------------------------------
-
-    def stats(self) -> Stats:
-        """Counts, bytes on disk, and the dedup ratio against one file per agent."""
-        from kvstore.ops.accounting import store_stats
-
-        return store_stats(self)
 
     def fsck(self, *, repair: bool = False, grace: float = 3600.0, progress: Progress = None):
         """Re-hash every blob and check every reference both ways; `repair=True` fixes what it can."""
@@ -431,10 +407,7 @@ def open(
     elif not readonly and root.is_dir() and not os.access(root, os.W_OK):
         raise ReadOnlyStoreError(f"{root} is not writable (a read-only mount?): open it with readonly=True to load")
     if url is None:
-        # On read-only media SQLite cannot make the WAL's -shm file; with no WAL left (a clean close)
-        # nothing can change the file, and immutable=1 opens it without one.
-        frozen = readonly and not os.access(root, os.W_OK) and not (root / f"{INDEX_FILE}-wal").exists()
-        url = sqlite_url(root, readonly=readonly, immutable=frozen)
+        url = folder_url(root, readonly)  # immutable on read-only media with no WAL left
     if not readonly:
         try:
             BlobStore(root, durable=durable).ensure_dirs()

@@ -9,13 +9,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, insert, inspect, select, text
+from sqlalchemy import create_engine, event, insert, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from kvstore._crash import crash_point
-from kvstore.errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError, StoreFullError, StoreLockedError
-from kvstore.index import schema
+from kvstore.errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError
+from kvstore.index import reads, schema
+from kvstore.index.translate import parse_json, translate  # noqa: F401 (db.parse_json: its callers' name)
 
 # Taken by every writer on PostgreSQL: SQLite's BEGIN IMMEDIATE serializes writers, this does the same there.
 PG_WRITE_LOCK = 0x6B7673746F7265  # "kvstore"
@@ -103,79 +104,6 @@ def _postgres_engine(url: str, timeout: float, readonly: bool) -> Engine:
             raise DisconnectionError("connection belongs to another process")
 
     return engine
-
-
-def parse_json(raw: str | None, what: str):
-    """JSON text stored in the index; damage there is an IndexDatabaseError naming the row, never a ValueError."""
-    import json
-
-    try:
-        return json.loads(raw or "{}")
-    except ValueError as e:
-        raise IndexDatabaseError(
-            f"the index holds damaged JSON for {what} ({e}); run `kvstore fsck --repair`"
-        ) from None
-
-
-def translate(e: Exception, what: str) -> Exception:
-    """A StoreError for a database error a caller can act on."""
-    orig = getattr(e, "orig", e)
-    if type(orig).__module__.split(".")[0] in ("psycopg", "psycopg2"):
-        return _translate_postgres(orig, what)
-    msg = str(orig).lower()
-    if "locked" in msg or "busy" in msg or "lock timeout" in msg or "could not obtain lock" in msg:
-        return StoreLockedError(f"the store stayed locked by another writer while {what}: {orig}")
-    if "readonly" in msg or "read-only" in msg or "read only" in msg:
-        return ReadOnlyStoreError(f"the store is read-only; cannot {what}")
-    if "disk is full" in msg or "no space" in msg or "database or disk is full" in msg:
-        return StoreFullError(28, f"disk full while {what}; nothing was committed")
-    if "malformed" in msg or "not a database" in msg or "disk i/o error" in msg or "corrupt" in msg:
-        return IndexDatabaseError(f"the index database is damaged ({orig}); run `kvstore fsck` or restore a backup")
-    return IndexDatabaseError(f"index error while {what}: {orig}")
-
-
-# SQLSTATE classes and codes a caller can act on (PostgreSQL manual, appendix A).
-_PG_LOCKED = {"55P03": "lock_timeout passed", "40P01": "deadlock", "40001": "serialization failure"}
-_PG_READONLY = {"25006", "42501"}  # read-only transaction (a standby, or readonly=True); no privilege
-_PG_DAMAGED = {"XX001", "XX002"}  # data or index corrupted
-
-
-def _translate_postgres(orig: Exception, what: str) -> Exception:
-    """A StoreError for a psycopg error, by SQLSTATE; a failed connection has none and is told by its text."""
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    if state in _PG_LOCKED:
-        return StoreLockedError(
-            f"the store stayed locked by another writer while {what} ({_PG_LOCKED[state]}): "
-            "try again, or open the store with a longer timeout="
-        )
-    if state in _PG_READONLY:
-        return ReadOnlyStoreError(
-            f"the index database refuses writes while {what} ({first}): open the store "
-            "with readonly=True, or use a primary server and a user allowed to write"
-        )
-    if state.startswith("53"):  # insufficient resources: disk full, out of memory, too many connections
-        if state == "53100":
-            return StoreFullError(28, f"the database server's disk is full while {what}; nothing was committed")
-        return IndexDatabaseError(f"the database server is out of resources while {what} ({first}); try again later")
-    if state in _PG_DAMAGED:
-        return IndexDatabaseError(f"the index database is damaged ({first}); restore it from a backup")
-    low = first.lower()
-    if not state and ("connection failed" in low or "could not connect" in low or "could not translate" in low):
-        # libpq's connection errors carry no SQLSTATE: what failed is in the server's FATAL line.
-        if "database" in low and "does not exist" in low:
-            hint = "create the database (createdb NAME, or CREATE DATABASE) or fix the URL"
-        elif "password" in low or "role" in low or "authentication" in low or "pg_hba" in low:
-            hint = "check the user and password in the URL (or ~/.pgpass) and the server's pg_hba.conf"
-        else:
-            hint = "check the URL's host and port, and that the PostgreSQL server is running"
-        return IndexDatabaseError(f"cannot connect to the index database ({first}): {hint}")
-    if state.startswith("08") or state.startswith("57P") or not state and "connection" in low:
-        return IndexDatabaseError(
-            f"lost the connection to the index database while {what} ({first}): "
-            "check the server and try again (a write either committed whole or not at all)"
-        )
-    return IndexDatabaseError(f"index error while {what}: {first}")
 
 
 @contextlib.contextmanager
@@ -309,8 +237,25 @@ def upgrade(engine: Engine) -> dict:
     return {"from": before, "to": schema.SCHEMA_REVISION}
 
 
+class SqlAlchemyReads:
+    """A SQLAlchemy connection as a `reads.Reads`: the plain SQL of kvstore.index.reads on any dialect."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def rows(self, sql: str, params: dict | None = None) -> list[tuple]:
+        return [tuple(r) for r in self.conn.execute(text(sql), params or {})]
+
+
+@contextlib.contextmanager
+def reading(engine: Engine, what: str) -> Iterator[SqlAlchemyReads]:
+    """A read transaction for the queries of kvstore.index.reads."""
+    with transaction(engine, write=False, what=what) as conn:
+        yield SqlAlchemyReads(conn)
+
+
 def read_meta(conn: Connection) -> dict[str, str]:
-    return dict(conn.execute(select(schema.store_meta.c.key, schema.store_meta.c.value)).all())
+    return reads.read_meta(SqlAlchemyReads(conn))
 
 
 def write_meta(conn: Connection, values: dict[str, str]) -> None:

@@ -1,5 +1,8 @@
 """The index's shared rows: every insert and lookup that save, import, fork and the Store facade use.
 
+The read-only listings (agents, snapshots, settings) are plain SQL in kvstore.index.reads, so that read
+commands run them without SQLAlchemy.
+
 Each function runs in the caller's transaction (`db.transaction`); none opens its own. A model,
 agent or snapshot row is written here and nowhere else, so a save, an import and a fork cannot
 disagree on what a row holds.
@@ -10,10 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import delete, func, insert, literal, literal_column, select, text, update
+from sqlalchemy import delete, insert, select, update
 
 from kvstore.index import db, schema
-from kvstore.records import AgentInfo, Snapshot
+from kvstore.index.reads import NAMESPACE_KEY
 
 __all__ = [
     "IN_BATCH",
@@ -36,8 +39,6 @@ __all__ = [
     "set_head",
     "update_agent_meta",
     "delete_agent",
-    "agent_infos",
-    "snapshot_list",
     "drop_blob_rows",
 ]
 
@@ -112,9 +113,8 @@ def relayout_model(conn, fingerprint: str, layout: str) -> None:
 # An archive imported without trust lives under a fingerprint of its own (see ops.archive): its chunk
 # keys never equal a locally computed chunk's, so no local save dedups against its KV and no restore
 # of a local agent returns it. The store records which model each such namespace stands for, so the
-# imported agent itself still loads, and continues, with the real model's fingerprint.
-
-NAMESPACE_KEY = "imported:"
+# imported agent itself still loads, and continues, with the real model's fingerprint (NAMESPACE_KEY + the
+# namespace's fingerprint -> the real one, in store_meta).
 
 
 def record_namespace(conn, salted: str, fingerprint: str) -> None:
@@ -249,97 +249,6 @@ def delete_agent(conn, name: str) -> bool:
     conn.execute(delete(s).where(s.c.agent_id == row_id))
     conn.execute(delete(a).where(a.c.id == row_id))
     return True
-
-
-def _shown_fingerprint(m):
-    """A model's fingerprint as callers know it: an unverified import's namespace shows as its real model."""
-    sm = schema.store_meta
-    real = select(sm.c.value).where(sm.c.key == literal(NAMESPACE_KEY) + m.c.fingerprint).scalar_subquery()
-    return func.coalesce(real, m.c.fingerprint)
-
-
-def agent_infos(conn, name: str | None) -> list[AgentInfo]:
-    """AgentInfo of agent `name`, or of every agent (by name) when `name` is None."""
-    a, s, m = schema.agents, schema.snapshots, schema.models
-    # Correlated count: one index range (ix_snapshots_agent) per agent listed, not a grouped scan of
-    # every snapshot in the store for a single agent's record.
-    count = select(func.count()).where(s.c.agent_id == a.c.id).correlate(a).scalar_subquery()
-    head = s.alias("head")
-    q = (
-        select(
-            a.c.name,
-            _shown_fingerprint(m),
-            a.c.meta,
-            a.c.created,
-            a.c.updated,
-            a.c.head,
-            func.coalesce(head.c.n_tokens, 0),
-            count,
-        )
-        .select_from(a.join(m, a.c.model_id == m.c.id).outerjoin(head, head.c.id == a.c.head))
-        .order_by(a.c.name)
-    )
-    if name is not None:
-        q = q.where(a.c.name == name)
-    return [
-        AgentInfo(
-            name=r[0],
-            model=r[1],
-            meta=db.parse_json(r[2], f"agent {r[0]!r}'s metadata"),
-            created=r[3],
-            updated=r[4],
-            head=r[5],
-            n_tokens=r[6],
-            snapshots=r[7],
-        )
-        for r in conn.execute(q).all()
-    ]
-
-
-# Bytes of the chunks a snapshot was the first retained snapshot (of any agent) to list.
-_FIRST_WRITTEN = text(
-    "(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
-    "WHERE sc.snapshot_id = snapshots.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
-    "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))"
-)
-
-
-def snapshot_list(conn, name: str) -> list[Snapshot] | None:
-    """Agent `name`'s snapshots, oldest first; None if there is no such agent.
-
-    `bytes_written` is the bytes of the chunks a snapshot was the first retained snapshot (of any
-    agent) to list: what its save wrote, as long as older snapshots have not been collected.
-    """
-    a, s, m = schema.agents, schema.snapshots, schema.models
-    if conn.execute(select(a.c.id).where(a.c.name == name)).first() is None:
-        return None
-    rows = conn.execute(
-        select(
-            s.c.id,
-            s.c.n_tokens,
-            s.c.created,
-            s.c.label,
-            s.c.pinned,
-            _shown_fingerprint(m).label("fingerprint"),
-            literal_column(_FIRST_WRITTEN.text).label("written"),
-        )
-        .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-        .where(a.c.name == name)
-        .order_by(s.c.id)
-    ).all()
-    return [
-        Snapshot(
-            id=r.id,
-            agent=name,
-            model=r.fingerprint,
-            n_tokens=r.n_tokens,
-            created=r.created,
-            label=r.label,
-            pinned=bool(r.pinned),
-            bytes_written=int(r.written or 0),
-        )
-        for r in rows
-    ]
 
 
 def drop_blob_rows(conn, blob_id: str) -> tuple[int, list[bytes]]:

@@ -17,7 +17,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0002"  # Alembic head; open() refuses an index stamped with a revision it does not know
+from kvstore.formats import SCHEMA_REVISION  # noqa: F401 (schema.SCHEMA_REVISION: the head these tables are)
 
 metadata = MetaData()
 

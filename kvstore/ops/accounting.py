@@ -1,7 +1,8 @@
 """Read-only views over the index: store statistics, per-agent byte accounting, chunk maps, models.
 
 Everything here is SQL over columns the writers keep (kvstore.index.sizes), a handful of statements per
-call and no blob sizes summed at read time.
+call and no blob sizes summed at read time. It is plain SQL run through `store.reading()`, so it reads a
+`Store` (SQLAlchemy) and a `StoreReader` (sqlite3: the CLI's read commands) alike, without importing SQLAlchemy.
 
 Accounting rules. A chunk's bytes are the bytes of the distinct blobs its layer rows name (the
 layers of a chunk usually share one blob). An agent's bytes are the bytes of the chunks of its
@@ -18,16 +19,15 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, text
-
 from kvstore.errors import UnknownAgentError
 from kvstore.formats import FORMAT_VERSION
-from kvstore.index import db, schema
+from kvstore.index import reads
+from kvstore.index.translate import parse_json
 from kvstore.names import validate_name
 from kvstore.records import Stats
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.store_reads import StoreReads as Store  # a Store or a StoreReader
 
 __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary", "model_names"]
 
@@ -72,28 +72,23 @@ bs(aid, head, lo, hi, hit) AS (
 depth(aid, d) AS (SELECT aid, lo FROM bs WHERE lo = hi)"""
 
 
-def _count(conn, table) -> int:
-    return conn.execute(select(func.count()).select_from(table)).scalar_one()
+COUNTED = ("models", "agents", "snapshots", "chunks", "blobs")
 
 
 def store_stats(store: Store) -> Stats:
     """Counts, bytes on disk (every blob the index records), logical bytes (every head, stored apart)."""
-    with db.transaction(store.engine, write=False, what="reading statistics") as conn:
-        counts = {
-            t.name: _count(conn, t)
-            for t in (schema.models, schema.agents, schema.snapshots, schema.chunks, schema.blobs)
-        }
-        on_disk = conn.execute(select(func.coalesce(func.sum(schema.blobs.c.nbytes), 0))).scalar_one()
-        logical = conn.execute(
-            text(
-                f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
-                "FROM agents a WHERE a.head IS NOT NULL"
-            )
-        ).scalar_one()
+    with store.reading("reading statistics") as conn:
+        counts = {t: reads.scalar(conn, f"SELECT COUNT(*) FROM {t}") for t in COUNTED}
+        on_disk = reads.scalar(conn, "SELECT COALESCE(SUM(nbytes), 0) FROM blobs")
+        logical = reads.scalar(
+            conn,
+            f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
+            "FROM agents a WHERE a.head IS NOT NULL",
+        )
     on_disk, logical = int(on_disk), int(logical)
     return Stats(
         path=str(store.path),
-        url=store.engine.url.render_as_string(hide_password=True),
+        url=store.shown_url,
         format_version=FORMAT_VERSION,
         schema_revision=store.schema_revision,
         chunk_size=store.chunk_size,
@@ -113,17 +108,17 @@ PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two h
 
 def _agent_rows(conn, where: str, params: dict) -> list:
     """(name, head bytes, shared prefix bytes) of the agents `where` selects."""
-    return conn.execute(
-        text(f"""
+    return conn.rows(
+        f"""
         WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
         SELECT a.name, {_prefix_at("a.head", _n_chunks("a.head") + " - 1")}, {_prefix_at("a.head", "depth.d - 1")}
-        FROM agents a JOIN depth ON depth.aid = a.id"""),
+        FROM agents a JOIN depth ON depth.aid = a.id""",
         params,
-    ).all()
+    )
 
 
 def _agent_half(store: Store, k: int) -> list:
-    with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
+    with store.reading("accounting bytes") as conn:
         return _agent_rows(conn, f"AND a.id % 2 = {k}", {})
 
 
@@ -133,9 +128,9 @@ def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, in
     if name is not None:
         validate_name(name)
         where, params = "AND a.name = :name", {"name": name}
-    with db.transaction(store.engine, write=False, what="accounting bytes") as conn:
-        q = select(schema.agents.c.name)
-        names = [n for (n,) in conn.execute(q if name is None else q.where(schema.agents.c.name == name))]
+    with store.reading("accounting bytes") as conn:
+        one = "" if name is None else " WHERE a.name = :name"
+        names = [n for (n,) in conn.rows("SELECT a.name FROM agents a" + one, params)]
         if name is not None and not names:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
         parallel = name is None and len(names) >= PARALLEL_AGENTS and store.io_threads > 1
@@ -160,28 +155,24 @@ def chunk_runs(store: Store, name: str) -> list[dict]:
     names of the other agents whose head lists every chunk of the run.
     """
     validate_name(name)
-    a = schema.agents
-    with db.transaction(store.engine, write=False, what=f"mapping agent {name!r}") as conn:
-        row = conn.execute(select(a.c.id, a.c.head).where(a.c.name == name)).first()
-        if row is None:
+    with store.reading(f"mapping agent {name!r}") as conn:
+        found = conn.rows("SELECT id, head FROM agents a WHERE a.name = :name", {"name": name})
+        if not found:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
-        if row.head is None:
+        agent_id, head = found[0]
+        if head is None:
             return []
-        chunks = conn.execute(
-            text(
-                "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
-                "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq"
-            ),
-            {"head": row.head},
-        ).all()
+        chunks = conn.rows(
+            "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
+            "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq",
+            {"head": head},
+        )
         sharers: dict[int, list[str]] = {}
-        for seq, other in conn.execute(
-            text(
-                "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
-                "JOIN agents o ON o.head = y.snapshot_id "
-                "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name"
-            ),
-            {"head": row.head, "aid": row.id},
+        for seq, other in conn.rows(
+            "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
+            "JOIN agents o ON o.head = y.snapshot_id "
+            "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name",
+            {"head": head, "aid": agent_id},
         ):
             sharers.setdefault(seq, []).append(other)
     runs: list[dict] = []
@@ -210,17 +201,15 @@ def chunk_runs(store: Store, name: str) -> list[dict]:
 
 def model_summary(store: Store) -> list[dict]:
     """Every model the store knows: fingerprint, name hint, layer layout, and its agents, snapshots and chunks."""
-    m, a, s, c = schema.models, schema.agents, schema.snapshots, schema.chunks
-    with db.transaction(store.engine, write=False, what="listing models") as conn:
-        models = conn.execute(
-            select(m.c.id, m.c.fingerprint, m.c.name, m.c.layout, m.c.created).order_by(m.c.created, m.c.id)
-        ).all()
-        per = {}
-        for table, col in ((a, a.c.model_id), (s, s.c.model_id), (c, c.c.model_id)):
-            per[table.name] = dict(conn.execute(select(col, func.count()).group_by(col)).all())
+    with store.reading("listing models") as conn:
+        models = conn.rows("SELECT id, fingerprint, name, layout, created FROM models ORDER BY created, id")
+        per = {
+            table: dict(conn.rows(f"SELECT model_id, COUNT(*) FROM {table} GROUP BY model_id"))
+            for table in ("agents", "snapshots", "chunks")
+        }
     out = []
     for mid, fp, hint, layout, created in models:
-        slots = db.parse_json(layout, f"model {fp}'s cache layout").get("slots", [])
+        slots = parse_json(layout, f"model {fp}'s cache layout").get("slots", [])
         kinds: dict[str, int] = {}
         for cls, _kind, _params in slots:
             kinds[cls] = kinds.get(cls, 0) + 1
@@ -241,6 +230,5 @@ def model_summary(store: Store) -> list[dict]:
 
 def model_names(store: Store) -> dict[str, str | None]:
     """fingerprint -> the model's name hint (None when the store was never told one): one small query."""
-    m = schema.models
-    with db.transaction(store.engine, write=False, what="listing models") as conn:
-        return dict(conn.execute(select(m.c.fingerprint, m.c.name)).all())
+    with store.reading("listing models") as conn:
+        return dict(conn.rows("SELECT fingerprint, name FROM models"))
