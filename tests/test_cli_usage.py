@@ -70,6 +70,19 @@ def test_import_help_and_info_load_neither_mlx_lm_nor_transformers(small_store):
     assert "sqlalchemy" not in _imported_after(_cli_code("--help"))
 
 
+# What a read command on a folder store must not import: SQLAlchemy alone takes longer than the rest of the
+# command (issue 17: start-up under 0.3 s, benchmarks/bench_cli.py --startup-only); MLX and numpy are not needed.
+NOT_FOR_READS = {"sqlalchemy", "alembic", "mlx", "mlx_lm", "transformers", "numpy"}
+
+
+def test_read_commands_on_a_folder_store_load_neither_sqlalchemy_nor_mlx(small_store):
+    """info, agents, show, models, du (and --version) read a folder store's index through sqlite3 (StoreReader)."""
+    for args in (["--version"], ["info"], ["agents"], ["show", "tech"], ["models"], ["du"], ["agents", "--json"]):
+        loaded = _imported_after(_cli_code("--store", str(small_store), *args))
+        assert "sqlite3" in loaded or args == ["--version"], args
+        assert not loaded & NOT_FOR_READS, (args, loaded & NOT_FOR_READS)
+
+
 def test_options_go_before_or_after_the_command(small_store):
     before = run(["--store", str(small_store), "info", "--json"]).stdout
     after = run(["info", "--store", str(small_store), "--json"]).stdout

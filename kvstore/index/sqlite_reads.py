@@ -58,8 +58,11 @@ class SqliteIndex:
         self.meta: dict[str, str] = {}
 
     @classmethod
-    def open(cls, root: str | os.PathLike, timeout: float = 30.0) -> SqliteIndex | None:
-        """The index of folder store `root` when it is ready to read as it is, else None (open it in full)."""
+    def open(cls, root: str | os.PathLike, timeout: float = 30.0, readonly: bool | None = None) -> SqliteIndex | None:
+        """The index of folder store `root` when it is ready to read as it is, else None (open it in full).
+
+        `readonly`: as kvstore.open() would take it (None: when the folder is not writable).
+        """
         root = Path(root).expanduser()
         index = index_path(root)
         if "?" in str(index.resolve()) or "%" in str(index.resolve()):
@@ -67,7 +70,9 @@ class SqliteIndex:
         try:
             if not index.is_file() or index.stat().st_size == 0:
                 return None
-            found = cls(root, readonly=not os.access(root, os.W_OK), timeout=timeout)
+            if readonly is None:
+                readonly = not os.access(root, os.W_OK)
+            found = cls(root, readonly=readonly, timeout=timeout)
         except (OSError, sqlite3.Error):
             return None
         try:
