@@ -37,7 +37,11 @@ def build(root: Path) -> None:
         prefix = tokens(3 * C, seed=1)
         for name, seed in (("tech", 2), ("biz", 3), ("ops", 4)):
             t = prefix + tokens(C + 5, seed=seed)
-            meta = {"kvstore_agent": 1, "system_prompt": f"you are {name}", "messages": [{"role": "user", "content": "hi"}]}
+            meta = {
+                "kvstore_agent": 1,
+                "system_prompt": f"you are {name}",
+                "messages": [{"role": "user", "content": "hi"}],
+            }
             store.save(name, make_cache("kv", len(t), seed=seed), t, model=MODEL, meta=meta)
         longer = prefix + tokens(C + 5, seed=2) + tokens(2 * C, seed=5)
         store.save("tech", make_cache("kv", len(longer), seed=5), longer, model=MODEL, label="v2", pinned=True)
