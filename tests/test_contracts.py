@@ -203,7 +203,7 @@ def test_a_save_whose_reused_chunks_a_gc_removed_meanwhile_writes_them_again(sto
     prefix = tokens(2 * C, seed=40)
     store.save("a", make_cache("kv", 2 * C, mx.float16, seed=40), prefix, model=FP)
     longer = make_cache("kv", 3 * C, mx.float16, seed=40)  # same generator: its first 2 chunks equal a's
-    real, calls = save_mod.encode_pieces, []
+    real, calls = save_mod.start_writes, []
 
     def gc_in_between(*args, **kwargs):
         if not calls:
@@ -212,7 +212,7 @@ def test_a_save_whose_reused_chunks_a_gc_removed_meanwhile_writes_them_again(sto
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(save_mod, "encode_pieces", gc_in_between)
+    monkeypatch.setattr(save_mod, "start_writes", gc_in_between)
     store.save("b", longer, prefix + tokens(C, seed=41), model=FP)
     assert len(calls) == 2  # planned twice
     loaded, _ = store.load("b", model=FP)

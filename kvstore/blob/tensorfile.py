@@ -69,6 +69,11 @@ def st_dtype(a: mx.array) -> str:
     return _TO_ST[a.dtype]
 
 
+def numpy_dtype(st: str):
+    """The numpy dtype that holds a safetensors dtype's bytes (bf16 as uint16)."""
+    return _NP[st]
+
+
 def host(a: mx.array) -> HostArray:
     """A zero-copy numpy view of an evaluated mlx array (bf16 viewed as uint16)."""
     if a.dtype not in _TO_ST:

@@ -14,7 +14,6 @@ import mlx.core as mx
 import numpy as np
 
 from kvstore.blob import tensorfile
-from kvstore.blob.iopool import CORES
 from kvstore.blob.local import hash_buffers
 from kvstore.cache import codec
 from kvstore.cache.fingerprint import model_name
@@ -46,30 +45,34 @@ class Piece:
     meta: dict | None = None
 
 
-def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], dict[str, str], int]:
-    """A positional leaf's arrays (bf16 viewed as uint16, which numpy can hold), their safetensors
-    dtypes, and the position of their index 0; evaluated by the caller, all layers at once."""
+def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], int]:
+    """A positional leaf's arrays by name, and the position of their index 0."""
     if slot.cls == "QuantizedKVCache":
         named = {f"{p}{i}": part for p, parts in (("k", leaf.keys), ("v", leaf.values)) for i, part in enumerate(parts)}
-        lo = 0
-    elif slot.kind == "rot":
+        return named, 0
+    if slot.kind == "rot":
         keys, values = codec._rotating_arrays(leaf)
-        named, lo = {"k": keys, "v": values}, codec.held_range(slot, leaf)[0]
-    else:
-        named, lo = {"k": leaf.keys, "v": leaf.values}, 0
-    dtypes = {n: tensorfile.st_dtype(a) for n, a in named.items()}
-    return {n: a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for n, a in named.items()}, dtypes, lo
+        return {"k": keys, "v": values}, codec.held_range(slot, leaf)[0]
+    return {"k": leaf.keys, "v": leaf.values}, 0
+
+
+def _host(a: mx.array) -> tensorfile.HostArray:
+    """A zero-copy numpy view of an evaluated array: through the buffer protocol, without the uint16
+    view of bf16 that numpy needs otherwise (an MLX op, and an evaluation, per array)."""
+    try:
+        flat = memoryview(a).cast("B")
+    except (BufferError, TypeError):  # not contiguous (a view MLX made without copying): the slower way
+        return tensorfile.host(a)
+    dtype = tensorfile.st_dtype(a)
+    return tensorfile.HostArray(np.frombuffer(flat, dtype=tensorfile.numpy_dtype(dtype)).reshape(a.shape), dtype)
 
 
 def _host_arrays(slots, leaves, wanted: list[int]) -> dict[int, tuple[dict[str, tensorfile.HostArray], int]]:
     """Zero-copy host views of the wanted slots' arrays after one evaluation for all of them (an
     evaluation per layer costs ~0.07 ms, a millisecond or two of a small save)."""
     views = {s: _host_views(slots[s], leaves[s]) for s in wanted}
-    mx.eval([a for named, _d, _lo in views.values() for a in named.values()])
-    return {
-        s: ({n: tensorfile.HostArray(np.asarray(a), dtypes[n]) for n, a in named.items()}, lo)
-        for s, (named, dtypes, lo) in views.items()
-    }
+    mx.eval([a for named, _lo in views.values() for a in named.values()])
+    return {s: ({n: _host(a) for n, a in named.items()}, lo) for s, (named, lo) in views.items()}
 
 
 def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
@@ -153,28 +156,30 @@ class _Blob:
     nbytes: int
 
 
-def encode_pieces(store: Store, pieces: list[Piece], slots, model: str) -> list[_Blob]:
-    """Every group of pieces encoded and hashed, a blob each (CPU work: one thread per core)."""
-    if not pieces:
-        return []
-    mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
-
-    def encode(group):
-        buffers = _encode(group, slots, model)
-        return _Blob(group, buffers, hash_buffers(buffers), sum(len(b) for b in buffers))
-
-    return store.io.map(encode, _group(pieces, slots), width=CORES)
+def _encoded(group: list[Piece], slots, model: str) -> _Blob:
+    buffers = _encode(group, slots, model)  # blobs name the model that computed them
+    return _Blob(group, buffers, hash_buffers(buffers), sum(len(b) for b in buffers))
 
 
-def start_writes(store: Store, blobs: list[_Blob]) -> Future:
-    """Put the blobs on the store's I/O threads; the future holds, per blob, whether it was written
-    (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
+def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[_Blob], Future]:
+    """Encode, hash and write the pieces' blobs on the store's I/O threads; returns the blobs and a
+    future holding, per blob, whether it was written (False for a dedup hit). The caller meanwhile
+    fills in its transaction (see _commit).
 
-    Returns once every blob's bytes are copied to the kernel (or its put ended otherwise): the
-    fsyncs that follow need no GIL, the copies' Python does, and a caller running SQL from the start
-    held them off by a millisecond or two.
+    Each thread encodes a blob and writes it at once: the first bytes reach the kernel while other
+    blobs are still being hashed, not after all of them (a small save's encoding takes about as long
+    as its writes). Returns once every blob's bytes are copied to the kernel (or its put ended
+    otherwise): the fsyncs that follow need no GIL, the copies' Python does, and a caller running
+    SQL from the start held them off by a millisecond or two.
     """
-    left, lock, copied = [len(blobs)], threading.Lock(), threading.Event()
+    groups = _group(pieces, slots)
+    blobs: list = [None] * len(groups)
+    if not groups:
+        done: Future = Future()
+        done.set_result([])
+        return [], done
+    mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
+    left, lock, copied = [len(groups)], threading.Lock(), threading.Event()
 
     def one_copied() -> None:
         with lock:
@@ -182,18 +187,21 @@ def start_writes(store: Store, blobs: list[_Blob]) -> Future:
             if left[0] <= 0:
                 copied.set()
 
-    def put(b: _Blob) -> bool:
+    def put(i: int) -> bool:
+        b = blobs[i] = _encoded(groups[i], slots, model)
         written = store.blobs.put(b.buffers, b.blob_id, copied=one_copied)[2]
         if not written:  # a dedup hit copies nothing
             one_copied()
         return written
 
-    pending = store.io.start(put, blobs)
+    pending = store.io.start(put, range(len(groups)))
     # Also when the writes end early: a put that fails, and those the pool then no longer starts,
     # never report their bytes copied.
     pending.add_done_callback(lambda _f: copied.set())
     copied.wait()
-    return pending
+    if pending.done():
+        pending.result()  # a failed encode or put raises here, before the caller relies on any blob
+    return blobs, pending
 
 
 def finish_writes(store: Store, blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
@@ -271,13 +279,13 @@ def save(
             if locked:  # this attempt cannot be undone by a gc
                 pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
                 _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-                blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
-                return _commit(store, plan, have, blobs, start_writes(store, blobs), conn, stale_layout=stale)
+                blobs, pending = start_writes(store, pieces, slots, model)
+                return _commit(store, plan, have, blobs, pending, conn, stale_layout=stale)
         pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
         _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-        blobs = encode_pieces(store, pieces, slots, model)  # blobs name the model that computed them
+        blobs, pending = start_writes(store, pieces, slots, model)
         try:
-            return _commit(store, plan, have, blobs, start_writes(store, blobs), stale_layout=stale)
+            return _commit(store, plan, have, blobs, pending, stale_layout=stale)
         except _Retry:
             continue
     raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
