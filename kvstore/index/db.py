@@ -9,13 +9,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, insert, inspect, text
+from sqlalchemy import bindparam, create_engine, event, insert, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from kvstore._crash import crash_point
 from kvstore.errors import IndexDatabaseError, ReadOnlyStoreError, SchemaTooNewError
 from kvstore.index import reads, schema
+from kvstore.index.prepared import Prepared
 from kvstore.index.translate import parse_json, translate  # noqa: F401 (db.parse_json: its callers' name)
 
 # Taken by every writer on PostgreSQL: SQLite's BEGIN IMMEDIATE serializes writers, this does the same there.
@@ -266,13 +267,28 @@ def now() -> float:
     return time.time()
 
 
+def _insert_ignoring(table, columns: tuple[str, ...]) -> Prepared:
+    """INSERT ... ON CONFLICT DO NOTHING of these columns of `table`, in the dialect's words."""
+
+    def build(dialect):
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(table).values({c: bindparam(c) for c in columns}).on_conflict_do_nothing()
+
+    return Prepared(build)
+
+
+_INSERT_IGNORING: dict[tuple[str, tuple[str, ...]], Prepared] = {}
+
+
 def insert_ignore(conn: Connection, table, rows: list[dict]) -> None:
-    """Insert rows, skipping those whose primary key exists (dedup: another save got there first)."""
+    """Insert rows, skipping those whose primary key exists (dedup: another save got there first).
+    Every row names the same columns."""
     if not rows:
         return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    key = (table.name, tuple(rows[0]))
+    prepared = _INSERT_IGNORING.get(key) or _INSERT_IGNORING.setdefault(key, _insert_ignoring(table, key[1]))
     for i in range(0, len(rows), 500):
-        conn.execute(dialect_insert(table).on_conflict_do_nothing(), rows[i : i + 500])
+        prepared.many(conn, rows[i : i + 500])

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from kvstore.index import db, schema
+from kvstore.index.prepared import Prepared
 from kvstore.index.reads import NAMESPACE_KEY
 
 __all__ = [
@@ -68,10 +69,23 @@ def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]
 # -- models ----------------------------------------------------------------------------------------
 
 
+_m = schema.models
+_MODEL_LAYOUT = Prepared(lambda _d: select(_m.c.layout).where(_m.c.fingerprint == bindparam("fp")))
+_MODEL_ID_NAME = Prepared(lambda _d: select(_m.c.id, _m.c.name).where(_m.c.fingerprint == bindparam("fp")))
+_INSERT_MODEL = Prepared(
+    lambda _d: (
+        insert(_m)
+        .values(
+            fingerprint=bindparam("fp"), name=bindparam("name"), layout=bindparam("layout"), created=bindparam("now")
+        )
+        .returning(_m.c.id)
+    )
+)
+
+
 def model_layout(conn, fingerprint: str) -> str | None:
     """The cache layout (JSON text) recorded for a model fingerprint, or None for an unknown model."""
-    m = schema.models
-    return conn.execute(select(m.c.layout).where(m.c.fingerprint == fingerprint)).scalar()
+    return _MODEL_LAYOUT.scalar(conn, fp=fingerprint)
 
 
 def model_row(conn, fingerprint: str, layout: str, now: float, name: str | None = None) -> int:
@@ -80,14 +94,13 @@ def model_row(conn, fingerprint: str, layout: str, now: float, name: str | None 
     A model first saved by its bare fingerprint gets `name` once a caller knows it.
     """
     m = schema.models
-    row = conn.execute(select(m.c.id, m.c.name).where(m.c.fingerprint == fingerprint)).first()
+    row = _MODEL_ID_NAME.first(conn, fp=fingerprint)
     if row is not None:
-        if row.name is None and name is not None:
-            conn.execute(update(m).where(m.c.id == row.id).values(name=name))
-        return row.id
-    return conn.execute(
-        insert(m).values(fingerprint=fingerprint, name=name, layout=layout, created=now).returning(m.c.id)
-    ).scalar_one()
+        row_id, known = row
+        if known is None and name is not None:
+            conn.execute(update(m).where(m.c.id == row_id).values(name=name))
+        return row_id
+    return _INSERT_MODEL.scalar(conn, fp=fingerprint, name=name, layout=layout, now=now)
 
 
 def model_in_use(conn, fingerprint: str) -> bool:
@@ -122,10 +135,13 @@ def record_namespace(conn, salted: str, fingerprint: str) -> None:
     db.insert_ignore(conn, schema.store_meta, [{"key": NAMESPACE_KEY + salted, "value": fingerprint}])
 
 
+_sm = schema.store_meta
+_META_VALUE = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
+
+
 def namespace_model(conn, salted: str) -> str | None:
     """The model an imported namespace stands for; None for an ordinary fingerprint."""
-    sm = schema.store_meta
-    return conn.execute(select(sm.c.value).where(sm.c.key == NAMESPACE_KEY + salted)).scalar()
+    return _META_VALUE.scalar(conn, key=NAMESPACE_KEY + salted)
 
 
 def agent_namespace(conn, name: str, fingerprint: str) -> str:
@@ -146,28 +162,72 @@ def agent_row(conn, name: str):
     return conn.execute(select(a).where(a.c.name == name)).first()
 
 
+_a, _s, _sc = schema.agents, schema.snapshots, schema.snapshot_chunks
+_AGENT_FINGERPRINT = Prepared(
+    lambda _d: (
+        select(_m.c.fingerprint)
+        .select_from(_a.join(_m, _a.c.model_id == _m.c.id))
+        .where(_a.c.name == bindparam("name"))
+    )
+)
+_AGENT_ID = Prepared(lambda _d: select(_a.c.id).where(_a.c.name == bindparam("name")))
+_INSERT_AGENT = Prepared(
+    lambda _d: (
+        insert(_a)
+        .values(
+            name=bindparam("name"),
+            model_id=bindparam("model_id"),
+            meta=bindparam("meta"),
+            created=bindparam("created"),
+            updated=bindparam("updated"),
+        )
+        .returning(_a.c.id)
+    )
+)
+_INSERT_SNAPSHOT = Prepared(
+    lambda _d: (
+        insert(_s)
+        .values(
+            agent_id=bindparam("agent_id"),
+            model_id=bindparam("model_id"),
+            n_tokens=bindparam("n_tokens"),
+            tokens=bindparam("tokens"),
+            created=bindparam("created"),
+            label=bindparam("label"),
+            pinned=bindparam("pinned"),
+        )
+        .returning(_s.c.id)
+    )
+)
+_INSERT_SNAPSHOT_CHUNK = Prepared(
+    lambda _d: insert(_sc).values(
+        snapshot_id=bindparam("snapshot_id"), seq=bindparam("seq"), chunk_key=bindparam("chunk_key")
+    )
+)
+_SET_HEAD = Prepared(lambda _d: update(_a).where(_a.c.id == bindparam("agent_id")).values(head=bindparam("head")))
+_SET_HEAD_UPDATED = Prepared(
+    lambda _d: (
+        update(_a).where(_a.c.id == bindparam("agent_id")).values(head=bindparam("head"), updated=bindparam("updated"))
+    )
+)
+
+
 def agent_fingerprint(conn, name: str) -> str | None:
     """The model fingerprint agent `name` belongs to, or None if there is no such agent."""
-    a, m = schema.agents, schema.models
-    return conn.execute(
-        select(m.c.fingerprint).select_from(a.join(m, a.c.model_id == m.c.id)).where(a.c.name == name)
-    ).scalar()
+    return _AGENT_FINGERPRINT.scalar(conn, name=name)
 
 
 def insert_agent(conn, name: str, model_row_id: int, meta_json: str, created: float, updated: float) -> int:
     """A new agent row (no head yet: `set_head` once its snapshots are in); returns its id."""
-    a = schema.agents
-    return conn.execute(
-        insert(a)
-        .values(name=name, model_id=model_row_id, meta=meta_json, created=created, updated=updated)
-        .returning(a.c.id)
-    ).scalar_one()
+    return _INSERT_AGENT.scalar(
+        conn, name=name, model_id=model_row_id, meta=meta_json, created=created, updated=updated
+    )
 
 
 def save_agent_row(conn, name: str, model_row_id: int, meta_json: str | None, now: float) -> int:
     """The id of agent `name` for a save: created if new; its metadata replaced if `meta_json` is given."""
     a = schema.agents
-    row_id = conn.execute(select(a.c.id).where(a.c.name == name)).scalar()
+    row_id = _AGENT_ID.scalar(conn, name=name)
     if row_id is None:
         return insert_agent(conn, name, model_row_id, meta_json or "{}", now, now)
     if meta_json is not None:
@@ -187,22 +247,17 @@ def insert_snapshot(
     pinned: bool,
 ) -> int:
     """A snapshot row and its chunk list (`keys` in order); returns the snapshot's id."""
-    s, sc = schema.snapshots, schema.snapshot_chunks
-    snap_id = conn.execute(
-        insert(s)
-        .values(
-            agent_id=agent_id,
-            model_id=model_row_id,
-            n_tokens=int(n_tokens),
-            tokens=tokens,
-            created=created,
-            label=label,
-            pinned=bool(pinned),
-        )
-        .returning(s.c.id)
-    ).scalar_one()
-    if keys:
-        conn.execute(insert(sc), [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+    snap_id = _INSERT_SNAPSHOT.scalar(
+        conn,
+        agent_id=agent_id,
+        model_id=model_row_id,
+        n_tokens=int(n_tokens),
+        tokens=tokens,
+        created=created,
+        label=label,
+        pinned=bool(pinned),
+    )
+    _INSERT_SNAPSHOT_CHUNK.many(conn, [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
     return snap_id
 
 
@@ -223,9 +278,10 @@ def snapshot_keys(conn, snapshot_id: int) -> list[bytes]:
 
 def set_head(conn, agent_id: int, snapshot_id: int, updated: float | None = None) -> None:
     """Make `snapshot_id` the agent's head (and stamp `updated`, if given)."""
-    a = schema.agents
-    values = {"head": snapshot_id} if updated is None else {"head": snapshot_id, "updated": updated}
-    conn.execute(update(a).where(a.c.id == agent_id).values(**values))
+    if updated is None:
+        _SET_HEAD.many(conn, [{"agent_id": agent_id, "head": snapshot_id}])
+    else:
+        _SET_HEAD_UPDATED.many(conn, [{"agent_id": agent_id, "head": snapshot_id, "updated": updated}])
 
 
 def update_agent_meta(conn, name: str, meta: dict, now: float) -> bool:

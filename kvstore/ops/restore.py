@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import mlx.core as mx
 import xxhash
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from kvstore.blob import tensorfile
 from kvstore.blob.scatter import ScatterReader
@@ -22,6 +22,7 @@ from kvstore.errors import (
     UnknownAgentError,
 )
 from kvstore.index import db, queries, schema
+from kvstore.index.prepared import Prepared
 from kvstore.index.queries import batches
 from kvstore.records import Match
 
@@ -41,15 +42,20 @@ def _layers(conn, keys: list[bytes]) -> dict[tuple[bytes, int], tuple[str, int]]
     return out
 
 
+_sc, _cl = schema.snapshot_chunks, schema.chunk_layers
+_SNAPSHOT_LAYERS = Prepared(
+    lambda _d: (
+        select(_sc.c.seq, _sc.c.chunk_key, _cl.c.layer, _cl.c.blob_id, _cl.c.first)
+        .select_from(_sc.outerjoin(_cl, _cl.c.chunk_key == _sc.c.chunk_key))
+        .where(_sc.c.snapshot_id == bindparam("snapshot_id"))
+        .order_by(_sc.c.seq)
+    )
+)
+
+
 def _snapshot_layers(conn, snapshot_id: int) -> tuple[list[bytes], dict[tuple[bytes, int], tuple[str, int]]]:
     """A snapshot's chunk keys in order, and _layers() of them, in one query (a load's largest)."""
-    sc, cl = schema.snapshot_chunks, schema.chunk_layers
-    rows = conn.execute(
-        select(sc.c.seq, sc.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first)
-        .select_from(sc.outerjoin(cl, cl.c.chunk_key == sc.c.chunk_key))
-        .where(sc.c.snapshot_id == snapshot_id)
-        .order_by(sc.c.seq)
-    ).all()
+    rows = _SNAPSHOT_LAYERS.rows(conn, snapshot_id=snapshot_id)
     keys: dict[int, bytes] = {}
     layers = {}
     for seq, key, layer, blob_id, first in rows:
@@ -163,25 +169,45 @@ def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | No
     return codec.build(tree, leaves)
 
 
-def head_snapshot(conn, name: str, snapshot_id: int | None = None):
+class _SnapshotRow(NamedTuple):
+    id: int
+    n_tokens: int
+    tokens: bytes
+    fingerprint: str
+    layout: str
+    name: str
+    meta: str
+
+
+def _snapshot_query(which):
     a, s, m = schema.agents, schema.snapshots, schema.models
-    q = (
-        select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, m.c.layout, a.c.name, a.c.meta)
-        .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-        .where(a.c.name == name)
-    )
-    q = q.where(s.c.id == snapshot_id) if snapshot_id is not None else q.where(s.c.id == a.c.head)
-    row = conn.execute(q).first()
-    if row is None:
-        exists = conn.execute(select(a.c.id).where(a.c.name == name)).first()
-        if exists is None:
-            raise UnknownAgentError(f"no agent named {name!r} in this store")
-        raise UnknownAgentError(
-            f"agent {name!r} has no snapshot {snapshot_id}"
-            if snapshot_id is not None
-            else f"agent {name!r} has no saved snapshot"
+    return Prepared(
+        lambda _d: (
+            select(s.c.id, s.c.n_tokens, s.c.tokens, m.c.fingerprint, m.c.layout, a.c.name, a.c.meta)
+            .select_from(a.join(s, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
+            .where(a.c.name == bindparam("name"), which(s, a))
         )
-    return row
+    )
+
+
+_HEAD_SNAPSHOT = _snapshot_query(lambda s, a: s.c.id == a.c.head)
+_NAMED_SNAPSHOT = _snapshot_query(lambda s, _a: s.c.id == bindparam("snapshot_id"))
+
+
+def head_snapshot(conn, name: str, snapshot_id: int | None = None) -> _SnapshotRow:
+    if snapshot_id is None:
+        row = _HEAD_SNAPSHOT.first(conn, name=name)
+    else:
+        row = _NAMED_SNAPSHOT.first(conn, name=name, snapshot_id=snapshot_id)
+    if row is not None:
+        return _SnapshotRow(*row)
+    if queries.agent_row(conn, name) is None:
+        raise UnknownAgentError(f"no agent named {name!r} in this store")
+    raise UnknownAgentError(
+        f"agent {name!r} has no snapshot {snapshot_id}"
+        if snapshot_id is not None
+        else f"agent {name!r} has no saved snapshot"
+    )
 
 
 def head(store: Store, name: str) -> tuple[str, dict, list[int]]:
