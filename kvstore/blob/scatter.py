@@ -30,8 +30,7 @@ from kvstore.blob.tensorfile import (
     mlx_dtype,
     parse_header,
     read_into,
-    st_dtype,
-    writable_view,
+    st_name,
 )
 from kvstore.errors import CorruptBlobError, StoreError
 
@@ -261,14 +260,13 @@ class ScatterReader:
                 phase = plan.layout.page_phase[(slot, name)]
                 phases.append(phase if phase % specs[-1][1].size == 0 else None)
                 lifetimes.append(slot in self.windowed)
-        arrays = uninit.empty(specs, phases, lifetimes)
-        for (slot, name), a in zip(names, arrays):
-            self.arrays.setdefault(slot, {})[name] = a
-            view, flat = writable_view(a)
+        self.placed = dict(zip(names, uninit.place(specs, phases, lifetimes)))
+        for (slot, name), (_shape, dtype) in zip(names, specs):
+            view, flat = self.placed[(slot, name)].host, self.placed[(slot, name)].flat
             self.dests[(slot, name)] = _Dest(
                 view,
                 flat,
-                st_dtype(a),
+                st_name(dtype),
                 tuple(view.shape[:-2]),
                 view.shape[-1],
                 math.prod(view.shape[:-2]) * view.shape[-1] * view.itemsize,
@@ -286,13 +284,14 @@ class ScatterReader:
                 landed[key] = landed.get(key, 0) + n
         # Every position must have come from a blob: the plan guarantees it, and this keeps a wrong
         # plan from ever handing out a cache with zeros where KV should be.
-        for slot, arrays in self.arrays.items():
-            for name in arrays:
-                if landed.get((slot, name), 0) != self.spans[slot][1]:
-                    raise StoreError(
-                        f"restore of layer {slot} filled {landed.get((slot, name), 0)} of "
-                        f"{self.spans[slot][1]} positions; nothing was returned"
-                    )
+        for slot, name in self.placed:
+            if landed.get((slot, name), 0) != self.spans[slot][1]:
+                raise StoreError(
+                    f"restore of layer {slot} filled {landed.get((slot, name), 0)} of "
+                    f"{self.spans[slot][1]} positions; nothing was returned"
+                )
+        for (slot, name), placed in self.placed.items():
+            self.arrays.setdefault(slot, {})[name] = placed.array()
         return self.arrays
 
     def _fill(self, plan: _Planned) -> dict[tuple[int, str], int]:

@@ -62,11 +62,16 @@ class HostArray:
     dtype: str
 
 
+def st_name(dtype: mx.Dtype) -> str:
+    """The safetensors name of an mlx dtype."""
+    if dtype not in _TO_ST:
+        raise TypeError(f"dtype {dtype} cannot be stored")
+    return _TO_ST[dtype]
+
+
 def st_dtype(a: mx.array) -> str:
     """The safetensors name of an array's dtype."""
-    if a.dtype not in _TO_ST:
-        raise TypeError(f"dtype {a.dtype} cannot be stored")
-    return _TO_ST[a.dtype]
+    return st_name(a.dtype)
 
 
 def numpy_dtype(st: str):
