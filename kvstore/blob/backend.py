@@ -41,11 +41,11 @@ class BlobBackend(ABC):
 
     @abstractmethod
     def put(
-        self, buffers: list, blob_id: str | None = None, copied: Callable[[], None] | None = None
+        self, buffers: list, blob_id: str | None = None, copied: Callable[[str], None] | None = None
     ) -> tuple[str, int, bool]:
         """Store the blob made of `buffers` durably; (id, bytes, written) — written is False for a dedup hit.
 
-        `copied` is called once the bytes have left the caller's buffers (if it writes).
+        `copied` is called with the blob's id once the bytes have left the caller's buffers (if it writes).
         """
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:

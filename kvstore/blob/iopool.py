@@ -83,6 +83,17 @@ class IoPool:
             return done
         return self._executor().submit(self.map, fn, items, width)
 
+    def submit(self, fn: Callable[..., R], *args) -> Future:
+        """fn(*args) on one of the pool's threads (here, at once, with a single thread)."""
+        if self.threads <= 1:
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - the future reports it, as a pool thread's would
+                done.set_exception(e)
+            return done
+        return self._executor().submit(fn, *args)
+
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             # A forked child inherits the pool object but not its threads: it starts its own.
@@ -96,3 +107,27 @@ class IoPool:
             pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():
             pool.shutdown(wait=True)
+
+
+def gather(futures: list[Future]) -> Future:
+    """A future of every result of `futures`, in order; done when all are, with the first failure's error."""
+    out: Future = Future()
+    if not futures:
+        out.set_result([])
+        return out
+    left, lock = [len(futures)], threading.Lock()
+
+    def one_done(_f: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+        else:
+            out.set_result([f.result() for f in futures])
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    return out

@@ -165,25 +165,24 @@ class BlobStore(BlobBackend):
     # -- writing ---------------------------------------------------------------------------
 
     def put(
-        self, buffers: list[bytes | memoryview], blob_id: str | None = None, copied: Callable[[], None] | None = None
+        self, buffers: list[bytes | memoryview], blob_id: str | None = None, copied: Callable[[str], None] | None = None
     ) -> tuple[str, int, bool]:
         """Store a blob made of `buffers`; return (id, bytes, written) where written is False for a dedup hit.
 
-        `copied` is called once the bytes are in the kernel's hands (before the fsync), if it writes.
+        `copied` is called with the blob's id once the bytes are in the kernel's hands (before the fsync),
+        if it writes.
+
+        Without `blob_id` the bytes are hashed as they are copied, each piece while it is still in
+        the CPU's cache (a separate pass before the copy read every byte from memory twice), and a
+        blob found to exist already is dropped after its copy.
 
         An existing file with the same name is re-hashed, not trusted: a damaged one is replaced.
         A blob it writes is durable when this returns (file, then its shard folder after the rename).
         For a dedup hit the caller fsyncs the shard folder (`sync_dirs`) before committing: another
         process may have renamed the file there without having synced the folder yet.
         """
-        blob_id = blob_id or hash_buffers(buffers)
         nbytes = sum(len(b) for b in buffers)
-        target = self.path(blob_id)
-        if target.exists() and self.verify(blob_id):
-            try:
-                os.utime(target)  # fresh mtime keeps a concurrent gc's grace period away from it
-            except OSError:
-                pass
+        if blob_id is not None and self._existing(blob_id):
             return blob_id, nbytes, False
         from kvstore.blob.tensorfile import write_all  # here: read-only commands use this module without MLX
 
@@ -194,10 +193,17 @@ class BlobStore(BlobBackend):
                 try:
                     # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
                     fcntl.flock(fd, fcntl.LOCK_EX)
+                    hasher = xxhash.xxh3_128() if blob_id is None else None
                     with _COPY_LOCK:
-                        write_all(fd, buffers)
+                        write_all(fd, buffers, hasher)
+                    if hasher is not None:
+                        blob_id = hasher.hexdigest()
+                        if self._existing(blob_id):
+                            tmp.unlink()
+                            return blob_id, nbytes, False
+                    target = self.path(blob_id)
                     if copied is not None:
-                        copied()
+                        copied(blob_id)
                         copied = None  # once, also when a retry writes the bytes again
                     if self.durable:
                         fsync_file(fd)
@@ -221,8 +227,19 @@ class BlobStore(BlobBackend):
                 # A gc (grace=0) can take the temp file between its creation and the lock: write it again.
                 if isinstance(e, FileNotFoundError) and attempt < 2:
                     continue
-                raise _translate_os_error(e, f"writing blob {blob_id}") from e
+                raise _translate_os_error(e, f"writing blob {blob_id}" if blob_id else "writing a blob") from e
         raise AssertionError("unreachable")
+
+    def _existing(self, blob_id: str) -> bool:
+        """Whether a good copy of the blob is stored (re-hashed, not trusted); its mtime is refreshed."""
+        target = self.path(blob_id)
+        if not (target.exists() and self.verify(blob_id)):
+            return False
+        try:
+            os.utime(target)  # fresh mtime keeps a concurrent gc's grace period away from it
+        except OSError:
+            pass
+        return True
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
         """fsync each shard directory once: renames into them (by any process) become durable."""

@@ -249,18 +249,18 @@ class S3Blobs(BlobBackend):
     # -- writing ---------------------------------------------------------------------------
 
     def put(
-        self, buffers: list, blob_id: str | None = None, copied: Callable[[], None] | None = None
+        self, buffers: list, blob_id: str | None = None, copied: Callable[[str], None] | None = None
     ) -> tuple[str, int, bool]:
         import obstore as obs
         import obstore.exceptions as oe
 
         data = b"".join(buffers) if len(buffers) != 1 else bytes(buffers[0])
-        if copied is not None:
-            copied()
         real = xxhash.xxh3_128_hexdigest(data)  # ~0.1 s per GiB: cheap next to the PUT it guards
         blob_id = blob_id or real
         if real != blob_id:  # a caller's bug, never the network's: refuse rather than store a lie
             raise CorruptBlobError(f"blob {blob_id}: the bytes to store hash to {real}", blob_id)
+        if copied is not None:
+            copied(blob_id)
         key = self.key(blob_id)
         written = False
         if self.loc.conditional:  # one round trip: written, or 412 because the object exists

@@ -202,8 +202,9 @@ def read_into(fd: int, offset: int, dests: list[memoryview]) -> int:
 WRITE_BYTES = 1 << 20  # data per writev call
 
 
-def write_all(fd: int, buffers: list) -> None:
-    """writev every buffer, about WRITE_BYTES a call, looping on short writes.
+def write_all(fd: int, buffers: list, hasher=None) -> None:
+    """writev every buffer, about WRITE_BYTES a call, looping on short writes; with a `hasher`, each
+    call's bytes are hashed just before they are written (in order: the hash is the file's).
 
     Calls of ~1 MiB, not one call per IOV_MAX buffers (a whole 32 MiB blob): on this Linux VM two
     threads each writing 32 MiB to a new file in one call took 83 ms, and in 1 MiB calls 9.5 ms.
@@ -212,12 +213,16 @@ def write_all(fd: int, buffers: list) -> None:
     for b in buffers:
         v = memoryview(b).cast("B")
         views.extend(v[o : o + WRITE_BYTES] for o in range(0, len(v), WRITE_BYTES))
-    i = 0
+    i = hashed = 0
     while i < len(views):
         j, size = i, 0
         while j < len(views) and j - i < IOV_MAX and (size == 0 or size + len(views[j]) <= WRITE_BYTES):
             size += len(views[j])
             j += 1
+        if hasher is not None:
+            for k in range(hashed, j):
+                hasher.update(views[k])
+            hashed = j
         n = os.writev(fd, views[i:j]) if hasattr(os, "writev") else os.write(fd, views[i])
         while i < len(views) and n >= len(views[i]):
             n -= len(views[i])
