@@ -109,7 +109,7 @@ def test_keys_differ_when_any_single_token_of_a_chunk_differs():
 
 
 def test_default_chunk_size_and_the_parallel_read_path(tmp_path):
-    """Chunks of 256 (the default) and a restore of more than 32 MiB, which reads on several threads."""
+    """Chunks of 256 (the default) and a restore of more than scatter.PARALLEL_BYTES, which reads on several threads."""
     layers, heads, dim, n = 8, 8, 128, 1100
     cache = []
     for layer in range(layers):
