@@ -503,10 +503,10 @@ def section(r: dict) -> str:
         "Where the ratio is above 1: a first save writes one blob per 256-token chunk and makes each "
         "durable (file fsync, then its folder after the rename), then commits the index, where mlx-lm "
         "writes and fsyncs one file: two device flushes in sequence against one, and per-save work "
-        "(planning, encoding and hashing before the first write; the SQL statements run beside the "
-        "writes) that a small save cannot hide. A restore scatters every blob into the new arrays and "
-        "re-hashes it, and looks its chunks up in the index, where mlx-lm reads one file with its I/O "
-        "threads and checks nothing.\n",
+        "(planning and encoding before the first write, hashing during the copy; the SQL statements "
+        "run beside the fsyncs) that a small save cannot hide. A restore scatters every blob into the "
+        "new arrays and re-hashes it, and looks its chunks up in the index, where mlx-lm reads one file "
+        "with its I/O threads and checks nothing.\n",
         _memory_note(r),
     ]
     return "\n".join(out)
