@@ -7,6 +7,7 @@ import os
 import mlx.core as mx
 import numpy as np
 import pytest
+import xxhash
 
 import kvstore
 from kvstore.blob import local as blobs_mod
@@ -147,9 +148,26 @@ def test_write_all_writes_every_byte_in_bounded_calls(tmp_path, monkeypatch, sho
     monkeypatch.setattr(tensorfile, "os", spy)
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    hasher = xxhash.xxh3_128()
     try:
-        tensorfile.write_all(fd, [memoryview(b) for b in buffers])
+        tensorfile.write_all(fd, [memoryview(b) for b in buffers], hasher)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(buffers)
     assert max(spy.calls) <= tensorfile.WRITE_BYTES and len(spy.calls) >= 6
+    # Hashed as written, short writes included: every byte once, in file order.
+    assert hasher.hexdigest() == xxhash.xxh3_128_hexdigest(b"".join(buffers))
+
+
+def test_a_blob_put_without_its_id_is_named_by_the_hash_of_what_was_copied(tmp_path):
+    """put() hashes the bytes as it copies them; the name, the copied callback and a dedup hit agree."""
+    with kvstore.open(tmp_path / "s") as store:
+        parts = [b"header", np.arange(300_000, dtype=np.uint32).tobytes(), b"tail"]
+        told = []
+        blob_id, nbytes, written = store.blobs.put([memoryview(p) for p in parts], None, copied=told.append)
+        assert written and told == [blob_id] == [xxhash.xxh3_128_hexdigest(b"".join(parts))]
+        assert nbytes == sum(map(len, parts)) and store.blobs.path(blob_id).read_bytes() == b"".join(parts)
+        # The same bytes again: copied to a temp file, found stored, dropped; nothing reported copied.
+        again = store.blobs.put(parts, None, copied=told.append)
+        assert again == (blob_id, nbytes, False) and told == [blob_id]
+        assert list(store.blobs.iter_temp()) == []
