@@ -96,7 +96,8 @@ def render_tables(r: dict) -> str:
         out.append(
             f"Each agent: the same {s0['prefix_tokens']}-token prefix plus {s0['private_tokens']} private "
             "tokens. *Unique KV* is the bf16 KV of the distinct tokens (the prefix once, each private part "
-            "once). kvstore counts everything in the store folder (blobs and the SQLite index).\n"
+            "once). kvstore counts everything in the store folder: blobs, the SQLite index, and the 8 MiB "
+            "`reserve` file every store keeps so that gc and rm still work on a full disk.\n"
         )
         out.append(
             "| agents | unique KV MiB | mlx-lm files MiB | kvstore MiB | kvstore / mlx-lm | kvstore / unique KV |"
