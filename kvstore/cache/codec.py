@@ -124,7 +124,7 @@ def held_range(slot: Slot, c: Any) -> tuple[int, int]:
     raise ValueError("a state slot has no positions")
 
 
-def _rotating_arrays(c: Any) -> tuple[mx.array, mx.array]:
+def rotating_arrays(c: Any) -> tuple[mx.array, mx.array]:
     """Keys and values in temporal order, padding cut off."""
     if c.offset < c.keys.shape[2]:
         return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
@@ -141,7 +141,7 @@ def extract(slot: Slot, c: Any, start: int, end: int) -> dict[str, mx.array]:
         return out
     if slot.kind == "rot":
         lo, _ = held_range(slot, c)
-        keys, values = _rotating_arrays(c)
+        keys, values = rotating_arrays(c)
         return {"k": keys[..., start - lo : end - lo, :], "v": values[..., start - lo : end - lo, :]}
     return {"k": c.keys[..., start:end, :], "v": c.values[..., start:end, :]}
 
@@ -151,7 +151,7 @@ def extract_state(slot: Slot, c: Any) -> tuple[dict[str, mx.array], dict[str, st
     if slot.cls == "RotatingKVCache":
         if c.keys is None:
             return {}, {"offset": str(c.offset), "empty": "1"}
-        keys, values = _rotating_arrays(c)
+        keys, values = rotating_arrays(c)
         return {"k": keys, "v": values}, {"offset": str(c.offset)}
     arrays = {f"s{i}": a for i, a in enumerate(c.cache) if a is not None}
     if c.left_padding is not None or c.lengths is not None:

@@ -51,7 +51,7 @@ def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], int]:
         named = {f"{p}{i}": part for p, parts in (("k", leaf.keys), ("v", leaf.values)) for i, part in enumerate(parts)}
         return named, 0
     if slot.kind == "rot":
-        keys, values = codec._rotating_arrays(leaf)
+        keys, values = codec.rotating_arrays(leaf)
         return {"k": keys, "v": values}, codec.held_range(slot, leaf)[0]
     return {"k": leaf.keys, "v": leaf.values}, 0
 
