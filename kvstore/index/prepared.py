@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sqlalchemy import bindparam, insert
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -68,3 +69,13 @@ class Prepared:
         """Run it once per parameter set (an insert of many rows)."""
         if params:
             self._run(conn, params, many=True)[0].close()
+
+
+def inserting(table, columns: Sequence[str], returning=None) -> Prepared:
+    """INSERT of these columns of `table`, each bound by its own name (and RETURNING `returning`)."""
+
+    def build(_dialect):
+        stmt = insert(table).values({c: bindparam(c) for c in columns})
+        return stmt.returning(returning) if returning is not None else stmt
+
+    return Prepared(build)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, select, update
 
 from kvstore.index import db, schema
-from kvstore.index.prepared import Prepared
+from kvstore.index.prepared import Prepared, inserting
 from kvstore.index.reads import NAMESPACE_KEY
 
 __all__ = [
@@ -72,15 +72,7 @@ def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]
 _m = schema.models
 _MODEL_LAYOUT = Prepared(lambda _d: select(_m.c.layout).where(_m.c.fingerprint == bindparam("fp")))
 _MODEL_ID_NAME = Prepared(lambda _d: select(_m.c.id, _m.c.name).where(_m.c.fingerprint == bindparam("fp")))
-_INSERT_MODEL = Prepared(
-    lambda _d: (
-        insert(_m)
-        .values(
-            fingerprint=bindparam("fp"), name=bindparam("name"), layout=bindparam("layout"), created=bindparam("now")
-        )
-        .returning(_m.c.id)
-    )
-)
+_INSERT_MODEL = inserting(_m, ("fingerprint", "name", "layout", "created"), returning=_m.c.id)
 
 
 def model_layout(conn, fingerprint: str) -> str | None:
@@ -100,7 +92,7 @@ def model_row(conn, fingerprint: str, layout: str, now: float, name: str | None 
         if known is None and name is not None:
             conn.execute(update(m).where(m.c.id == row_id).values(name=name))
         return row_id
-    return _INSERT_MODEL.scalar(conn, fp=fingerprint, name=name, layout=layout, now=now)
+    return _INSERT_MODEL.scalar(conn, fingerprint=fingerprint, name=name, layout=layout, created=now)
 
 
 def model_in_use(conn, fingerprint: str) -> bool:
@@ -171,39 +163,11 @@ _AGENT_FINGERPRINT = Prepared(
     )
 )
 _AGENT_ID = Prepared(lambda _d: select(_a.c.id).where(_a.c.name == bindparam("name")))
-_INSERT_AGENT = Prepared(
-    lambda _d: (
-        insert(_a)
-        .values(
-            name=bindparam("name"),
-            model_id=bindparam("model_id"),
-            meta=bindparam("meta"),
-            created=bindparam("created"),
-            updated=bindparam("updated"),
-        )
-        .returning(_a.c.id)
-    )
+_INSERT_AGENT = inserting(_a, ("name", "model_id", "meta", "created", "updated"), returning=_a.c.id)
+_INSERT_SNAPSHOT = inserting(
+    _s, ("agent_id", "model_id", "n_tokens", "tokens", "created", "label", "pinned"), returning=_s.c.id
 )
-_INSERT_SNAPSHOT = Prepared(
-    lambda _d: (
-        insert(_s)
-        .values(
-            agent_id=bindparam("agent_id"),
-            model_id=bindparam("model_id"),
-            n_tokens=bindparam("n_tokens"),
-            tokens=bindparam("tokens"),
-            created=bindparam("created"),
-            label=bindparam("label"),
-            pinned=bindparam("pinned"),
-        )
-        .returning(_s.c.id)
-    )
-)
-_INSERT_SNAPSHOT_CHUNK = Prepared(
-    lambda _d: insert(_sc).values(
-        snapshot_id=bindparam("snapshot_id"), seq=bindparam("seq"), chunk_key=bindparam("chunk_key")
-    )
-)
+_INSERT_SNAPSHOT_CHUNK = inserting(_sc, ("snapshot_id", "seq", "chunk_key"))
 _SET_HEAD = Prepared(lambda _d: update(_a).where(_a.c.id == bindparam("agent_id")).values(head=bindparam("head")))
 _SET_HEAD_UPDATED = Prepared(
     lambda _d: (
