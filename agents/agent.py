@@ -58,7 +58,6 @@ class Agent:
         self.tokens: list[int] = list(tokens or [])  # exactly what the cache has seen, in order
         self.meta: dict = dict(meta or {})  # the caller's own metadata
         self.turns: list[dict] = list(turns or [])  # recent TurnStats, as dicts
-        self._stored: dict | None = None  # the record as last written to the store
 
     def __repr__(self) -> str:
         return f"<Agent {self.name!r} messages={len(self.messages)} tokens={len(self.tokens)}>"
@@ -125,6 +124,11 @@ class Agent:
     def save(self):
         """Write this agent's cache and record to the store now (only chunks the store lacks)."""
         return self._manager.save(self.name)
+
+    @property
+    def manager(self) -> AgentManager:
+        """The AgentManager this agent belongs to (its model, its resident cache, its store)."""
+        return self._manager
 
     @property
     def resident(self) -> bool:

@@ -412,7 +412,7 @@ def _openblas_too_late() -> bool:
     """Whether this process runs MLX on the reference BLAS although OpenBLAS is installed (mlx came first)."""
     from kvstore import blas
 
-    if sys.platform != "linux" or blas._loaded or "mlx.core" not in sys.modules:
+    if sys.platform != "linux" or blas.loaded_openblas() or "mlx.core" not in sys.modules:
         return False
     explicit = os.environ.get("KVSTORE_OPENBLAS")
     return any(os.path.exists(c) for c in ([explicit] if explicit else blas.CANDIDATES))

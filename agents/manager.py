@@ -88,6 +88,7 @@ class AgentManager:
         self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
         self._agents: dict[str, Agent] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
+        self._stored: dict[str, dict] = {}  # each agent's record as last written to the store
 
     def __repr__(self) -> str:
         return f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} resident={list(self._resident)}>"
@@ -115,7 +116,7 @@ class AgentManager:
             raise AgentExistsError(f"an agent named {name!r} already exists: get() it, or delete() it first")
         agent = Agent(self, name, system_prompt, meta=meta)
         self.store.save(name, self.handle.make_cache(), [], model=self.fingerprint, meta=agent.record())
-        agent._stored = agent.record()
+        self._stored[name] = agent.record()
         self._agents[name] = agent
         return agent
 
@@ -131,7 +132,7 @@ class AgentManager:
                 f"agent {name!r} belongs to model {model}; this manager runs {self.handle.name} ({self.fingerprint})"
             )
         agent = Agent.from_record(self, name, record, tokens)
-        agent._stored = record
+        self._stored[name] = record
         self._agents[name] = agent
         return agent
 
@@ -172,6 +173,7 @@ class AgentManager:
         validate_name(name)
         self._resident.pop(name, None)
         self._agents.pop(name, None)
+        self._stored.pop(name, None)
         return self.store.delete(name)
 
     def release(self, name: str) -> None:
@@ -179,7 +181,8 @@ class AgentManager:
         if name in self._resident:
             self._drop(name)
         agent = self._agents.pop(name, None)
-        if agent is not None and agent._stored != agent.record() and not self.store.readonly and not self.writes_paused:
+        stored = self._stored.pop(name, None)
+        if agent is not None and stored != agent.record() and not self.store.readonly and not self.writes_paused:
             self.store.set_meta(name, agent.record())
 
     def release_idle(self, keep: str | None = None) -> None:
@@ -205,7 +208,7 @@ class AgentManager:
             copy.deepcopy(src.meta),
             copy.deepcopy(src.turns),
         )
-        agent._stored = self.store.agent(new_name).meta
+        self._stored[new_name] = self.store.agent(new_name).meta
         self._agents[new_name] = agent
         res = self._resident.get(name)
         if res is not None and tokens == src.tokens and self.max_resident > 0:
@@ -268,9 +271,9 @@ class AgentManager:
         agent = self._agents[name]
         record = agent.record()
         if res is None or not res.dirty:
-            if agent._stored != record:  # only the record changed (e.g. the caller's meta)
+            if self._stored.get(name) != record:  # only the record changed (e.g. the caller's meta)
                 self.store.set_meta(name, record)
-                agent._stored = record
+                self._stored[name] = record
             return None
         snap = self.store.save(
             name,
@@ -280,7 +283,7 @@ class AgentManager:
             meta=record,
             captured=res.capture.pieces if res.capture else None,
         )
-        agent._stored = record
+        self._stored[name] = record
         res.dirty = False
         if res.capture:
             res.capture.pieces.clear()  # stored now; later saves find these chunks in the index
@@ -401,7 +404,7 @@ class AgentManager:
         """
         if not prompt:
             raise ValueError("the prompt is empty")
-        if agent._manager is not self:
+        if agent.manager is not self:
             raise ValueError(f"agent {agent.name!r} belongs to another manager")
         state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
         return self._turn(agent, state), state

@@ -58,6 +58,11 @@ def use_openblas(path: str | None = None) -> str | None:
     return None
 
 
+def loaded_openblas() -> str | None:
+    """The OpenBLAS library this process loaded for MLX, or None."""
+    return _loaded
+
+
 def blas_name() -> str:
     """What MLX's CPU matmuls run on in this process, for banners and benchmark reports."""
     if sys.platform == "darwin":
