@@ -220,8 +220,10 @@ def test_deleted_and_altered_objects_are_found_by_fsck_and_refused_by_restore(tm
         with pytest.raises(CorruptBlobError):
             store.blobs.read(changed)
         report = store.fsck(repair=True)
-        assert {p.kind for p in report.problems} == {"missing_blob", "corrupt_blob"}
+        assert {p.kind for p in report.problems} == {"missing_blob", "corrupt_blob", "prefix_shortened"}
         assert store.fsck().problems == ()
+        cache, n = store.restore(saved["a"], model=synth.FP)  # the prefix still whole, not an error
+        assert n < len(saved["a"]) and (n == 0 or synth.checksum(cache) == synth.expected_sum(saved["a"][:n]))
 
 
 def test_a_damaged_tier_file_is_dropped_and_fetched_again(tmp_path):

@@ -2,7 +2,8 @@
 
 Repair keeps primary data: an agent's snapshots keep their token ids even when the KV of some
 chunks has to go; those snapshots are listed in `needs_recompute` (the agent manager re-prefills
-them on its next turn).
+them on its next turn), and each one whose restorable prefix got shorter is reported as a repaired
+`prefix_shortened` problem that says how many tokens it lost.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import delete, func, select, update
 from kvstore.blob.local import is_blob_id
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes
 from kvstore.index import db, schema, sizes
+from kvstore.ops.restorable import Restorable, restorable
 from kvstore.records import FsckReport, Problem
 
 if TYPE_CHECKING:
@@ -221,7 +223,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
 
     needs_recompute: set[int] = set()
     if repair and problems:
-        needs_recompute = _repair(
+        needs_recompute, shortened = _repair(
             store,
             bad_blobs,
             [p for p in snap_problems if p[0].kind != DAMAGED],
@@ -235,6 +237,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
             Problem(p.kind, p.subject, p.detail, repaired=p.kind != DAMAGED or p.subject == "chunk sizes")
             for p in problems
         ]
+        problems += [_shortened(sid, before, after) for sid, (before, after) in sorted(shortened.items())]
     return FsckReport(
         blobs_checked=total,
         bytes_checked=checked_bytes,
@@ -242,6 +245,17 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
         needs_recompute=tuple(sorted(needs_recompute)),
         repaired=repair,
         seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def _shortened(sid: int, before: Restorable, after: Restorable) -> Problem:
+    subject = f"agent {after.agent}" + ("" if after.head else f" snapshot {sid}")
+    return Problem(
+        "prefix_shortened",
+        subject,
+        f"restorable prefix shortened from {before.tokens} to {after.tokens} of its {after.n_tokens} tokens; "
+        "the rest is recomputed on next use",
+        repaired=True,
     )
 
 
@@ -255,7 +269,11 @@ def _snapshots_using(conn, chunk_keys_: list[bytes]) -> set[int]:
     return out
 
 
-def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool) -> set[int]:
+def _repair(
+    store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool
+) -> tuple[set[int], dict[int, tuple[Restorable, Restorable]]]:
+    """Repair in one write transaction: (snapshots that need recomputing, {snapshot: (restorable before, after)}
+    for each whose restorable prefix the dropped KV shortened)."""
     cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks, schema.agents)
     affected: set[int] = set()
     with db.transaction(store.engine, write=True, what="repairing the store") as conn:
@@ -267,11 +285,18 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
         )
         lost_chunks += [k for k, _, _ in dangling_layers if isinstance(k, bytes)]
         affected |= _snapshots_using(conn, lost_chunks)
+        # Rebuilt chunk lists (below) are measured by nothing: their old lists did not match their tokens.
+        measured = affected - {sid for _, sid, _ in snap_problems}
+        before = restorable(conn, measured, store.chunk_size)
         if bad_ids:
             conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))
             conn.execute(delete(b).where(b.c.id.in_(bad_ids)))
         for k, layer, _ in dangling_layers:
             conn.execute(delete(cl).where(cl.c.chunk_key == k, cl.c.layer == layer))
+        after = restorable(conn, measured, store.chunk_size)
+        shortened = {
+            sid: (before[sid], got) for sid, got in after.items() if sid in before and got.tokens < before[sid].tokens
+        }
         if wrong_sizes:
             sizes.rebuild(conn)
         else:
@@ -307,4 +332,4 @@ def _repair(store, bad_blobs, snap_problems, dangling_layers, stray, temps, wron
         store.blobs.remove_many([b for b, _ in stray])
         for path in temps:
             path.unlink(missing_ok=True)
-    return affected
+    return affected, shortened

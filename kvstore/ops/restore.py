@@ -284,9 +284,11 @@ def _load_once(store: Store, name: str, model: str | None, snapshot_id: int | No
     spans = chunk_spans(len(tokens), store.chunk_size)
     p = plan(slots, keys, spans, len(tokens), layers)
     if p is None:
+        whole = longest(slots, keys, spans, layers)
         raise MissingBlobError(
-            f"agent {name!r}: snapshot {row.id} lacks the KV of some chunks "
-            "(removed by fsck --repair?); recompute it from its tokens",
+            f"agent {name!r}: snapshot {row.id}'s KV is whole for its first {whole} of {len(tokens)} tokens only "
+            "(damaged blobs were dropped by fsck --repair or a recovery); restore() gives those, "
+            "the rest must be recomputed from its tokens (the agent manager does)",
             "",
             name,
         )

@@ -189,6 +189,43 @@ def _victim(store, exp) -> tuple[str, str]:
     raise AssertionError("every blob is shared")
 
 
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_a_repair_that_drops_a_blob_leaves_the_longest_whole_prefix(tmp_path, damage):
+    """fsck --repair dropped a damaged blob: restore and match give the shorter prefix that is still whole,
+    bit-exact and without an error; load says how much is left; the repair says what the agent lost."""
+    from .damage import flip_byte
+
+    store = kvstore.open(tmp_path / "store", chunk_size=synth.CHUNK)
+    exp = populate(store, agents=6)
+    name, blob = _victim(store, exp)
+    tokens = exp.heads[name]
+    others = {sid: v for sid, v in exp.snapshots(store).items() if v[0] != name}
+    path = store.blobs.path(blob)
+    if damage == "flipped":
+        flip_byte(path, path.stat().st_size - 3)
+    else:
+        path.unlink()
+    fixed = store.fsck(repair=True)
+    assert fixed.ok and store.fsck().ok  # sizes included: the dropped bytes left the accounting too
+    shortened = [p for p in fixed.problems if p.kind == "prefix_shortened"]
+    assert [(p.subject, p.repaired) for p in shortened] == [(f"agent {name}", True)]
+    reported = int(shortened[0].detail.split(f"from {len(tokens)} to ")[1].split()[0])
+    assert shortened[0].detail.endswith(f"of its {len(tokens)} tokens; the rest is recomputed on next use")
+
+    cache, n = store.restore(tokens, model=synth.FP)  # no MissingBlobError: the hole is not in the plan
+    assert reported <= n < len(tokens) and store.match(tokens, model=synth.FP).n_tokens == n
+    assert n == 0 or synth.checksum(cache) == synth.expected_sum(tokens[:n])
+    with pytest.raises(kvstore.MissingBlobError, match=f"whole for its first {reported} of {len(tokens)} tokens"):
+        store.load(name, model=synth.FP)
+    assert set(check_restores(store, others).values()) == {"ok"}  # no other agent lost anything
+
+    # Saving the recomputed KV (what the agent manager does on next use) makes the agent whole again.
+    store.save(name, synth.make_cache(tokens), tokens, model=synth.FP)
+    assert set(check_restores(store, exp.snapshots(store)).values()) == {"ok"}
+    assert store.fsck().ok
+    store.close()
+
+
 def test_a_fifo_in_a_blobs_place_is_reported_not_waited_on(tmp_path):
     """Item 13: load of a blob replaced by a FIFO raised nothing and hung in open()."""
     import threading
