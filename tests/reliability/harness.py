@@ -1,8 +1,10 @@
 """The crash-injection child: a worker loop over store operations that the test kills with SIGKILL.
 
 `python -m reliability.harness serve` starts a *zygote*: it imports mlx, mlx-lm and kvstore once, then
-forks one worker per line of JSON it reads on stdin and reports `started PID` / `exited PID STATUS` on
-stdout. Forking from a warm process makes a kill cycle cost milliseconds instead of a 2 s import,
+forks one worker per line of JSON it reads on stdin, SIGKILLs it once the line's `timeout` has passed,
+and reports `started PID` / `exited PID STATUS killed|alone` on stdout. The zygote kills its own child
+before reaping it, so the pid cannot have been reaped, let alone reused, when the signal is sent (a
+parent-side kill raced the worker's own death: ProcessLookupError under heavy load). Forking from a warm process makes a kill cycle cost milliseconds instead of a 2 s import,
 which is what lets the default run afford hundreds of kills. The zygote itself never touches mlx
 (no threads, no arrays), so forking it is safe.
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
+import time
 import traceback
 
 MAX_AGENTS = 8
@@ -139,9 +143,27 @@ def serve() -> None:
                 os._exit(code)
         out.write(f"started {pid}\n")
         out.flush()
-        _, status = os.waitpid(pid, 0)
-        out.write(f"exited {pid} {os.waitstatus_to_exitcode(status)}\n")
+        status, killed = _wait_or_kill(pid, cfg["timeout"])
+        out.write(f"exited {pid} {os.waitstatus_to_exitcode(status)} {'killed' if killed else 'alone'}\n")
         out.flush()
+
+
+POLL = 0.002  # seconds between looks at a running worker
+
+
+def _wait_or_kill(pid: int, timeout: float) -> tuple[int, bool]:
+    """(wait status, whether we killed it): the worker's end, or SIGKILL once `timeout` seconds have passed.
+
+    The child stays unreaped until waitpid returns its status, so the kill can only reach our own worker.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return status, False
+        time.sleep(POLL)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1], True
 
 
 if __name__ == "__main__":
