@@ -158,21 +158,6 @@ def _print_reply(echo: Echo, reply: Reply, extra: str = "") -> None:
         echo(f"    ({_n(len(reply.tokens))} tokens, none printable: random weights)")
 
 
-def _cold_ttft(mgr: AgentManager, prompt: list[int]) -> float:
-    """Time to first token of `prompt` from an empty cache, nothing stored: the cold figure."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
-    cache = mgr.handle.make_cache()
-    t0 = time.perf_counter()
-    turn.prefill(mgr.model, cache, prompt, 0, len(prompt) - 1, mgr.prefill_step, None)
-    steps = generate_step(mx.array(prompt[-1:]), mgr.model, prompt_cache=cache, max_tokens=1)
-    next(steps)
-    elapsed = time.perf_counter() - t0
-    steps.close()
-    return elapsed
-
-
 def _memory_lines(echo: Echo, mgr: AgentManager) -> dict:
     rep = mgr.memory_report()
     echo(
@@ -259,7 +244,7 @@ def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
         if s.source == "cold":
             cold = s.ttft
         else:
-            cold = _cold_ttft(mgr, prompt)
+            cold = turn.cold_ttft(mgr.model, mgr.handle.make_cache(), prompt, mgr.prefill_step)
             echo(f"    {name}: {cold:.2f} s to first token cold, against {s.ttft:.2f} s warm")
         agent.meta["demo"] = {"session1_ttft": s.ttft, "cold_ttft": cold, "cold_prompt_tokens": s.prompt_tokens}
         out["agents"][name] = dict(s.as_dict(), cold_ttft=cold)

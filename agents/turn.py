@@ -173,6 +173,18 @@ def prefill(
     mx.clear_cache()
 
 
+def cold_ttft(model: Any, cache: list, prompt: list[int], step: int) -> float:
+    """Seconds to the first token of `prompt` from the empty `cache`, nothing stored: what a turn costs
+    without kvstore (the demo and bench_real_model compare their turns with it)."""
+    t0 = time.perf_counter()
+    prefill(model, cache, prompt, 0, len(prompt) - 1, step, None)
+    steps = generate_step(mx.array(prompt[-1:]), model, prompt_cache=cache, max_tokens=1)
+    next(steps)
+    elapsed = time.perf_counter() - t0
+    steps.close()
+    return elapsed
+
+
 def sampling(options: GenerationOptions) -> tuple[Callable, list]:
     """(sampler, logits processors) for mlx-lm's generate_step; seeds MLX's generator when asked."""
     if options.seed is not None:

@@ -33,7 +33,6 @@ BLAS = kvstore.use_openblas() if "--reference-blas" not in sys.argv else None  #
 
 
 import mlx.core as mx  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
 
 from benchmarks.common import machine  # noqa: E402
 from kvstore.agents import AgentManager, resolve_model, turn  # noqa: E402
@@ -62,14 +61,7 @@ def document(tokenizer, n_tokens: int) -> str:
 
 def cold_ttft(mgr: AgentManager, prompt: list[int]) -> float:
     """Seconds to the first token of prompt from an empty cache (what an agent without kvstore pays)."""
-    cache = mgr.handle.make_cache()
-    t0 = time.perf_counter()
-    turn.prefill(mgr.model, cache, prompt, 0, len(prompt) - 1, mgr.prefill_step, None)
-    steps = generate_step(mx.array(prompt[-1:]), mgr.model, prompt_cache=cache, max_tokens=1)
-    next(steps)
-    elapsed = time.perf_counter() - t0
-    steps.close()
-    return elapsed
+    return turn.cold_ttft(mgr.model, mgr.handle.make_cache(), prompt, mgr.prefill_step)
 
 
 def one_context(handle, n_context: int, store_dir: Path) -> dict:

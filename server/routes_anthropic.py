@@ -14,7 +14,7 @@ from .conversations import TurnRequest, TurnResult
 from .errors import anthropic_body
 from .prompts import anthropic_messages, anthropic_tools, render_chat, split_tool_calls, tool_call_start
 from .routes_openai import STREAM_HEADERS
-from .sse import frame, held_back, job_events
+from .sse import HeldBack, frame, turn_frames
 from .state import ServerState, as_request_error
 
 router = APIRouter()
@@ -44,54 +44,33 @@ async def messages(body: an.MessagesRequest, request: Request):
     return an.message_body(mid, body.model, result, text, calls)
 
 
-async def _stream(st: ServerState, job, mid: str, model: str, prompt_tokens: int, tools) -> AsyncIterator[str]:
-    marker = tool_call_start(st.tokenizer, tools)
-    text, sent, opened = "", 0, False
-    try:
-        yield frame(an.message_start(mid, model, prompt_tokens), "message_start")
-        async for event in job_events(job, st.config.keepalive_seconds):
-            if event is None:
-                yield frame({"type": "ping"}, "ping")
-                continue
-            kind, value = event
-            if kind == "delta":
-                text += value
-                upto = held_back(text, marker)
-                if upto > sent:
-                    if not opened:
-                        yield frame(
-                            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                            "content_block_start",
-                        )
-                        opened = True
-                    yield frame(
-                        {
-                            "type": "content_block_delta",
-                            "index": 0,
-                            "delta": {"type": "text_delta", "text": text[sent:upto]},
-                        },
-                        "content_block_delta",
-                    )
-                    sent = upto
-            elif kind == "error":
-                yield frame(anthropic_body(as_request_error(value)), "error")
-                return
-            else:
-                result: TurnResult = value
+def _stream(st: ServerState, job, mid: str, model: str, prompt_tokens: int, tools) -> AsyncIterator[str]:
+    held = HeldBack(tool_call_start(st.tokenizer, tools))
+    opened = False  # the text block has started
+
+    def text_frames(text: str):
+        nonlocal opened
+        if not opened:
+            yield frame(
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                "content_block_start",
+            )
+            opened = True
+        if text:
+            yield frame(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+                "content_block_delta",
+            )
+
+    def delta(piece: str):
+        if out := held.add(piece):
+            yield from text_frames(out)
+
+    def end(result: TurnResult):
         rest, calls = split_tool_calls(st.tokenizer, result.reply.text, tools)
         final = rest if calls else result.reply.text
-        if len(final) > sent or not (opened or calls):
-            if not opened:
-                yield frame(
-                    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                    "content_block_start",
-                )
-                opened = True
-            if len(final) > sent:
-                yield frame(
-                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": final[sent:]}},
-                    "content_block_delta",
-                )
+        if len(final) > held.sent or not (opened or calls):
+            yield from text_frames(final[held.sent :])
         index = 0
         if opened:
             yield frame({"type": "content_block_stop", "index": 0}, "content_block_stop")
@@ -118,5 +97,13 @@ async def _stream(st: ServerState, job, mid: str, model: str, prompt_tokens: int
             "message_delta",
         )
         yield frame({"type": "message_stop"}, "message_stop")
-    finally:
-        job.cancel()
+
+    return turn_frames(
+        job,
+        st.config.keepalive_seconds,
+        ping=frame({"type": "ping"}, "ping"),
+        start=[frame(an.message_start(mid, model, prompt_tokens), "message_start")],
+        delta=delta,
+        error=lambda e: [frame(anthropic_body(as_request_error(e)), "error")],
+        end=end,
+    )

@@ -12,7 +12,7 @@ from . import openai_api as oa
 from .conversations import TurnRequest, TurnResult
 from .errors import RequestError, openai_body
 from .prompts import encode_prompt, openai_messages, render_chat, split_tool_calls, tool_call_start
-from .sse import DONE, comment, frame, held_back, job_events
+from .sse import DONE, HeldBack, comment, frame, turn_frames
 from .state import ServerState, as_request_error
 
 router = APIRouter()
@@ -46,43 +46,42 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
     return oa.chat_body(rid, body.model, result, text, calls)
 
 
-async def _chat_stream(st: ServerState, job, rid: str, body: oa.ChatRequest, tools) -> AsyncIterator[str]:
+def _chat_stream(st: ServerState, job, rid: str, body: oa.ChatRequest, tools) -> AsyncIterator[str]:
     model = body.model
-    marker = tool_call_start(st.tokenizer, tools)
-    text, sent = "", 0
-    try:
-        yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
-        async for event in job_events(job, st.config.keepalive_seconds):
-            if event is None:
-                yield comment()
-                continue
-            kind, value = event
-            if kind == "delta":
-                text += value
-                upto = held_back(text, marker)
-                if upto > sent:
-                    yield frame(oa.chat_chunk(rid, model, {"content": text[sent:upto]}))
-                    sent = upto
-            elif kind == "error":
-                yield frame(openai_body(as_request_error(value)))
-                yield DONE
-                return
-            else:
-                result: TurnResult = value
+    held = HeldBack(tool_call_start(st.tokenizer, tools))
+
+    def delta(piece: str):
+        if out := held.add(piece):
+            yield frame(oa.chat_chunk(rid, model, {"content": out}))
+
+    def end(result: TurnResult):
         rest, calls = split_tool_calls(st.tokenizer, result.reply.text, tools)
         if calls:
-            tail = rest[sent:] if rest.startswith(text[:sent]) else ""
+            tail = rest[held.sent :] if rest.startswith(held.text[: held.sent]) else ""
             if tail:
                 yield frame(oa.chat_chunk(rid, model, {"content": tail}))
             yield frame(oa.chat_chunk(rid, model, {"tool_calls": oa.tool_calls(calls, streaming=True)}))
-        elif len(result.reply.text) > sent:
-            yield frame(oa.chat_chunk(rid, model, {"content": result.reply.text[sent:]}))
+        elif len(result.reply.text) > held.sent:
+            yield frame(oa.chat_chunk(rid, model, {"content": result.reply.text[held.sent :]}))
         yield frame(oa.chat_chunk(rid, model, {}, oa.finish_reason(result, calls)))
         if body.include_usage:
             yield frame(oa.chat_chunk(rid, model, {}, usage_=oa.usage(result), choices=False))
         yield DONE
-    finally:
-        job.cancel()  # a client that went away stops the generation; after the end this changes nothing
+
+    return turn_frames(
+        job,
+        st.config.keepalive_seconds,
+        ping=comment(),
+        start=[frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))],
+        delta=delta,
+        error=_error,
+        end=end,
+    )
+
+
+def _error(e: BaseException):
+    yield frame(openai_body(as_request_error(e)))
+    yield DONE
 
 
 @router.post("/v1/completions")
@@ -110,25 +109,20 @@ async def completions(body: oa.CompletionRequest, request: Request):
     return oa.completion_body(rid, body.model, await st.result(job, request))
 
 
-async def _completion_stream(st: ServerState, job, rid: str, body: oa.CompletionRequest) -> AsyncIterator[str]:
+def _completion_stream(st: ServerState, job, rid: str, body: oa.CompletionRequest) -> AsyncIterator[str]:
     model = body.model
-    try:
-        async for event in job_events(job, st.config.keepalive_seconds):
-            if event is None:
-                yield comment()
-                continue
-            kind, value = event
-            if kind == "delta":
-                yield frame(oa.completion_chunk(rid, model, value))
-            elif kind == "error":
-                yield frame(openai_body(as_request_error(value)))
-                yield DONE
-                return
-            else:
-                result: TurnResult = value
+
+    def end(result: TurnResult):
         yield frame(oa.completion_chunk(rid, model, "", oa.finish_reason(result, [])))
         if body.include_usage:
             yield frame(oa.completion_chunk(rid, model, "", usage_=oa.usage(result), choices=False))
         yield DONE
-    finally:
-        job.cancel()
+
+    return turn_frames(
+        job,
+        st.config.keepalive_seconds,
+        ping=comment(),
+        delta=lambda piece: [frame(oa.completion_chunk(rid, model, piece))],
+        error=_error,
+        end=end,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from .worker import Job
 
@@ -33,6 +33,52 @@ async def job_events(job: Job, keepalive: float) -> AsyncIterator[tuple[str, obj
         yield event
         if event[0] in ("done", "error"):
             return
+
+
+async def turn_frames(
+    job: Job,
+    keepalive: float,
+    *,
+    ping: str,
+    start: Iterable[str] = (),
+    delta: Callable[[str], Iterable[str]],
+    error: Callable[[BaseException], Iterable[str]],
+    end: Callable[[object], Iterable[str]],
+) -> AsyncIterator[str]:
+    """A streamed turn's SSE text, in any API's frames: `start`, then `ping` every `keepalive` seconds
+    without an event and delta(text) for each piece, then end(result) or, on failure, error(exception).
+
+    A client that goes away mid-stream closes this generator, which cancels the job (the generation
+    stops); after the end the cancel changes nothing.
+    """
+    try:
+        for f in start:
+            yield f
+        async for event in job_events(job, keepalive):
+            if event is None:
+                yield ping
+                continue
+            kind, value = event
+            for f in delta(value) if kind == "delta" else error(value) if kind == "error" else end(value):
+                yield f
+    finally:
+        job.cancel()
+
+
+class HeldBack:
+    """The text streamed so far, holding back what may be the start of a tool call (`marker`)."""
+
+    def __init__(self, marker: str | None):
+        self.marker, self.text, self.sent = marker, "", 0
+
+    def add(self, piece: str) -> str:
+        """Take a generated piece; return the text that can be sent now ("" for none)."""
+        self.text += piece
+        upto = held_back(self.text, self.marker)
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : upto], upto
+        return out
 
 
 def held_back(text: str, marker: str | None) -> int:

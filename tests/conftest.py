@@ -8,7 +8,10 @@ import kvstore
 kvstore.use_openblas()  # first, before any test module imports mlx: ~25x faster fp32 matmuls on Linux CPUs
 
 import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -40,7 +43,7 @@ def _pg_admin():
     return create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
 
-def _fresh_pg_database() -> str:
+def fresh_pg_database() -> str:
     """A new, empty PostgreSQL database for one store; returns its URL."""
     from sqlalchemy import text
     from sqlalchemy.engine import make_url
@@ -79,7 +82,7 @@ def _pg_store_url(tmp_path) -> str:
     """The PostgreSQL database of the store under tmp_path (created on first use), as SQLite has one file there."""
     key = str(tmp_path)
     if key not in _pg_by_path:
-        _pg_by_path[key] = _fresh_pg_database()
+        _pg_by_path[key] = fresh_pg_database()
     return _pg_by_path[key]
 
 
@@ -117,6 +120,24 @@ def store_url(tmp_path, backend):
     if backend == "postgresql":
         return _pg_store_url(tmp_path), {"blobs": str(tmp_path / "blobs-root"), "chunk_size": TEST_CHUNK}
     return str(tmp_path / "store"), {"chunk_size": TEST_CHUNK}
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def spawn_test_file(test_file: str, role: str, *args: str) -> subprocess.Popen:
+    """`python TEST_FILE ROLE ARGS...` as a child process with tests/ on its path (text pipes for its output):
+    the multi-process tests run their own test file as the child, which shares their code, not a copy."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    env.pop("KVSTORE_CRASH_AT", None)
+    return subprocess.Popen(
+        [sys.executable, str(Path(test_file).resolve()), role, *args],
+        env=env,
+        cwd=TESTS_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def s3_url(prefix: str) -> str:

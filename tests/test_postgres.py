@@ -23,7 +23,6 @@ import pytest
 
 import kvstore
 
-TESTS_DIR = Path(__file__).resolve().parent
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")
 pytestmark = [
     pytest.mark.postgres,
@@ -36,9 +35,9 @@ DEDUP_WORKERS, DEDUP_AGENTS = 2, 12
 
 def _fresh(tmp_path, name: str = "blobs") -> tuple[str, Path]:
     """(URL of a new database, blob folder) for a store of the test's own."""
-    from conftest import _fresh_pg_database
+    from conftest import fresh_pg_database
 
-    return _fresh_pg_database(), tmp_path / name
+    return fresh_pg_database(), tmp_path / name
 
 
 def _open(url: str, blobs, **kw) -> kvstore.Store:
@@ -48,18 +47,11 @@ def _open(url: str, blobs, **kw) -> kvstore.Store:
     return kvstore.open(url, blobs=blobs, **kw)
 
 
-def _child(role: str, *args: str, timeout: float = 300) -> subprocess.Popen:
+def _child(role: str, *args: str) -> subprocess.Popen:
     """This file run as a child process in `role` (see main)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    env.pop("KVSTORE_CRASH_AT", None)
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), role, *args],
-        env=env,
-        cwd=TESTS_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    from conftest import spawn_test_file
+
+    return spawn_test_file(__file__, role, *args)
 
 
 def _counts(store: kvstore.Store) -> dict:

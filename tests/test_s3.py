@@ -43,16 +43,10 @@ def _open(index: str, **kw) -> kvstore.Store:
 
 
 def _child(role: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    env.pop("KVSTORE_CRASH_AT", None)
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), role, *args],
-        env=env,
-        cwd=TESTS_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """This file run as a child process in `role` (see main)."""
+    from conftest import spawn_test_file
+
+    return spawn_test_file(__file__, role, *args)
 
 
 def _wait(p: subprocess.Popen, timeout: float = 600) -> None:

@@ -224,9 +224,9 @@ def old_index(tmp_path, backend):
     kvstore.export_agent(src, "tech", tmp_path / "tech.kva")
     kvstore.import_agent(src, tmp_path / "tech.kva", name="imported")
     if backend == "postgresql":
-        from conftest import _fresh_pg_database
+        from conftest import fresh_pg_database
 
-        url = _fresh_pg_database()
+        url = fresh_pg_database()
         kwargs = {"blobs": tmp_path / "old-blobs", "chunk_size": C}
         shutil.copytree(src.blobs.root, tmp_path / "old-blobs")
         location = url
