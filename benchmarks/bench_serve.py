@@ -9,7 +9,8 @@ the first streamed content. Three measurements:
   three per round, each pair in alternating order;
 - agents: 3 agents sharing a 1,500-token system prompt, 5 turns each, both servers restarted once
   after the third round: total prompt tokens prefilled and total request time.
-Prints a table, writes benchmarks/results/serve.json and docs/images/serve.png.
+Prints a table, writes benchmarks/results/serve.json, its section of docs/BENCHMARKS.md (through
+benchmarks/report.py) and docs/images/serve.png; `--quick` writes only under benchmarks/quick/.
 
     python -m benchmarks.bench_serve [--model NAME|PATH] [--rounds 3] [--quick]
 
@@ -20,7 +21,6 @@ llama "base" model (random weights: speeds are real, replies are not).
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import socket
 import statistics
@@ -37,11 +37,10 @@ kvstore.use_openblas()  # before mlx: the same BLAS as the two servers
 import httpx2 as httpx  # noqa: E402  (the HTTP client under the openai SDK)
 import openai  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
-PLOT = ROOT / "docs" / "images" / "serve.png"
+NAME = "serve"  # benchmarks/results/NAME.json, its block of docs/BENCHMARKS.md and docs/images/NAME.png
 TARGET_WARM = 1.1
 WARM_TURNS = 3  # warm turns measured per round (after the conversation's first turn)
 SYSTEM_TOKENS = 1500
@@ -167,6 +166,11 @@ def resolve_default_model() -> tuple[str, str]:
             return str(resolve_model("smollm2-135m-instruct").path), "smollm2-135m-instruct"
         except ModelLoadError:
             return str(folder), "smollm2-135m-instruct"
+    return builtin_model()
+
+
+def builtin_model() -> tuple[str, str]:
+    """The built-in llama base model (random weights: speeds are real, replies are not): (folder, label)."""
     from kvstore.builtin_models import builtin_model_path
 
     return str(builtin_model_path(arch="llama", size="base")), "builtin llama base (random weights)"
@@ -174,18 +178,29 @@ def resolve_default_model() -> tuple[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="a model folder or name (default: smollm2-135m-instruct, else builtin base)")
+    ap.add_argument(
+        "--model", help="a model folder or name, or `builtin` (default: smollm2-135m-instruct, else builtin base)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one round, a 500-token system prompt")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results and plot alone")
     ap.add_argument("--markdown", action="store_true", help="print the docs table of the last results and exit")
+    ap.add_argument(
+        "--name",
+        default=NAME,
+        help=f"results name (default {NAME}): benchmarks/results/NAME.json and the NAME block of BENCHMARKS.md "
+        "(serve_builtin holds the built-in model's run)",
+    )
     args = ap.parse_args()
     if args.markdown:
-        print(markdown(json.loads(RESULTS.read_text())))
+        published = report.load(args.name)
+        print(section(published) if published else f"benchmarks/results/{args.name}.json is missing")
         return
     rounds = 1 if args.quick else args.rounds
     system_tokens = 500 if args.quick else SYSTEM_TOKENS
-    if args.model:
+    if args.model == "builtin":
+        path, label = builtin_model()
+    elif args.model:
         from kvstore.agents import resolve_model
 
         path, label = str(resolve_model(args.model).path), args.model
@@ -298,7 +313,7 @@ def main() -> None:
     def ratio(rows):
         return statistics.median(row["kvstore"]["ttft"] / row["mlx_lm"]["ttft"] for row in rows)
 
-    report = {
+    results = {
         "machine": machine(),
         "model": label,
         "model_path": path,
@@ -327,33 +342,34 @@ def main() -> None:
         "same_replies_after_restart": all(r["kvstore"]["text"] == r["mlx_lm"]["text"] for r in restart),
         "raw": {"restart": restart, "warm": warm},
     }
-    report["warm"]["meets_target"] = report["warm"]["ratio"] <= TARGET_WARM
-    print(f"model: {label}; {rounds} round(s); prompts of ~{report['system_prompt_tokens']} tokens")
+    results["warm"]["meets_target"] = results["warm"]["ratio"] <= TARGET_WARM
+    print(f"model: {label}; {rounds} round(s); prompts of ~{results['system_prompt_tokens']} tokens")
     print(f"{'':34}{'kvstore serve':>15}{'mlx_lm.server':>15}{'ratio':>8}")
     for key, title in (("restart", "next turn after a restart: TTFT"), ("warm", "next turn, no restart: TTFT")):
-        r = report[key]
+        r = results[key]
         print(f"{title:34}{r['kvstore_ttft'] * 1000:>12.1f} ms{r['mlx_lm_ttft'] * 1000:>12.1f} ms{r['ratio']:>8.2f}")
         print(f"{'  cached prompt tokens':34}{r['kvstore_cached']:>15}{r['mlx_lm_cached']:>15}")
-    a = report["agents"]
+    a = results["agents"]
     print(f"{'agents: tokens prefilled':34}{a['kvstore']['prefilled_tokens']:>15}{a['mlx_lm']['prefilled_tokens']:>15}")
     print(f"{'agents: total request time':34}{a['kvstore']['seconds']:>13.2f} s{a['mlx_lm']['seconds']:>13.2f} s")
     if args.no_write:
         return
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report)
-    print(markdown(report))
-    print(f"wrote {RESULTS.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    print(section(results))
+    report.publish(args.name, results, section(results), quick=args.quick)  # quick: under benchmarks/quick/ only
+    image = report.images_dir(args.quick) / f"{args.name}.png"
+    plot(results, image)
+    print(f"wrote {image.relative_to(report.ROOT)}")
 
 
-def markdown(report: dict) -> str:
-    """The BENCHMARKS.md table for a report (python -m benchmarks.bench_serve --markdown)."""
-    m = report["machine"]
+def section(results: dict) -> str:
+    """The run's block of docs/BENCHMARKS.md: its machine line and table (also `--markdown`)."""
+    m = results["machine"]
     head = (
         f"_{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}, Python {m['python']}, "
-        f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {report['model']}; {report['rounds']} rounds, "
-        f"medians; greedy, {report['max_tokens']} new tokens per turn._"
+        f"mlx {m['mlx']}, mlx-lm {m['mlx_lm']} ({m['device']}); {results['model']}; {results['rounds']} rounds, "
+        f"medians; greedy, {results['max_tokens']} new tokens per turn._"
     )
-    r, w, a = report["restart"], report["warm"], report["agents"]
+    r, w, a = results["restart"], results["warm"], results["agents"]
     met = "met" if w["meets_target"] else "NOT met"
     rows = [
         "| | kvstore serve | mlx_lm.server | kvstore / mlx_lm |",
@@ -370,13 +386,13 @@ def markdown(report: dict) -> str:
         f"{a['mlx_lm']['prefilled_tokens']:,} | {a['kvstore']['prefilled_tokens'] / a['mlx_lm']['prefilled_tokens']:.2f} |",
         f"| &nbsp;&nbsp;total request time | {a['kvstore']['seconds']:,.1f} s | {a['mlx_lm']['seconds']:,.1f} s | "
         f"{a['kvstore']['seconds'] / a['mlx_lm']['seconds']:.2f} |",
-        f"| server start (model load) | {report['startup_seconds']['kvstore']:.1f} s | "
-        f"{report['startup_seconds']['mlx_lm']:.1f} s | |",
+        f"| server start (model load) | {results['startup_seconds']['kvstore']:.1f} s | "
+        f"{results['startup_seconds']['mlx_lm']:.1f} s | |",
     ]
     return head + "\n\n" + "\n".join(rows)
 
 
-def plot(report: dict) -> None:
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,16 +400,16 @@ def plot(report: dict) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = ["after a restart", "no restart"]
-    ours = [report["restart"]["kvstore_ttft"] * 1000, report["warm"]["kvstore_ttft"] * 1000]
-    theirs = [report["restart"]["mlx_lm_ttft"] * 1000, report["warm"]["mlx_lm_ttft"] * 1000]
+    ours = [results["restart"]["kvstore_ttft"] * 1000, results["warm"]["kvstore_ttft"] * 1000]
+    theirs = [results["restart"]["mlx_lm_ttft"] * 1000, results["warm"]["mlx_lm_ttft"] * 1000]
     x = range(len(labels))
     ax1.bar([i - 0.2 for i in x], ours, 0.4, label="kvstore serve")
     ax1.bar([i + 0.2 for i in x], theirs, 0.4, label="mlx_lm.server")
     ax1.set_xticks(list(x), labels)
     ax1.set_ylabel("time to first token (ms)")
-    ax1.set_title(f"next turn, ~{report['restart']['prompt_tokens']}-token prompt")
+    ax1.set_title(f"next turn, ~{results['restart']['prompt_tokens']}-token prompt")
     ax1.legend()
-    a = report["agents"]
+    a = results["agents"]
     ax2.bar(
         ["kvstore serve", "mlx_lm.server"],
         [a["kvstore"]["prefilled_tokens"], a["mlx_lm"]["prefilled_tokens"]],
@@ -401,9 +417,10 @@ def plot(report: dict) -> None:
     )
     ax2.set_ylabel("prompt tokens prefilled")
     ax2.set_title("3 agents x 5 turns, shared system prompt, 1 restart")
-    fig.suptitle(f"kvstore serve vs mlx_lm.server — {report['model']}")
+    fig.suptitle(f"kvstore serve vs mlx_lm.server — {results['model']}")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ SECTIONS = {
     "agents": "benchmarks.bench_agents",
     "cli": "benchmarks.bench_cli",
     "postgres": "benchmarks.bench_postgres",
+    "real_model": "benchmarks.bench_real_model",
+    "serve": "benchmarks.bench_serve",
+    "serve_builtin": "benchmarks.bench_serve",  # the same script on the built-in model (--name serve_builtin)
+    "objects": "benchmarks.bench_objects",
 }
 
 

@@ -62,3 +62,15 @@ def test_replace_block_without_markers_changes_nothing(pages):
     before = page.read_text()
     assert report.replace_block(page, "missing", "body") is False
     assert page.read_text() == before
+
+
+def test_every_published_block_is_what_its_script_renders_from_its_results():
+    """`python -m benchmarks.report` changes nothing: each block of BENCHMARKS.md is its section() of its JSON."""
+    import importlib
+
+    page = report.BENCHMARKS_MD.read_text()
+    for name, module in report.SECTIONS.items():
+        results = report.load(name)
+        assert results is not None, f"benchmarks/results/{name}.json is missing"
+        body = importlib.import_module(module).section(results)
+        assert f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->" in page, f"the {name} block differs from its JSON"
