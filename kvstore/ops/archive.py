@@ -31,7 +31,7 @@ import xxhash
 
 from kvstore.blob.tensorfile import HEADER_PROBE, parse_header
 from kvstore.cache.keys import chunk_keys
-from kvstore.errors import AgentExistsError, CorruptBlobError, ModelMismatchError, StoreError
+from kvstore.errors import AgentExistsError, CorruptBlobError, ModelMismatchError, ReadOnlyStoreError, StoreError
 from kvstore.index import db, queries, schema, sizes
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART, ArchiveSummary, export_agent
@@ -207,7 +207,8 @@ def import_agent(
         verify: a loaded mlx-lm model (the archive's model): recompute every chunk's KV with it and
             merge only if all of it matches; otherwise ArchiveError and nothing is imported.
     """
-    store._writable()
+    if store.readonly:
+        raise ReadOnlyStoreError(f"the store at {store.path} is read-only: loads and exports work, imports do not")
     with open_archive(file) as tar:
         try:
             manifest_member, members = tar_members(tar)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -153,6 +155,10 @@ def _check_read_only(ro: kvstore.Store) -> None:
     ):
         with pytest.raises(kvstore.ReadOnlyStoreError, match="read-only"):
             write()
+    with tempfile.TemporaryDirectory() as tmp:  # an export is a read; an import is a write
+        kvstore.export_agent(ro, "good", Path(tmp) / "good.tar")
+        with pytest.raises(kvstore.ReadOnlyStoreError, match="read-only"):
+            kvstore.import_agent(ro, Path(tmp) / "good.tar", name="copy")
 
 
 def test_readonly_open_mode(store):
