@@ -62,17 +62,23 @@ def restorable(conn, snapshot_ids, chunk_size: int) -> dict[int, Restorable]:
     layouts: dict[str, list | None] = {}
     out = {}
     for sid, row in rows.items():
-        keys = chunk_lists.get(sid, [])
-        spans = chunk_spans(row.n_tokens, chunk_size) if isinstance(row.n_tokens, int) else None
-        if spans is None or len(spans) != len(keys) or not all(isinstance(k, bytes) for k in keys):
+        keys, n_tokens = chunk_lists.get(sid, []), row.n_tokens
+        # Counted before any list is built: a damaged page can hold a token count of any size.
+        if not isinstance(n_tokens, int) or n_tokens < 0 or -(-n_tokens // chunk_size) != len(keys):
             continue
+        if not all(isinstance(k, bytes) for k in keys):
+            continue
+        spans = chunk_spans(n_tokens, chunk_size)
         if row.layout not in layouts:
             layouts[row.layout] = _slots(row.layout)
         slots = layouts[row.layout]
         if slots is None:
             continue
-        n = longest(slots, [bytes(k) for k in keys], spans, layers) if keys else 0
-        out[sid] = Restorable(row.name, row.head == sid, row.n_tokens, n)
+        try:
+            n = longest(slots, [bytes(k) for k in keys], spans, layers) if keys else 0
+        except (KeyError, TypeError, ValueError, IndexError):  # a layout that parses but does not plan
+            continue
+        out[sid] = Restorable(row.name, row.head == sid, n_tokens, n)
     return out
 
 
