@@ -56,13 +56,7 @@ def usage(r: TurnResult) -> dict:
         "output_tokens": r.reply.stats.generated_tokens,
         "cache_read_input_tokens": r.cached,
         "cache_creation_input_tokens": 0,
-        "kvstore": {
-            "cached_ram_tokens": r.cached_ram,
-            "cached_disk_tokens": r.cached_disk,
-            "prefilled_tokens": r.prefilled,
-            "conversation": r.conversation,
-            "ttft": r.ttft,
-        },
+        "kvstore": r.usage_detail(),
     }
 
 

@@ -61,6 +61,16 @@ class TurnResult:
     def cached(self) -> int:
         return self.cached_ram + self.cached_disk
 
+    def usage_detail(self) -> dict:
+        """kvstore's own account of the turn, the `kvstore` field of both APIs' usage."""
+        return {
+            "cached_ram_tokens": self.cached_ram,
+            "cached_disk_tokens": self.cached_disk,
+            "prefilled_tokens": self.prefilled,
+            "conversation": self.conversation,
+            "ttft": self.ttft,
+        }
+
 
 @dataclass
 class Counters:

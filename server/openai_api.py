@@ -85,13 +85,7 @@ def usage(r: TurnResult) -> dict:
         "completion_tokens": n_gen,
         "total_tokens": r.prompt_tokens + n_gen,
         "prompt_tokens_details": {"cached_tokens": r.cached},
-        "kvstore": {
-            "cached_ram_tokens": r.cached_ram,
-            "cached_disk_tokens": r.cached_disk,
-            "prefilled_tokens": r.prefilled,
-            "conversation": r.conversation,
-            "ttft": r.ttft,
-        },
+        "kvstore": r.usage_detail(),
     }
 
 
