@@ -10,8 +10,8 @@ agents it is timed on have 4 KiB blobs from the start, so the index agrees with 
 fsck runs on a second store of 1 MiB blobs
 written by real saves, with the page cache dropped, against a plain sequential read of the same
 files in the same run. It also times the command's start-up (issue 17): `import kvstore`, `kvstore --help`,
-`--version` and the read commands on a small store, each as a fresh process, against `python -c pass`.
-Prints a table and writes benchmarks/results/cli.json and its section of docs/BENCHMARKS.md (a --quick run:
+`--version` and the read commands on a small store, each as a fresh process, against `python -c pass`
+(benchmarks/startup.py). Prints a table and writes benchmarks/results/cli.json and its section of docs/BENCHMARKS.md (a --quick run:
 benchmarks/quick/ instead). --startup-only measures the start-up alone and replaces only that part of the
 published results (the rest of cli.json, and the section's other table, stay as the last full run left them).
 
@@ -26,9 +26,6 @@ import json
 import os
 import shutil
 import sqlite3
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +39,7 @@ from sqlalchemy import bindparam
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 import kvstore
-from benchmarks import report
+from benchmarks import report, startup
 from benchmarks.common import drop_page_cache, machine, machine_line
 from kvstore.cache import codec
 from kvstore.cache.keys import chunk_keys
@@ -56,7 +53,7 @@ BYTES_PER_TOKEN = LAYERS * 2 * 8 * 128 * 2  # 4 layers of K and V, 8 KV heads x 
 FAMILY = 100  # agents per family; a family shares a 20-chunk prefix (system prompt, document)
 PREFIX_CHUNKS = 20
 OLD_SNAPSHOT_EVERY = 5  # every 5th agent also keeps an older snapshot
-LIMITS = {"info_s": 1.0, "agents_s": 1.0, "gc_100k_s": 30.0, "fsck_vs_disk": 0.8, "startup_s": 0.3}
+LIMITS = {"info_s": 1.0, "agents_s": 1.0, "gc_100k_s": 30.0, "fsck_vs_disk": 0.8, "startup_s": startup.LIMIT_S}
 
 
 def _layout(layers: int) -> str:
@@ -392,77 +389,6 @@ def bench_fsck(root: Path, gib: float, rounds: int) -> dict:
     }
 
 
-def _wall(argv: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
-    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    dt = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv} exited {done.returncode}: {done.stderr.decode()[-500:]}")
-    return dt
-
-
-def bench_startup(root: Path, rounds: int = 10) -> dict:
-    """Wall time of fresh processes: the interpreter alone, `import kvstore`, `--help`, `--version` and the
-    read commands.
-
-    The commands are the installed console script; the read commands read a folder store of two agents.
-    Each is run `rounds` times, interleaved, after one unmeasured warm-up round (the page cache).
-    """
-    with kvstore.open(root, chunk_size=CHUNK) as store:
-        for name, seed in (("tech", 1), ("biz", 2)):
-            cache = [KVCache() for _ in range(2)]
-            for c in cache:
-                c.update_and_fetch(mx.ones((1, 2, 300, 8)), mx.ones((1, 2, 300, 8)))
-            store.save(name, cache, list(range(seed, seed + 300)), model="ab" * 16)
-    script = str(Path(sys.executable).parent / "kvstore")
-    env = {**os.environ, "KVSTORE_HOME": str(root)}
-    cases = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "python -c 'import kvstore'": [sys.executable, "-c", "import kvstore"],
-        "kvstore --help": [script, "--help"],
-        "kvstore --version": [script, "--version"],
-        "kvstore info": [script, "info"],
-        "kvstore agents": [script, "agents"],
-        "kvstore show tech": [script, "show", "tech"],
-        "kvstore models": [script, "models"],
-        "kvstore du": [script, "du"],
-    }
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for r in range(rounds + 1):
-        for name, argv in cases.items():
-            dt = _wall(argv, env)
-            if r:
-                times[name].append(dt)
-    base = statistics.median(times["python -c pass"])
-    return {
-        name: {
-            "median_s": round(statistics.median(t), 3),
-            "min_s": round(min(t), 3),
-            "over_python_s": round(statistics.median(t) - base, 3),
-            "rounds": rounds,
-        }
-        for name, t in times.items()
-    }
-
-
-def startup_machine() -> dict:
-    """machine(), and the load average the start-up figures were taken at (the machine is shared)."""
-    return {**machine(), "load": [round(x, 1) for x in os.getloadavg()]}
-
-
-def print_startup(rows: dict) -> None:
-    print(
-        f"\nstart-up, fresh processes (median of {next(iter(rows.values()))['rounds']}; "
-        f"target < {LIMITS['startup_s']} s):"
-    )
-    print(f"{'command':30} {'median s':>9} {'min s':>7} {'- python':>9}")
-    for name, r in rows.items():
-        verdict = (
-            "" if name.startswith("python -c pass") else ("ok" if r["median_s"] < LIMITS["startup_s"] else "MISSED")
-        )
-        print(f"{name:30} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['over_python_s']:9.3f}  {verdict}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--startup-only", action="store_true", help="only time the command's start-up")
@@ -475,17 +401,17 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     if args.startup_only:
         try:
-            startup = bench_startup(base / "startup", rounds=args.repeat * 3)
+            rows = startup.bench_startup(base / "startup", rounds=args.repeat * 3)
         finally:
             if not args.dir:
                 shutil.rmtree(base, ignore_errors=True)
-        print_startup(startup)
+        startup.print_startup(rows)
         published = report.load(NAME)
         if published is None:
             print("no published cli.json to add the start-up figures to: run the full benchmark once")
             return
         limits = {**published["limits"], "startup_s": LIMITS["startup_s"]}
-        results = {**published, "limits": limits, "startup": startup, "startup_machine": startup_machine()}
+        results = {**published, "limits": limits, "startup": rows, "startup_machine": startup.startup_machine()}
         report.publish(NAME, results, section(results), quick=args.quick)
         return
     n_agents = 1_000 if args.quick else 10_000
@@ -494,9 +420,9 @@ def main() -> None:
     t_start = time.perf_counter()
     results: dict = {"machine": machine(), "quick": args.quick, "limits": LIMITS}
     try:
-        results["startup"] = bench_startup(base / "startup", rounds=args.repeat * 3)
-        results["startup_machine"] = startup_machine()
-        print_startup(results["startup"])
+        results["startup"] = startup.bench_startup(base / "startup", rounds=args.repeat * 3)
+        results["startup_machine"] = startup.startup_machine()
+        startup.print_startup(results["startup"])
         big = base / "big"
         t0 = time.perf_counter()
         results["store"] = build_big_store(big, n_agents=n_agents, small_agents=n_gc)
@@ -606,29 +532,8 @@ def section(r: dict) -> str:
         "",
     ]
     if r.get("startup"):
-        out += startup_section(r["startup"], r.get("startup_machine") or r["machine"], lim["startup_s"])
+        out += startup.startup_section(r["startup"], r.get("startup_machine") or r["machine"], lim["startup_s"])
     return "\n".join(out)
-
-
-def startup_section(rows: dict, m: dict, limit: float) -> list[str]:
-    """The start-up table: each command as a fresh process, against the interpreter alone."""
-    load = f"; load average {', '.join(str(x) for x in m['load'])}" if m.get("load") else ""
-    out = [
-        "#### Start-up (issue 17)\n",
-        f"_{machine_line(m)}{load}; each a fresh process on a folder store of two agents, median of "
-        f"{next(iter(rows.values()))['rounds']} runs (min) after one warm-up round._\n",
-        "| command | median | min | over `python -c pass` | limit | |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for name, x in rows.items():
-        if name.startswith("python -c pass"):
-            out.append(f"| `{name}` | {x['median_s']:.3f} s | {x['min_s']:.3f} s | | | |")
-            continue
-        out.append(
-            f"| `{name}` | {x['median_s']:.3f} s | {x['min_s']:.3f} s | {x['over_python_s']:+.3f} s | "
-            f"< {limit:g} s | {report.verdict(x['median_s'], limit)} |"
-        )
-    return out + [""]
 
 
 if __name__ == "__main__":
