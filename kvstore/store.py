@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -277,18 +277,27 @@ class Store(StoreReads):
             self._writable()
         return fsck(self, repair=repair, grace=grace, progress=progress)
 
-    def gc(self, *, dry_run: bool = False, keep_last: int = 1, grace: float = 3600.0, progress: Progress = None):
+    def gc(
+        self,
+        *,
+        dry_run: bool = False,
+        keep_last: int = 1,
+        grace: float = 3600.0,
+        progress: Progress = None,
+        agents: Iterable[str] | None = None,
+    ):
         """Drop snapshots past the retention policy, then chunks and blobs nothing retained needs.
 
         Keeps each agent's last `keep_last` snapshots (and its head, and labelled or pinned ones);
-        blob files no row names are removed only once older than `grace` seconds (a save may be
-        writing them).
+        given `agents`, the policy applies to those agents only and every other agent keeps all its
+        snapshots. Blob files no row names are removed only once older than `grace` seconds (a save
+        may be writing them).
         """
         from kvstore.ops.gc import gc
 
         if not dry_run:
             self._writable()
-        return gc(self, dry_run=dry_run, keep_last=keep_last, grace=grace, progress=progress)
+        return gc(self, dry_run=dry_run, keep_last=keep_last, grace=grace, progress=progress, agents=agents)
 
     def discard_blob(self, blob_id: str) -> int:
         """Forget a damaged blob: its file and every index row naming it. Returns the rows removed.

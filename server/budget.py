@@ -62,19 +62,18 @@ class DiskBudget:
         """Drop least recently used conversations until the blobs fit; returns the names dropped."""
         if self.max_disk is None or self.store.readonly or self.used() <= self.max_disk:
             return []
-        self.store.gc(keep_last=1)  # first the conversations' superseded snapshots
+        fp = self.manager.fingerprint
+        conversations = [a for a in self.store.agents() if is_conversation(a, fp)]
+        # First the conversations' superseded snapshots; other agents in the store keep all of theirs.
+        self.store.gc(keep_last=1, agents=[a.name for a in conversations])
         if self.used() <= self.max_disk:
             return []
-        fp = self.manager.fingerprint
-        victims = sorted(
-            (a for a in self.store.agents() if is_conversation(a, fp) and a.name not in protect),
-            key=lambda a: (a.updated, a.name),
-        )
+        victims = sorted((a for a in conversations if a.name not in protect), key=lambda a: (a.updated, a.name))
         dropped: list[str] = []
         for info in victims:
             self.manager.delete(info.name)
             dropped.append(info.name)
-            self.store.gc(keep_last=1)
+            self.store.gc(keep_last=1, agents=[a.name for a in conversations])
             if self.used() <= self.max_disk:
                 break
         self.dropped += len(dropped)

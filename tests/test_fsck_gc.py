@@ -181,6 +181,22 @@ def test_one_gc_at_a_time(store):
     store.gc()
 
 
+def test_gc_of_named_agents_leaves_every_other_agents_snapshots(store):
+    """gc(agents=...) applies retention to those agents only (the server's disk budget trims its own
+    conversations, never the snapshots of a store's other agents)."""
+    for n, seed in ((2 * C, 10), (3 * C, 11)):
+        save(store, "mine", n, seed=seed)
+        save(store, "theirs", n, seed=seed + 10)
+    dry = store.gc(dry_run=True, keep_last=1, grace=0, agents=["mine", "not-an-agent"])
+    report = store.gc(keep_last=1, grace=0, agents=["mine", "not-an-agent"])
+    assert dry.snapshots_removed == report.snapshots_removed == 1
+    assert [s.n_tokens for s in store.snapshots("mine")] == [3 * C]
+    assert [s.n_tokens for s in store.snapshots("theirs")] == [2 * C, 3 * C]
+    assert store.gc(keep_last=1, grace=0, agents=[]).snapshots_removed == 0
+    assert store.gc(keep_last=1, grace=0).snapshots_removed == 1  # without agents: every agent
+    assert store.fsck().ok
+
+
 def test_keep_last_must_be_positive(store):
     with pytest.raises(ValueError, match="keep_last"):
         store.gc(keep_last=0)

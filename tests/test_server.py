@@ -439,7 +439,15 @@ def test_conversations_sharing_a_system_prompt_share_its_chunks(tmp_path, model_
 
 def test_disk_budget_holds_under_a_stream_of_new_conversations(tmp_path, model_path):
     budget = 450_000  # room for two of these conversations (~180 KB each), not three
-    srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--max-disk", str(budget)).start()
+    # An agent of the library in the same store: the budget trims conversations, never its snapshots.
+    import mlx.core as mx
+
+    from kvstore.testing import make_cache, tokens
+
+    with kvstore.open(new_store(tmp_path / "store")) as store:
+        for n in (TEST_CHUNK, 2 * TEST_CHUNK):
+            store.save("notes", make_cache("kv", n, mx.float16), tokens(n), model="ab" * 16)
+    srv = ServerProcess(model_path, tmp_path / "store", "--max-disk", str(budget)).start()
     try:
         client = srv.openai()
         names = []
@@ -459,6 +467,7 @@ def test_disk_budget_holds_under_a_stream_of_new_conversations(tmp_path, model_p
     with kvstore.open(srv.store) as store:
         kept = {a.name for a in store.agents()}
         assert names[-1] in kept and names[0] not in kept  # least recently used first
+        assert [s.n_tokens for s in store.snapshots("notes")] == [TEST_CHUNK, 2 * TEST_CHUNK]
         assert store.stats().bytes_on_disk <= budget
         assert store.fsck().ok
 

@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,8 +66,9 @@ def check_grace(grace) -> None:
         raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
 
 
-def doomed_snapshots_query(keep_last: int):
-    """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept."""
+def doomed_snapshots_query(keep_last: int, agents: list[str] | None = None):
+    """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept
+    (and, given `agents`, only those agents' snapshots)."""
     s, a = schema.snapshots, schema.agents
     newer = (
         select(func.count())
@@ -76,14 +77,25 @@ def doomed_snapshots_query(keep_last: int):
         .scalar_subquery()
     )
     heads = select(a.c.head).where(a.c.head.is_not(None))
+    whose = [s.c.agent_id.in_(select(a.c.id).where(a.c.name.in_(agents)))] if agents is not None else []
     return select(s.c.id).where(
         and_(
             newer >= keep_last,
             not_(s.c.id.in_(heads)),
             s.c.pinned == False,  # noqa: E712
             s.c.label.is_(None),
+            *whose,
         )
     )
+
+
+def doomed_snapshots(conn, keep_last: int, agents: Iterable[str] | None) -> list[int]:
+    """The ids doomed_snapshots_query finds, for every agent or for the named ones (in batches)."""
+    if agents is None:
+        return [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+    return [
+        r for part in batches(sorted(set(agents))) for (r,) in conn.execute(doomed_snapshots_query(keep_last, part))
+    ]
 
 
 # Both scans run in key order: SQLite then walks the key's own index and probes the referencing
@@ -101,15 +113,17 @@ def _unreferenced_blobs():
     return select(b.c.id, size).where(not_(b.c.id.in_(select(cl.c.blob_id)))).order_by(b.c.id)
 
 
-def gc(store: Store, dry_run: bool, keep_last: int, grace: float, progress=None) -> GcReport:
+def gc(
+    store: Store, dry_run: bool, keep_last: int, grace: float, progress=None, agents: Iterable[str] | None = None
+) -> GcReport:
     if not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be a whole number >= 1, not {keep_last!r}")
     check_grace(grace)
     t0 = time.perf_counter()
     with gc_lock(store):
         if dry_run:
-            return _dry_run(store, keep_last, grace, t0)
-        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store, keep_last))
+            return _dry_run(store, keep_last, grace, t0, agents)
+        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store, keep_last, agents))
         crash_point("gc.after_rows")
         files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
         temps = _sweep_temp(store, grace)
@@ -127,11 +141,11 @@ def gc(store: Store, dry_run: bool, keep_last: int, grace: float, progress=None)
     )
 
 
-def _drop_rows(store: Store, keep_last: int):
+def _drop_rows(store: Store, keep_last: int, agents: Iterable[str] | None):
     """Retention, then unreferenced chunks and blob rows, in one transaction: (snapshots, chunks, blobs) dropped."""
     with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
         restore_cache = _big_page_cache(conn)
-        doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+        doomed = doomed_snapshots(conn, keep_last, agents)
         for part in batches(doomed):
             conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
             conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
@@ -239,10 +253,10 @@ def _sweep_temp(store: Store, grace: float) -> int:
     return n
 
 
-def _dry_run(store: Store, keep_last: int, grace: float, t0: float) -> GcReport:
+def _dry_run(store: Store, keep_last: int, grace: float, t0: float, agents: Iterable[str] | None) -> GcReport:
     """What gc would remove, counted without changing anything."""
     with db.transaction(store.engine, write=False, what="planning gc") as conn:
-        doomed = [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
+        doomed = doomed_snapshots(conn, keep_last, agents)
         sc, cl, b = schema.snapshot_chunks, schema.chunk_layers, schema.blobs
         surviving = (
             select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else select(sc.c.chunk_key)
