@@ -80,11 +80,16 @@ def numpy_dtype(st: str):
 
 
 def host(a: mx.array) -> HostArray:
-    """A zero-copy numpy view of an evaluated mlx array (bf16 viewed as uint16)."""
-    if a.dtype not in _TO_ST:
-        raise TypeError(f"dtype {a.dtype} cannot be stored")
-    st = _TO_ST[a.dtype]
-    return HostArray(np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a), st)
+    """A zero-copy numpy view of an evaluated mlx array (bf16 viewed as uint16).
+
+    Through the buffer protocol where the array is C-contiguous, its own memory (a save takes
+    dozens at once: the uint16 view numpy needs otherwise is an MLX op and an evaluation each)."""
+    st = st_dtype(a)
+    try:
+        view, _flat = writable_view(a)
+    except (BufferError, TypeError):  # a strided view MLX made without copying
+        view = np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    return HostArray(view, st)
 
 
 def blocks(a: np.ndarray) -> list[memoryview]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from kvstore.blob.tensorfile import PAGE, numpy_dtype, st_dtype, st_name
+from kvstore.blob.tensorfile import PAGE, numpy_dtype, st_name, writable_view
 
 GROUP_BYTES = 64 << 20  # a qwen-0.5b 4096-token cache (48 MiB) in one buffer: one load instead of three
 ZEROS_BELOW = 16 << 20  # smaller requests are zero-filled: carving views costs more than writing them
@@ -176,8 +176,7 @@ class Placed:
 
 
 def _placed_from(a: mx.array) -> Placed:
-    flat = memoryview(a).cast("B")
-    host = np.frombuffer(flat, dtype=numpy_dtype(st_dtype(a))).reshape(a.shape)
+    host, flat = writable_view(a)
     return Placed(host, flat, lambda: a)
 
 

@@ -56,23 +56,12 @@ def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], int]:
     return {"k": leaf.keys, "v": leaf.values}, 0
 
 
-def _host(a: mx.array) -> tensorfile.HostArray:
-    """A zero-copy numpy view of an evaluated array: through the buffer protocol, without the uint16
-    view of bf16 that numpy needs otherwise (an MLX op, and an evaluation, per array)."""
-    try:
-        flat = memoryview(a).cast("B")
-    except (BufferError, TypeError):  # not contiguous (a view MLX made without copying): the slower way
-        return tensorfile.host(a)
-    dtype = tensorfile.st_dtype(a)
-    return tensorfile.HostArray(np.frombuffer(flat, dtype=tensorfile.numpy_dtype(dtype)).reshape(a.shape), dtype)
-
-
 def _host_arrays(slots, leaves, wanted: list[int]) -> dict[int, tuple[dict[str, tensorfile.HostArray], int]]:
     """Zero-copy host views of the wanted slots' arrays after one evaluation for all of them (an
     evaluation per layer costs ~0.07 ms, a millisecond or two of a small save)."""
     views = {s: _host_views(slots[s], leaves[s]) for s in wanted}
     mx.eval([a for named, _lo in views.values() for a in named.values()])
-    return {s: ({n: _host(a) for n, a in named.items()}, lo) for s, (named, lo) in views.items()}
+    return {s: ({n: tensorfile.host(a) for n, a in named.items()}, lo) for s, (named, lo) in views.items()}
 
 
 def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
@@ -207,13 +196,10 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
     blobs = [_encoded(group, slots, model) for group in groups]
     puts = []
     for b in blobs:
-        if any(f.done() and f.exception() is not None for f in puts):
-            break  # a write failed: start no more, raise it below
+        if failed.is_set():
+            break  # a write failed: start no more (it set `copied`), raise it below
         puts.append(store.io.submit(put, b))
     pending = gather(puts)
-    if len(puts) < len(groups):
-        pending.exception()  # every started write has ended
-        pending.result()  # the failed one's error
     copied.wait()
     if failed.is_set():  # raised here, once every started write has ended, before any blob id is relied on
         pending.exception()
