@@ -114,6 +114,9 @@ class SeaweedFS:
             "-master.telemetry=false",
             "-volume.max=0",
             "-master.volumeSizeLimitMB=256",
+            # weed's default floor is 1% of the disk (2.5 GB of 252 GB) before every volume turns read-only
+            # and PUTs answer 500; a throwaway test server writes megabytes, so a small absolute floor.
+            "-volume.minFreeSpace=256MiB",
         ]
         self.log = open(self.root / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -21,6 +21,7 @@ llama "base" model (random weights: speeds are real, replies are not).
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import socket
 import statistics
@@ -303,9 +304,13 @@ def main() -> None:
                     tot["prompt_tokens"] += res["prompt_tokens"]
                     tot["seconds"] += res["seconds"]
                     tot["requests"] += 1
+    except BaseException:
+        print(f"bench_serve failed; the servers' logs and store are kept in {work}", file=sys.stderr)
+        raise
     finally:
         for s in servers:
             s.stop()
+    shutil.rmtree(work, ignore_errors=True)  # the store, several hundred MB; kept only when the run failed
 
     def med(rows, who, key="ttft"):
         return statistics.median(row[who][key] for row in rows)
