@@ -366,9 +366,9 @@ def test_binding_off_loopback_needs_an_api_key(tmp_path, model_path):
 # -- crash safety, sharing, budget, disconnects ------------------------------------------------
 
 
-def conversation(client, model: str, turns: int, **kw) -> list[tuple[str, object]]:
+def conversation(client, model: str, turns: int, system: str = SYSTEM, **kw) -> list[tuple[str, object]]:
     """`turns` turns of one conversation; returns (reply text, usage) per turn."""
-    msgs = [{"role": "system", "content": SYSTEM}]
+    msgs = [{"role": "system", "content": system}]
     out = []
     for i in range(turns):
         msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
@@ -381,23 +381,44 @@ def conversation(client, model: str, turns: int, **kw) -> list[tuple[str, object
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "seeded"])
 def test_sigkill_then_restart_gives_the_uninterrupted_reply(tmp_path, model_path, sampling):
-    ref = ServerProcess(model_path, new_store(tmp_path / "ref")).start()
+    crash_and_resume(tmp_path, model_path, sampling)
+
+
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory) -> str:
+    from kvstore.builtin_models import builtin_model_path
+
+    return str(builtin_model_path(arch="gemma3", size="tiny", root=tmp_path_factory.mktemp("gemma")))
+
+
+def test_a_sliding_window_model_resumes_after_sigkill_with_the_uninterrupted_reply(tmp_path, gemma_path):
+    # gemma3 tiny: three of its four layers keep a 64-token window, which the conversation has passed
+    # long before the kill; the restore rebuilds those windows from stored chunks.
+    system = "You are a careful assistant who checks every step twice before answering. " * 4
+    usage = crash_and_resume(tmp_path, gemma_path, {}, system=system)
+    assert usage.prompt_tokens > 2 * 64
+
+
+def crash_and_resume(tmp_path, model: str, sampling: dict, system: str = SYSTEM):
+    """Two turns, SIGKILL, restart: the third turn resumes from disk and answers as a server that was never
+    killed does. Returns its usage."""
+    ref = ServerProcess(model, new_store(tmp_path / "ref")).start()
     try:
-        expected = conversation(ref.openai(), model_path, 3, **sampling)
+        expected = conversation(ref.openai(), model, 3, system=system, **sampling)
     finally:
         ref.stop()
-    srv = ServerProcess(model_path, new_store(tmp_path / "crash")).start()
+    srv = ServerProcess(model, new_store(tmp_path / "crash")).start()
     client = srv.openai()
-    msgs = [{"role": "system", "content": SYSTEM}]
+    msgs = [{"role": "system", "content": system}]
     for i in range(2):
         msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
-        r = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=10, **sampling)
+        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=10, **sampling)
         msgs.append({"role": "assistant", "content": r.choices[0].message.content})
     assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
     srv.start()
     try:
         msgs.append({"role": "user", "content": "Question number 2: what next?"})
-        r = srv.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10, **sampling)
+        r = srv.openai().chat.completions.create(model=model, messages=msgs, max_tokens=10, **sampling)
         ext = r.usage.model_extra["kvstore"]
         assert r.usage.prompt_tokens_details.cached_tokens > 0 and ext["cached_disk_tokens"] > 0
         assert ext["cached_ram_tokens"] == 0
@@ -409,6 +430,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_reply(tmp_path, model_path
         assert srv.stop() == 0
     with kvstore.open(srv.store) as store:
         assert store.fsck().ok
+    return r.usage
 
 
 def test_conversations_sharing_a_system_prompt_share_its_chunks(tmp_path, model_path):
