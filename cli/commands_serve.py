@@ -29,6 +29,13 @@ def _size(ctx, param, value):
     metavar="FOLDER|HF-ID|NAME",
     help="The model: a folder, a Hugging Face id, smollm2-135m-instruct or builtin.",
 )
+@click.option(
+    "--alias",
+    "aliases",
+    multiple=True,
+    metavar="NAME",
+    help="Another name requests may give as their model (repeatable), e.g. one a client has built in.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (off loopback needs --api-key).")
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option(
@@ -75,6 +82,7 @@ def _size(ctx, param, value):
 def serve(
     ref: StoreRef,
     model: str,
+    aliases: tuple[str, ...],
     host: str,
     port: int,
     api_key: str | None,
@@ -109,6 +117,7 @@ def serve(
     config = ServerConfig(
         model=model,
         model_id=model_id,
+        aliases=aliases,
         store=ref.location,
         blobs=ref.blobs,
         host=host,

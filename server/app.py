@@ -72,25 +72,23 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     async def health():
         return {"status": "ok", "model": st.model_id, "queued": st.worker.queued()}
 
+    def model_entry(name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(st.started),
+            "owned_by": "kvstore",
+            "context_length": st.context_length,
+        }
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": st.model_id,
-                    "object": "model",
-                    "created": int(st.started),
-                    "owned_by": "kvstore",
-                    "context_length": st.context_length,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_entry(name) for name in (st.model_id, *st.aliases)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         st.check_model(model_id)
-        return {"id": st.model_id, "object": "model", "created": int(st.started), "owned_by": "kvstore"}
+        return model_entry(model_id if model_id in st.aliases else st.model_id)
 
     @app.get("/v1/cache/stats")
     async def cache_stats(request: Request):

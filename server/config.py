@@ -51,6 +51,8 @@ class ServerConfig:
         max_body_bytes: larger request bodies are refused with 413.
         keepalive_seconds: a streaming response sends a keep-alive this often while it waits.
         model_id: the name /v1/models lists and requests must use (None: from `model`).
+        aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
+            /v1/models lists them after model_id.
     """
 
     model: Any
@@ -67,6 +69,7 @@ class ServerConfig:
     max_body_bytes: int = 16 << 20
     keepalive_seconds: float = 5.0
     model_id: str | None = None
+    aliases: tuple[str, ...] = ()
     chunk_size: int | None = None
 
     def check(self) -> None:
@@ -77,6 +80,9 @@ class ServerConfig:
             )
         if self.max_disk is not None and self.max_disk <= 0:
             raise ValueError("--max-disk must be more than 0 bytes")
+        for alias in self.aliases:
+            if not alias.strip() or alias != alias.strip() or any(ord(ch) < 32 for ch in alias):
+                raise ValueError(f"--alias {alias!r} is not a model name (no blanks around it, no control characters)")
         if self.max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if not 0 < self.port < 65536:

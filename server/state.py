@@ -86,7 +86,8 @@ class ServerState:
         names = {self.model_id, handle.name}
         if handle.path is not None:
             names |= {str(handle.path), Path(handle.path).name}
-        self.model_names = names
+        self.aliases = [a for a in dict.fromkeys(c.aliases) if a != self.model_id]
+        self.model_names = names | set(self.aliases)
         self.budget = DiskBudget(self.store, self.manager, c.max_disk, c.min_free_disk)
         self.conversations = Conversations(self.manager, self.budget)
         if not self.budget.check_floor():

@@ -131,6 +131,43 @@ def test_models_and_health(server, model_path):
     assert health["status"] == "ok" and health["model"] == model_path
 
 
+def test_aliases_name_the_model_for_clients_that_ask_for_another(tmp_path, model_path):
+    srv = ServerProcess(model_path, new_store(tmp_path / "s"), "--alias", "gpt-4o-mini", "--alias", "claude-x").start()
+    try:
+        client = srv.openai()
+        assert [m.id for m in client.models.list()] == [model_path, "gpt-4o-mini", "claude-x"]
+        assert client.models.retrieve("claude-x").id == "claude-x"
+        r = client.chat.completions.create(model="gpt-4o-mini", messages=chat("gpt-4o-mini", "Hi."), max_tokens=3)
+        assert r.usage.completion_tokens == 3
+        m = srv.anthropic().messages.create(
+            model="claude-x", max_tokens=3, messages=[{"role": "user", "content": "Hi."}]
+        )
+        assert m.usage.output_tokens == 3
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=chat("gpt-4o", "Hi."), max_tokens=3)
+        assert e.value.body["code"] == "model_not_found"
+    finally:
+        assert srv.stop() == 0
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvstore.server",
+            "--model",
+            model_path,
+            "--store",
+            str(tmp_path / "t"),
+            "--alias",
+            " x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--alias ' x'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "t").exists()
+
+
 def test_chat_next_turn_reports_cached_tokens(server, model_path):
     client = server.openai()
     first = client.chat.completions.create(
