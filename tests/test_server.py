@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai and anthropic SDKs are built on
 import pytest
-from conftest import TEST_CHUNK
+from conftest import PG_URL, S3_URL, TEST_CHUNK
 
 import kvstore
 
@@ -31,10 +32,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m kvstore.server` on a free loopback port, its log in a file."""
 
-    def __init__(self, model: str, store: Path, *args: str, log: Path | None = None):
-        self.model, self.store, self.args = model, store, list(args)
+    def __init__(self, model: str, store: Path | str, *args: str, log: Path | None = None, env: dict | None = None):
+        self.model, self.store, self.args, self.env = model, store, list(args), env
         self.port = free_port()
-        self.log = log or store.parent / f"server-{self.port}.log"
+        self.log = log or Path(store).parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -57,7 +58,8 @@ class ServerProcess:
             *self.args,
         ]
         self._log = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        env = None if self.env is None else {**os.environ, **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -439,11 +441,7 @@ def test_a_sliding_window_model_resumes_after_sigkill_with_the_uninterrupted_rep
 def crash_and_resume(tmp_path, model: str, sampling: dict, system: str = SYSTEM):
     """Two turns, SIGKILL, restart: the third turn resumes from disk and answers as a server that was never
     killed does. Returns its usage."""
-    ref = ServerProcess(model, new_store(tmp_path / "ref")).start()
-    try:
-        expected = conversation(ref.openai(), model, 3, system=system, **sampling)
-    finally:
-        ref.stop()
+    expected = reference_replies(tmp_path, model, 3, system=system, **sampling)
     srv = ServerProcess(model, new_store(tmp_path / "crash")).start()
     client = srv.openai()
     msgs = [{"role": "system", "content": system}]
@@ -468,6 +466,49 @@ def crash_and_resume(tmp_path, model: str, sampling: dict, system: str = SYSTEM)
     with kvstore.open(srv.store) as store:
         assert store.fsck().ok
     return r.usage
+
+
+@pytest.mark.postgres
+@pytest.mark.s3
+@pytest.mark.skipif(not (PG_URL and S3_URL), reason="needs PostgreSQL and S3 (.ci/run starts both)")
+def test_a_team_store_on_postgresql_and_s3_resumes_a_killed_server_on_an_empty_disk_tier(tmp_path, model_path):
+    from conftest import s3_store_args
+
+    expected = reference_replies(tmp_path, model_path, 3)
+    index, kw = s3_store_args(tmp_path)  # the index in a fresh PostgreSQL database, the blobs under an S3 prefix
+    kvstore.open(index, blobs=kw["blobs"], cache_dir=tmp_path / "tier-a", chunk_size=TEST_CHUNK).close()
+
+    def server(tier: str) -> ServerProcess:  # as on one machine of the team: its own disk tier
+        env = {"KVSTORE_CACHE_DIR": str(tmp_path / tier)}
+        return ServerProcess(model_path, index, "--blobs", kw["blobs"], log=tmp_path / f"{tier}.log", env=env)
+
+    srv = server("tier-a").start()
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for i in range(2):
+        msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
+        r = srv.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
+        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+    assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
+    other = server("tier-b").start()  # another machine: nothing on its disk, everything in the bucket
+    try:
+        msgs.append({"role": "user", "content": "Question number 2: what next?"})
+        r = other.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
+        assert r.usage.model_extra["kvstore"]["cached_disk_tokens"] > 0
+        assert r.choices[0].message.content == expected[2][0]
+    finally:
+        assert other.stop() == 0
+    assert any((tmp_path / "tier-b").rglob("*.safetensors"))  # fetched from the bucket into the empty tier
+    with kvstore.open(index, blobs=kw["blobs"], cache_dir=tmp_path / "tier-c") as store:
+        assert store.fsck().ok
+
+
+def reference_replies(tmp_path, model: str, turns: int, **kw) -> list[tuple[str, object]]:
+    """conversation() on a server of its own that nothing interrupts."""
+    ref = ServerProcess(model, new_store(tmp_path / "ref")).start()
+    try:
+        return conversation(ref.openai(), model, turns, **kw)
+    finally:
+        ref.stop()
 
 
 def test_conversations_sharing_a_system_prompt_share_its_chunks(tmp_path, model_path):
