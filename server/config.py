@@ -81,7 +81,7 @@ class ServerConfig:
         if self.max_disk is not None and self.max_disk <= 0:
             raise ValueError("--max-disk must be more than 0 bytes")
         for alias in self.aliases:
-            if not alias.strip() or alias != alias.strip() or any(ord(ch) < 32 for ch in alias):
+            if not alias or alias != alias.strip() or not alias.isprintable():
                 raise ValueError(f"--alias {alias!r} is not a model name (no blanks around it, no control characters)")
         if self.max_resident < 1:
             raise ValueError("max_resident must be at least 1")

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai and anthropic SDKs are built on
 import pytest
-from conftest import PG_URL, S3_URL, TEST_CHUNK
+from conftest import TEST_CHUNK
+from server_process import ServerProcess, chat, new_store, tiny_model
 
 import kvstore
 
@@ -23,84 +21,9 @@ openai = pytest.importorskip("openai")
 KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m kvstore.server` on a free loopback port, its log in a file."""
-
-    def __init__(self, model: str, store: Path | str, *args: str, log: Path | None = None, env: dict | None = None):
-        self.model, self.store, self.args, self.env = model, store, list(args), env
-        self.port = free_port()
-        self.log = log or Path(store).parent / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> ServerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvstore.server",
-            "--model",
-            self.model,
-            "--store",
-            str(self.store),
-            "--port",
-            str(self.port),
-            "--min-free-disk",
-            "0",
-            *self.args,
-        ]
-        self._log = open(self.log, "ab")
-        env = None if self.env is None else {**os.environ, **self.env}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not start:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        self._log.close()
-        self.proc = None
-        return rc
-
-    def openai(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def anthropic(self, key: str = "none") -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, timeout=120)
-
-    def stats(self, **headers) -> dict:
-        return httpx.get(self.url + "/v1/cache/stats", headers=headers, timeout=60).json()
-
-
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> str:
-    from kvstore.builtin_models import builtin_model_path
-
-    return str(builtin_model_path(arch="llama", size="tiny", root=tmp_path_factory.mktemp("models")))
-
-
-def new_store(path: Path) -> Path:
-    kvstore.open(path, chunk_size=TEST_CHUNK).close()  # small chunks: short prompts span several
-    return path
+    return tiny_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +33,6 @@ def server(tmp_path_factory, model_path):
     assert srv.stop() == 0
     with kvstore.open(srv.store) as store:
         assert store.fsck().ok
-
-
-SYSTEM = "You are a careful assistant. " * 6
-
-
-def chat(model: str, *turns: str) -> list[dict]:
-    msgs = [{"role": "system", "content": SYSTEM}]
-    for i, t in enumerate(turns):
-        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
-    return msgs
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
@@ -402,113 +315,7 @@ def test_binding_off_loopback_needs_an_api_key(tmp_path, model_path):
     assert not (tmp_path / "s").exists()  # refused before anything was opened
 
 
-# -- crash safety, sharing, budget, disconnects ------------------------------------------------
-
-
-def conversation(client, model: str, turns: int, system: str = SYSTEM, **kw) -> list[tuple[str, object]]:
-    """`turns` turns of one conversation; returns (reply text, usage) per turn."""
-    msgs = [{"role": "system", "content": system}]
-    out = []
-    for i in range(turns):
-        msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
-        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=10, **kw)
-        text = r.choices[0].message.content
-        msgs.append({"role": "assistant", "content": text})
-        out.append((text, r.usage))
-    return out
-
-
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "seed": 3}], ids=["greedy", "seeded"])
-def test_sigkill_then_restart_gives_the_uninterrupted_reply(tmp_path, model_path, sampling):
-    crash_and_resume(tmp_path, model_path, sampling)
-
-
-@pytest.fixture(scope="module")
-def gemma_path(tmp_path_factory) -> str:
-    from kvstore.builtin_models import builtin_model_path
-
-    return str(builtin_model_path(arch="gemma3", size="tiny", root=tmp_path_factory.mktemp("gemma")))
-
-
-def test_a_sliding_window_model_resumes_after_sigkill_with_the_uninterrupted_reply(tmp_path, gemma_path):
-    # gemma3 tiny: three of its four layers keep a 64-token window, which the conversation has passed
-    # long before the kill; the restore rebuilds those windows from stored chunks.
-    system = "You are a careful assistant who checks every step twice before answering. " * 4
-    usage = crash_and_resume(tmp_path, gemma_path, {}, system=system)
-    assert usage.prompt_tokens > 2 * 64
-
-
-def crash_and_resume(tmp_path, model: str, sampling: dict, system: str = SYSTEM):
-    """Two turns, SIGKILL, restart: the third turn resumes from disk and answers as a server that was never
-    killed does. Returns its usage."""
-    expected = reference_replies(tmp_path, model, 3, system=system, **sampling)
-    srv = ServerProcess(model, new_store(tmp_path / "crash")).start()
-    client = srv.openai()
-    msgs = [{"role": "system", "content": system}]
-    for i in range(2):
-        msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
-        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=10, **sampling)
-        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
-    assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
-    srv.start()
-    try:
-        msgs.append({"role": "user", "content": "Question number 2: what next?"})
-        r = srv.openai().chat.completions.create(model=model, messages=msgs, max_tokens=10, **sampling)
-        ext = r.usage.model_extra["kvstore"]
-        assert r.usage.prompt_tokens_details.cached_tokens > 0 and ext["cached_disk_tokens"] > 0
-        assert ext["cached_ram_tokens"] == 0
-        assert r.choices[0].message.content == expected[2][0]
-        assert r.usage.completion_tokens == expected[2][1].completion_tokens
-        assert r.usage.prompt_tokens == expected[2][1].prompt_tokens
-        assert ext["prefilled_tokens"] == expected[2][1].model_extra["kvstore"]["prefilled_tokens"]
-    finally:
-        assert srv.stop() == 0
-    with kvstore.open(srv.store) as store:
-        assert store.fsck().ok
-    return r.usage
-
-
-@pytest.mark.postgres
-@pytest.mark.s3
-@pytest.mark.skipif(not (PG_URL and S3_URL), reason="needs PostgreSQL and S3 (.ci/run starts both)")
-def test_a_team_store_on_postgresql_and_s3_resumes_a_killed_server_on_an_empty_disk_tier(tmp_path, model_path):
-    from conftest import s3_store_args
-
-    expected = reference_replies(tmp_path, model_path, 3)
-    index, kw = s3_store_args(tmp_path)  # the index in a fresh PostgreSQL database, the blobs under an S3 prefix
-    kvstore.open(index, blobs=kw["blobs"], cache_dir=tmp_path / "tier-a", chunk_size=TEST_CHUNK).close()
-
-    def server(tier: str) -> ServerProcess:  # as on one machine of the team: its own disk tier
-        env = {"KVSTORE_CACHE_DIR": str(tmp_path / tier)}
-        return ServerProcess(model_path, index, "--blobs", kw["blobs"], log=tmp_path / f"{tier}.log", env=env)
-
-    srv = server("tier-a").start()
-    msgs = [{"role": "system", "content": SYSTEM}]
-    for i in range(2):
-        msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
-        r = srv.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
-        msgs.append({"role": "assistant", "content": r.choices[0].message.content})
-    assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
-    other = server("tier-b").start()  # another machine: nothing on its disk, everything in the bucket
-    try:
-        msgs.append({"role": "user", "content": "Question number 2: what next?"})
-        r = other.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
-        assert r.usage.model_extra["kvstore"]["cached_disk_tokens"] > 0
-        assert r.choices[0].message.content == expected[2][0]
-    finally:
-        assert other.stop() == 0
-    assert any((tmp_path / "tier-b").rglob("*.safetensors"))  # fetched from the bucket into the empty tier
-    with kvstore.open(index, blobs=kw["blobs"], cache_dir=tmp_path / "tier-c") as store:
-        assert store.fsck().ok
-
-
-def reference_replies(tmp_path, model: str, turns: int, **kw) -> list[tuple[str, object]]:
-    """conversation() on a server of its own that nothing interrupts."""
-    ref = ServerProcess(model, new_store(tmp_path / "ref")).start()
-    try:
-        return conversation(ref.openai(), model, turns, **kw)
-    finally:
-        ref.stop()
+# -- sharing, budget, disconnects, SIGTERM (SIGKILL and restarts: test_server_restarts.py) ---------
 
 
 def test_conversations_sharing_a_system_prompt_share_its_chunks(tmp_path, model_path):

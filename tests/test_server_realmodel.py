@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_server import ServerProcess, new_store
+from server_process import ServerProcess, new_store
 
 REAL_MODEL = "smollm2-135m-instruct"
 
