@@ -34,6 +34,6 @@ def parse_size(text: str | int | None) -> int | None:
     m = _SIZE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(
-            f"not a size: {text!r} (a number of bytes with an optional unit: 512M, 10G, 1.5GiB = binary; 20GB = 10^9)"
+            f"not a size: {text!r} (bytes, or with a unit: 512M, 10G and 1.5GiB are binary, 20GB is 20 x 10^9)"
         )
     return int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()])
