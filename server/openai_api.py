@@ -41,7 +41,6 @@ class _Sampling(BaseModel):
         if self.n != 1:
             raise RequestError(400, "n must be 1: this server generates one choice per request", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        stop = stop_strings(stop, param="stop", max_count=OPENAI_MAX_STOPS)
         return GenerationOptions(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
             temp=self.temperature or 0.0,
@@ -50,7 +49,7 @@ class _Sampling(BaseModel):
             min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
-            stop=stop,
+            stop=stop_strings(stop, param="stop", max_count=OPENAI_MAX_STOPS),
             tools=tools,
             chat_template_kwargs=template_kwargs,
         )
