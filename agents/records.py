@@ -44,6 +44,8 @@ class GenerationOptions:
             raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be non-empty strings")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1 (MLX's seed), not {self.seed!r}")
 
 
 @dataclass(frozen=True)

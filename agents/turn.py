@@ -17,6 +17,7 @@ from kvstore.cache import codec
 from kvstore.cache.capture import Capture
 
 from .records import GenerationOptions, Reply
+from .stops import StopScan
 
 Progress = Callable[[int, int], None] | None
 
@@ -193,34 +194,6 @@ def sampling(options: GenerationOptions) -> tuple[Callable, list]:
     return sampler, make_logits_processors(repetition_penalty=options.repetition_penalty)
 
 
-class _StopScan:
-    """Holds back text that could be the start of a stop string, and cuts the text at the first one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.pending = ""
-        self.hit: str | None = None  # the stop string that ended the text
-
-    def feed(self, segment: str) -> str:
-        """The text that is safe to hand out after `segment` arrived."""
-        if not self.stops:
-            return segment
-        self.pending += segment
-        found = [(i, s) for s, i in ((s, self.pending.find(s)) for s in self.stops) if i >= 0]
-        if found:
-            cut, self.hit = min(found)
-            out, self.pending = self.pending[:cut], ""
-            return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 def generate(
     model: Any,
     tokenizer: Any,
@@ -242,7 +215,7 @@ def generate(
     opts = state.options
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    scan = _StopScan(opts.stop)
+    scan = StopScan(opts.stop)
     sampler, processors = sampling(opts)
     state.tokens, state.first, state.finish, state.text = [], None, "length", ""
     steps = generate_step(

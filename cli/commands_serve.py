@@ -14,7 +14,7 @@ from .main import StoreRef, pass_store
 def _size(ctx, param, value):
     if value is None:
         return None
-    from kvstore.server.config import parse_size  # kvstore.server.config imports nothing heavy
+    from kvstore.sizes import parse_size
 
     try:
         return parse_size(value)

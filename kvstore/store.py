@@ -429,7 +429,8 @@ def open(
 
 def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, timeout, readonly, io_threads) -> Store:
     """A store whose index is a database URL or a folder's index.db and whose blobs are in a bucket."""
-    from kvstore.blob.s3 import S3Blobs, parse_size
+    from kvstore.blob.s3 import S3Blobs
+    from kvstore.sizes import parse_size
 
     target = os.fspath(default_home() if index is None else index)
     if "://" not in target:  # a folder holds the SQLite index (one machine); the bucket holds the blobs

@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .config import ServerConfig, parse_size
+from kvstore.sizes import parse_size
+
+from .config import ServerConfig
 
 # Loaded on first use (PEP 562): FastAPI and mlx stay out of `kvstore --help` and of ServerConfig users.
 _LAZY = {"create_app": ".app", "serve": ".run"}

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvstore.agents import GenerationOptions
 
 from .conversations import TurnResult
+from .validate import MAX_STOP_SEQUENCES, stop_strings
 
 
 class MessagesRequest(BaseModel):
@@ -27,7 +28,7 @@ class MessagesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    seed: int | None = None  # an extension (Anthropic's API has none): repeatable sampling
+    seed: int | None = Field(None, ge=0, lt=2**64)  # an extension (Anthropic's API has none): repeatable sampling
 
     def options(self, tools: list[dict] | None) -> GenerationOptions:
         return GenerationOptions(
@@ -36,7 +37,9 @@ class MessagesRequest(BaseModel):
             top_p=self.top_p or 0.0,
             top_k=self.top_k or 0,
             seed=self.seed,
-            stop=tuple(s for s in self.stop_sequences or () if s),
+            stop=stop_strings(
+                [s for s in self.stop_sequences or () if s], param="stop_sequences", max_count=MAX_STOP_SEQUENCES
+            ),
             tools=tools,
         )
 

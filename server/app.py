@@ -101,6 +101,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
             body = await request.json()
         except ValueError:
             raise RequestError(400, "the request body is not valid JSON") from None
+        except RecursionError:  # json's parser recurses once per level (issue 25)
+            raise RequestError(400, "the request body is nested too deeply to parse") from None
         if not isinstance(body, dict) or ("messages" in body) == ("prompt" in body):
             raise RequestError(400, "give either messages (a chat) or prompt (a completion)")
         if "messages" in body:

@@ -255,5 +255,6 @@ class Conversations:
         for name in names:
             self.manager.delete(name)
             self._index(name, None)
-        report = self.store.gc(keep_last=1) if names and not self.store.readonly else None
+        # Retention for this server's conversations only: other agents of the store keep every snapshot.
+        report = self.store.gc(keep_last=1, agents=names) if names and not self.store.readonly else None
         return {"deleted": len(names), "bytes_freed": report.bytes_freed if report else 0}

@@ -13,6 +13,7 @@ from kvstore.agents import GenerationOptions
 
 from .conversations import TurnResult
 from .errors import RequestError
+from .validate import OPENAI_MAX_STOPS, stop_strings
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -29,7 +30,7 @@ class _Sampling(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)  # MLX seeds with an unsigned 64-bit integer
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -40,8 +41,6 @@ class _Sampling(BaseModel):
         if self.n != 1:
             raise RequestError(400, "n must be 1: this server generates one choice per request", param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise RequestError(400, "stop: up to 4 non-empty strings", param="stop")
         return GenerationOptions(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
             temp=self.temperature or 0.0,
@@ -50,7 +49,7 @@ class _Sampling(BaseModel):
             min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
-            stop=tuple(stop),
+            stop=stop_strings(stop, param="stop", max_count=OPENAI_MAX_STOPS),
             tools=tools,
             chat_template_kwargs=template_kwargs,
         )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
 from kvstore.agents import turn as turn_mod
 
 from .errors import RequestError
+from .validate import assistant_tool_calls
 
 
 def text_of(content: Any, where: str) -> str:
@@ -31,22 +31,14 @@ def text_of(content: Any, where: str) -> str:
     raise RequestError(400, f"{where}: content must be a string or a list of text parts", param=where)
 
 
-def _arguments(value: Any) -> Any:
-    """Tool-call arguments as the templates expect them: a mapping, not a JSON string."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
-
-
 def openai_messages(messages: list[dict]) -> list[dict]:
     """OpenAI chat messages as template messages (developer is system; tool-call arguments parsed)."""
     if not messages:
         raise RequestError(400, "messages must not be empty", param="messages")
     out = []
     for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(400, f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
         role = m.get("role")
         if role == "developer":
             role = "system"
@@ -58,15 +50,7 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             )
         msg: dict = {"role": role, "content": text_of(m.get("content"), f"messages[{i}].content")}
         if role == "assistant" and m.get("tool_calls"):
-            msg["tool_calls"] = [
-                dict(
-                    tc,
-                    function=dict(
-                        tc.get("function") or {}, arguments=_arguments((tc.get("function") or {}).get("arguments"))
-                    ),
-                )
-                for tc in m["tool_calls"]
-            ]
+            msg["tool_calls"] = assistant_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         if role == "tool":
             for k in ("tool_call_id", "name"):
                 if m.get(k) is not None:

@@ -16,6 +16,7 @@ from .prompts import anthropic_messages, anthropic_tools, render_chat, split_too
 from .routes_openai import STREAM_HEADERS
 from .sse import HeldBack, frame, turn_frames
 from .state import ServerState, as_request_error
+from .validate import conversation_header
 
 router = APIRouter()
 
@@ -30,7 +31,7 @@ async def messages(body: an.MessagesRequest, request: Request):
     prompt = await asyncio.to_thread(
         render_chat, st.tokenizer, msgs, tools, None, st.context_length, options.max_tokens
     )
-    turn = TurnRequest(prompt, msgs, options, request.headers.get("x-kvstore-agent"), kind="messages")
+    turn = TurnRequest(prompt, msgs, options, conversation_header(request), kind="messages")
     job = st.submit(lambda job: st.conversations.run(turn, job))
     mid = an.new_id()
     if body.stream:

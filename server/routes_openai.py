@@ -14,6 +14,7 @@ from .errors import RequestError, openai_body
 from .prompts import encode_prompt, openai_messages, render_chat, split_tool_calls, tool_call_start
 from .sse import DONE, HeldBack, comment, frame, turn_frames
 from .state import ServerState, as_request_error
+from .validate import conversation_header
 
 router = APIRouter()
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -34,7 +35,7 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
     prompt = await asyncio.to_thread(
         render_chat, st.tokenizer, messages, tools, body.chat_template_kwargs, st.context_length, options.max_tokens
     )
-    turn = TurnRequest(prompt, messages, options, request.headers.get("x-kvstore-agent"), kind="chat")
+    turn = TurnRequest(prompt, messages, options, conversation_header(request), kind="chat")
     job = st.submit(lambda job: st.conversations.run(turn, job))
     rid = oa.new_id("chatcmpl")
     if body.stream:
@@ -97,7 +98,7 @@ async def completions(body: oa.CompletionRequest, request: Request):
         prompt,
         [{"role": "prompt", "content": text}],
         options,
-        request.headers.get("x-kvstore-agent"),
+        conversation_header(request),
         kind="completion",
     )
     job = st.submit(lambda job: st.conversations.run(turn, job))

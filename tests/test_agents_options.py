@@ -94,6 +94,8 @@ def test_tools_and_template_kwargs_reach_the_chat_template(handle, tmp_path):
         dict(top_k=-1),
         dict(repetition_penalty=0.0),
         dict(stop=[""]),
+        dict(seed=-1),  # MLX's seed is an unsigned 64-bit integer: these raised TypeError mid-turn (issue 25)
+        dict(seed=2**64),
     ],
 )
 def test_bad_options_are_refused(bad):

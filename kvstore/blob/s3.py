@@ -478,18 +478,3 @@ def default_tier_dir(loc: S3Location) -> Path:
     root = os.environ.get("KVSTORE_CACHE_DIR") or Path.home() / ".cache" / "kvstore"
     tag = hashlib.sha256(f"{loc.endpoint or ''}|{loc.bucket}|{loc.prefix}".encode()).hexdigest()[:16]
     return Path(root) / "blobs" / f"{loc.bucket}-{tag}"
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'10G', '512M', '0', 1073741824 → bytes; None stays None."""
-    if text is None or isinstance(text, int):
-        return text
-    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if scale > 1 else t)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 10G, 512M, 0)") from None
-    if value < 0:
-        raise ValueError(f"a size must be >= 0, not {text!r}")
-    return int(value * scale)
