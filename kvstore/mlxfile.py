@@ -84,7 +84,8 @@ def _offset(path: Path, i: int, array: Any) -> int:
 
     if array.size != 1 or not mx.issubdtype(array.dtype, mx.integer):
         raise MlxCacheFileError(
-            f"{path} layer {i}: its offset is a {array.dtype} array of shape {tuple(array.shape)}, not one whole number"
+            f"{path} layer {i}: its offset is an array of {str(array.dtype).removeprefix('mlx.core.')} "
+            f"of shape {tuple(array.shape)}, not one whole number"
         )
     return int(array.reshape(-1)[0].item())
 
