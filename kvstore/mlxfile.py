@@ -65,16 +65,23 @@ class MlxImport:
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's arrays and metadata. safetensors checks the header (every tensor's bytes in the file,
+    none overlapping); MLX reads the arrays (safetensors' numpy path has no bfloat16, the dtype of most
+    mlx-lm models' caches)."""
+    import mlx.core as mx
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="mlx") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+            names = set(f.keys())
+        arrays, _meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise MlxCacheFileError(f"{path} is not a safetensors file: {e}") from None
+    if set(arrays) != names:
+        raise MlxCacheFileError(f"{path} is not a safetensors file kvstore can read (its tensors differ by reader)")
     return arrays, meta
 
 
@@ -150,7 +157,8 @@ def _model_of(model: Any) -> tuple[Any, str]:
     if isinstance(model, (str, os.PathLike)):
         from mlx_lm import load
 
-        return load(str(model))[0], fingerprint(model)
+        fp = fingerprint(model)  # first: a folder that does not exist is an error, not a hub download
+        return load(str(model))[0], fp
     if isinstance(model, (tuple, list)) and model:
         return model[0], fingerprint(model[0])
     handle_fp = getattr(model, "fingerprint", None)

@@ -309,3 +309,19 @@ def test_fsck_and_gc_keep_a_private_import(tmp_path, store_dir, model, fp):
         assert s.fsck().ok
         with pytest.raises(kvstore.TokenMismatchError, match="holds a cache of 32 tokens, but 31"):
             kvstore.import_mlx_cache(s, tmp_path / "a.safetensors", "z", model=builtin_model_path(), tokens=a[:-1])
+
+
+def test_a_bfloat16_file_imports_and_verifies(tmp_path, store_dir):
+    """Most mlx-lm models compute in bfloat16 (safetensors' numpy reader has no such dtype)."""
+    folder = builtin_model_path(dtype="bfloat16")
+    model = load_builtin(dtype="bfloat16")[0]
+    a = ids(9)
+    file = mlx_file(tmp_path / "bf16.safetensors", model, a)
+    with kvstore.open(store_dir) as s:
+        got = kvstore.import_mlx_cache(s, file, "bf", model=folder, tokens=a, verify=True)
+        assert got.verified and got.error <= got.tolerance
+        loaded, _ = s.load("bf", model=folder)
+        assert loaded[0].keys.dtype == mx.bfloat16
+        assert all(mx.array_equal(x.keys, y.keys[..., :32, :]) for x, y in zip(loaded, prefill(model, a)))
+        with pytest.raises(kvstore.TokenMismatchError, match="layer 0: its keys are not what the model computes"):
+            kvstore.import_mlx_cache(s, file, "bf-2", model=folder, tokens=ids(10), verify=True)
