@@ -215,6 +215,11 @@ def import_mlx_cache(
     validate_name(name)
     if store.readonly:
         raise ReadOnlyStoreError(f"the store at {store.path} is read-only: exports work, imports do not")
+    if _exists(store, name):  # an import starts a new agent, as `kvstore import` does
+        raise AgentExistsError(
+            f"an agent named {name!r} already exists in this store: import the file under another name, "
+            "or remove the existing agent first"
+        )
     path = Path(file)
     cache, user, recorded = read_mlx_cache(path)
     loaded, fp = _model_of(model)
@@ -234,11 +239,6 @@ def import_mlx_cache(
     if len(tokens) != seen:
         raise TokenMismatchError(f"{path} holds a cache of {seen} tokens, but {len(tokens)} token ids were given")
     mlxfile_check.check_layers(path, cache, mlxfile_check.model_layers(loaded))
-    if _exists(store, name):
-        raise AgentExistsError(
-            f"an agent named {name!r} already exists in this store: import the file under another name, "
-            "or remove the existing agent first"
-        )
     if meta is None:
         meta = {
             "imported_from": path.name,
