@@ -21,6 +21,7 @@ from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
 from kvstore.index import db, queries, schema, sizes
 from kvstore.names import validate_name
+from kvstore.ops.archive_export import KEPT_APART
 from kvstore.records import Snapshot
 
 if TYPE_CHECKING:
@@ -240,7 +241,15 @@ def save(
     label: str | None,
     pinned: bool,
     captured: dict | None,
+    *,
+    namespace: str | None = None,
 ) -> Snapshot:
+    """Save `cache` as agent `name`'s new head (Store.save).
+
+    `namespace`: a fingerprint of its own for a new agent's chunk keys, so no other agent's save or
+    restore meets them (an unverified import of an mlx-lm file: kvstore.mlxfile); recorded as standing
+    for `model`, like an unverified archive import's (ops.archive).
+    """
     validate_name(name)
     if label is not None:
         validate_name(label, "snapshot label")
@@ -264,7 +273,7 @@ def save(
         ) as conn:
             if plan is None:
                 # An agent imported without trust keeps its own namespace when it continues (ops.archive).
-                fp = queries.agent_namespace(conn, name, model)
+                fp = namespace or queries.agent_namespace(conn, name, model)
                 plan = SavePlan(
                     name=name,
                     model=model,
@@ -375,7 +384,11 @@ def _commit(
             if stale_layout:  # the planning found an unused model row of another layout: still unused?
                 _check_model_and_agent(conn, plan)
                 queries.relayout_model(conn, plan.fingerprint, plan.layout)
-            model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name(plan.model))
+            label = model_name(plan.model)
+            if plan.fingerprint != plan.model:  # kept apart: the namespace stands for the real model
+                queries.record_namespace(conn, plan.fingerprint, plan.model)
+                label = f"{label or plan.model}{KEPT_APART}"
+            model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=label)
             db.insert_ignore(
                 conn,
                 schema.blobs,
