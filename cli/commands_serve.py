@@ -11,9 +11,8 @@ import sys
 
 import click
 
+from .commands_chat import DEFAULT_MODEL
 from .main import CliError, StoreRef, pass_store
-
-DEFAULT_MODEL = "smollm2-135m-instruct"  # the demo's model (fetched once: `kvstore models fetch`)
 
 
 def _size(ctx, param, value):
