@@ -121,10 +121,9 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
             prompt = encode_prompt(st.tokenizer, body["prompt"], None, 1)
         return await st.call(lambda: st.conversations.lookup(prompt), request)
 
-    metrics.set_queue_depth_source(st.worker.queued)
-
     @app.get("/metrics")
     async def metrics_endpoint():
+        metrics.set_queue_depth(st.worker.queued())  # before this scrape queues its own job
         # The store's size is read on the model thread; a scrape during a long turn shows the last size read.
         job = st.submit(lambda job: metrics.set_store_bytes(st.store.stats().bytes_on_disk))
         try:

@@ -25,7 +25,7 @@ __all__ = [
     "count_request",
     "observe_turn",
     "render",
-    "set_queue_depth_source",
+    "set_queue_depth",
     "set_store_bytes",
 ]
 
@@ -143,9 +143,9 @@ def set_store_bytes(n: int) -> None:
     STORE_BYTES.set(n)
 
 
-def set_queue_depth_source(queued) -> None:
-    """The queue depth is read at each scrape from `queued()` (the model thread's pending jobs)."""
-    QUEUE_DEPTH.set_function(lambda: float(queued()))
+def set_queue_depth(n: int) -> None:
+    """Requests waiting for or running on the model thread (read at each scrape)."""
+    QUEUE_DEPTH.set(n)
 
 
 def render() -> bytes:

@@ -44,5 +44,7 @@ def serve(config: ServerConfig, log_level: str = "info", sock: socket.socket | N
         timeout_graceful_shutdown=30,
         access_log=False,
     )
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    log.info("listening on http://%s:%d (Ctrl-C to stop)", host, config.port)
     Server(uv).run(sockets=[sock] if sock is not None else None)
     return stopped_by[0] if stopped_by else None
