@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches session 2's process too: the shell's status, no traceback
+        return 130
     return 0
 
 

@@ -145,6 +145,36 @@ def test_one_shot_chat_ctrl_c_exits_130(tmp_path, model_path):
     assert b"Traceback" not in err and b"Aborted" not in err
 
 
+def _interrupted_at_query(args: list[str], env: dict) -> tuple[int, str]:
+    """Run a demo command in a process group of its own, Ctrl-C it (SIGINT to the group, as a terminal does)
+    once it asks its question, and return (exit status, output)."""
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("Query:"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out += proc.stdout.readlines()
+    return proc.wait(timeout=120), "".join(out)
+
+
+@pytest.mark.slow
+def test_demo_ctrl_c_exits_130_in_both_sessions(tmp_path):
+    """`kvstore demo` and the process session 2 runs in (`python -m kvstore.agents.demo`) both exit 130."""
+    env = {**os.environ, "KVSTORE_MODELS": str(tmp_path / "models")}
+    demo = ["demo", "--model", "builtin", "--size", "tiny", "--store", str(tmp_path / "demo")]
+    status, out = _interrupted_at_query(KVSTORE + demo + ["--session", "1", "--max-tokens", "3000"], env)
+    assert status == 130 and "Traceback" not in out and "Aborted" not in out, out
+    done = subprocess.run(KVSTORE + demo + ["--session", "1", "--max-tokens", "3"], capture_output=True, env=env)
+    assert done.returncode == 0, done.stdout
+    child = [sys.executable, "-m", "kvstore.agents.demo", *demo[1:], "--session", "2", "--max-tokens", "3000"]
+    status, out = _interrupted_at_query(child, env)
+    assert status == 130 and "Traceback" not in out, out
+
+
 def test_chat_dash_reads_the_message_from_stdin(tmp_path, model_path):
     store = tmp_path / "s"
     message = "First line of a long question.\nSecond line."
