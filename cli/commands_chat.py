@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 import click
 
@@ -55,7 +56,8 @@ def stream_reply(bot, message: str, options: dict, stats: bool):
             raise KeyboardInterrupt
         stopped = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    main_thread = threading.current_thread() is threading.main_thread()  # (only it may set signal handlers)
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         stream = bot.chat(message, stream=True, **options)
         for piece in stream:
@@ -64,7 +66,8 @@ def stream_reply(bot, message: str, options: dict, stats: bool):
                 stream.close()  # the turn keeps (and saves) what was generated
                 break
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     click.echo()
     reply = stream.reply
     if stats and reply is not None:

@@ -32,7 +32,8 @@ def serve(config: ServerConfig, log_level: str = "info", sock: socket.socket | N
             state.stopping = True
             state.worker.cancel_all()
             super().handle_exit(sig, frame)
-            # uvicorn re-raises the signal once shut down (exit status -15); ours is a clean exit: status 0.
+            # uvicorn re-raises the signal once shut down (exit status -15); ours is a clean exit, its status
+            # chosen by `kvstore serve` from the signal returned: 0 after SIGTERM, 130 after Ctrl-C.
             self._captured_signals.clear()
 
     uv = uvicorn.Config(
