@@ -168,14 +168,40 @@ def _memory_lines(echo: Echo, mgr: AgentManager) -> dict:
     return rep.as_dict()
 
 
-def _store_lines(echo: Echo, store: kvstore.Store) -> dict:
+def _store_lines(echo: Echo, store: kvstore.Store, session: int) -> dict:
+    """The store's size against one cache file per agent, and what makes up the difference.
+
+    The ratio is the agents' current caches stored apart (logical bytes) over the bytes on disk. Sharing
+    raises it: the chunks the three caches start with (the preamble) are stored once. Two things lower it
+    as the conversations go on: each agent's own tokens grow while the shared preamble does not, and the
+    disk also keeps the older snapshots' last, partial chunk of each conversation (a growing conversation
+    writes its tail chunk again) until `kvstore gc`.
+    """
+    from kvstore.ops.accounting import head_chunk_bytes
+
     st = store.stats()
-    saved = max(0, st.logical_bytes - st.bytes_on_disk)
+    heads = head_chunk_bytes(store)  # the current caches' distinct chunks: shared ones once
+    saved = max(0, st.logical_bytes - heads)
+    older = max(0, st.bytes_on_disk - heads)
     echo(
         f"Store: {_bytes(st.bytes_on_disk)} on disk in {_n(st.blobs)} blobs; one cache file per agent would "
-        f"take {_bytes(st.logical_bytes)}: the shared chunks save {_bytes(saved)} ({st.dedup_ratio:.2f}x)"
+        f"take {_bytes(st.logical_bytes)} ({st.dedup_ratio:.2f}x):"
     )
-    return st.as_dict()
+    echo(
+        f"  - shared chunks: the whole {_n(store.chunk_size)}-token chunks of the preamble that every agent's "
+        f"cache starts with are stored once, saving {_bytes(saved)}"
+    )
+    if older:
+        echo(
+            f"  - older snapshots: {_bytes(older)} on disk are chunks only earlier turns' snapshots use (the "
+            "last, partial chunk of each conversation is written again as it grows); `kvstore gc` drops them"
+        )
+    if session > 1:
+        echo(
+            "  The ratio is lower than in session 1: the shared preamble is the same size while each agent's own "
+            "part grew by a question and an answer, and session 1's snapshots are still on disk."
+        )
+    return dict(st.as_dict(), head_bytes=heads, shared_saving_bytes=saved, older_snapshot_bytes=older)
 
 
 # -- the sessions ----------------------------------------------------------------------------
@@ -267,7 +293,7 @@ def session_one(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
             ]
         )
     _table(echo, ["agent", "cache tokens", "cache in memory", "TTFT", "cold TTFT", "speedup", "written"], rows)
-    out["store_stats"] = _store_lines(echo, store)
+    out["store_stats"] = _store_lines(echo, store, session=1)
     out["memory"] = _memory_lines(echo, mgr)
     mgr.close()
     return out
@@ -325,7 +351,7 @@ def session_two(store: kvstore.Store, model: Any, echo: Echo, max_tokens: int) -
         rows,
     )
     echo("  (session 1's cold prompt was shorter than today's, so the speedup for the same prompt is larger)")
-    out["store_stats"] = _store_lines(echo, store)
+    out["store_stats"] = _store_lines(echo, store, session=2)
     out["memory"] = _memory_lines(echo, mgr)
     mgr.close()
     return out
@@ -475,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches session 2's process too: the shell's status, no traceback
+        return 130
     return 0
 
 

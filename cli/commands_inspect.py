@@ -1,4 +1,4 @@
-"""Read commands: info, agents, show, models, du."""
+"""Read commands: info, agents, show, du (models: commands_models.py)."""
 
 from __future__ import annotations
 
@@ -214,39 +214,6 @@ def _conversation(meta: dict) -> list[tuple[str, str]]:
 
 
 @click.command()
-@json_option
-@pass_store
-def models(ref: StoreRef, as_json: bool) -> None:
-    """The models whose caches the store holds, with their layer layout and usage."""
-    from kvstore.ops import accounting
-
-    rows = accounting.model_summary(ref.reader())
-    if as_json:
-        emit_json(rows)
-        return
-    if not rows:
-        click.echo("no models")
-        return
-    click.echo(
-        table(
-            ["FINGERPRINT", "NAME", "LAYERS", "AGENTS", "SNAPSHOTS", "CHUNKS"],
-            [
-                [
-                    r["fingerprint"],
-                    r["name"] or "-",
-                    f"{r['layers']} ({', '.join(f'{n} {c}' for c, n in sorted(r['cache_classes'].items()))})",
-                    count(r["agents"]),
-                    count(r["snapshots"]),
-                    count(r["chunks"]),
-                ]
-                for r in rows
-            ],
-            right=(3, 4, 5),
-        )
-    )
-
-
-@click.command()
 @click.argument("names", nargs=-1, metavar="[AGENT]...")
 @json_option
 @pass_store
@@ -277,4 +244,4 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
     click.echo(table(["TOTAL", "UNIQUE", "SHARED", "AGENT"], body, right=(0, 1, 2)))
 
 
-COMMANDS = [info, agents, show, models, du]
+COMMANDS = [info, agents, show, du]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
+import socket
 import sys
 
 import click
 
-from .main import StoreRef, pass_store
+from .commands_chat import DEFAULT_MODEL
+from .main import CliError, StoreRef, pass_store
 
 
 def _size(ctx, param, value):
@@ -25,9 +29,10 @@ def _size(ctx, param, value):
 @click.command()
 @click.option(
     "--model",
-    required=True,
+    default=DEFAULT_MODEL,
+    show_default=True,
     metavar="FOLDER|HF-ID|NAME",
-    help="The model: a folder, a Hugging Face id, smollm2-135m-instruct or builtin.",
+    help="The model: a folder, a Hugging Face id, a name `kvstore models` lists, or builtin.",
 )
 @click.option(
     "--alias",
@@ -76,6 +81,14 @@ def _size(ctx, param, value):
     help="A waiting streaming response sends a keep-alive this often.",
 )
 @click.option(
+    "--progress-every",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="A long prefill logs its progress (tokens done, tokens/s, ETA) at most this often.",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @pass_store
@@ -92,15 +105,18 @@ def serve(
     max_resident_bytes: int | None,
     context_length: int | None,
     keepalive: float,
+    progress_every: float,
     log_level: str,
 ) -> None:
     """Serve a model over the OpenAI and Anthropic APIs, its prompt cache in the store.
 
     Every request reuses the longest prefix any earlier conversation of the model left in memory
     or in the store, and each reply is saved at once, so the cache survives restarts and crashes.
-    Endpoints: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health,
-    /v1/cache/stats, /v1/cache/lookup, DELETE /v1/cache.
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health, /metrics
+    (Prometheus), /v1/cache/stats, /v1/cache/lookup, DELETE /v1/cache. The port is taken before the
+    model loads: a busy port is a one-line error (exit status 2). Ctrl-C saves, closes and exits 130.
     """
+    sock = _bind(host, port)  # seconds before the model would have loaded, and no race with another server
     import kvstore
 
     kvstore.use_openblas()  # before anything imports mlx
@@ -129,18 +145,50 @@ def serve(
         max_resident_bytes=max_resident_bytes,
         context_length=context_length,
         keepalive_seconds=keepalive,
+        progress_seconds=progress_every,
     )
     try:
         config.check()
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    run(config, log_level=log_level)
+    status = 0
+    try:
+        if run(config, log_level=log_level, sock=sock) == signal.SIGINT:
+            status = 130  # Ctrl-C, as a shell expects; everything was saved first
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: nothing to save yet
+        status = 130
     # Everything is saved and the store is closed. Skip the interpreter's teardown: MLX's per-thread
     # streams (the model ran on its own thread) can abort the process as static objects are destroyed.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
+
+
+class PortInUse(CliError):
+    """The server's address is taken: a usage problem the user fixes with --port (exit status 2)."""
+
+    exit_code = 2
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, as uvicorn would make it, or a one-line error naming the port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PortInUse(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        why = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be used ({e.strerror})"
+        raise PortInUse(f"port {port} on {host} {why}: stop what listens there or choose another with --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 COMMANDS = [serve]

@@ -199,8 +199,16 @@ class KvstoreGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.exceptions.Abort as e:
+            if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C at a confirmation prompt
+                click.echo(err=True)
+                raise click.exceptions.Exit(130) from None
             raise
+        except (click.ClickException, click.exceptions.Exit):
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell's status for SIGINT, no traceback, no "Aborted!"
+            click.echo(err=True)
+            raise click.exceptions.Exit(130) from None
         except StoreError as e:
             raise CliError(str(e)) from None
         except OSError as e:
@@ -249,9 +257,25 @@ def cli(ctx: click.Context, location: str, blobs: str | None, cache_size: str | 
 
 
 def _register() -> None:
-    from . import commands_agents, commands_chat, commands_inspect, commands_maintain, commands_mlx, commands_serve
+    from . import (
+        commands_agents,
+        commands_chat,
+        commands_inspect,
+        commands_maintain,
+        commands_mlx,
+        commands_models,
+        commands_serve,
+    )
 
-    for module in (commands_inspect, commands_maintain, commands_agents, commands_chat, commands_mlx, commands_serve):
+    for module in (
+        commands_inspect,
+        commands_models,
+        commands_maintain,
+        commands_agents,
+        commands_chat,
+        commands_mlx,
+        commands_serve,
+    ):
         for command in module.COMMANDS:
             cli.add_command(command)
 

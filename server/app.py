@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from . import metrics
 from .auth import Guard
 from .config import ServerConfig
 from .errors import RequestError, body_for
 from .prompts import encode_prompt, openai_messages, render_chat
+from .request_log import RequestLog
 from .state import ServerState, as_request_error
 
 log = logging.getLogger("kvstore.server")
@@ -120,8 +123,19 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
             prompt = encode_prompt(st.tokenizer, body["prompt"], None, 1)
         return await st.call(lambda: st.conversations.lookup(prompt), request)
 
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        metrics.set_queue_depth(st.worker.queued())  # before this scrape queues its own job
+        # The store's size is read on the model thread; a scrape during a long turn shows the last size read.
+        job = st.submit(lambda job: metrics.set_store_bytes(st.store.stats().bytes_on_disk))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), 1.0)
+        except asyncio.TimeoutError:
+            pass
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
     @app.delete("/v1/cache")
     async def cache_clear(request: Request):
         return await st.call(st.conversations.clear, request)
 
-    return Guard(app, config.api_key, config.max_body_bytes)
+    return RequestLog(Guard(app, config.api_key, config.max_body_bytes), stopping=lambda: st.stopping)

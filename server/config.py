@@ -26,6 +26,7 @@ class ServerConfig:
         model_id: the name /v1/models lists and requests must use (None: from `model`).
         aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
             /v1/models lists them after model_id.
+        progress_seconds: a long prefill logs its progress (tokens done, tokens/s, ETA) at most this often.
     """
 
     model: Any
@@ -44,6 +45,7 @@ class ServerConfig:
     model_id: str | None = None
     aliases: tuple[str, ...] = ()
     chunk_size: int | None = None
+    progress_seconds: float = 5.0
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""

@@ -23,6 +23,7 @@ from kvstore.agents import turn as turn_mod
 from kvstore.errors import UnknownAgentError
 from kvstore.names import validate_name
 
+from . import metrics
 from .budget import MARK, DiskBudget, is_conversation
 from .worker import Job
 
@@ -176,7 +177,7 @@ class Conversations:
         c.cached_disk_tokens += st.restored_tokens
         c.prefilled_tokens += st.prefilled_tokens
         c.generated_tokens += st.generated_tokens
-        log.info(
+        log.debug(  # the request's line (request_log.py) says the same, with the status and duration
             "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs%s",
             req.kind,
             agent.name,
@@ -187,7 +188,7 @@ class Conversations:
             st.prefilled_tokens,
             st.generated_tokens,
             result.ttft,
-            ", client went away" if reply.finish_reason == "interrupted" else "",
+            ", interrupted" if reply.finish_reason == "interrupted" else "",
         )
         self.after_turn(agent.name)
         return result
@@ -195,7 +196,9 @@ class Conversations:
     def after_turn(self, name: str) -> None:
         """Keep the disk budget and forget the records of conversations no longer in memory."""
         if not self.budget.check_floor():
-            for gone in self.budget.enforce(protect=frozenset([name])):
+            dropped = self.budget.enforce(protect=frozenset([name]))
+            metrics.count_evictions(len(dropped))
+            for gone in dropped:
                 self._index(gone, None)
         self.manager.release_idle(keep=name)
 

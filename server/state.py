@@ -16,6 +16,7 @@ from kvstore.errors import InvalidNameError, ModelMismatchError, StoreError, Unk
 
 from .config import ServerConfig
 from .errors import RequestError
+from .request_log import PrefillProgress, track_job
 from .worker import Job, Worker
 
 log = logging.getLogger("kvstore.server")
@@ -53,6 +54,7 @@ class ServerState:
         config.check()
         self.config = config
         self.started = time.time()
+        self.stopping = False  # set on Ctrl-C / SIGTERM: turns stopped then are not "the client went away"
         self.worker = Worker()
         try:
             self.worker.call(self._open)
@@ -75,6 +77,7 @@ class ServerState:
                 max_resident=c.max_resident,
                 max_resident_bytes=c.max_resident_bytes,
                 share_resident=True,
+                progress=PrefillProgress(c.progress_seconds),
             )
         except BaseException:
             self.store.close()
@@ -102,6 +105,7 @@ class ServerState:
 
     def close(self) -> None:
         """Stop generating, finish the current save, save what is unsaved, close the store."""
+        self.stopping = True
         self.worker.cancel_all()
         try:
             self.worker.call(self._close)
@@ -125,7 +129,9 @@ class ServerState:
             )
 
     def submit(self, fn) -> Job:
-        return self.worker.submit(fn, asyncio.get_running_loop())
+        job = self.worker.submit(fn, asyncio.get_running_loop())
+        track_job(job)  # the request's log line and metrics read its result
+        return job
 
     async def result(self, job: Job, request: Request) -> Any:
         """Wait for a job; a client that goes away meanwhile stops its generation (what was computed is saved)."""

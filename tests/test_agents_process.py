@@ -89,6 +89,15 @@ def test_demo_runs_two_processes(tmp_path, monkeypatch):
         assert stats["restored_tokens"] >= one["agents"][name]["prompt_tokens"] - 256
         assert stats["session1_cold_ttft"] > 0 and stats["speedup"] > 0
     assert one["store_stats"]["dedup_ratio"] > 1.0
+    # The demo explains its ratio: one file per agent = the heads' distinct chunks + what sharing saves, and
+    # the disk = those chunks + what only older snapshots use (none in session 1, session 1's tails in 2).
+    for st in (one["store_stats"], two["store_stats"]):
+        assert st["logical_bytes"] == st["head_bytes"] + st["shared_saving_bytes"]
+        assert st["bytes_on_disk"] == st["head_bytes"] + st["older_snapshot_bytes"]
+        assert st["shared_saving_bytes"] > 0
+    assert one["store_stats"]["older_snapshot_bytes"] == 0 < two["store_stats"]["older_snapshot_bytes"]
+    assert two["store_stats"]["dedup_ratio"] < one["store_stats"]["dedup_ratio"]
+    assert "shared chunks: the whole" in text and "saving" in text
     assert one["memory"]["model_bytes"] > 0 and one["memory"]["rss_bytes"] > 0
     assert "What are the detailed steps to fix that API bug?" in text
     with kvstore.open(tmp_path / "demo-store") as store:

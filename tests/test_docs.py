@@ -10,6 +10,8 @@ A block that cannot run here says why on a line `# doctest: skip (reason)`: it i
 
 from __future__ import annotations
 
+import ast
+import builtins
 import os
 import re
 import subprocess
@@ -103,6 +105,70 @@ def test_code_blocks_run_as_written(doc, tmp_path, monkeypatch):
                 f"the shell block at {doc.name} line {line} exited {done.returncode}:\n"
                 f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             )
+
+
+def _bound_and_used(code: str, where: str) -> tuple[set[str], list[tuple[int, str]]]:
+    """(names the code binds, (line, name) of each name it reads), from its syntax tree."""
+    bound: set[str] = set()
+    used: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(code, where)):
+        if isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Load):
+                used.append((node.lineno, node.id))
+            else:
+                bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+    return bound, used
+
+
+def undefined_names(doc: Path) -> list[str]:
+    """Names a Python block reads that neither it nor an earlier block of the document defines.
+
+    The blocks run in order in one namespace, so a block may use what an earlier one made; a block
+    marked skip is never run, and this is what checks that it would run as written (issue 27: a skipped
+    block used `kvstore.open` without `import kvstore`).
+    """
+    known = set(dir(builtins))
+    problems = []
+    for line, _, code in code_blocks(doc, {"python"}):
+        bound, used = _bound_and_used(code, f"{doc.name}:{line}")
+        problems += [
+            f"{doc.name} line {line + n}: {name!r} is not defined (import it in the block, or in an earlier one)"
+            for n, name in used
+            if name not in known and name not in bound
+        ]
+        known |= bound
+    return problems
+
+
+@pytest.mark.parametrize("doc", doc_ids())
+def test_every_name_a_block_uses_is_defined(doc):
+    """Every Python block, run or skipped, imports or defines what it uses (or an earlier block does)."""
+    assert undefined_names(doc) == []
+
+
+def test_a_block_without_its_import_is_caught(tmp_path):
+    """The check above finds the mistake it exists for, in a skipped block and in a later one."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "```python\n# doctest: skip (fetches a model)\nmgr = AgentManager('m', kvstore.open('s'))\n```\n"
+        "```python\nimport kvstore\nfrom kvstore.agents import AgentManager\n```\n"
+        "```python\n# doctest: skip (a server)\nAgentManager('m', kvstore.open()).list()\nprint(json.dumps({}))\n```\n"
+    )
+    assert [p.split(": ", 1)[1].split(" is")[0] for p in undefined_names(doc)] == [
+        "'AgentManager'",
+        "'kvstore'",
+        "'json'",
+    ]
 
 
 @pytest.mark.parametrize("doc", doc_ids())

