@@ -278,6 +278,8 @@ class S3Blobs(BlobBackend):
             if st is None or st[0] != len(data):
                 self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, use_multipart=False)
                 written = True
+        if written:
+            self._bad_remote.discard(blob_id)  # written again (a recovery after discard_blob): good now
         try:
             self.tier.add(blob_id, [data])  # write-through: an agent saved now is often restored next
         except OSError:
