@@ -35,7 +35,7 @@ class ModelHandle:
         """Bytes of the model's parameters."""
         from mlx.utils import tree_flatten
 
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))  # type: ignore[str-unpack, union-attr]  # list | dict in mlx's hints
 
     def make_cache(self) -> list:
         """A fresh, empty prompt cache for this model."""
@@ -49,7 +49,7 @@ def _builtin_dir(ref: str) -> Path:
     from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
 
     spec = ref.partition(":")[2]
-    arch, _, size = spec.partition("-") if spec else BUILTIN_DEFAULT
+    arch, _, size = spec.partition("-")  # "" for bare "builtin": the defaults below
     arch, size = arch or BUILTIN_DEFAULT[0], size or BUILTIN_DEFAULT[1]
     if arch not in ARCHITECTURES or size not in SIZES:
         raise ModelLoadError(

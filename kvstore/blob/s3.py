@@ -192,7 +192,7 @@ class S3Blobs(BlobBackend):
         }
         self.base = f"{self.loc.prefix}/blobs" if self.loc.prefix else "blobs"
         try:
-            self.client = S3Store(self.loc.bucket, config=config, client_options=client, retry_config=retry)
+            self.client = S3Store(self.loc.bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
         except Exception as e:  # a malformed endpoint or option: obstore says which
             raise StoreError(f"cannot use {self.loc.url}: {e}") from None
         size = DEFAULT_CACHE_SIZE if cache_size is None else cache_size
