@@ -35,7 +35,8 @@ class ModelHandle:
         """Bytes of the model's parameters."""
         from mlx.utils import tree_flatten
 
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))  # type: ignore[str-unpack, union-attr]  # list | dict in mlx's hints
+        params = tree_flatten(self.model.parameters())  # a list of (name, array); mlx's hints say list | dict
+        return sum(v.nbytes for _, v in params)  # type: ignore[str-unpack, union-attr]
 
     def make_cache(self) -> list:
         """A fresh, empty prompt cache for this model."""
