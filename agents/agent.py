@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import turn
@@ -19,7 +19,7 @@ KEEP_TURN_STATS = 64  # the record keeps the last few turns' statistics (the dem
 class ReplyStream:
     """Text segments of a reply as they are generated; `.reply` holds the Reply once it is exhausted."""
 
-    def __init__(self, segments: Iterator[str], state: TurnState):
+    def __init__(self, segments: Generator[str, None, None], state: TurnState):
         self._segments = segments
         self.state = state
 
@@ -101,7 +101,7 @@ class Agent:
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             seed=seed,
-            stop=stop or (),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
         )

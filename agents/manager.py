@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import builtins  # the annotations of AgentManager, whose `list` method hides the built-in in its body
 import copy
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,7 +227,7 @@ class AgentManager:
     def is_resident(self, name: str) -> bool:
         return name in self._resident
 
-    def resident(self) -> list[str]:
+    def resident(self) -> builtins.list[str]:
         """Names of the agents whose caches are in memory, least recently used first."""
         return list(self._resident)
 
@@ -312,12 +313,12 @@ class AgentManager:
                 victims = [protect]
             self._drop(victims[0])
 
-    def _damaged(self, errors: list[BlobError], e: BlobError) -> None:
+    def _damaged(self, errors: builtins.list[BlobError], e: BlobError) -> None:
         errors.append(e)
         if e.blob_id and not self.store.readonly:
             self.store.discard_blob(e.blob_id)  # the next save writes this KV again
 
-    def _warn_recovered(self, name: str, errors: list[BlobError]) -> None:
+    def _warn_recovered(self, name: str, errors: builtins.list[BlobError]) -> None:
         fix = "repaired the store" if self.autosave else "the next save repairs the store"
         warnings.warn(
             f"agent {name!r}: {len(errors)} damaged or missing blob(s) ({errors[0]}); recomputed its "
@@ -327,7 +328,7 @@ class AgentManager:
         )
 
     def _materialize(
-        self, agent: Agent, target: list[int], limit: int, errors: list[BlobError]
+        self, agent: Agent, target: builtins.list[int], limit: int, errors: builtins.list[BlobError]
     ) -> tuple[_Resident, int, int]:
         """A new resident cache holding the longest known prefix of target[:limit].
 
@@ -372,7 +373,9 @@ class AgentManager:
         self._resident[agent.name] = res
         return res, n, copied
 
-    def _donor(self, name: str, target: list[int], limit: int, at_least: int) -> tuple[list, int] | None:
+    def _donor(
+        self, name: str, target: builtins.list[int], limit: int, at_least: int
+    ) -> tuple[builtins.list, int] | None:
         """A copy of another resident cache holding more of target[:limit] than `at_least` tokens, or None.
 
         Conversations that share a prefix (a system prompt, a document) with one in memory start
@@ -395,8 +398,8 @@ class AgentManager:
         return cache, best_n
 
     def start_turn(
-        self, agent: Agent, prompt: list[int], messages: list[dict], options: GenerationOptions
-    ) -> tuple[Iterator[str], TurnState]:
+        self, agent: Agent, prompt: builtins.list[int], messages: builtins.list[dict], options: GenerationOptions
+    ) -> tuple[Generator[str, None, None], TurnState]:
         """A turn on an already rendered prompt: (text segments, its TurnState; `.reply` once finished).
 
         `messages` is the conversation the agent records once the reply is appended (the system
@@ -409,7 +412,7 @@ class AgentManager:
         state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
         return self._turn(agent, state), state
 
-    def _turn(self, agent: Agent, state: TurnState) -> Iterator[str]:
+    def _turn(self, agent: Agent, state: TurnState) -> Generator[str, None, None]:
         """One chat turn as a generator of text segments; sets state.reply when it ends."""
         name = agent.name
         prompt = state.prompt

@@ -35,7 +35,8 @@ class ModelHandle:
         """Bytes of the model's parameters."""
         from mlx.utils import tree_flatten
 
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        params = tree_flatten(self.model.parameters())  # a list of (name, array); mlx's hints say list | dict
+        return sum(v.nbytes for _, v in params)  # type: ignore[str-unpack, union-attr]
 
     def make_cache(self) -> list:
         """A fresh, empty prompt cache for this model."""
@@ -49,7 +50,7 @@ def _builtin_dir(ref: str) -> Path:
     from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
 
     spec = ref.partition(":")[2]
-    arch, _, size = spec.partition("-") if spec else BUILTIN_DEFAULT
+    arch, _, size = spec.partition("-")  # "" for bare "builtin": the defaults below
     arch, size = arch or BUILTIN_DEFAULT[0], size or BUILTIN_DEFAULT[1]
     if arch not in ARCHITECTURES or size not in SIZES:
         raise ModelLoadError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +122,7 @@ def copy_cache(cache: list) -> list:
     tree, _slots, leaves = c.describe(list(cache))
     fresh = []
     for leaf in leaves:
-        new = type(leaf).__new__(type(leaf))
+        new = type(leaf).__new__(type(leaf))  # type: ignore[call-overload]  # a cache class, not a metaclass
         new.__dict__.update(leaf.__dict__)
         for attr in ("keys", "values"):
             v = getattr(leaf, attr, None)
@@ -202,7 +202,7 @@ def generate(
     state: TurnState,
     capture: Capture | None = None,
     fed: int = 0,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Generate from the prompt's last token; yields text segments and fills `state`.
 
     `state.tokens` gets the generated ids (an end-of-turn token included: the cache has seen it
@@ -227,8 +227,8 @@ def generate(
         logits_processors=processors,
     )
     try:
-        for token, _logprobs in steps:
-            token = int(token)
+        for step, _logprobs in steps:
+            token = int(step)
             if state.first is None:
                 state.first = time.perf_counter()
             state.tokens.append(token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -175,7 +176,7 @@ def demo(
         and ctx.parent.get_parameter_source("location") == click.core.ParameterSource.COMMANDLINE
     ):
         demo_store = ctx.parent.params["location"]
-    kwargs = {"arch": arch, "max_tokens": max_tokens, "echo": click.echo}
+    kwargs: dict[str, Any] = {"arch": arch, "max_tokens": max_tokens, "echo": click.echo}
     if model_size:
         kwargs["size"] = model_size
     agents_demo.run_demo(demo_store, model, int(session) if session else None, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import click
 
@@ -228,7 +229,9 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
             nbytes.update(accounting.agent_bytes(store, name))
     else:
         nbytes = accounting.agent_bytes(store)
-    rows = sorted(({"name": n, **b} for n, b in nbytes.items()), key=lambda r: (-r["total_bytes"], r["name"]))
+    rows: list[dict[str, Any]] = sorted(
+        ({"name": n, **b} for n, b in nbytes.items()), key=lambda r: (-r["total_bytes"], r["name"])
+    )
     if _printed_json_or_nothing(rows, as_json):
         return
     total = {k: sum(r[k] for r in rows) for k in ("unique_bytes", "shared_bytes", "total_bytes")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,7 @@ class StoreRef:
                     blobs=self.blobs,
                     create=create,
                     chunk_size=chunk_size if new else None,
-                    **({"cache_size": self.cache_size} if self.cache_size else {}),
+                    cache_size=self.cache_size or None,
                 )
             except StoreError:
                 raise
@@ -157,7 +158,7 @@ yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 GLOBAL_OPTIONS = ("--store", "--blobs", "--cache-size")
 
 
-def hoist_global_options(args: list[str], commands: dict[str, click.Command]) -> list[str]:
+def hoist_global_options(args: list[str], commands: Mapping[str, click.Command]) -> list[str]:
     """Move `--store X` / `--blobs=X` found after the subcommand's name to before it.
 
     Stops at `--`; leaves an option alone when the subcommand has one of the same name.

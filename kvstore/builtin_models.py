@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,7 @@ def _config(arch: str, size: str, dtype: str, vocab_size: int, overrides: dict) 
     """The config.json contents for arch and size, with overrides applied."""
     specials, bos, eos, pad, _ = _TOKENS[arch]
     ids = {t: i for i, t in enumerate(specials)}
-    c = dict(
+    c: dict[str, Any] = dict(
         SIZES[size],
         vocab_size=vocab_size,
         max_position_embeddings=32768,
@@ -244,7 +245,8 @@ def _weights(config: dict, seed: int, dtype: str) -> dict:
 
 def _write_safetensors(path: Path, tensors: dict, dtype: str) -> None:
     """Write a safetensors file by hand: sorted names and a fixed header make it byte-reproducible."""
-    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
     for name, (shape, data) in sorted(tensors.items()):
         header[name] = {"dtype": DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
@@ -261,7 +263,7 @@ def _write_files(d: Path, arch: str, size: str, seed: int, dtype: str, overrides
     _check(arch, size, dtype)
     tok_json = _tokenizer_json(arch)
     config = _config(arch, size, dtype, len(json.loads(tok_json)["model"]["vocab"]), overrides)
-    params = dict(
+    params: dict[str, Any] = dict(
         arch=arch, size=size, seed=seed, dtype=dtype, overrides=dict(sorted(overrides.items())), format=BUILD_FORMAT
     )
     config["kvstore_builtin"] = params

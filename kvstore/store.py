@@ -306,7 +306,7 @@ class Store(StoreReads):
         writes the KV again.
         """
         self._writable()
-        self.blobs.path(blob_id)  # InvalidBlobIdError for anything but a blob id, before any row goes
+        self.blobs.check_id(blob_id)  # InvalidBlobIdError for anything but a blob id, before any row goes
         with db.transaction(self.engine, write=True, what=f"discarding blob {blob_id}") as conn:
             n, keys = queries.drop_blob_rows(conn, blob_id)
             sizes.refresh(conn, keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 from .worker import Job
 
@@ -22,7 +23,7 @@ def comment(text: str = "keep-alive") -> str:
     return f": {text}\n\n"
 
 
-async def job_events(job: Job, keepalive: float) -> AsyncIterator[tuple[str, object] | None]:
+async def job_events(job: Job, keepalive: float) -> AsyncIterator[tuple[str, Any] | None]:
     """The job's events as they come; None every `keepalive` seconds without one (queued or prefilling)."""
     while True:
         try:
@@ -43,7 +44,7 @@ async def turn_frames(
     start: Iterable[str] = (),
     delta: Callable[[str], Iterable[str]],
     error: Callable[[BaseException], Iterable[str]],
-    end: Callable[[object], Iterable[str]],
+    end: Callable[[Any], Iterable[str]],  # called with the job's result (a TurnResult)
 ) -> AsyncIterator[str]:
     """A streamed turn's SSE text, in any API's frames: `start`, then `ping` every `keepalive` seconds
     without an event and delta(text) for each piece, then end(result) or, on failure, error(exception).

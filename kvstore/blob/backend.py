@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kvstore.errors import InvalidBlobIdError
+
 PathOf = Callable[[str], "str | Path"]
 
 
@@ -33,6 +35,16 @@ class BlobBackend(ABC):
     @abstractmethod
     def name_of(self, blob_id: str) -> str:
         """Where the blob is (a path, an s3:// URL), for messages."""
+
+    def check_id(self, blob_id: str) -> None:
+        """InvalidBlobIdError unless `blob_id` is a blob id (32 lowercase hex digits): run before acting on an
+        id from outside (an argument, an index row), so that nothing else is named by it (a file, a key, a row)."""
+        from kvstore.blob.local import is_blob_id  # here: local.py imports this module
+
+        if not is_blob_id(blob_id):
+            raise InvalidBlobIdError(
+                f"{str(blob_id)[:80]!r} is not a blob id (32 lowercase hex digits)", str(blob_id)[:80]
+            )
 
     def ensure_dirs(self) -> None:
         """Create whatever the backend needs before the first write (nothing, by default)."""

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import xxhash
@@ -192,7 +193,9 @@ class S3Blobs(BlobBackend):
         }
         self.base = f"{self.loc.prefix}/blobs" if self.loc.prefix else "blobs"
         try:
-            self.client = S3Store(self.loc.bucket, config=config, client_options=client, retry_config=retry)
+            # Typed as Any: they are obstore's S3Config, ClientConfig and RetryConfig, built at run time.
+            options: dict[str, Any] = {"config": config, "client_options": client, "retry_config": retry}
+            self.client = S3Store(self.loc.bucket, **options)
         except Exception as e:  # a malformed endpoint or option: obstore says which
             raise StoreError(f"cannot use {self.loc.url}: {e}") from None
         size = DEFAULT_CACHE_SIZE if cache_size is None else cache_size
@@ -278,6 +281,8 @@ class S3Blobs(BlobBackend):
             if st is None or st[0] != len(data):
                 self._call(f"writing blob {blob_id}", obs.put, self.client, key, data, use_multipart=False)
                 written = True
+        if written:
+            self._bad_remote.discard(blob_id)  # written again (a recovery after discard_blob): good now
         try:
             self.tier.add(blob_id, [data])  # write-through: an agent saved now is often restored next
         except OSError:

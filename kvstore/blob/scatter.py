@@ -382,7 +382,8 @@ class ScatterReader:
         """Buffers to read the blob into, in file order; (array view, position, tail) for tensors the
         window starts inside; and (slot, array) -> positions written."""
         layout = plan.layout
-        buffers, scratch, landed = [head], [], {}
+        buffers: list[bytearray | memoryview] = [head]
+        scratch, landed = [], {}
         for begin, end, slot, arr, dtype, shape in layout.entries:
             dest = self.dests.get((slot, arr)) if slot in plan.uses else None
             if dest is None:  # a layer of this blob the restore does not need: land it aside for the hash

@@ -39,7 +39,7 @@ mlc = _MlxLmCache()
 
 
 @cache
-def known_class(name: str) -> type | None:
+def known_class(name: str) -> type[Any] | None:
     """The mlx-lm class registered under `name`, or None: never a lookup of an arbitrary name."""
     return getattr(mlc, name) if name in KNOWN_CLASSES else None
 

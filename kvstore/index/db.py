@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import bindparam, create_engine, event, insert, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -68,7 +69,7 @@ def _postgres_engine(url: str, timeout: float, readonly: bool) -> Engine:
     u = make_url(url)
     if u.drivername == "postgresql":  # a bare postgresql:// would mean psycopg2; the extra installs psycopg 3
         u = u.set(drivername="postgresql+psycopg")
-    connect_args = {}
+    connect_args: dict[str, Any] = {}
     if "connect_timeout" not in u.query:
         connect_args["connect_timeout"] = max(2, int(timeout))  # libpq waits at least 2 s
     if "application_name" not in u.query:
@@ -259,7 +260,7 @@ def read_meta(conn: Connection) -> dict[str, str]:
     return reads.read_meta(SqlAlchemyReads(conn))
 
 
-def write_meta(conn: Connection, values: dict[str, str]) -> None:
+def write_meta(conn: Connection, values: dict[str, object]) -> None:
     conn.execute(insert(schema.store_meta), [{"key": k, "value": str(v)} for k, v in values.items()])
 
 

@@ -295,7 +295,7 @@ def _write(
         _forget(store, [b for b, new in written.items() if new])
         raise
     head = plan.snapshots[plan.head]
-    new = [b for b, fresh in written.items() if fresh]
+    fresh_ids = [b for b, fresh in written.items() if fresh]
     return ArchiveSummary(
         agent=target,
         model=original or plan.fingerprint,
@@ -303,9 +303,9 @@ def _write(
         n_tokens=int(head["tokens"].size),
         blobs=len(plan.sizes),
         bytes=sum(plan.sizes.values()),
-        blobs_written=len(new),
-        bytes_written=sum(plan.sizes[b] for b in new),
-        blobs_reused=len(plan.sizes) - len(new),
+        blobs_written=len(fresh_ids),
+        bytes_written=sum(plan.sizes[b] for b in fresh_ids),
+        blobs_reused=len(plan.sizes) - len(fresh_ids),
     )
 
 

@@ -138,7 +138,7 @@ def members(tar: tarfile.TarFile) -> tuple[tarfile.TarInfo, dict[str, tarfile.Ta
     Every member's bytes must lie in the file: none is sparse, none reaches past the end.
     """
     manifest, blobs = None, {}
-    total = os.fstat(tar.fileobj.fileno()).st_size
+    total = os.fstat(tar.fileobj.fileno()).st_size  # type: ignore[attr-defined]  # a real file (open_archive)
     for m in tar.getmembers():
         if not m.isfile() or m.issparse() or m.type == tarfile.GNUTYPE_SPARSE:
             raise bad(f"member {m.name[:80]!r} is not a regular file")
@@ -170,7 +170,7 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytearray:
     f = tar.extractfile(member)
     got = 0
     while got < member.size:
-        n = f.readinto(view[got:])
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]  # an ExFileObject, a BufferedReader
         if not n:
             break
         got += n

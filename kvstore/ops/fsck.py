@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select, update
 
@@ -156,7 +157,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
     t0 = time.perf_counter()
     problems: list[Problem] = []
     with db.transaction(store.engine, write=False, what="checking the index") as conn:
-        blob_rows = conn.execute(select(schema.blobs.c.id, schema.blobs.c.nbytes)).all()
+        blob_rows: Sequence[Any] = conn.execute(select(schema.blobs.c.id, schema.blobs.c.nbytes)).all()
         snap_problems = _check_snapshots(conn, store.chunk_size)
         cl = schema.chunk_layers
         dangling_layers = conn.execute(

@@ -143,8 +143,8 @@ def _leaf_arrays(leaf) -> list:
 
 def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
     """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
-    spans = {s: ((codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0),) for s, slot in enumerate(slots)}
-    spans = {s: (o[0], n_tokens - o[0]) for s, o in spans.items()}
+    starts = {s: codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0 for s, slot in enumerate(slots)}
+    spans = {s: (o, n_tokens - o) for s, o in starts.items()}
     # A remote store fetches what its disk tier lacks first; the reader then hashes what it reads there.
     where = store.blobs.local_paths({b for blobs in plan_ for b, _f, _s in blobs}, agent)
     rd = ScatterReader(
