@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -32,7 +33,7 @@ class ChatSession:
     def __init__(self, manager, agent, model_name: str, options: dict, stats: bool):
         self.manager, self.agent, self.model_name = manager, agent, model_name
         self.options, self.stats = options, stats
-        self._readline = None
+        self._readline: Any = None  # the readline module once history is on
 
     def run(self) -> None:
         """Read messages until /exit or end of input; Ctrl-C at the prompt propagates (the command exits 130)."""

@@ -75,7 +75,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
             names = set(f.keys())
-        arrays, _meta = mx.load(str(path), format="safetensors", return_metadata=True)
+        loaded = mx.load(str(path), format="safetensors", return_metadata=True)
+        arrays: dict[str, Any] = loaded[0]  # type: ignore[assignment,index]  # (arrays, metadata) with return_metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         if isinstance(e, FileNotFoundError):
             raise

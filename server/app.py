@@ -34,7 +34,7 @@ def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
     return f"{where or 'body'}: {first.get('msg')}{more}", where or None
 
 
-def create_app(config: ServerConfig, state: ServerState | None = None) -> Guard:
+def create_app(config: ServerConfig, state: ServerState | None = None) -> RequestLog:
     """The server's ASGI app; loads the model and opens the store now (on the model thread)."""
     st = state or ServerState(config)
 

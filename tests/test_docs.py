@@ -179,41 +179,6 @@ def test_skipped_examples_compile(doc):
             compile(code, f"{doc.name}:{line}", "exec")
 
 
-def _bound_and_used(code: str) -> tuple[set[str], set[str]]:
-    """(names the block binds anywhere: imports, assignments, defs, arguments; names it reads)."""
-    import ast
-
-    bound: set[str] = set()
-    used: set[str] = set()
-    for node in ast.walk(ast.parse(code)):
-        if isinstance(node, ast.Name):
-            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
-    return bound, used
-
-
-@pytest.mark.parametrize("doc", doc_ids())
-def test_skipped_examples_name_only_what_they_import_or_define(doc):
-    """A block that does not run here still reads only names it (or an earlier block) imports or binds:
-    USAGE.md's first agent block called kvstore.open without `import kvstore` (issue 25)."""
-    import builtins
-
-    known = set(dir(builtins))
-    for line, _, code in code_blocks(doc, {"python"}):
-        bound, used = _bound_and_used(code)
-        if SKIP in code:
-            unknown = used - bound - known
-            assert not unknown, f"{doc.name} line {line}: the block uses {sorted(unknown)} but never imports them"
-        known |= bound
-
-
 def shown_commands() -> list[tuple[str, ...]]:
     """Every distinct `kvstore <command>` (with its subcommand path) in the docs' shell blocks."""
     seen: dict[tuple[str, ...], None] = {}
