@@ -1,0 +1,110 @@
+"""Tiny seeded random-weight hybrid and recurrent mlx-lm models, built in memory from mlx-lm's own modules.
+
+Each is `mlx_lm.models.<family>.Model(ModelArgs(...))` with seeded weights and the ChatML tokenizer of
+the built-in Llama (`kvstore.builtin_models`, whose end-of-turn token `<|im_end|>` is its eos), as the
+`(model, tokenizer)` pair `AgentManager` accepts. The same family and seed give the same weights, and so
+the same fingerprint, in any process: a "restart" builds the model again.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+VOCAB = 1024  # >= the built-in tokenizer's vocabulary
+
+CONFIGS = {
+    # Gated delta-net (ArraysCache: conv state + recurrent state) every layer but each 4th (KVCache).
+    "qwen3_next": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[],
+        moe_intermediate_size=32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        full_attention_interval=4,
+    ),
+    # Short convolutions (ArraysCache of one conv state) with attention at layers 1 and 3.
+    "lfm2": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        norm_eps=1e-5,
+        conv_bias=False,
+        conv_L_cache=3,
+        block_dim=64,
+        block_multiple_of=16,
+        block_ffn_dim_multiplier=1.0,
+        block_auto_adjust_ff_dim=False,
+        block_ff_dim=128,
+        full_attn_idxs=[1, 3],
+    ),
+    # Pure state-space model: no attention layer, no positional cache at all.
+    "mamba2": dict(
+        num_heads=4,
+        head_dim=16,
+        hidden_size=32,
+        intermediate_size=64,
+        state_size=16,
+        num_hidden_layers=3,
+        layer_norm_epsilon=1e-5,
+        conv_kernel=4,
+        n_groups=1,
+        use_bias=False,
+        use_conv_bias=True,
+        tie_word_embeddings=True,
+        time_step_limit=(0.0, float("inf")),
+        time_step_rank=8,
+    ),
+}
+FAMILIES = tuple(CONFIGS)
+
+
+@cache
+def tokenizer():
+    """The built-in Llama's tokenizer (ChatML template, eos `<|im_end|>`), loaded once."""
+    from mlx_lm.utils import load_tokenizer
+
+    from kvstore.builtin_models import builtin_model_path
+
+    return load_tokenizer(builtin_model_path("llama", "tiny"))
+
+
+def build(family: str, seed: int = 0):
+    """(model, tokenizer): a seeded random-weight `family` model from mlx-lm's own module."""
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    args = module.ModelArgs.from_dict(dict(CONFIGS[family], model_type=family, vocab_size=VOCAB))
+    mx.random.seed(seed)  # some modules draw 1-d parameters (decay rates) at construction
+    model = module.Model(args)
+    rng = np.random.default_rng(seed)
+    params = []
+    for name, p in sorted(tree_flatten(model.parameters())):
+        if p.ndim >= 2:  # norm scales, biases and decay rates keep the module's own initial values
+            p = mx.array(rng.standard_normal(p.shape, dtype=np.float32) * np.float32(0.05))
+        params.append((name, p))
+    model.update(tree_unflatten(params))
+    model.eval()
+    mx.eval(model.parameters())
+    return model, tokenizer()
