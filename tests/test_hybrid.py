@@ -1,7 +1,8 @@
 """Hybrid and recurrent models (issue 24, points 1-3): state checkpoints, exact turn boundaries, mamba.
 
 Tiny random-weight models from mlx-lm's own modules (tests/hybrid_models.py): qwen3_next (gated
-delta-net + attention), lfm2 (short convolutions + attention) and mamba2 (no attention layer).
+delta-net + attention), qwen3_5, nemotron_h and falcon_h1 (Mamba-2 mixers + attention; falcon_h1 in
+CacheLists), lfm2 (short convolutions + attention) and mamba2 (no attention layer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import kvstore
 from kvstore.agents import AgentManager, turn
 from kvstore.builtin_models import CORPUS
+from kvstore.cache import codec
 from kvstore.cache.capture import Capture, checkpoint_boundaries
 from kvstore.cache.keys import chunk_keys
 from kvstore.errors import CorruptBlobError
@@ -125,7 +127,7 @@ def test_a_checkpoint_is_never_restored_at_another_position(pair, tmp_path):
         assert n == 3 * CHUNK
         keys = chunk_keys(fp, tokens, CHUNK)
         db = sqlite3.connect(tmp_path / "s" / "index.db")
-        states = [i for i, c in enumerate(make_prompt_cache(model)) if type(c).__name__ == "ArraysCache"]
+        states = [i for i, slot in enumerate(codec.describe(make_prompt_cache(model))[1]) if slot.kind == "state"]
         with db:
             for layer in states:
                 (at_512,) = db.execute(
