@@ -259,6 +259,15 @@ class AgentManager:
             return False
         return True
 
+    def _cuttable(self, have: int, keep: int) -> bool:
+        """Whether a cache that has seen `have` tokens can be cut back to its first `keep`: never a
+        recurrent state, and a sliding window only while it has not wrapped."""
+        if keep == have:
+            return True
+        if self._states:
+            return False
+        return self._window is None or have < self._window
+
     def _new_capture(self) -> Capture | None:
         """What a resident cache captures while it prefills (None when there is nothing to capture)."""
         if not self._captures:
@@ -345,8 +354,7 @@ class AgentManager:
         keep = min(turn.common_prefix(own, target), limit)
         # The agent's own snapshot, trimmed to what the prompt shares with it: the very cache an
         # uninterrupted process would hold, so a resumed conversation computes the same tokens.
-        trimmable = keep == len(own) or (self._window is None and not self._states) or len(own) < (self._window or 0)
-        if keep > 0 and trimmable:
+        if keep > 0 and self._cuttable(len(own), keep):
             try:
                 cache, toks = self.store.load(agent.name, model=self.fingerprint)
                 if toks == own and turn.trim_to(cache, len(own), keep):
@@ -391,7 +399,7 @@ class AgentManager:
                 continue
             own = self._agents[other].tokens
             n = min(turn.common_prefix(own, target), limit)
-            if n > best_n and (n == len(own) or self._window is None or len(own) < self._window):
+            if n > best_n and self._cuttable(len(own), n):
                 best, best_n = other, n
         if best is None:
             return None
