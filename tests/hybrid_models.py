@@ -133,8 +133,31 @@ CONFIGS = {
         time_step_limit=(0.0, float("inf")),
         time_step_rank=8,
     ),
+    # Two more pure recurrent models (tests of a turn's length only).
+    "mamba": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        state_size=16,
+        num_hidden_layers=2,
+        conv_kernel=4,
+        use_bias=False,
+        use_conv_bias=True,
+        time_step_rank=8,
+    ),
+    "rwkv7": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        norm_eps=1e-5,
+        head_dim=16,
+        num_hidden_layers=2,
+        a_low_rank_dim=8,
+        v_low_rank_dim=8,
+        gate_low_rank_dim=8,
+        decay_low_rank_dim=8,
+    ),
 }
-FAMILIES = tuple(CONFIGS)
+RECURRENT = ("mamba", "mamba2", "rwkv7")  # no attention layer at all
+FAMILIES = tuple(f for f in CONFIGS if f not in ("mamba", "rwkv7"))  # the full matrix
 
 
 @cache

@@ -2,7 +2,8 @@
 
 Tiny random-weight models from mlx-lm's own modules (tests/hybrid_models.py): qwen3_next (gated
 delta-net + attention), qwen3_5, nemotron_h and falcon_h1 (Mamba-2 mixers + attention; falcon_h1 in
-CacheLists), lfm2 (short convolutions + attention) and mamba2 (no attention layer).
+CacheLists), lfm2 (short convolutions + attention) and mamba2 (no attention layer); mamba and rwkv7 in the
+pure recurrent test.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sqlite3
 
 import mlx.core as mx
 import pytest
-from hybrid_models import FAMILIES, build
+from hybrid_models import FAMILIES, RECURRENT, build
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
@@ -214,12 +215,18 @@ def test_a_resumed_agent_prefills_only_its_new_message(pair, family, tmp_path):
         assert store.fsck().ok
 
 
-def test_a_pure_recurrent_turn_keeps_its_reply(tmp_path):
-    """mamba2 has no positional layer: the length comes from the tokens (before: the turn raised after
-    generating, "this model's cache has no positional layer", and the reply was lost)."""
-    with kvstore.open(tmp_path / "s", chunk_size=CHUNK) as store, AgentManager(build("mamba2"), store) as mgr:
-        a = mgr.create("a", system_prompt="You are brief.")
-        reply = a.chat("hello there", max_tokens=8)
-        assert len(reply.tokens) == 8 and a.messages[-1] == {"role": "assistant", "content": reply.text}
-        assert len(a.tokens) == reply.stats.prompt_tokens + 8
-        assert store.tokens("a") == a.tokens
+@pytest.mark.parametrize("recurrent", RECURRENT)
+def test_a_pure_recurrent_turn_keeps_its_reply(recurrent, tmp_path):
+    """mamba, mamba2 and rwkv7 have no positional layer: the length comes from the tokens (before: the
+    turn raised after generating, "this model's cache has no positional layer", and the reply was lost)."""
+    with kvstore.open(tmp_path / "s", chunk_size=CHUNK) as store:
+        with AgentManager(build(recurrent), store) as mgr:
+            a = mgr.create("a", system_prompt="You are brief.")
+            reply = a.chat("hello there", max_tokens=8)
+            assert len(reply.tokens) == 8 and a.messages[-1] == {"role": "assistant", "content": reply.text}
+            assert len(a.tokens) == reply.stats.prompt_tokens + 8
+            assert store.tokens("a") == a.tokens
+        with AgentManager(build(recurrent), store) as mgr:
+            reply = mgr.get("a").chat("and again", max_tokens=8)
+            assert reply.stats.restored_tokens == len(store.tokens("a")) - reply.stats.prefilled_tokens - 8
+            assert reply.stats.prefilled_tokens <= 64
