@@ -174,7 +174,8 @@ def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | No
                 if at is not None and at != n_tokens:  # never a state at a position it was not taken at
                     raise CorruptBlobError(
                         f"blob {blob_id} holds layer {s}'s state after {at} tokens, but the index names it "
-                        f"for position {n_tokens}; run `kvstore fsck --repair`",
+                        f"for position {n_tokens} (a damaged index): nothing was restored; the agent manager "
+                        "recomputes it, or restore index.db from a backup",
                         blob_id,
                         agent,
                     )
