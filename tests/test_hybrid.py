@@ -16,7 +16,7 @@ from hybrid_models import FAMILIES, RECURRENT, build
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore.agents import AgentManager, turn
+from kvstore.agents import AgentManager, GenerationOptions, turn
 from kvstore.builtin_models import CORPUS
 from kvstore.cache import codec
 from kvstore.cache.capture import Capture, checkpoint_boundaries
@@ -230,3 +230,36 @@ def test_a_pure_recurrent_turn_keeps_its_reply(recurrent, tmp_path):
             reply = mgr.get("a").chat("and again", max_tokens=8)
             assert reply.stats.restored_tokens == len(store.tokens("a")) - reply.stats.prefilled_tokens - 8
             assert reply.stats.prefilled_tokens <= 64
+
+
+def test_continue_exactly_keeps_the_cache_s_own_ids():
+    """Ids: 9 is the end-of-turn token. own = system, user, a reply the template re-renders as other ids."""
+    eos = [9]
+    own = [1, 2, 9, 3, 4, 9, 50, 51, 9]  # the reply 50 51 was generated, then the end-of-turn token
+    rendered = [1, 2, 9, 3, 4, 9, 52, 9, 5, 6, 9, 7]  # the same reply re-tokenized as 52, then a new message
+    assert turn.continue_exactly(eos, own, rendered) == own + [5, 6, 9, 7]
+    cut = own[:-1]  # a reply cut short by max_tokens: no end-of-turn token in the cache yet
+    assert turn.continue_exactly(eos, cut, rendered) == cut + [9, 5, 6, 9, 7]
+    assert turn.continue_exactly(eos, own, own + [5, 9]) == own + [5, 9]  # already a continuation
+    assert turn.continue_exactly(eos, own, [1, 2, 9, 3, 4, 9, 52]) == [1, 2, 9, 3, 4, 9, 52]  # no reply end
+    # An earlier reply re-tokenized too: own's k-th end-of-turn token is still the rendered k-th.
+    longer = own + [5, 9, 60, 61, 9]
+    again = [1, 2, 9, 3, 4, 9, 52, 9, 5, 9, 62, 9, 8, 9, 7]
+    assert turn.continue_exactly(eos, longer, again) == longer + [8, 9, 7]
+
+
+def test_an_edited_reply_is_rendered_not_replaced(tmp_path):
+    """A conversation whose last reply was changed (a client editing history) is the caller's, not the
+    cache's: its prompt is rendered as given, and the state restarts from a checkpoint before the edit."""
+    pair = build("qwen3_next")
+    _model, tokenizer = pair
+    with kvstore.open(tmp_path / "s", chunk_size=CHUNK) as store, AgentManager(pair, store) as mgr:
+        a = mgr.create("a", system_prompt=SYSTEM)
+        a.chat("Summarise the report.", max_tokens=12)
+        edited = a.messages[:-1] + [{"role": "assistant", "content": "Something else."}]
+        messages = edited + [{"role": "user", "content": "And then?"}]
+        prompt = turn.render(tokenizer, a.conversation(messages))
+        reply = a.respond(prompt, messages, GenerationOptions(max_tokens=4))
+        assert reply.stats.prompt_tokens == len(prompt)
+        assert a.tokens[: len(prompt)] == prompt
+        assert reply.stats.reused_tokens + reply.stats.restored_tokens == 3 * CHUNK  # the system prompt's checkpoint
