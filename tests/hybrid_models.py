@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -186,3 +187,25 @@ def build(family: str, seed: int = 0):
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer()
+
+
+def write_model(family: str, path: Path, seed: int = 0) -> Path:
+    """`build(family, seed)` as an mlx-lm model folder (config, weights, the built-in tokenizer's files),
+    for what takes a path: `kvstore serve --model PATH`."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from kvstore.builtin_models import builtin_model_path
+
+    model, _tokenizer = build(family, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    src = builtin_model_path("llama", "tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, path / name)
+    eos = json.loads((src / "config.json").read_text())["eos_token_id"]
+    config = dict(CONFIGS[family], model_type=family, vocab_size=VOCAB, eos_token_id=eos)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
