@@ -23,6 +23,7 @@ def hybrid_path(tmp_path_factory) -> str:
     return str(write_model("qwen3_next", tmp_path_factory.mktemp("models") / "qwen3_next-tiny"))
 
 
+@pytest.mark.slow
 def test_a_hybrid_model_resumes_after_sigkill_prefilling_only_the_new_message(tmp_path, hybrid_path):
     usage = crash_and_resume(tmp_path, hybrid_path, {}, system=SYSTEM)
     ext = usage.model_extra["kvstore"]
@@ -30,6 +31,7 @@ def test_a_hybrid_model_resumes_after_sigkill_prefilling_only_the_new_message(tm
     assert ext["prefilled_tokens"] <= 64
 
 
+@pytest.mark.slow
 def test_a_second_conversation_restores_the_shared_system_prompt(tmp_path, hybrid_path):
     prompts = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
