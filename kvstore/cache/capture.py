@@ -76,10 +76,6 @@ class Capture:
         _tree, slots, _leaves = codec.describe(list(cache))
         return {s.kind for s in slots}
 
-    def needed(self, cache: list) -> bool:
-        """Whether the cache has sliding-window or state layers at all (else capture is a no-op)."""
-        return bool(self.kinds(cache) & {"rot", "state"})
-
     def boundaries(self, tokens: Sequence[int], start: int, end: int) -> list[int]:
         """Where a prefill of tokens[start:end] must stop to take a state checkpoint (none without state slots)."""
         if not self.states:
