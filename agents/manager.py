@@ -85,7 +85,9 @@ class AgentManager:
         self.share_resident = share_resident
         self.writes_paused = False  # set by a caller that must not write (the server, below its free-disk floor)
         fresh = self.handle.make_cache()
-        self._sliding = Capture(chunk).needed(fresh)
+        kinds = Capture.kinds(fresh)
+        self._captures = bool(kinds & {"rot", "state"})  # sliding-window chunks or state checkpoints to take
+        self._states = "state" in kinds  # recurrent state: never trimmed, restored only at a checkpoint
         self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
         self._agents: dict[str, Agent] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
@@ -214,9 +216,7 @@ class AgentManager:
         res = self._resident.get(name)
         if res is not None and tokens == src.tokens and self.max_resident > 0:
             # New arrays: a turn on the fork must never write into the original's buffers.
-            self._resident[new_name] = _Resident(
-                turn.copy_cache(res.cache), Capture(self.store.chunk_size) if self._sliding else None
-            )
+            self._resident[new_name] = _Resident(turn.copy_cache(res.cache), self._new_capture())
             self._evict(protect=new_name)
         return agent
 
@@ -259,6 +259,21 @@ class AgentManager:
         except UnknownAgentError:
             return False
         return True
+
+    def _cuttable(self, have: int, keep: int) -> bool:
+        """Whether a cache that has seen `have` tokens can be cut back to its first `keep`: never a
+        recurrent state, and a sliding window only while it has not wrapped."""
+        if keep == have:
+            return True
+        if self._states:
+            return False
+        return self._window is None or have < self._window
+
+    def _new_capture(self) -> Capture | None:
+        """What a resident cache captures while it prefills (None when there is nothing to capture)."""
+        if not self._captures:
+            return None
+        return Capture(self.store.chunk_size, turn_ends=self.tokenizer.eos_token_ids, states=self._states)
 
     def _progress_for(self, name: str):
         if self.progress is None:
@@ -340,8 +355,7 @@ class AgentManager:
         keep = min(turn.common_prefix(own, target), limit)
         # The agent's own snapshot, trimmed to what the prompt shares with it: the very cache an
         # uninterrupted process would hold, so a resumed conversation computes the same tokens.
-        trimmable = keep == len(own) or self._window is None or len(own) < self._window
-        if keep > 0 and trimmable:
+        if keep > 0 and self._cuttable(len(own), keep):
             try:
                 cache, toks = self.store.load(agent.name, model=self.fingerprint)
                 if toks == own and turn.trim_to(cache, len(own), keep):
@@ -369,7 +383,7 @@ class AgentManager:
         if cache is None:
             cache, n = self.handle.make_cache(), 0
         agent.tokens = list(target[: n + copied])
-        res = _Resident(cache, Capture(self.store.chunk_size) if self._sliding else None)
+        res = _Resident(cache, self._new_capture())
         self._resident[agent.name] = res
         return res, n, copied
 
@@ -388,7 +402,7 @@ class AgentManager:
                 continue
             own = self._agents[other].tokens
             n = min(turn.common_prefix(own, target), limit)
-            if n > best_n and (n == len(own) or self._window is None or len(own) < self._window):
+            if n > best_n and self._cuttable(len(own), n):
                 best, best_n = other, n
         if best is None:
             return None
@@ -409,6 +423,10 @@ class AgentManager:
             raise ValueError("the prompt is empty")
         if agent.manager is not self:
             raise ValueError(f"agent {agent.name!r} belongs to another manager")
+        if self._states and agent.messages and messages[: len(agent.messages)] == agent.messages:
+            # The agent's own conversation, continued: a recurrent state cannot be cut back into a
+            # reply that re-tokenized differently, so the turn continues the ids the cache has seen.
+            prompt = turn.continue_exactly(self.tokenizer.eos_token_ids, agent.tokens, list(prompt))
         state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
         return self._turn(agent, state), state
 
@@ -464,7 +482,7 @@ class AgentManager:
         name = agent.name
         prompt, generated = state.prompt, state.tokens
         history = prompt + generated
-        seen = turn.cache_offset(res.cache)
+        seen = turn.cache_offset(res.cache, default=len(history))  # a pure recurrent model has seen all of it
         if seen > len(history):  # cannot happen with mlx-lm's generate_step; never trust such a cache
             del self._resident[name]
             seen = len(prompt)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,14 +76,46 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def cache_offset(cache: list) -> int:
-    """Tokens the cache has processed (from its first positional layer)."""
+def cache_offset(cache: list, default: int | None = None) -> int:
+    """Tokens the cache has processed (from its first positional layer).
+
+    A pure recurrent model (mamba) has no positional layer: its length is what the caller fed it,
+    `default`; without one that is an error.
+    """
     _tree, _slots, leaves = codec.describe(list(cache))
     for leaf in leaves:
         off = codec.leaf_offset(leaf)
         if off is not None:
             return off
+    if default is not None:
+        return default
     raise ValueError("this model's cache has no positional layer: its length is unknown")
+
+
+def continue_exactly(eos_ids: Collection[int], own: list[int], prompt: list[int]) -> list[int]:
+    """The prompt of a turn that continues `own` (what the cache has seen) token for token.
+
+    A re-rendered history need not re-tokenize the model's replies to the ids it generated (BPE
+    merges across what were separate steps; the streamed text drops a leading space or a broken
+    UTF-8 byte), and a recurrent state cannot be cut back to where they part: the whole history
+    would be prefilled again. The turn's prompt is therefore `own` followed by what `prompt` holds
+    after the end-of-turn token that closes own's last reply: generation stops at the first
+    end-of-turn token, so own's k-th one (or the k+1-th, when its last reply was cut short) is
+    prompt's k-th. The caller checks that the conversation's messages are the ones the agent
+    recorded (no reply was edited); `prompt` is returned as it is when it already continues `own`
+    or has no such token.
+    """
+    keep = common_prefix(own, prompt)
+    if keep == len(own) or not own:
+        return prompt
+    eos = np.fromiter(eos_ids, dtype=np.int64)
+    closed = own[-1] in set(eos.tolist())
+    k = int(np.isin(np.asarray(own), eos).sum()) - (1 if closed else 0)
+    ends = np.nonzero(np.isin(np.asarray(prompt), eos))[0]
+    if k >= ends.size or int(ends[k]) < keep:
+        return prompt
+    end = int(ends[k])
+    return own + prompt[end + 1 :] if closed else own + prompt[end:]
 
 
 def cache_nbytes(cache: list) -> int:
@@ -160,14 +192,19 @@ def prefill(
 
     `step` is a multiple of the store's chunk size, so after every step each sliding-window layer
     still holds the chunks that step completed, and `capture` copies them before they rotate out.
+    A model with recurrent state also stops at the capture's checkpoint boundaries and copies its
+    state there (the only positions a later prefix restore can land on).
     """
+    marks = capture.boundaries(tokens, start, end) if capture is not None else []
     pos = start
     while pos < end:
-        stop = min(end, (pos // step + 1) * step)
+        stop = min(end, (pos // step + 1) * step, next((b for b in marks if b > pos), end))
         model(mx.array(tokens[pos:stop])[None], cache=cache)
         mx.eval([c.state for c in cache])
         if capture is not None:
             capture.take(cache)
+            if marks and stop in marks:
+                capture.checkpoint(cache, stop)
         pos = stop
         if progress is not None:
             progress(pos - start, end - start)

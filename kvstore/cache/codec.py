@@ -146,20 +146,30 @@ def extract(slot: Slot, c: Any, start: int, end: int) -> dict[str, mx.array]:
     return {"k": c.keys[..., start:end, :], "v": c.values[..., start:end, :]}
 
 
-def extract_state(slot: Slot, c: Any) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """The whole state of a state slot, and metadata saying how to put it back."""
+def extract_state(slot: Slot, c: Any, at: int) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """The whole state of a state slot after `at` tokens, and metadata saying how to put it back.
+
+    The metadata records `at`: a state is valid at exactly that position, and a restore checks it
+    (`state_position`) before using the blob.
+    """
     if slot.cls == "RotatingKVCache":
         if c.keys is None:
-            return {}, {"offset": str(c.offset), "empty": "1"}
+            return {}, {"offset": str(c.offset), "empty": "1", "at": str(at)}
         keys, values = rotating_arrays(c)
-        return {"k": keys, "v": values}, {"offset": str(c.offset)}
+        return {"k": keys, "v": values}, {"offset": str(c.offset), "at": str(at)}
     arrays = {f"s{i}": a for i, a in enumerate(c.cache) if a is not None}
     if c.left_padding is not None or c.lengths is not None:
         raise UnsupportedCacheError(
             "an ArraysCache in the middle of a batch (left_padding/lengths set) "
             "cannot be stored; store a single-sequence cache"
         )
-    return arrays, {"present": ",".join(str(i) for i, a in enumerate(c.cache) if a is not None)}
+    return arrays, {"present": ",".join(str(i) for i, a in enumerate(c.cache) if a is not None), "at": str(at)}
+
+
+def state_position(meta: dict) -> int | None:
+    """The token position a state blob was taken at (None for blobs written before it was recorded)."""
+    at = meta.get("at")
+    return int(at) if isinstance(at, str) and at.isdigit() else None
 
 
 # -- building caches back ----------------------------------------------------------------------

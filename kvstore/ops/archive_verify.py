@@ -66,7 +66,7 @@ def _check_row(row: dict, start: int, end: int, slots, leaves, blob: tuple[dict,
     slot, leaf = slots[s], leaves[s]
     where = f"layer {s} of chunk {row['chunk_key'].hex()} (positions {start}-{end})"
     if meta.get("kind") == "state":
-        live, _meta = codec.extract_state(slot, leaf)
+        live, _meta = codec.extract_state(slot, leaf, end)
         stored = arrays
     else:
         lo, hi = codec.held_range(slot, leaf)

@@ -112,7 +112,13 @@ def plan(slots, keys: list[bytes], spans, n_tokens: int, layers: dict) -> list[l
 
 
 def longest(slots, keys, spans, layers, n_max: int | None = None) -> int:
-    """The longest chunk end (at most n_max) at which every slot can be rebuilt."""
+    """The longest chunk end (at most n_max) at which every slot can be rebuilt.
+
+    A state slot (recurrent state) is rebuilt only from a checkpoint stored under the key of the
+    chunk the position ends: a hybrid model's prefix lands on the longest boundary that has every
+    attention chunk and a checkpoint of every state slot. Boundaries without one are skipped before
+    the full plan is tried (a long prefix has checkpoints at a few boundaries only).
+    """
     limit = len(spans)
     for s, slot in enumerate(slots):  # a full-attention slot needs an unbroken run from chunk 0
         if slot.kind == "kv":
@@ -120,9 +126,12 @@ def longest(slots, keys, spans, layers, n_max: int | None = None) -> int:
             while i < limit and (keys[i], s) in layers:
                 i += 1
             limit = i
+    states = [s for s, slot in enumerate(slots) if slot.kind == "state"]
     for i in range(limit - 1, -1, -1):
         n = spans[i][0] + spans[i][1]
-        if (n_max is None or n <= n_max) and plan(slots, keys, spans, n, layers) is not None:
+        if (n_max is not None and n > n_max) or any((keys[i], s) not in layers for s in states):
+            continue
+        if plan(slots, keys, spans, n, layers) is not None:
             return n
     return 0
 
@@ -161,6 +170,15 @@ def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | No
             pieces, state_meta = [], None
             for blob_id, _first, _start in blobs:
                 got, state_meta = tensorfile.decode(store.blobs.read(blob_id, agent), blob_id)
+                at = codec.state_position(state_meta)
+                if at is not None and at != n_tokens:  # never a state at a position it was not taken at
+                    raise CorruptBlobError(
+                        f"blob {blob_id} holds layer {s}'s state after {at} tokens, but the index names it "
+                        f"for position {n_tokens} (a damaged index): nothing was restored; the agent manager "
+                        "recomputes it, or restore index.db from a backup",
+                        blob_id,
+                        agent,
+                    )
                 pieces.append(got)
             leaf = codec.build_leaf(slot, pieces, n_tokens, state_meta)
         else:

@@ -85,7 +85,7 @@ def plan_pieces(
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
         if slot.kind == "state":
             if spans and (keys[-1], s) not in have:
-                arrays, meta = codec.extract_state(slot, leaf)
+                arrays, meta = codec.extract_state(slot, leaf, n_tokens)
                 want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
             continue
         lo, hi = codec.held_range(slot, leaf)
