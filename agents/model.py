@@ -2,7 +2,8 @@
 
 Names: "smollm2-135m-instruct" (a real instruct model, fetched once and converted offline; see
 kvstore.models), and "builtin" / "builtin:ARCH" / "builtin:ARCH-SIZE" (the random-weight models of
-kvstore.builtin_models, e.g. "builtin:gemma3-small"; "builtin" is the Llama-style "tiny" one).
+kvstore.builtin_models, e.g. "builtin:gemma3-small" or "builtin:qwen3_next-tiny"; "builtin" is the
+Llama-style "tiny" one).
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ class ModelHandle:
         return make_prompt_cache(self.model)
 
 
-def _builtin_dir(ref: str) -> Path:
+def is_builtin(ref: Any) -> bool:
+    """Whether ref names a built-in model: "builtin", "builtin:ARCH" or "builtin:ARCH-SIZE"."""
+    return isinstance(ref, str) and (ref == BUILTIN or ref.startswith(BUILTIN + ":"))
+
+
+def builtin_dir(ref: str) -> Path:
     """The folder of a built-in random-weight model named "builtin[:ARCH[-SIZE]]" (built on first use)."""
     from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
 
-    spec = ref.partition(":")[2]
-    arch, _, size = spec.partition("-") if spec else BUILTIN_DEFAULT
+    arch, _, size = ref.partition(":")[2].partition("-")  # "builtin" alone: ("", "", "")
     arch, size = arch or BUILTIN_DEFAULT[0], size or BUILTIN_DEFAULT[1]
     if arch not in ARCHITECTURES or size not in SIZES:
         raise ModelLoadError(
@@ -65,8 +70,8 @@ def _local_dir(ref: str) -> Path:
         from kvstore.models import ensure_model
 
         return ensure_model(ref, say=lambda s: print(s, file=sys.stderr, flush=True))
-    if ref == BUILTIN or ref.startswith(BUILTIN + ":"):
-        return _builtin_dir(ref)
+    if is_builtin(ref):
+        return builtin_dir(ref)
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

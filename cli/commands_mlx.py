@@ -14,11 +14,10 @@ from .main import CliError, StoreRef, pass_store
 def _fingerprint(model: str) -> str:
     """The fingerprint of --model: `builtin`, a model folder, or a Hugging Face id (loaded to find its files)."""
     import kvstore
+    from kvstore.agents.model import builtin_dir, is_builtin
 
-    if model == "builtin":
-        from kvstore.builtin_models import builtin_model_path
-
-        return kvstore.fingerprint(builtin_model_path())
+    if is_builtin(model):
+        return kvstore.fingerprint(builtin_dir(model))
     if Path(model).expanduser().is_dir():
         return kvstore.fingerprint(Path(model).expanduser())
     from kvstore.agents import resolve_model

@@ -110,10 +110,10 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kvstore.server").setLevel(log_level.upper())
     model_id = None
-    if model == "builtin":  # the offline model, as `kvstore chat --model builtin`
-        from kvstore.builtin_models import builtin_model_path
+    from kvstore.agents.model import builtin_dir, is_builtin
 
-        model, model_id = str(builtin_model_path()), "builtin"
+    if is_builtin(model):  # the offline models, as `kvstore chat --model builtin[:ARCH-SIZE]`
+        model, model_id = str(builtin_dir(model)), model
     config = ServerConfig(
         model=model,
         model_id=model_id,
