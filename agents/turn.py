@@ -110,8 +110,23 @@ def trim_to(cache: list, have: int, keep: int) -> bool:
         return True
     if keep > have or not can_trim_prompt_cache(cache):
         return False  # e.g. a sliding-window layer that has already rotated past its window
+    if not _chunked_attention_kept(cache, keep):
+        return False
     trim_prompt_cache(cache, have - keep)
     return cache_offset(cache) == keep
+
+
+def _chunked_attention_kept(cache: list, keep: int) -> bool:
+    """Whether every ChunkedKVCache (llama4) layer, cut back to `keep`, still holds the start of the
+    attention chunk position keep - 1 lies in. mlx-lm calls such a layer trimmable whatever it
+    dropped: cut back into an earlier chunk, it would attend without that chunk's start
+    (tests/test_families.py, the llama4 prompt that diverges in an earlier chunk)."""
+    _tree, slots, leaves = codec.describe(list(cache))
+    return all(
+        leaf.start_position <= codec.window_start(slot, keep)
+        for slot, leaf in zip(slots, leaves)
+        if slot.cls == "ChunkedKVCache"
+    )
 
 
 def copy_cache(cache: list) -> list:
