@@ -38,6 +38,10 @@ class ModelHandle:
 
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
+    def fingerprint_with(self, **settings) -> str:
+        """The fingerprint of this model with other settings (KV quantization: kvstore.fingerprint's keywords)."""
+        return fingerprint(self.path if self.path is not None else self.model, **settings)
+
     def make_cache(self) -> list:
         """A fresh, empty prompt cache for this model."""
         from mlx_lm.models.cache import make_prompt_cache

@@ -169,15 +169,20 @@ def prefill(
     step: int,
     capture: Capture | None,
     progress: Progress = None,
+    *,
+    kv: Any = None,
 ) -> None:
     """Run tokens[start:end] through the model into `cache`, with step boundaries at multiples of `step`.
 
     `step` is a multiple of the store's chunk size, so after every step each sliding-window layer
     still holds the chunks that step completed, and `capture` copies them before they rotate out.
+    `kv` (agents.kv.KVQuantization) quantizes the cache before a step as mlx-lm's generate does.
     """
     pos = start
     while pos < end:
         stop = min(end, (pos // step + 1) * step)
+        if kv is not None:
+            kv.apply(cache)
         model(mx.array(tokens[pos:stop])[None], cache=cache)
         mx.eval([c.state for c in cache])
         if capture is not None:
@@ -244,6 +249,8 @@ def generate(
     state: TurnState,
     capture: Capture | None = None,
     fed: int = 0,
+    *,
+    kv: Any = None,
 ) -> Iterator[str]:
     """Generate from the prompt's last token; yields text segments and fills `state`.
 
@@ -267,6 +274,7 @@ def generate(
         max_tokens=opts.max_tokens,
         sampler=sampler,
         logits_processors=processors,
+        **(kv.generate_kwargs() if kv is not None else {}),
     )
     try:
         for token, _logprobs in steps:

@@ -27,7 +27,7 @@ def _size(ctx, param, value):
     "--model",
     required=True,
     metavar="FOLDER|HF-ID|NAME",
-    help="The model: a folder, a Hugging Face id, smollm2-135m-instruct or builtin.",
+    help="The model: a folder, a Hugging Face id, smollm2-135m-instruct, builtin or builtin:ARCH-SIZE.",
 )
 @click.option(
     "--alias",
@@ -76,6 +76,20 @@ def _size(ctx, param, value):
     help="A waiting streaming response sends a keep-alive this often.",
 )
 @click.option(
+    "--kv-bits",
+    type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+    help="Bits for KV cache quantization, as mlx-lm's server (default: full precision). Caches are "
+    "stored quantized, apart from full-precision ones.",
+)
+@click.option("--kv-group-size", default=64, show_default=True, type=click.Choice(["32", "64", "128"]))
+@click.option(
+    "--quantized-kv-start",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Token position from which a conversation's KV cache is quantized (with --kv-bits).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @pass_store
@@ -92,6 +106,9 @@ def serve(
     max_resident_bytes: int | None,
     context_length: int | None,
     keepalive: float,
+    kv_bits: str | None,
+    kv_group_size: str,
+    quantized_kv_start: int,
     log_level: str,
 ) -> None:
     """Serve a model over the OpenAI and Anthropic APIs, its prompt cache in the store.
@@ -129,6 +146,9 @@ def serve(
         max_resident_bytes=max_resident_bytes,
         context_length=context_length,
         keepalive_seconds=keepalive,
+        kv_bits=None if kv_bits is None else int(kv_bits),
+        kv_group_size=int(kv_group_size),
+        quantized_kv_start=quantized_kv_start,
     )
     try:
         config.check()

@@ -53,6 +53,7 @@ class ServerConfig:
         model_id: the name /v1/models lists and requests must use (None: from `model`).
         aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
             /v1/models lists them after model_id.
+        kv_bits, kv_group_size, quantized_kv_start: KV-cache quantization, as mlx-lm's server takes them.
     """
 
     model: Any
@@ -71,6 +72,9 @@ class ServerConfig:
     model_id: str | None = None
     aliases: tuple[str, ...] = ()
     chunk_size: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000  # mlx-lm's DEFAULT_QUANTIZED_KV_START (not imported: this module loads without MLX)
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""

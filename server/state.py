@@ -75,6 +75,9 @@ class ServerState:
                 max_resident=c.max_resident,
                 max_resident_bytes=c.max_resident_bytes,
                 share_resident=True,
+                kv_bits=c.kv_bits,
+                kv_group_size=c.kv_group_size,
+                quantized_kv_start=c.quantized_kv_start,
             )
         except BaseException:
             self.store.close()
