@@ -144,3 +144,46 @@ def test_models_mlx_lm_cannot_quantize_are_refused_up_front(tmp_path, model_path
             AgentManager(str(narrow), store, kv_bits=8, kv_group_size=64)
         with pytest.raises(ValueError, match="kv_bits must be one of"):
             AgentManager(model_path, store, kv_bits=7)
+
+
+@pytest.mark.slow  # three server processes: about a minute
+def test_kvstore_serve_kv_bits_stores_quantized_conversations_and_resumes_them_after_sigkill(model_path, tmp_path):
+    import signal
+
+    pytest.importorskip("openai")
+    from server_process import ServerProcess, conversation, new_store
+
+    args = ("--kv-bits", "8", "--kv-group-size", "64", "--quantized-kv-start", "0")
+    store_path = new_store(tmp_path / "served")
+    srv = ServerProcess(model_path, store_path, *args).start()
+    try:
+        client = srv.openai()
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for i in range(2):
+            msgs.append({"role": "user", "content": f"Question number {i}: what next?"})
+            r = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+        assert r.usage.prompt_tokens_details.cached_tokens >= 3 * 16
+    finally:
+        srv.stop(signal.SIGKILL)
+    srv = ServerProcess(model_path, store_path, *args).start()
+    try:
+        msgs.append({"role": "user", "content": "Question number 2: what next?"})
+        third = srv.openai().chat.completions.create(model=model_path, messages=msgs, max_tokens=10)
+    finally:
+        srv.stop()
+    ref = ServerProcess(model_path, new_store(tmp_path / "ref"), *args).start()
+    try:
+        replies = conversation(ref.openai(), model_path, 3, system=SYSTEM)
+    finally:
+        ref.stop()
+    assert third.choices[0].message.content == replies[2][0]
+    cached = third.usage.prompt_tokens_details.cached_tokens  # from disk: the killed server's memory is gone
+    assert cached == replies[2][1].prompt_tokens_details.cached_tokens >= third.usage.prompt_tokens - 32
+    quantized = kvstore.fingerprint(model_path, kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+    with kvstore.open(store_path) as store:
+        conversations = store.agents()
+        assert conversations and {a.model for a in conversations} == {quantized}
+        cache, _tokens = store.load(conversations[0].name, model=quantized)
+        assert all(type(c) is QuantizedKVCache and c.bits == 8 for c in cache)
+        assert store.fsck().ok
