@@ -98,6 +98,24 @@ def test_round_trip_is_bit_exact(models, tmp_path, arch):
         assert store.fsck().ok
 
 
+@pytest.mark.parametrize("arch", _arch_params(lambda _a: False))
+def test_an_archive_round_trip_is_bit_exact(models, tmp_path, arch):
+    """`kvstore export` / `import` check each layout slot against the classes kvstore stores."""
+    _path, (model, _tok), fp = models(arch)
+    tokens = _tokens(4, 2 * CHUNK + 5)
+    capture = Capture(CHUNK)
+    cache, _ = _prefill(model, tokens, capture)
+    with kvstore.open(tmp_path / "a", chunk_size=CHUNK) as src:
+        src.save("a", cache, tokens, model=fp, captured=capture.pieces)
+        kvstore.export_agent(src, "a", tmp_path / "a.tar")
+    with kvstore.open(tmp_path / "b", chunk_size=CHUNK) as dst:
+        kvstore.import_agent(dst, tmp_path / "a.tar")
+        loaded, toks = dst.load("a", model=fp)
+        assert toks == tokens
+        assert same_cache(loaded, cache)
+        assert dst.fsck().ok
+
+
 @pytest.mark.parametrize("arch", _arch_params())
 def test_prefix_restore_matches_a_cold_prefill(models, tmp_path, arch):
     _path, (model, _tok), fp = models(arch)
