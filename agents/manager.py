@@ -57,9 +57,8 @@ class AgentManager:
         share_resident: a new agent (or one whose cache is not in memory) starts from a copy of
             another resident cache when that shares more of its prompt than the store has (the
             server uses this; agents then report those tokens as reused, not restored).
-        kv_bits, kv_group_size, quantized_kv_start: KV-cache quantization, as mlx-lm's generate and
-            server take them (kv_bits None: full precision). Caches are stored as they are, keyed by
-            these settings too (agents/kv.py).
+        kv_bits, kv_group_size, quantized_kv_start: KV-cache quantization as in mlx-lm's generate
+            (kv_bits None: full precision); caches are keyed by these settings too (agents/kv.py).
     """
 
     def __init__(
@@ -451,16 +450,9 @@ class AgentManager:
             self._resident.move_to_end(name)
             tp = time.perf_counter()
             done = state.reused + state.restored
+            progress = self._progress_for(name)
             turn.prefill(
-                self.model,
-                res.cache,
-                prompt,
-                done,
-                limit,
-                self.prefill_step,
-                res.capture,
-                self._progress_for(name),
-                kv=self.kv,
+                self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture, progress, kv=self.kv
             )
             state.prefill_seconds = time.perf_counter() - tp
             segments = turn.generate(

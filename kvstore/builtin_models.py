@@ -222,8 +222,14 @@ def _weights(config: dict, seed: int, dtype: str) -> dict:
     from mlx.utils import tree_flatten
 
     module = _model_module(config["model_type"])
-    mx.random.seed(seed)  # some 1-D initial values are random (qwen3_next's A_log, dt_bias): fix them too
-    model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read
+    # Some 1-D initial values are random (qwen3_next's A_log, dt_bias): seed them too, and let the
+    # caller's random stream go on from a draw of its own rather than from our seed.
+    follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+    mx.random.seed(seed)
+    try:
+        model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read
+    finally:
+        mx.random.seed(follow)
     params = dict(tree_flatten(model.parameters()))
     if config.get("tie_word_embeddings"):  # gemma3_text's sanitize ties lm_head when it is absent
         params.pop("lm_head.weight", None)
