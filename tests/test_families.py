@@ -203,3 +203,21 @@ def test_a_llama4_prompt_that_diverges_in_an_earlier_attention_chunk_is_not_trim
     (edited_tokens, edited), (cold_tokens, cold) = caches
     assert edited_tokens == cold_tokens
     assert mx.allclose(edited, cold, atol=1e-4).item()
+
+
+def test_kvstore_chat_takes_a_builtin_family_name_and_resumes_it(tmp_path):
+    """`--model builtin:ARCH-SIZE` on the command line; the next process finds the model from the record."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KVSTORE_HOME": str(tmp_path / "s"), "KVSTORE_MODELS": str(tmp_path / "models")}
+    kvstore_cmd = [sys.executable, "-c", "from kvstore.cli.main import main; main()"]
+    first = ["chat", "a", "What should we do first?", "--model", "builtin:llama4-tiny", "--max-tokens", "4"]
+    for args in (first, ["chat", "a", "And then?", "--max-tokens", "4"]):
+        out = subprocess.run(kvstore_cmd + args, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+    assert (tmp_path / "models" / "llama4-tiny-s0-float32" / "config.json").is_file()
+    with kvstore.open(tmp_path / "s") as store:
+        assert store.agent("a").meta["meta"]["model"] == "builtin:llama4-tiny"
+        assert store.snapshots("a")[-1].n_tokens > 0
