@@ -18,6 +18,7 @@ from kvstore.names import validate_name
 from kvstore.ops import restore
 from kvstore.records import AgentInfo, Snapshot
 
+from . import kv as kvq
 from . import memory, turn
 from .agent import Agent
 from .model import resolve_model
@@ -57,6 +58,8 @@ class AgentManager:
         share_resident: a new agent (or one whose cache is not in memory) starts from a copy of
             another resident cache when that shares more of its prompt than the store has (the
             server uses this; agents then report those tokens as reused, not restored).
+        kv_bits, kv_group_size, quantized_kv_start: KV-cache quantization as in mlx-lm's generate
+            (kv_bits None: full precision); caches are keyed by these settings too (agents/kv.py).
     """
 
     def __init__(
@@ -70,12 +73,18 @@ class AgentManager:
         prefill_step: int = 512,
         progress: Callable[[str, int, int], None] | None = None,
         share_resident: bool = False,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = kvq.DEFAULT_QUANTIZED_KV_START,
     ):
         if max_resident < 0:
             raise ValueError("max_resident must be 0 or more")
+        self.kv = kvq.settings(kv_bits, kv_group_size, quantized_kv_start)
         self.handle = resolve_model(model)
         self.store = store
-        self.fingerprint = self.handle.fingerprint
+        self._keys = kvq.CacheKeys(self.handle, store, self.kv)
+        self.fingerprint = self._keys.primary
+        self.fingerprints = self._keys.all  # with kv_bits: the quantized caches' first, then the others
         self.max_resident = max_resident
         self.max_resident_bytes = max_resident_bytes
         self.autosave = autosave and not store.readonly
@@ -118,7 +127,8 @@ class AgentManager:
         if name in self._agents or self._exists(name):
             raise AgentExistsError(f"an agent named {name!r} already exists: get() it, or delete() it first")
         agent = Agent(self, name, system_prompt, meta=meta)
-        self.store.save(name, self.handle.make_cache(), [], model=self.fingerprint, meta=agent.record())
+        fresh = self._keys.new_cache()
+        self.store.save(name, fresh, [], model=self._keys.of(fresh), meta=agent.record())
         self._stored[name] = agent.record()
         self._agents[name] = agent
         return agent
@@ -130,7 +140,7 @@ class AgentManager:
             return agent
         validate_name(name)
         model, record, tokens = restore.head(self.store, name)  # one query: this is on every resume's path
-        if model != self.fingerprint:
+        if model not in self.fingerprints:
             raise ModelMismatchError(
                 f"agent {name!r} belongs to model {model}; this manager runs {self.handle.name} ({self.fingerprint})"
             )
@@ -222,7 +232,7 @@ class AgentManager:
 
     def list(self) -> list[AgentInfo]:
         """The store's agents that belong to this manager's model."""
-        return [a for a in self.store.agents() if a.model == self.fingerprint]
+        return [a for a in self.store.agents() if a.model in self.fingerprints]
 
     def is_resident(self, name: str) -> bool:
         return name in self._resident
@@ -274,6 +284,9 @@ class AgentManager:
         if not self._captures:
             return None
         return Capture(self.store.chunk_size, turn_ends=self.tokenizer.eos_token_ids, states=self._states)
+    def stored_prefix(self, tokens: list[int]) -> int:
+        """Tokens of the longest prefix of `tokens` the store can restore for this manager."""
+        return self._keys.stored_prefix(tokens)
 
     def _progress_for(self, name: str):
         if self.progress is None:
@@ -291,13 +304,15 @@ class AgentManager:
                 self.store.set_meta(name, record)
                 self._stored[name] = record
             return None
+        fp = self._keys.of(res.cache)
         snap = self.store.save(
             name,
             res.cache,
             agent.tokens,
-            model=self.fingerprint,
+            model=fp,
             meta=record,
             captured=res.capture.pieces if res.capture else None,
+            moves_from=[f for f in self.fingerprints if f != fp],
         )
         self._stored[name] = record
         res.dirty = False
@@ -357,7 +372,7 @@ class AgentManager:
         # uninterrupted process would hold, so a resumed conversation computes the same tokens.
         if keep > 0 and self._cuttable(len(own), keep):
             try:
-                cache, toks = self.store.load(agent.name, model=self.fingerprint)
+                cache, toks = self._keys.load(agent.name)
                 if toks == own and turn.trim_to(cache, len(own), keep):
                     n = keep
                 else:
@@ -366,7 +381,7 @@ class AgentManager:
                 self._damaged(errors, e)
                 cache = None
         if cache is None and self.share_resident and self._resident:
-            stored = self.store.match(target[:limit], model=self.fingerprint).n_tokens
+            stored = self.stored_prefix(target[:limit])
             donated = self._donor(agent.name, target, limit, stored)
             if donated is not None:
                 cache, copied = donated
@@ -374,14 +389,14 @@ class AgentManager:
             if cache is not None:
                 break
             try:
-                cache, n = self.store.restore(target, model=self.fingerprint, max_tokens=limit)
+                cache, n = self.store.restore(target, model=self._keys.richest(target[:limit]), max_tokens=limit)
                 break
             except BlobError as e:
                 self._damaged(errors, e)
                 if not e.blob_id or self.store.readonly:
                     break  # nothing was discarded, so another restore would fail the same way
         if cache is None:
-            cache, n = self.handle.make_cache(), 0
+            cache, n = self._keys.new_cache(), 0
         agent.tokens = list(target[: n + copied])
         res = _Resident(cache, self._new_capture())
         self._resident[agent.name] = res
@@ -455,11 +470,14 @@ class AgentManager:
             self._resident.move_to_end(name)
             tp = time.perf_counter()
             done = state.reused + state.restored
+            progress = self._progress_for(name)
             turn.prefill(
-                self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture, self._progress_for(name)
+                self.model, res.cache, prompt, done, limit, self.prefill_step, res.capture, progress, kv=self.kv
             )
             state.prefill_seconds = time.perf_counter() - tp
-            segments = turn.generate(self.model, self.tokenizer, res.cache, prompt[limit:], state, res.capture, limit)
+            segments = turn.generate(
+                self.model, self.tokenizer, res.cache, prompt[limit:], state, res.capture, limit, kv=self.kv
+            )
         except BaseException:
             self._resident.pop(name, None)  # a cache in an unknown state is never used again
             agent.tokens = before

@@ -2,7 +2,8 @@
 
 Names: "smollm2-135m-instruct" (a real instruct model, fetched once and converted offline; see
 kvstore.models), and "builtin" / "builtin:ARCH" / "builtin:ARCH-SIZE" (the random-weight models of
-kvstore.builtin_models, e.g. "builtin:gemma3-small"; "builtin" is the Llama-style "tiny" one).
+kvstore.builtin_models, e.g. "builtin:gemma3-small" or "builtin:qwen3_next-tiny"; "builtin" is the
+Llama-style "tiny" one).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class ModelHandle:
         params = tree_flatten(self.model.parameters())  # a list of (name, array); mlx's hints say list | dict
         return sum(v.nbytes for _, v in params)  # type: ignore[str-unpack, union-attr]
 
+    def fingerprint_with(self, **settings) -> str:
+        """The fingerprint of this model with other settings (KV quantization: kvstore.fingerprint's keywords)."""
+        return fingerprint(self.path if self.path is not None else self.model, **settings)
+
     def make_cache(self) -> list:
         """A fresh, empty prompt cache for this model."""
         from mlx_lm.models.cache import make_prompt_cache
@@ -45,7 +50,12 @@ class ModelHandle:
         return make_prompt_cache(self.model)
 
 
-def _builtin_dir(ref: str) -> Path:
+def is_builtin(ref: Any) -> bool:
+    """Whether ref names a built-in model: "builtin", "builtin:ARCH" or "builtin:ARCH-SIZE"."""
+    return isinstance(ref, str) and (ref == BUILTIN or ref.startswith(BUILTIN + ":"))
+
+
+def builtin_dir(ref: str) -> Path:
     """The folder of a built-in random-weight model named "builtin[:ARCH[-SIZE]]" (built on first use)."""
     from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
 
@@ -66,8 +76,8 @@ def _local_dir(ref: str) -> Path:
         from kvstore.models import ensure_model
 
         return ensure_model(ref, say=lambda s: print(s, file=sys.stderr, flush=True))
-    if ref == BUILTIN or ref.startswith(BUILTIN + ":"):
-        return _builtin_dir(ref)
+    if is_builtin(ref):
+        return builtin_dir(ref)
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -143,8 +143,23 @@ def trim_to(cache: list, have: int, keep: int) -> bool:
         return True
     if keep > have or not can_trim_prompt_cache(cache):
         return False  # e.g. a sliding-window layer that has already rotated past its window
+    if not _chunked_attention_kept(cache, keep):
+        return False
     trim_prompt_cache(cache, have - keep)
     return cache_offset(cache) == keep
+
+
+def _chunked_attention_kept(cache: list, keep: int) -> bool:
+    """Whether every ChunkedKVCache (llama4) layer, cut back to `keep`, still holds the start of the
+    attention chunk position keep - 1 lies in. mlx-lm calls such a layer trimmable whatever it
+    dropped: cut back into an earlier chunk, it would attend without that chunk's start
+    (tests/test_families.py, the llama4 prompt that diverges in an earlier chunk)."""
+    _tree, slots, leaves = codec.describe(list(cache))
+    return all(
+        leaf.start_position <= codec.window_start(slot, keep)
+        for slot, leaf in zip(slots, leaves)
+        if slot.cls == "ChunkedKVCache"
+    )
 
 
 def copy_cache(cache: list) -> list:
@@ -187,6 +202,8 @@ def prefill(
     step: int,
     capture: Capture | None,
     progress: Progress = None,
+    *,
+    kv: Any = None,
 ) -> None:
     """Run tokens[start:end] through the model into `cache`, with step boundaries at multiples of `step`.
 
@@ -194,11 +211,14 @@ def prefill(
     still holds the chunks that step completed, and `capture` copies them before they rotate out.
     A model with recurrent state also stops at the capture's checkpoint boundaries and copies its
     state there (the only positions a later prefix restore can land on).
+    `kv` (agents.kv.KVQuantization) quantizes the cache before a step as mlx-lm's generate does.
     """
     marks = capture.boundaries(tokens, start, end) if capture is not None else []
     pos = start
     while pos < end:
         stop = min(end, (pos // step + 1) * step, next((b for b in marks if b > pos), end))
+        if kv is not None:
+            kv.apply(cache)
         model(mx.array(tokens[pos:stop])[None], cache=cache)
         mx.eval([c.state for c in cache])
         if capture is not None:
@@ -239,6 +259,8 @@ def generate(
     state: TurnState,
     capture: Capture | None = None,
     fed: int = 0,
+    *,
+    kv: Any = None,
 ) -> Generator[str, None, None]:
     """Generate from the prompt's last token; yields text segments and fills `state`.
 
@@ -262,6 +284,7 @@ def generate(
         max_tokens=opts.max_tokens,
         sampler=sampler,
         logits_processors=processors,
+        **(kv.generate_kwargs() if kv is not None else {}),
     )
     try:
         for step, _logprobs in steps:

@@ -98,10 +98,10 @@ def import_cmd(ref: StoreRef, file: str, new_name: str | None, trust: bool, veri
         from mlx_lm.utils import hf_repo_to_path
 
         try:  # a folder as it is; a Hugging Face id resolved to its local copy (the fingerprint reads files)
-            if verify_with == "builtin":
-                from kvstore.builtin_models import builtin_model_path
+            from kvstore.agents.model import builtin_dir, is_builtin
 
-                model = str(builtin_model_path())
+            if is_builtin(verify_with):
+                model = str(builtin_dir(verify_with))
             else:
                 model = verify_with if Path(verify_with).is_dir() else str(hf_repo_to_path(verify_with))
         except Exception as e:  # a missing folder or an unknown id: one line, not a traceback

@@ -23,11 +23,7 @@ def _load_model(name: str):
     """The agent manager's model for a --model value: 'builtin' (the offline model), a folder, an id or a name."""
     from kvstore.agents import resolve_model
 
-    if name == "builtin":
-        from kvstore.builtin_models import builtin_model_path
-
-        return resolve_model(builtin_model_path())
-    return resolve_model(name)
+    return resolve_model(name)  # "builtin[:ARCH-SIZE]" too
 
 
 def stats_line(agent: str, reply) -> str:

@@ -12,12 +12,12 @@ from .main import CliError, StoreRef, pass_store
 
 
 def _model(model: str):
-    """--model: `builtin` or a model folder (as a Path: loaded where it is used), else a kvstore model
-    name or a Hugging Face id, loaded (a kvstore.agents model handle, with the fingerprint agents use)."""
-    if model == "builtin":
-        from kvstore.builtin_models import builtin_model_path
+    """--model: `builtin[:ARCH-SIZE]` or a model folder (as a Path: loaded where it is used), else a kvstore
+    model name or a Hugging Face id, loaded (a kvstore.agents model handle, with the fingerprint agents use)."""
+    from kvstore.agents.model import builtin_dir, is_builtin
 
-        return builtin_model_path()
+    if is_builtin(model):
+        return builtin_dir(model)
     if Path(model).expanduser().is_dir():
         return Path(model).expanduser()
     from kvstore.agents import resolve_model

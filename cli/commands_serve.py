@@ -32,7 +32,7 @@ def _size(ctx, param, value):
     default=DEFAULT_MODEL,
     show_default=True,
     metavar="FOLDER|HF-ID|NAME",
-    help="The model: a folder, a Hugging Face id, a name `kvstore models` lists, or builtin.",
+    help="The model: a folder, a Hugging Face id, a name `kvstore models` lists, builtin or builtin:ARCH-SIZE.",
 )
 @click.option(
     "--alias",
@@ -89,6 +89,20 @@ def _size(ctx, param, value):
     help="A long prefill logs its progress (tokens done, tokens/s, ETA) at most this often.",
 )
 @click.option(
+    "--kv-bits",
+    type=click.Choice(["2", "3", "4", "5", "6", "8"]),
+    help="Bits for KV cache quantization, as mlx-lm's server (default: full precision). Caches are "
+    "stored quantized, apart from full-precision ones.",
+)
+@click.option("--kv-group-size", default=64, show_default=True, type=click.Choice(["32", "64", "128"]))
+@click.option(
+    "--quantized-kv-start",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Token position from which a conversation's KV cache is quantized (with --kv-bits).",
+)
+@click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
 @pass_store
@@ -106,6 +120,9 @@ def serve(
     context_length: int | None,
     keepalive: float,
     progress_every: float,
+    kv_bits: str | None,
+    kv_group_size: str,
+    quantized_kv_start: int,
     log_level: str,
 ) -> None:
     """Serve a model over the OpenAI and Anthropic APIs, its prompt cache in the store.
@@ -126,10 +143,10 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kvstore.server").setLevel(log_level.upper())
     model_id = None
-    if model == "builtin":  # the offline model, as `kvstore chat --model builtin`
-        from kvstore.builtin_models import builtin_model_path
+    from kvstore.agents.model import builtin_dir, is_builtin
 
-        model, model_id = str(builtin_model_path()), "builtin"
+    if is_builtin(model):  # the offline models, as `kvstore chat --model builtin[:ARCH-SIZE]`
+        model, model_id = str(builtin_dir(model)), model
     config = ServerConfig(
         model=model,
         model_id=model_id,
@@ -146,6 +163,9 @@ def serve(
         context_length=context_length,
         keepalive_seconds=keepalive,
         progress_seconds=progress_every,
+        kv_bits=None if kv_bits is None else int(kv_bits),
+        kv_group_size=int(kv_group_size),
+        quantized_kv_start=quantized_kv_start,
     )
     try:
         config.check()

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-ARCHITECTURES = ("llama", "gemma3")
+from kvstore.builtin_families import FAMILIES, family_config
+
+ARCHITECTURES = tuple(FAMILIES)
 SIZES = {
     "tiny": dict(
         hidden_size=64,
@@ -77,8 +79,9 @@ _GEMMA = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
-# arch -> (special tokens, ids in this order; bos; eos; pad; chat template). The eos is the
+# tokenizer style -> (special tokens, ids in this order; bos; eos; pad; chat template). The eos is the
 # end-of-turn token, so generation stops at the end of a reply as with the instruct models imitated.
+# Every family but gemma3 speaks ChatML (as Qwen, LFM2 and gpt-oss's MLX conversions mostly do).
 _TOKENS = {
     "llama": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_start|>", "<|im_end|>", "<|endoftext|>", _CHATML),
     "gemma3": (
@@ -89,6 +92,12 @@ _TOKENS = {
         _GEMMA,
     ),
 }
+
+
+def _style(arch: str) -> str:
+    """The tokenizer style (a key of _TOKENS) of arch."""
+    return "gemma3" if arch == "gemma3" else "llama"
+
 
 CORPUS = """\
 The agent opened the file and read the first page. It was a report about the payment service, \
@@ -133,9 +142,13 @@ listed the steps to fix it. Summarise the incident, explain the cause, and sugge
 """
 
 
-@cache
 def _tokenizer_json(arch: str) -> str:
-    """Train the byte-level BPE for arch on CORPUS and return its tokenizer.json text."""
+    """The byte-level BPE of arch's tokenizer style, trained on CORPUS: its tokenizer.json text."""
+    return _trained_tokenizer(_style(arch))
+
+
+@cache
+def _trained_tokenizer(arch: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials, bos = _TOKENS[arch][:2]
@@ -174,39 +187,23 @@ def _check(arch: str, size: str, dtype: str) -> None:
 
 def _config(arch: str, size: str, dtype: str, vocab_size: int, overrides: dict) -> dict:
     """The config.json contents for arch and size, with overrides applied."""
-    specials, bos, eos, pad, _ = _TOKENS[arch]
+    specials, bos, eos, pad, _ = _TOKENS[_style(arch)]
     ids = {t: i for i, t in enumerate(specials)}
     c: dict[str, Any] = dict(
-        SIZES[size],
         vocab_size=vocab_size,
         max_position_embeddings=32768,
-        tie_word_embeddings=True,
         bos_token_id=ids[bos],
         eos_token_id=ids[eos],
         pad_token_id=ids[pad],
         torch_dtype=dtype,
     )
-    if arch == "llama":
-        del c["sliding_window"]  # every Llama layer attends to the whole context
-        c.update(
-            model_type="llama",
-            architectures=["LlamaForCausalLM"],
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            hidden_act="silu",
-        )
-    else:
-        c.update(
-            model_type="gemma3_text",
-            architectures=["Gemma3ForCausalLM"],
-            rms_norm_eps=1e-6,
-            rope_theta=1_000_000.0,
-            rope_local_base_freq=10_000.0,
-            sliding_window_pattern=4,
-            query_pre_attn_scalar=c["head_dim"],
-            hidden_activation="gelu_pytorch_tanh",
-            eos_token_id=[ids[eos], ids["<eos>"]],
-        )  # both stop generation, as in Gemma's config
+    c.update(family_config(arch, SIZES[size]))
+    if arch in ("llama", "gemma3"):
+        c["tie_word_embeddings"] = True
+    if arch == "gemma3":
+        c["eos_token_id"] = [ids[eos], ids["<eos>"]]  # both stop generation, as in Gemma's config
+    if "text_config" in c:  # llama4: the language model's fields are nested
+        c["text_config"] = dict(c["text_config"], vocab_size=vocab_size)
     fields = {f.name for f in dataclasses.fields(_model_module(c["model_type"]).ModelArgs)}
     unknown = set(overrides) - fields - set(c)
     if unknown:  # a misspelt override would otherwise be ignored and build a different model
@@ -226,9 +223,17 @@ def _weights(config: dict, seed: int, dtype: str) -> dict:
     from mlx.utils import tree_flatten
 
     module = _model_module(config["model_type"])
-    model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read
+    # Some 1-D initial values are random (qwen3_next's A_log, dt_bias): seed them too, and let the
+    # caller's random stream go on from a draw of its own rather than from our seed.
+    follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+    mx.random.seed(seed)
+    try:
+        model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read
+    finally:
+        mx.random.seed(follow)
     params = dict(tree_flatten(model.parameters()))
-    params.pop("lm_head.weight", None)  # tied embeddings; gemma3_text's sanitize drops lm_head when absent
+    if config.get("tie_word_embeddings"):  # gemma3_text's sanitize ties lm_head when it is absent
+        params.pop("lm_head.weight", None)
     rng = np.random.default_rng(seed)
     out = {}
     for name in sorted(params):  # a fixed order fixes the random stream, and so the bytes
@@ -268,7 +273,7 @@ def _write_files(d: Path, arch: str, size: str, seed: int, dtype: str, overrides
     )
     config["kvstore_builtin"] = params
     _write_safetensors(d / "model.safetensors", _weights(config, seed, dtype), dtype)
-    specials, bos, eos, pad, template = _TOKENS[arch]
+    specials, bos, eos, pad, template = _TOKENS[_style(arch)]
     special = dict(bos_token=bos, eos_token=eos, pad_token=pad, **({"unk_token": "<unk>"} if arch == "gemma3" else {}))
     added = {
         str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,7 @@ class Store(StoreReads):
         label: str | None = None,
         pinned: bool = False,
         captured: dict | None = None,
+        moves_from: Sequence[str] = (),
     ) -> Snapshot:
         """Save `cache` (mlx-lm cache list that has seen exactly `tokens`) as agent `name`'s new head.
 
@@ -176,13 +177,17 @@ class Store(StoreReads):
             meta: JSON-able agent metadata (role, messages, ...); None keeps what is stored.
             label: names the snapshot; labelled and pinned snapshots survive gc's retention.
             captured: pieces captured during prefill (sliding-window layers; see kvstore.agents).
+            moves_from: model fingerprints the agent may belong to now; the save moves it to `model`
+                (an agent manager's kv_bits cache stored under another fingerprint once quantized).
 
         Only chunks the store lacks are written. Returns the new Snapshot.
         """
         self._writable()
         from kvstore.ops import save  # (here, not at the top: read-only commands start without MLX)
 
-        return save.save(self, name, cache, tokens, _fingerprint_of(model), meta, label, pinned, captured)
+        return save.save(
+            self, name, cache, tokens, _fingerprint_of(model), meta, label, pinned, captured, moves_from=tuple(moves_from)
+        )
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:
         """(cache, tokens) of the agent's head snapshot (or `snapshot`), checked blob by blob."""

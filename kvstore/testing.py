@@ -247,6 +247,16 @@ def _window(c):
     return k[..., -keep:, :], v[..., -keep:, :]
 
 
+def _chunked_window(c):
+    """Keys/values of the attention chunk position offset - 1 lies in: all a ChunkedKVCache's next step
+    can attend to (codec.window_start)."""
+    if c.keys is None or c.offset == 0:
+        return None, None
+    k, v = c.keys_and_values()
+    keep = c.offset - (c.offset - 1) // c.chunk_size * c.chunk_size
+    return k[..., k.shape[2] - keep :, :], v[..., v.shape[2] - keep :, :]
+
+
 def _eq(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -266,6 +276,9 @@ def same_leaf(a, b) -> bool:
     if isinstance(a, mlc.RotatingKVCache):
         (ka, va), (kb, vb) = _window(a), _window(b)
         return _eq(ka, kb) and _eq(va, vb) and a.max_size == b.max_size and a.keep == b.keep
+    if isinstance(a, mlc.ChunkedKVCache):
+        (ka, va), (kb, vb) = _chunked_window(a), _chunked_window(b)
+        return _eq(ka, kb) and _eq(va, vb) and a.chunk_size == b.chunk_size
     if a.keys is None or b.keys is None:
         return a.keys is None and b.keys is None or a.offset == 0
     if isinstance(a, mlc.QuantizedKVCache):
@@ -294,6 +307,9 @@ def canonical(cache: list) -> list[np.ndarray]:
         elif isinstance(c, mlc.RotatingKVCache):
             k, v = _window(c)
             out += [np.array(k), np.array(v), np.array([c.max_size])]
+        elif isinstance(c, mlc.ChunkedKVCache):
+            k, v = _chunked_window(c)
+            out += [np.array(k), np.array(v), np.array([c.chunk_size])]
         else:
             out += [np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :])]
     return out

@@ -14,10 +14,10 @@ log = logging.getLogger("kvstore.server")
 MARK = "kvstore_serve"  # the agent meta key that marks a server conversation
 
 
-def is_conversation(info, fingerprint: str) -> bool:
-    """Whether a stored agent is one of this model's server conversations."""
+def is_conversation(info, fingerprints: tuple[str, ...]) -> bool:
+    """Whether a stored agent is one of this model's server conversations (`fingerprints`: the manager's)."""
     meta = (info.meta or {}).get("meta") or {}
-    return info.model == fingerprint and isinstance(meta, dict) and MARK in meta
+    return info.model in fingerprints and isinstance(meta, dict) and MARK in meta
 
 
 class DiskBudget:
@@ -62,7 +62,7 @@ class DiskBudget:
         """Drop least recently used conversations until the blobs fit; returns the names dropped."""
         if self.max_disk is None or self.store.readonly or self.used() <= self.max_disk:
             return []
-        fp = self.manager.fingerprint
+        fp = self.manager.fingerprints
         conversations = [a for a in self.store.agents() if is_conversation(a, fp)]
         # First the conversations' superseded snapshots; other agents in the store keep all of theirs.
         self.store.gc(keep_last=1, agents=[a.name for a in conversations])

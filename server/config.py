@@ -27,6 +27,7 @@ class ServerConfig:
         aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
             /v1/models lists them after model_id.
         progress_seconds: a long prefill logs its progress (tokens done, tokens/s, ETA) at most this often.
+        kv_bits, kv_group_size, quantized_kv_start: KV-cache quantization, as mlx-lm's server takes them.
     """
 
     model: Any
@@ -46,6 +47,9 @@ class ServerConfig:
     aliases: tuple[str, ...] = ()
     chunk_size: int | None = None
     progress_seconds: float = 5.0
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000  # mlx-lm's DEFAULT_QUANTIZED_KV_START (not imported: this module loads without MLX)
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""

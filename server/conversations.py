@@ -103,7 +103,7 @@ class Conversations:
         self._by_prompt: dict[tuple[int, str], str] = {}  # (last prompt length, its hash) -> conversation
         self._key_of: dict[str, tuple[int, str]] = {}
         for info in self.store.agents():
-            if is_conversation(info, manager.fingerprint):
+            if is_conversation(info, manager.fingerprints):
                 mark = info.meta["meta"][MARK]
                 if mark.get("prompt_tokens"):
                     self._index(info.name, (int(mark["prompt_tokens"]), mark["prompt_hash"]))
@@ -207,7 +207,7 @@ class Conversations:
         limit = len(prompt) - 1
         mgr = self.manager
         ram = max((min(turn_mod.common_prefix(mgr.get(n).tokens, prompt), limit) for n in mgr.resident()), default=0)
-        disk = self.store.match(prompt[:limit], model=mgr.fingerprint).n_tokens if limit > 0 else 0
+        disk = mgr.stored_prefix(prompt[:limit]) if limit > 0 else 0
         from_ram, from_disk = (ram, 0) if ram >= disk else (0, disk)
         return {
             "prompt_tokens": len(prompt),
@@ -218,7 +218,7 @@ class Conversations:
         }
 
     def conversations(self) -> list:
-        return [a for a in self.store.agents() if is_conversation(a, self.manager.fingerprint)]
+        return [a for a in self.store.agents() if is_conversation(a, self.manager.fingerprints)]
 
     def stats(self) -> dict:
         mgr = self.manager

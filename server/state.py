@@ -78,6 +78,9 @@ class ServerState:
                 max_resident_bytes=c.max_resident_bytes,
                 share_resident=True,
                 progress=PrefillProgress(c.progress_seconds),
+                kv_bits=c.kv_bits,
+                kv_group_size=c.kv_group_size,
+                quantized_kv_start=c.quantized_kv_start,
             )
         except BaseException:
             self.store.close()

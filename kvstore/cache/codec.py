@@ -5,8 +5,9 @@ A model's cache is a list of cache objects; `CacheList` nests more. The codec fl
 can rebuild the tree without trusting a class name from a file. Each slot is one of three kinds:
 
 - "kv":  `KVCache`, `QuantizedKVCache`: every position is held; chunked and deduplicated.
-- "rot": `RotatingKVCache` with keep=0 (sliding-window layers): holds a window of recent positions;
-         chunked over what it holds, a chunk's leading part may be missing (`first`).
+- "rot": `RotatingKVCache` with keep=0 (sliding-window layers) and `ChunkedKVCache` (llama4's
+         chunked-attention layers): hold a window of recent positions; chunked over what they hold,
+         a chunk's leading part may be missing (`first`).
 - "state": `ArraysCache` (recurrent state) and `RotatingKVCache` with keep>0: one blob of the whole
          state, valid at exactly the snapshot's length.
 Only used positions are stored, never the allocation padding.
@@ -24,7 +25,7 @@ import mlx.core as mx
 from kvstore.errors import StoreError, UnsupportedCacheError
 
 # The explicit registry of known classes; exact types only (a subclass may change the layout).
-KNOWN_CLASSES = ("KVCache", "QuantizedKVCache", "RotatingKVCache", "ArraysCache", "CacheList")
+KNOWN_CLASSES = ("KVCache", "QuantizedKVCache", "RotatingKVCache", "ChunkedKVCache", "ArraysCache", "CacheList")
 
 
 class _MlxLmCache:
@@ -64,7 +65,7 @@ def _describe(c: Any, slots: list[Slot], leaves: list[Any]) -> Any:
     if known_class(name) is not type(c):
         raise UnsupportedCacheError(
             f"cannot store a {type(c).__module__}.{name}: kvstore stores KVCache, QuantizedKVCache, "
-            "RotatingKVCache, ArraysCache and CacheList (it never pickles unknown classes)"
+            "RotatingKVCache, ChunkedKVCache, ArraysCache and CacheList (it never pickles unknown classes)"
         )
     if name == "CacheList":
         return {"CacheList": [_describe(sub, slots, leaves) for sub in c.caches]}
@@ -75,6 +76,8 @@ def _describe(c: Any, slots: list[Slot], leaves: list[Any]) -> Any:
     elif name == "RotatingKVCache":
         kind = "rot" if c.keep == 0 else "state"
         slot = Slot(name, kind, (("keep", c.keep), ("max_size", c.max_size)))
+    elif name == "ChunkedKVCache":
+        slot = Slot(name, "rot", (("chunk_size", c.chunk_size),))
     else:  # ArraysCache
         slot = Slot(name, "state", (("size", len(c.cache)),))
     slots.append(slot)
@@ -119,6 +122,8 @@ def held_range(slot: Slot, c: Any) -> tuple[int, int]:
     if slot.kind == "rot":
         if c.keys is None:
             return 0, 0
+        if slot.cls == "ChunkedKVCache":
+            return int(c.start_position), int(c.offset)
         held = c._temporal_order(c.keys).shape[2] if c.offset >= c.keys.shape[2] else c.offset
         return int(c.offset) - held, int(c.offset)
     raise ValueError("a state slot has no positions")
@@ -126,6 +131,8 @@ def held_range(slot: Slot, c: Any) -> tuple[int, int]:
 
 def rotating_arrays(c: Any) -> tuple[mx.array, mx.array]:
     """Keys and values in temporal order, padding cut off."""
+    if isinstance(c, mlc.ChunkedKVCache):
+        return c.keys_and_values()
     if c.offset < c.keys.shape[2]:
         return c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
     return c._temporal_order(c.keys), c._temporal_order(c.values)
@@ -195,6 +202,14 @@ def build_leaf(slot: Slot, pieces: list[dict[str, mx.array]], n_tokens: int, sta
             c.values = tuple(_concat([pc[f"v{i}"] for pc in pieces]) for i in range(3))
             c.offset = n_tokens
         return c
+    if slot.cls == "ChunkedKVCache":
+        c = mlc.ChunkedKVCache(p["chunk_size"])
+        c.offset = c.start_position = n_tokens
+        if pieces:
+            c.keys = _concat([pc["k"] for pc in pieces])
+            c.values = _concat([pc["v"] for pc in pieces])
+            c.start_position = n_tokens - c.keys.shape[2]
+        return c
     c = mlc.KVCache() if slot.cls == "KVCache" else mlc.RotatingKVCache(max_size=p["max_size"], keep=p["keep"])
     if pieces:
         c.keys = _concat([pc["k"] for pc in pieces])
@@ -235,7 +250,14 @@ def _build_node(node, leaves: list[Any]):
 
 
 def window_start(slot: Slot, n_tokens: int) -> int:
-    """First position a rot slot needs at length n_tokens (its window)."""
+    """First position a rot slot needs at length n_tokens (its window).
+
+    A ChunkedKVCache layer (llama4) attends within its attention chunk only: from the start of the
+    chunk that holds position n_tokens - 1 (a whole chunk when n_tokens ends one), which every
+    correct live cache holds (mlx-lm's maybe_trim_front keeps the last chunk_size positions).
+    """
+    if slot.cls == "ChunkedKVCache":
+        return max(0, (n_tokens - 1) // slot.param("chunk_size") * slot.param("chunk_size"))
     return max(0, n_tokens - slot.param("max_size"))
 
 

@@ -147,10 +147,20 @@ def _sample_signature(params: list) -> bytes:
     return h.digest()
 
 
-def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 64, dtype: str | None = None) -> str:
+def fingerprint(
+    model: Any,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int | None = None,
+    kv_phase: str | None = None,
+    dtype: str | None = None,
+) -> str:
     """Fingerprint (32 hex chars) of a model directory, a `(model, tokenizer)` pair or a loaded model.
 
-    `kv_bits`/`kv_group_size` name the KV quantization the caches use (None: not quantized);
+    `kv_bits`/`kv_group_size`/`quantized_kv_start` name the KV quantization the caches use, as
+    mlx-lm's generate takes them (kv_bits None: not quantized); `kv_phase` "full-precision" names
+    the caches of those settings that have not reached quantized_kv_start yet (kvstore.agents.kv);
     `dtype` the dtype the model computes in, where it differs from its weights.
     """
     if isinstance(model, (tuple, list)) and model:
@@ -179,6 +189,10 @@ def fingerprint(model: Any, *, kv_bits: int | None = None, kv_group_size: int = 
     ident = dict(
         ident, dtype=dtype, kv_bits=kv_bits, kv_group_size=kv_group_size if kv_bits else None, format=FORMAT_VERSION
     )
+    if kv_bits and quantized_kv_start is not None:  # (absent otherwise: earlier fingerprints stay as they were)
+        ident["quantized_kv_start"] = quantized_kv_start
+    if kv_bits and kv_phase is not None:
+        ident["kv_phase"] = kv_phase
     fp = xxhash.xxh3_128_hexdigest(_canonical(ident))
     _names.setdefault(fp, name)
     return fp

@@ -199,6 +199,12 @@ def save_agent_row(conn, name: str, model_row_id: int, meta_json: str | None, no
     return row_id
 
 
+def move_agent(conn, agent_id: int, model_row_id: int) -> None:
+    """Give agent `agent_id` to another model row (an agent manager's cache changed representation)."""
+    a = schema.agents
+    conn.execute(update(a).where(a.c.id == agent_id, a.c.model_id != model_row_id).values(model_id=model_row_id))
+
+
 def insert_snapshot(
     conn,
     agent_id: int,

@@ -134,6 +134,7 @@ def _slot(raw: Any, i: int) -> codec.Slot:
         "KVCache": ((), "kv"),
         "QuantizedKVCache": (("bits", "group_size"), "kv"),
         "RotatingKVCache": (("keep", "max_size"), "rot" if params.get("keep") == 0 else "state"),
+        "ChunkedKVCache": (("chunk_size",), "rot"),
         "ArraysCache": (("size",), "state"),
     }.get(cls)
     if want is None:
@@ -147,6 +148,7 @@ def _slot(raw: Any, i: int) -> codec.Slot:
         "KVCache": True,
         "QuantizedKVCache": params.get("bits") in QUANT_BITS and params.get("group_size") in (32, 64, 128),
         "RotatingKVCache": 0 <= params.get("keep", -1) < params.get("max_size", 0) <= 1 << 24,
+        "ChunkedKVCache": 1 <= params.get("chunk_size", 0) <= 1 << 24,
         "ArraysCache": 1 <= params.get("size", 0) <= 64,
     }[cls]
     if not ok:

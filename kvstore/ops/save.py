@@ -229,6 +229,7 @@ class SavePlan:
     meta_json: str | None  # None keeps the agent's stored metadata
     label: str | None
     pinned: bool
+    moves_from: tuple[str, ...] = ()  # fingerprints the agent may belong to now: the save moves it to this one
 
 
 def save(
@@ -243,6 +244,7 @@ def save(
     captured: dict | None,
     *,
     namespace: str | None = None,
+    moves_from: tuple[str, ...] = (),
 ) -> Snapshot:
     """Save `cache` as agent `name`'s new head (Store.save).
 
@@ -285,6 +287,7 @@ def save(
                     meta_json=meta_json,
                     label=label,
                     pinned=bool(pinned),
+                    moves_from=tuple(moves_from),
                 )
             stale = _check_model_and_agent(conn, plan)
             have = queries.existing_layers(conn, plan.keys)
@@ -343,7 +346,7 @@ def _check_model_and_agent(conn, plan: SavePlan) -> bool:
             "the cache comes from another model (or other KV quantization) than the fingerprint says"
         )
     owner = queries.agent_fingerprint(conn, plan.name)
-    if owner is not None and owner != plan.fingerprint:
+    if owner is not None and owner != plan.fingerprint and owner not in plan.moves_from:
         raise ModelMismatchError(
             f"agent {plan.name!r} belongs to model {owner}, not {plan.fingerprint}; fork or delete it to change models"
         )
@@ -409,6 +412,8 @@ def _commit(
                 {b.blob_id: b.nbytes for b in blobs},
             )
             agent_id = queries.save_agent_row(conn, plan.name, model_row_id, plan.meta_json, now)
+            if plan.moves_from:  # (checked against the agent's owner above)
+                queries.move_agent(conn, agent_id, model_row_id)
             snap_id = queries.insert_snapshot(
                 conn, agent_id, model_row_id, plan.tokens.tobytes(), n, plan.keys, now, plan.label, plan.pinned
             )
