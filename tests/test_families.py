@@ -47,7 +47,7 @@ def models(tmp_path_factory):
 
 
 def _prefill(model, tokens, capture=None):
-    """A cache that has seen `tokens`, fed in chunk-aligned steps (capturing window chunks on the way)."""
+    """A cache that has seen `tokens`, fed in chunk-aligned steps (capturing window chunks and state checkpoints)."""
     cache = model.make_cache()
     logits = None
     for pos in range(0, len(tokens), CHUNK):
@@ -55,6 +55,8 @@ def _prefill(model, tokens, capture=None):
         mx.eval(logits)
         if capture is not None:
             capture.take(cache)
+            if pos + CHUNK <= len(tokens) and "state" in Capture.kinds(cache):
+                capture.checkpoint(cache, pos + CHUNK)  # a recurrent state is restorable only where copied
     return cache, logits[0, -1]
 
 
@@ -151,14 +153,17 @@ def test_a_resumed_agent_prefills_only_its_new_message(models, tmp_path, arch):
             agent = mgr.get("a")
             prompt = render(mgr.tokenizer, agent.conversation(agent.messages + [{"role": "user", "content": turns[1]}]))
             kept = common_prefix(agent.tokens, prompt)  # the history, less a reply that re-tokenizes otherwise
+            history = len(agent.tokens)
             resumed = agent.chat(turns[1], max_tokens=8)
     with kvstore.open(tmp_path / "one", chunk_size=CHUNK) as store, AgentManager(str(path), store) as mgr:
         agent = mgr.create("a", system_prompt=SYSTEM)
         agent.chat(turns[0], max_tokens=6)
         uninterrupted = agent.chat(turns[1], max_tokens=8)
-    # Its own snapshot, trimmed to `kept` where the cache can be trimmed; else the stored chunks below it.
-    assert kept >= resumed.stats.restored_tokens >= kept // CHUNK * CHUNK
-    assert resumed.stats.prefilled_tokens == len(prompt) - resumed.stats.restored_tokens <= 64
+    # Its own snapshot: trimmed to `kept` where the cache can be trimmed, or whole where the turn continues
+    # the agent's exact ids (a recurrent state: the new prompt is its history plus the new message).
+    assert history >= resumed.stats.restored_tokens >= kept // CHUNK * CHUNK
+    stats = resumed.stats
+    assert stats.prefilled_tokens == stats.prompt_tokens - stats.restored_tokens <= 64
     assert resumed.stats.prefilled_tokens == uninterrupted.stats.prefilled_tokens
     assert resumed.tokens == uninterrupted.tokens
 
