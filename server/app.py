@@ -17,6 +17,7 @@ from .prompts import encode_prompt, openai_messages, render_chat
 from .state import ServerState, as_request_error
 
 log = logging.getLogger("kvstore.server")
+PINNED_OVER_BUDGET = "X-Kvstore-Pinned-Over-Budget"  # response header: pinned prefixes alone exceed --max-disk
 
 
 def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
@@ -62,6 +63,13 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     @app.exception_handler(Exception)
     async def _any(request: Request, e: Exception):
         return reply(request, as_request_error(e))
+
+    @app.middleware("http")
+    async def _pins_over_budget(request: Request, call_next):
+        response = await call_next(request)
+        if st.budget.pinned_over_budget:  # pins alone hold the store over --max-disk (the log warns too)
+            response.headers[PINNED_OVER_BUDGET] = "true"
+        return response
 
     from . import routes_anthropic, routes_openai
 
