@@ -249,9 +249,25 @@ def cli(ctx: click.Context, location: str, blobs: str | None, cache_size: str | 
 
 
 def _register() -> None:
-    from . import commands_agents, commands_chat, commands_inspect, commands_maintain, commands_mlx, commands_serve
+    from . import (
+        commands_agents,
+        commands_chat,
+        commands_explain,
+        commands_inspect,
+        commands_maintain,
+        commands_mlx,
+        commands_serve,
+    )
 
-    for module in (commands_inspect, commands_maintain, commands_agents, commands_chat, commands_mlx, commands_serve):
+    for module in (
+        commands_inspect,
+        commands_explain,
+        commands_maintain,
+        commands_agents,
+        commands_chat,
+        commands_mlx,
+        commands_serve,
+    ):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -112,6 +112,17 @@ class Counters:
         )
 
 
+def _digest_entries(mark: dict) -> dict[str, int | None]:
+    """A conversation's entries in the miss explainer's MessageIndex: its messages (they covered its last
+    prompt) and its system prompt."""
+    out: dict[str, int | None] = {}
+    if mark.get("system_digest"):
+        out[mark["system_digest"]] = None
+    if mark.get("messages_digest") and mark.get("prompt_tokens"):
+        out[mark["messages_digest"]] = int(mark["prompt_tokens"])
+    return out
+
+
 def conversation_row(info) -> dict:
     """A conversation as /v1/cache/stats lists it: its class, namespace, pins and bytes written."""
     mark = conversation_mark(info.meta) or {}
@@ -145,7 +156,7 @@ class Conversations:
                 self._namespace[info.name] = mark.get("namespace")
                 if mark.get("prompt_tokens"):
                     self._index(info.name, (int(mark["prompt_tokens"]), mark["prompt_hash"]))
-                self.explainer.messages.add(info.name, mark.get("messages_digests") or [])
+                self.explainer.messages.add(info.name, _digest_entries(mark))
 
     def _index(self, name: str, key: tuple[int, str] | None) -> None:
         old = self._key_of.pop(name, None)
@@ -294,16 +305,17 @@ class Conversations:
         """The turn's miss explanation, messages digests and bytes written, in the conversation's record."""
         mark = dict(agent.meta[MARK])
         mark["bytes_written"] = int(mark.get("bytes_written", 0)) + bytes_written
-        turn = len(agent.turns) - 1
+        turn = int(mark.get("turn_count", 0)) + 1  # 1-based, never reused (the record keeps the last turns only)
+        mark["turn_count"] = turn
         mark["misses"] = [*(mark.get("misses") or [])[-(KEEP_MISSES - 1) :], dict(miss, turn=turn)]
         # A new meta dict: the manager's last-written record shares the old one, and compares equal to it.
         agent.meta = dict(agent.meta, **{MARK: mark})
         if req.kind != "completion":
-            recorded = agent.messages
-            digests = messages_digests(recorded)
-            kept = [digests[-1]] + ([digests[0]] if recorded and recorded[0].get("role") == "system" else [])
-            mark["messages_digests"] = kept
-            self.explainer.messages.add(agent.name, kept)
+            recorded = agent.conversation(req.messages)  # the request's messages (the reply apart)...
+            digests = messages_digests([*recorded, agent.messages[-1]])  # ...and the reply
+            mark["messages_digest"] = digests[-1]
+            mark["system_digest"] = digests[0] if recorded and recorded[0].get("role") == "system" else None
+            self.explainer.messages.add(agent.name, _digest_entries(mark))
         if not self.store.readonly and not self.manager.writes_paused:
             self.manager.save(agent.name)  # the record only: its KV was saved with the turn
 

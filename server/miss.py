@@ -21,23 +21,10 @@ from kvstore.agents import AgentManager
 from kvstore.agents import turn as turn_mod
 from kvstore.ops.neighbours import nearest_stored, other_models
 
+from .reasons import REASONS
+
 __all__ = ["REASONS", "Graveyard", "MessageIndex", "MissExplainer", "messages_digests", "classify"]
 
-REASONS = {
-    "none": "every prompt token but the last came from a cache (the last one is always computed)",
-    "new_content": "the prompt goes on with tokens no conversation of this model has had",
-    "evicted": "a conversation that had these tokens was dropped (evicted_by: budget, anon_ttl, "
-    "namespace_quota, cleared, deleted)",
-    "other_model": "another model (or other weights) has these tokens stored: caches never cross models",
-    "template_changed": "a conversation had these same messages, but the chat template (or tools, or template "
-    "arguments) now renders them as other tokens",
-    "chunk_granularity": "a stored prefix goes further, but the store restores whole chunks of --chunk-size "
-    "tokens and the prompt leaves it inside a chunk",
-    "hybrid_boundary": "a stored prefix goes further, but a recurrent (hybrid) model's state restores only at "
-    "a checkpoint, and the nearest one lies before this position",
-    "unrestorable": "a stored prefix goes further, but its KV could not be rebuilt there (a sliding window "
-    "already rotated, or damaged blobs)",
-}
 CONTEXT_TOKENS = 12  # decoded tokens shown on each side of the first differing position
 GRAVEYARD_TOKENS = 4_000_000  # tokens of dropped conversations remembered (16 MB), newest kept
 
@@ -54,23 +41,28 @@ def messages_digests(messages: list[dict]) -> list[str]:
 
 
 class MessageIndex:
-    """Digests of conversations' message lists (and of their system prompts) -> conversation name."""
+    """Conversations by the digest of their recorded messages (and of their system prompt alone).
+
+    Each entry keeps how many tokens of a prompt those messages covered when they were rendered: the
+    conversation's last prompt for its whole message list (a continuation starts with exactly that
+    prompt), None for a system prompt (then the current rendering of it says).
+    """
 
     def __init__(self) -> None:
-        self._by_digest: dict[str, str] = {}
+        self._by_digest: dict[str, tuple[str, int | None]] = {}
 
-    def add(self, name: str, digests: list[str]) -> None:
-        for d in digests:
-            self._by_digest[d] = name
+    def add(self, name: str, digests: dict[str, int | None]) -> None:
+        for d, covered in digests.items():
+            self._by_digest[d] = (name, covered)
 
     def forget(self, name: str) -> None:
-        self._by_digest = {d: n for d, n in self._by_digest.items() if n != name}
+        self._by_digest = {d: v for d, v in self._by_digest.items() if v[0] != name}
 
-    def longest(self, messages: list[dict]) -> tuple[int, str] | None:
-        """(k, conversation) for the longest messages[:k] some conversation recorded."""
+    def longest(self, messages: list[dict]) -> tuple[int, str, int | None] | None:
+        """(k, conversation, tokens covered) for the longest messages[:k] some conversation recorded."""
         for k, d in reversed(list(enumerate(messages_digests(messages), 1))):
             if d in self._by_digest:
-                return k, self._by_digest[d]
+                return (k, *self._by_digest[d])
         return None
 
 
@@ -159,16 +151,35 @@ class MissExplainer:
         if cached >= limit:
             return dict(out, reason="none", position=None)
         arr = np.asarray(prompt[:limit], dtype="<u4")
+        # Each explanation reaches some way into the prompt; the one that reaches furthest is the reason.
         known, theirs, where = self._known(t, arr)
-        reason = classify(
+        found: list[tuple[int, int, str, int, list[int] | None, dict]] = []  # (reach, rank, reason, position, ...)
+        live = classify(
             cached=cached, limit=limit, known=known, chunk_size=self.store.chunk_size, recurrent=self.recurrent
         )
-        detail: dict[str, Any] = {}
-        if reason is None:
-            reason, position, theirs, detail = self._why_not_known(t, arr, max(known, cached), theirs)
+        if live is not None:
+            found.append((known, 0, live, known, theirs, {"stored_in": where}))
+        grave = self.graveyard.nearest(arr)
+        if grave is not None:
+            found.append(
+                (grave[0], 1, "evicted", grave[0], None, {"evicted_by": grave[2], "conversation_was": grave[1]})
+            )
+        if t.vanished is not None:
+            n = min(t.vanished[1], limit)
+            found.append((n, 1, "evicted", n, None, {"evicted_by": "deleted", "conversation_was": t.vanished[0]}))
+        if t.messages:
+            changed = self._template_changed(t, arr)
+            if changed is not None:
+                covered, shared, other, name = changed
+                found.append((covered, 2, "template_changed", shared, other, {"stored_in": name}))
+        for fp, hint in other_models(self.store, self.manager.fingerprint):
+            n = self.store.match(arr, model=fp).n_tokens
+            found.append((n, 3, "other_model", n, None, {"other_model": hint or fp}))
+        found = [f for f in found if f[0] > cached]
+        if found:
+            _reach, _rank, reason, position, theirs, detail = max(found, key=lambda f: (f[0], -f[1]))
         else:
-            position = known
-            detail = {"stored_in": where}
+            reason, position, detail = "new_content", max(known, cached), {}
         out.update(reason=reason, position=position, **detail)
         out["segment"] = self._segment(t, position)
         out["context"] = (
@@ -196,44 +207,28 @@ class MissExplainer:
             best = (near[0], near[2], near[1])
         return best
 
-    def _why_not_known(self, t: TurnFacts, arr: np.ndarray, position: int, theirs):
-        """Reason, position, the other tokens and details when nothing of this model holds more of the prompt."""
-        grave = self.graveyard.nearest(arr)
-        if grave is not None and grave[0] > position:
-            return "evicted", grave[0], None, {"evicted_by": grave[2], "conversation_was": grave[1]}
-        if t.vanished is not None and t.vanished[1] > position:
-            return "evicted", t.vanished[1], None, {"evicted_by": "deleted", "conversation_was": t.vanished[0]}
-        if t.messages:
-            changed = self._template_changed(t, arr)
-            if changed is not None:
-                n, other, name = changed
-                return "template_changed", n, other, {"stored_in": name}
-        for fp, hint in other_models(self.store, self.manager.fingerprint):
-            n = self.store.match(arr, model=fp).n_tokens
-            if n > position:
-                return "other_model", n, None, {"other_model": hint or fp}
-        return "new_content", position, theirs, {}
-
-    def _template_changed(self, t: TurnFacts, arr: np.ndarray) -> tuple[int, list[int], str] | None:
-        """A conversation with the same first messages whose tokens leave this prompt before they end."""
+    def _template_changed(self, t: TurnFacts, arr: np.ndarray) -> tuple[int, int, list[int], str] | None:
+        """A conversation with the same first messages whose tokens leave this prompt before those messages end:
+        (tokens those messages cover, tokens shared, its tokens, its name)."""
         found = self.messages.longest(t.messages)
         if found is None:
             return None
-        k, name = found
+        k, name, covered = found
         mgr = self.manager
         try:
-            theirs = mgr.get(name).tokens if name in mgr.resident() else self.store.tokens(name)
+            theirs = t.before if name == t.conversation else self.store.tokens(name)
         except Exception:  # noqa: BLE001 - dropped meanwhile: nothing to compare with
             return None
-        try:
-            ours = turn_mod.render(self.tokenizer, t.messages[:k], t.tools, t.template_kwargs)
-        except Exception:  # noqa: BLE001 - a template that refuses a partial conversation
-            return None
-        same_messages_end = _common(arr, np.asarray(ours, dtype="<u4"))
+        if covered is None:  # a system prompt: it covers what its current rendering shares with this prompt
+            try:
+                ours = turn_mod.render(self.tokenizer, t.messages[:k], t.tools, t.template_kwargs)
+            except Exception:  # noqa: BLE001 - a template that refuses a partial conversation
+                return None
+            covered = _common(arr, np.asarray(ours, dtype="<u4")) - 1  # (its generation prompt goes on otherwise)
+        if name in mgr.resident() and name != t.conversation:
+            theirs = mgr.get(name).tokens
         shared = _common(arr, np.asarray(theirs, dtype="<u4"))
-        if shared + 1 < same_messages_end:  # (+1: the generation prompt's first token may differ)
-            return shared, theirs, name
-        return None
+        return (covered, shared, theirs, name) if shared < covered else None
 
     def _segment(self, t: TurnFacts, position: int) -> str:
         """Where `position` falls: system, tools, messages[N] (the API's numbering), or the generation prompt."""
