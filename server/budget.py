@@ -37,7 +37,8 @@ __all__ = ["MARK", "DiskBudget", "Dropped", "default_max_disk", "is_conversation
 DEFAULT_MAX_DISK_CAP = 30 << 30
 DEFAULT_MAX_DISK_SHARE = 4
 DEFAULT_ANON_TTL = 24 * 3600.0  # seconds an anonymous conversation survives without a turn
-HOUSEKEEPING_SECONDS = 60.0  # expiry and head-only trimming run at most this often (and when over budget)
+HOUSEKEEPING_SECONDS = 60.0  # expiry and head-only trimming run at most this often (a quarter of a shorter
+# --anon-ttl), and whenever the store is over budget
 EVICTION_ORDER = ("anonymous", "named")  # under pressure, least recently used first within each class
 
 
@@ -176,7 +177,8 @@ class DiskBudget:
             return []
         now = self.clock()
         over = self.max_disk is not None and self.used() > self.max_disk
-        due = force or now - self._last_housekeeping >= HOUSEKEEPING_SECONDS
+        every = HOUSEKEEPING_SECONDS if self.anon_ttl is None else min(HOUSEKEEPING_SECONDS, self.anon_ttl / 4)
+        due = force or now - self._last_housekeeping >= every
         if not over and not due and self.namespace_quota is None:
             return []
         conversations = self._conversations()

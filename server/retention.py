@@ -79,7 +79,7 @@ def new_name(namespace: str | None) -> str:
     if namespace is None:
         return ANONYMOUS + uuid.uuid4().hex[:16]
     readable = re.sub(r"[^A-Za-z0-9_.@+-]", "_", namespace)[:40].lstrip(".-") or "ns"
-    return f"{NAMESPACED}{readable}:{xxhash.xxh64_hexdigest(namespace)[:8]}:{uuid.uuid4().hex[:12]}"
+    return f"{NAMESPACED}{readable}:{xxhash.xxh64_hexdigest(namespace.encode())[:8]}:{uuid.uuid4().hex[:12]}"
 
 
 def namespace(body_extra: dict | None) -> str | None:
