@@ -64,13 +64,6 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     async def _any(request: Request, e: Exception):
         return reply(request, as_request_error(e))
 
-    @app.middleware("http")
-    async def _pins_over_budget(request: Request, call_next):
-        response = await call_next(request)
-        if st.budget.pinned_over_budget:  # pins alone hold the store over --max-disk (the log warns too)
-            response.headers[PINNED_OVER_BUDGET] = "true"
-        return response
-
     from . import routes_anthropic, routes_openai
 
     app.include_router(routes_openai.router)
@@ -130,4 +123,28 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     async def cache_clear(request: Request):
         return await st.call(st.conversations.clear, request)
 
-    return Guard(app, config.api_key, config.max_body_bytes)
+    return Guard(PinsOverBudget(app, st), config.api_key, config.max_body_bytes)
+
+
+class PinsOverBudget:
+    """ASGI: every response says when pins alone hold the store over --max-disk (the log warns too).
+
+    A plain ASGI wrapper, not an HTTP middleware: those wrap streaming responses and a client's
+    disconnect would no longer reach the generation it should stop.
+    """
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_marked(message):
+            if message["type"] == "http.response.start" and self.state.budget.pinned_over_budget:
+                header = (PINNED_OVER_BUDGET.lower().encode(), b"true")
+                message = dict(message, headers=[*message.get("headers", []), header])
+            await send(message)
+
+        await self.app(scope, receive, send_marked)

@@ -171,15 +171,22 @@ class DiskBudget:
             names = [a.name for a in conversations]
         self.store.gc(keep_last=1, agents=names, grace=3600.0)
 
-    def enforce(self, protect: frozenset[str] = frozenset(), *, force: bool = False) -> list[Dropped]:
-        """Expire, apply the namespace quotas and the disk budget; returns the conversations dropped."""
+    def enforce(
+        self, protect: frozenset[str] = frozenset(), *, force: bool = False, namespace: str | None = None
+    ) -> list[Dropped]:
+        """Expire, apply the namespace quotas and the disk budget; returns the conversations dropped.
+
+        `namespace` is the one the turn just written belongs to: between housekeeping runs only its
+        quota can have been crossed.
+        """
         if self.store.readonly:
             return []
         now = self.clock()
         over = self.max_disk is not None and self.used() > self.max_disk
         every = HOUSEKEEPING_SECONDS if self.anon_ttl is None else min(HOUSEKEEPING_SECONDS, self.anon_ttl / 4)
         due = force or now - self._last_housekeeping >= every
-        if not over and not due and self.namespace_quota is None:
+        quota = self.namespace_quota is not None and (due or namespace is not None)
+        if not over and not due and not quota:
             return []
         conversations = self._conversations()
         out: list[Dropped] = []
@@ -194,8 +201,9 @@ class DiskBudget:
                     if is_anonymous(info.meta) and now - info.updated > self.anon_ttl and not keep(info):
                         self._drop(info, "anon_ttl")
                         out.append(Dropped(info.name, "anon_ttl"))
-        if self.namespace_quota is not None:
-            out += self._namespace_quotas([a for a in conversations if a.name not in {d.name for d in out}], keep)
+        if quota:
+            left = [a for a in conversations if a.name not in {d.name for d in out}]
+            out += self._namespace_quotas(left, keep, None if due else namespace)
         conversations = [a for a in conversations if a.name not in {d.name for d in out}]
         rank = {kind: i for i, kind in enumerate(EVICTION_ORDER)}
         victims = sorted(
@@ -222,17 +230,18 @@ class DiskBudget:
             log.info("disk budget: dropped %d conversation(s); store now %d bytes", len(out), self.used())
         return out
 
-    def _namespace_quotas(self, conversations: list[AgentInfo], keep) -> list[Dropped]:
-        """Each namespace (prompt_cache_key / user) over its quota loses its least recently used conversations."""
+    def _namespace_quotas(self, conversations: list[AgentInfo], keep, only: str | None) -> list[Dropped]:
+        """Each namespace (prompt_cache_key / user; or just `only`) over its quota loses its least recently
+        used conversations."""
         groups: dict[str, list[AgentInfo]] = {}
         for info in conversations:
             ns = namespace_of(info.meta)
-            if ns is not None:
+            if ns is not None and (only is None or ns == only):
                 groups.setdefault(ns, []).append(info)
         out: list[Dropped] = []
-        sizes = {n: b.total_bytes for n, b in self.store.agent_bytes().items()} if groups else {}
         for ns, members in groups.items():
-            total = sum(sizes.get(m.name, 0) for m in members)
+            sizes = {m.name: self.store.agent_bytes(m.name)[m.name].total_bytes for m in members}
+            total = sum(sizes.values())
             for info in sorted(members, key=lambda a: (a.updated, a.name)):
                 if total <= self.namespace_quota:
                     break

@@ -298,7 +298,7 @@ class Conversations:
             ", client went away" if reply.finish_reason == "interrupted" else "",
         )
         self._record(agent, req, miss, st.bytes_saved)
-        result.pinned_over_budget = self.after_turn(agent.name)
+        result.pinned_over_budget = self.after_turn(agent.name, self._namespace.get(agent.name))
         return result
 
     def _record(self, agent: Agent, req: TurnRequest, miss: dict, bytes_written: int) -> None:
@@ -319,11 +319,11 @@ class Conversations:
         if not self.store.readonly and not self.manager.writes_paused:
             self.manager.save(agent.name)  # the record only: its KV was saved with the turn
 
-    def after_turn(self, name: str) -> bool:
+    def after_turn(self, name: str, namespace: str | None = None) -> bool:
         """Keep the disk budget and forget the records of conversations no longer in memory; True while
         pins alone hold the store over --max-disk."""
         if not self.budget.check_floor():
-            self.budget.enforce(protect=frozenset([name]))
+            self.budget.enforce(protect=frozenset([name]), namespace=namespace)
         self.manager.release_idle(keep=name)
         return self.budget.pinned_over_budget
 
