@@ -139,10 +139,9 @@ def add_written(conn, day: str, nbytes: int) -> None:
     key = WRITTEN_KEY + day
     db.insert_ignore(conn, _sm, [{"key": key, "value": "0"}])
     conn.execute(
-        update(_sm)
-        .where(_sm.c.key == key)
-        .values(value=cast(cast(_sm.c.value, BigInteger) + int(nbytes), Text))
+        update(_sm).where(_sm.c.key == key).values(value=cast(cast(_sm.c.value, BigInteger) + int(nbytes), Text))
     )
+
 
 _META_VALUE = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
 
