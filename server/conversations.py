@@ -224,7 +224,7 @@ class Conversations:
         key = (len(req.prompt), prompt_hash(req.prompt))
         mark = dict(agent.meta.get(MARK) or {}, prompt_tokens=key[0], prompt_hash=key[1])
         if req.pins:
-            merge_pins(mark, req.pins)
+            merge_pins(mark, req.pins, self.budget.clock())
         agent.meta[MARK] = mark
         self._index(agent.name, key)
         if job.cancelled.is_set():
