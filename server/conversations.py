@@ -147,8 +147,9 @@ class Conversations:
         self.counters = Counters()
         self.explainer = MissExplainer(manager)
         budget.on_drop = self._dropped
-        self._by_prompt: dict[tuple[int, str], str] = {}  # (last prompt length, its hash) -> conversation
-        self._key_of: dict[str, tuple[int, str]] = {}
+        # (last prompt length, its hash, namespace) -> conversation
+        self._by_prompt: dict[tuple[int, str, str | None], str] = {}
+        self._key_of: dict[str, tuple[int, str, str | None]] = {}
         self._namespace: dict[str, str | None] = {}
         for info in self.store.agents():
             if is_conversation(info, manager.fingerprint):
@@ -163,8 +164,9 @@ class Conversations:
         if old is not None and self._by_prompt.get(old) == name:
             del self._by_prompt[old]
         if key is not None:
-            self._by_prompt[key] = name
-            self._key_of[name] = key
+            full = (*key, self._namespace.get(name))
+            self._by_prompt[full] = name
+            self._key_of[name] = full
 
     def _forget(self, name: str) -> None:
         self._index(name, None)
@@ -185,9 +187,9 @@ class Conversations:
         """(conversation, its prompt length) whose last prompt is the longest prefix of `prompt`, in the
         request's namespace."""
         arr = np.asarray(prompt, dtype="<u4")
-        for n in sorted({n for n, _ in self._by_prompt if n <= len(prompt)}, reverse=True):
-            name = self._by_prompt.get((n, prompt_hash(arr[:n])))
-            if name is not None and self._namespace.get(name) == namespace:
+        for n in sorted({n for n, _h, ns in self._by_prompt if n <= len(prompt) and ns == namespace}, reverse=True):
+            name = self._by_prompt.get((n, prompt_hash(arr[:n]), namespace))
+            if name is not None:
                 return name, n
         return None
 

@@ -170,7 +170,7 @@ def test_a_prefix_beyond_the_restorable_one_is_named_by_the_models_kind():
     assert classify(cached=32, known=40, recurrent=False, **kw) == "chunk_granularity"
     assert classify(cached=16, known=40, recurrent=False, **kw) == "unrestorable"  # a whole chunk more was stored
     assert classify(cached=40, known=40, recurrent=False, **kw) is None  # nothing knew more: look further
-    assert classify(cached=99, known=99, recurrent=True, **kw) == "none"
+    assert classify(cached=100, known=100, recurrent=True, **kw) == "none"  # all but the last token
     assert set(REASONS) == {
         "none",
         "new_content",

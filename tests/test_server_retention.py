@@ -182,6 +182,11 @@ def test_namespaces_group_conversations_under_their_own_quota(tmp_path, model_pa
         # The same prompt in another namespace: a conversation of its own.
         bob = client.chat.completions.create(model=model_path, messages=msgs, max_tokens=2, user="bob")
         assert all(n.startswith("key:team-a:") for n in team) and ext(bob)["conversation"].startswith("key:bob:")
+        msgs += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "On."}]
+        on = client.chat.completions.create(
+            model=model_path, messages=msgs, max_tokens=2, extra_body={"prompt_cache_key": "team-a"}
+        )
+        assert ext(on)["conversation"] == team[-1]  # its own namespace's conversation, not bob's equal one
         stats = srv.stats()
         rows = {c["name"]: c for c in stats["conversations"]}
         assert stats["disk"]["dropped_by"]["namespace_quota"] >= 1
