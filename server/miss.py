@@ -23,7 +23,7 @@ from kvstore.ops.neighbours import nearest_stored, other_models
 
 from .reasons import REASONS
 
-__all__ = ["REASONS", "Graveyard", "MessageIndex", "MissExplainer", "messages_digests", "classify"]
+__all__ = ["REASONS", "Graveyard", "MessageIndex", "MissExplainer", "TurnFacts", "messages_digests", "classify"]
 
 CONTEXT_TOKENS = 12  # decoded tokens shown on each side of the first differing position
 GRAVEYARD_TOKENS = 4_000_000  # tokens of dropped conversations remembered (16 MB), newest kept
