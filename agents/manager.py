@@ -284,7 +284,8 @@ class AgentManager:
         if not self._captures:
             return None
         return Capture(self.store.chunk_size, turn_ends=self.tokenizer.eos_token_ids, states=self._states)
-    def stored_prefix(self, tokens: list[int]) -> int:
+
+    def stored_prefix(self, tokens: builtins.list[int]) -> int:
         """Tokens of the longest prefix of `tokens` the store can restore for this manager."""
         return self._keys.stored_prefix(tokens)
 

@@ -12,6 +12,7 @@ from .format import count, emit_json, fields, safe, short_fp, size, table, when
 from .main import StoreRef, pass_store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+SERVE_MARK = "kvstore_serve"  # a server conversation's part of its record (kvstore.server.retention.MARK)
 
 
 @click.command()
@@ -19,9 +20,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @pass_store
 def info(ref: StoreRef, as_json: bool) -> None:
     """The store: where it is, its format, counts, bytes on disk, logical bytes and dedup ratio."""
-    st = ref.reader().stats()
+    reader = ref.reader()
+    st = reader.stats()
+    writes = reader.writes_by_day()
     if as_json:
-        emit_json(st.as_dict())
+        emit_json(dict(st.as_dict(), writes_by_day=writes))
         return
     click.echo(
         fields(
@@ -41,9 +44,33 @@ def info(ref: StoreRef, as_json: bool) -> None:
                     f"{size(st.logical_bytes)} ({count(st.logical_bytes)} bytes, every agent's head stored apart)",
                 ),
                 ("dedup ratio", _dedup(st.dedup_ratio, st.snapshots, st.agents)),
+                ("written", _written(writes)),
             ]
         )
     )
+
+
+def _written(writes: dict[str, int]) -> str:
+    """Blob bytes written today and over the last days the store kept count of (UTC days)."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    week = sum(v for d, v in writes.items() if d >= time.strftime("%Y-%m-%d", time.gmtime(time.time() - 6 * 86400)))
+    return f"{size(writes.get(today, 0))} today, {size(week)} in 7 days, {size(sum(writes.values()))} in all (UTC days)"
+
+
+def _bytes_written(meta: dict) -> int:
+    """Blob bytes an agent's saves wrote, from its record: a server conversation's count, else its turns' sum."""
+    inner = (meta or {}).get("meta") if isinstance(meta, dict) else None
+    mark = inner.get(SERVE_MARK) if isinstance(inner, dict) else None
+    if isinstance(mark, dict) and "bytes_written" in mark:
+        return int(mark["bytes_written"])
+    return sum(int(t.get("bytes_saved") or 0) for t in (meta or {}).get("turns") or [] if isinstance(t, dict))
+
+
+def _anonymous(meta: dict) -> bool:
+    """Whether an agent is an anonymous conversation of `kvstore serve` (no header or key named it)."""
+    inner = (meta or {}).get("meta") if isinstance(meta, dict) else None
+    mark = inner.get(SERVE_MARK) if isinstance(inner, dict) else None
+    return isinstance(mark, dict) and bool(mark.get("anonymous"))
 
 
 def _dedup(ratio: float, snapshots: int, agents: int) -> str:
@@ -71,10 +98,14 @@ def _printed_json_or_nothing(rows: list[dict], as_json: bool) -> bool:
 
 
 @click.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list kvstore serve's anonymous conversations (anon:...).")
 @json_option
 @pass_store
-def agents(ref: StoreRef, as_json: bool) -> None:
-    """One row per agent: model, tokens, snapshots, unique and shared bytes, last saved."""
+def agents(ref: StoreRef, show_all: bool, as_json: bool) -> None:
+    """One row per agent: model, tokens, snapshots, unique and shared bytes, last saved.
+
+    kvstore serve's anonymous conversations are counted apart; --all lists them too.
+    """
     from kvstore.ops import accounting
 
     store = ref.reader()
@@ -92,7 +123,14 @@ def agents(ref: StoreRef, as_json: bool) -> None:
             **nbytes.get(info.name, {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0}),
         )
         for info in infos
+        if show_all or not _anonymous(info.meta)
     ]
+    hidden = len(infos) - len(rows)
+    if as_json:
+        emit_json(rows)
+        return
+    if hidden:
+        click.echo(f"{count(hidden)} anonymous conversation(s) of kvstore serve not listed (--all lists them)")
     if _printed_json_or_nothing(rows, as_json):
         return
     now = time.time()
@@ -219,7 +257,8 @@ def _conversation(meta: dict) -> list[tuple[str, str]]:
 @json_option
 @pass_store
 def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
-    """Bytes per agent: unique (freed by `rm` + `gc`) and shared with other agents, largest first."""
+    """Bytes per agent: unique (freed by `rm` + `gc`), shared with other agents, and written by its saves
+    (largest first); then the bytes written per UTC day."""
     from kvstore.ops import accounting
 
     store = ref.reader()
@@ -229,22 +268,32 @@ def du(ref: StoreRef, names: tuple[str, ...], as_json: bool) -> None:
             nbytes.update(accounting.agent_bytes(store, name))
     else:
         nbytes = accounting.agent_bytes(store)
+    written = {i.name: _bytes_written(i.meta) for i in (store.agents() if not names else map(store.agent, names))}
     rows: list[dict[str, Any]] = sorted(
-        ({"name": n, **b} for n, b in nbytes.items()), key=lambda r: (-r["total_bytes"], r["name"])
+        ({"name": n, **b, "bytes_written": written.get(n, 0)} for n, b in nbytes.items()),
+        key=lambda r: (-r["total_bytes"], r["name"]),
     )
     if _printed_json_or_nothing(rows, as_json):
         return
     total = {k: sum(r[k] for r in rows) for k in ("unique_bytes", "shared_bytes", "total_bytes")}
-    body = [[size(r["total_bytes"]), size(r["unique_bytes"]), size(r["shared_bytes"]), r["name"]] for r in rows]
+    body = [
+        [size(r["total_bytes"]), size(r["unique_bytes"]), size(r["shared_bytes"]), size(r["bytes_written"]), r["name"]]
+        for r in rows
+    ]
     body.append(
         [
             size(total["total_bytes"]),
             size(total["unique_bytes"]),
             size(total["shared_bytes"]),
+            size(sum(r["bytes_written"] for r in rows)),
             "(all agents: the logical bytes)",
         ]
     )
-    click.echo(table(["TOTAL", "UNIQUE", "SHARED", "AGENT"], body, right=(0, 1, 2)))
+    click.echo(table(["TOTAL", "UNIQUE", "SHARED", "WRITTEN", "AGENT"], body, right=(0, 1, 2, 3)))
+    if not names:
+        click.echo(
+            "written per day (UTC): " + (", ".join(f"{d} {size(v)}" for d, v in store.writes_by_day().items()) or "-")
+        )
 
 
 COMMANDS = [info, agents, show, du]

@@ -14,14 +14,31 @@ import click
 from .commands_chat import DEFAULT_MODEL
 from .main import CliError, StoreRef, pass_store
 
+OFF = ("0", "none", "off")
+
 
 def _size(ctx, param, value):
     if value is None:
         return None
+    if param.name in ("max_disk", "namespace_quota", "max_writes_per_day") and str(value).strip().lower() in OFF:
+        return None
+    if param.name == "max_disk" and str(value).strip().lower() == "auto":
+        return "auto"
     from kvstore.sizes import parse_size
 
     try:
         return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _duration(ctx, param, value):
+    if value is None or str(value).strip().lower() in OFF:
+        return None
+    from kvstore.server.config import parse_duration
+
+    try:
+        return parse_duration(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -52,8 +69,31 @@ def _size(ctx, param, value):
 @click.option(
     "--max-disk",
     callback=_size,
+    default="auto",
+    show_default=True,
+    metavar="SIZE|auto|none",
+    help="Bytes the store (blobs and index) may hold (500M, 20G); auto: min(30 GiB, a quarter of the free "
+    "disk); none or 0: no bound. Anonymous conversations go first, least recently used first.",
+)
+@click.option(
+    "--anon-ttl",
+    callback=_duration,
+    default="24h",
+    show_default=True,
+    metavar="DURATION|none",
+    help="Anonymous conversations (no X-Kvstore-Agent, prompt_cache_key or user) idle this long are dropped.",
+)
+@click.option(
+    "--namespace-quota",
+    callback=_size,
     metavar="SIZE",
-    help="Blob bytes the store may hold (500M, 20G): least recently used conversations go first.",
+    help="Bytes the conversations of one prompt_cache_key (or user) may hold; its oldest go first.",
+)
+@click.option(
+    "--max-writes-per-day",
+    callback=_size,
+    metavar="SIZE",
+    help="Blob bytes written per UTC day; past it caches stay in memory only (warned once).",
 )
 @click.option(
     "--min-free-disk",
@@ -113,7 +153,10 @@ def serve(
     host: str,
     port: int,
     api_key: str | None,
-    max_disk: int | None,
+    max_disk: int | str | None,
+    anon_ttl: float | None,
+    namespace_quota: int | None,
+    max_writes_per_day: int | None,
     min_free_disk: int,
     max_resident: int,
     max_resident_bytes: int | None,
@@ -157,6 +200,9 @@ def serve(
         port=port,
         api_key=api_key,
         max_disk=max_disk,
+        anon_ttl=anon_ttl,
+        namespace_quota=namespace_quota,
+        max_writes_per_day=max_writes_per_day,
         min_free_disk=min_free_disk,
         max_resident=max_resident,
         max_resident_bytes=max_resident_bytes,

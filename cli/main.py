@@ -261,6 +261,7 @@ def _register() -> None:
     from . import (
         commands_agents,
         commands_chat,
+        commands_explain,
         commands_inspect,
         commands_maintain,
         commands_mlx,
@@ -271,6 +272,7 @@ def _register() -> None:
     for module in (
         commands_inspect,
         commands_models,
+        commands_explain,
         commands_maintain,
         commands_agents,
         commands_chat,

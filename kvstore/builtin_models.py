@@ -225,7 +225,7 @@ def _weights(config: dict, seed: int, dtype: str) -> dict:
     module = _model_module(config["model_type"])
     # Some 1-D initial values are random (qwen3_next's A_log, dt_bias): seed them too, and let the
     # caller's random stream go on from a draw of its own rather than from our seed.
-    follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+    follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())  # type: ignore[arg-type]  # .item() of an int array
     mx.random.seed(seed)
     try:
         model = module.Model(module.ModelArgs.from_dict(config))  # only names, shapes and norm values are read

@@ -186,7 +186,16 @@ class Store(StoreReads):
         from kvstore.ops import save  # (here, not at the top: read-only commands start without MLX)
 
         return save.save(
-            self, name, cache, tokens, _fingerprint_of(model), meta, label, pinned, captured, moves_from=tuple(moves_from)
+            self,
+            name,
+            cache,
+            tokens,
+            _fingerprint_of(model),
+            meta,
+            label,
+            pinned,
+            captured,
+            moves_from=tuple(moves_from),
         )
 
     def load(self, name: str, *, model: Any = None, snapshot: int | None = None) -> tuple[list, list[int]]:

@@ -72,6 +72,12 @@ class StoreReads:
 
         return {n: AgentBytes(**b) for n, b in agent_bytes(self, name).items()}
 
+    def writes_by_day(self) -> dict[str, int]:
+        """Blob bytes the store's saves wrote per UTC day ("YYYY-MM-DD"), oldest first; blobs deleted
+        since still count (what the disk wore, not what it holds)."""
+        with self.reading("reading the write accounting") as conn:
+            return reads.writes_by_day(conn)
+
     def stats(self) -> Stats:
         """Counts, bytes on disk, and the dedup ratio against one file per agent."""
         from kvstore.ops.accounting import store_stats

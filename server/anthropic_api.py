@@ -53,12 +53,17 @@ def new_id() -> str:
 
 
 def usage(r: TurnResult) -> dict:
-    """Anthropic usage: input_tokens counts only what was not read from the cache, as Anthropic's does."""
+    """Anthropic usage, counted as Anthropic's API does: input_tokens + cache_read_input_tokens +
+    cache_creation_input_tokens is the prompt. Cache creation is what this request wrote of the prefix
+    its cache_control breakpoints mark (none without breakpoints: kvstore then caches on its own, and
+    those tokens count as input); cache reads are every token that came from a cache."""
+    created, five_minutes, one_hour = r.cache_creation
     return {
-        "input_tokens": r.prompt_tokens - r.cached,
+        "input_tokens": r.prompt_tokens - r.cached - created,
         "output_tokens": r.reply.stats.generated_tokens,
         "cache_read_input_tokens": r.cached,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": created,
+        "cache_creation": {"ephemeral_5m_input_tokens": five_minutes, "ephemeral_1h_input_tokens": one_hour},
         "kvstore": r.usage_detail(),
     }
 

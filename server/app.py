@@ -20,6 +20,7 @@ from .request_log import RequestLog
 from .state import ServerState, as_request_error
 
 log = logging.getLogger("kvstore.server")
+PINNED_OVER_BUDGET = "X-Kvstore-Pinned-Over-Budget"  # response header: pinned prefixes alone exceed --max-disk
 
 
 def _validation_message(e: RequestValidationError) -> tuple[str, str | None]:
@@ -138,4 +139,30 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> Reques
     async def cache_clear(request: Request):
         return await st.call(st.conversations.clear, request)
 
-    return RequestLog(Guard(app, config.api_key, config.max_body_bytes), stopping=lambda: st.stopping)
+    return RequestLog(
+        Guard(PinsOverBudget(app, st), config.api_key, config.max_body_bytes), stopping=lambda: st.stopping
+    )
+
+
+class PinsOverBudget:
+    """ASGI: every response says when pins alone hold the store over --max-disk (the log warns too).
+
+    A plain ASGI wrapper, not an HTTP middleware: those wrap streaming responses and a client's
+    disconnect would no longer reach the generation it should stop.
+    """
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_marked(message):
+            if message["type"] == "http.response.start" and self.state.budget.pinned_over_budget:
+                header = (PINNED_OVER_BUDGET.lower().encode(), b"true")
+                message = dict(message, headers=[*message.get("headers", []), header])
+            await send(message)
+
+        await self.app(scope, receive, send_marked)

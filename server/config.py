@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in "90s", "30m", "24h", "7d" or a plain number of seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use a number with an optional unit: 90s, 30m, 24h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 @dataclass
@@ -17,8 +28,13 @@ class ServerConfig:
             `(model, tokenizer)` pair / ModelHandle.
         store: the store's folder or database URL (None: $KVSTORE_HOME or ~/.kvstore).
         api_key: required as `Authorization: Bearer KEY` or `x-api-key: KEY`; needed to bind off loopback.
-        max_disk: bytes of blobs the store may hold; least recently used conversations go first.
+        max_disk: bytes the store (blobs and index) may hold; "auto": min(30 GiB, a quarter of the
+            free disk at start); None: no bound. Anonymous conversations go first, then named ones,
+            least recently used first; pinned ones and agents the server did not create never.
         min_free_disk: below this many free bytes on the store's disk the server stops writing.
+        anon_ttl: seconds an anonymous conversation is kept after its last turn (None: no expiry).
+        namespace_quota: bytes each prompt_cache_key / user namespace's conversations may hold.
+        max_writes_per_day: blob bytes the server may write per UTC day; past it caches stay in memory.
         max_resident: conversations whose caches stay in memory; max_resident_bytes bounds their bytes.
         context_length: the longest prompt accepted (None: the model's max_position_embeddings).
         max_body_bytes: larger request bodies are refused with 413.
@@ -36,8 +52,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    max_disk: int | None = None
+    max_disk: int | str | None = "auto"
     min_free_disk: int = 1 << 30
+    anon_ttl: float | None = 24 * 3600.0
+    namespace_quota: int | None = None
+    max_writes_per_day: int | None = None
     max_resident: int = 4
     max_resident_bytes: int | None = None
     context_length: int | None = None
@@ -57,8 +76,15 @@ class ServerConfig:
             raise ValueError(
                 f"binding {self.host} exposes the model to the network: give --api-key KEY (or bind 127.0.0.1)"
             )
-        if self.max_disk is not None and self.max_disk <= 0:
-            raise ValueError("--max-disk must be more than 0 bytes")
+        if isinstance(self.max_disk, int) and self.max_disk <= 0:
+            raise ValueError("--max-disk must be more than 0 bytes (none turns the budget off)")
+        for what, value in (
+            ("--anon-ttl", self.anon_ttl),
+            ("--namespace-quota", self.namespace_quota),
+            ("--max-writes-per-day", self.max_writes_per_day),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{what} must be more than 0 (none turns it off)")
         for alias in self.aliases:
             if not alias or alias != alias.strip() or not alias.isprintable():
                 raise ValueError(f"--alias {alias!r} is not a model name (no blanks around it, no control characters)")

@@ -5,14 +5,14 @@ request continues a stored conversation when that conversation's last prompt is 
 new prompt (matched by hash, in memory and, after a restart, from the records in the store);
 otherwise it starts a new anonymous one, whose cache still starts from the longest prefix any
 conversation has, in memory or in the store. The `X-Kvstore-Agent` header names a conversation
-instead. Runs on the model thread only.
+instead; an OpenAI `prompt_cache_key` (or `user`) puts new conversations in that namespace (and a
+request continues only a conversation of its own namespace). Runs on the model thread only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,13 +22,18 @@ from kvstore.agents import Agent, AgentManager, GenerationOptions, Reply
 from kvstore.agents import turn as turn_mod
 from kvstore.errors import UnknownAgentError
 from kvstore.names import validate_name
+from kvstore.ops.save import utc_day
 
 from . import metrics
-from .budget import MARK, DiskBudget, is_conversation
+from .budget import DiskBudget, index_bytes, is_conversation
+from .miss import MissExplainer, TurnFacts, messages_digests
+from .retention import ANONYMOUS, MARK, Pin, cache_creation, conversation_mark, merge_pins, new_name, pinned_until
 from .worker import Job
 
 log = logging.getLogger("kvstore.server")
-ANONYMOUS = "anon:"  # the reserved name prefix of conversations no header named
+__all__ = ["ANONYMOUS", "TurnRequest", "TurnResult", "Conversations"]
+STATS_ROWS = 100  # /v1/cache/stats lists the most recently used conversations, this many
+KEEP_MISSES = 64  # a conversation's record keeps the last few turns' miss explanations (kvstore explain)
 
 
 def prompt_hash(tokens) -> str:
@@ -45,6 +50,9 @@ class TurnRequest:
     conversation: str | None = None  # X-Kvstore-Agent
     arrived: float = field(default_factory=time.perf_counter)
     kind: str = "chat"  # for the log line: chat | completion | messages
+    namespace: str | None = None  # prompt_cache_key / user: new conversations go in this namespace
+    pins: list[Pin] = field(default_factory=list)  # cache_control breakpoints (Anthropic)
+    first_index: int = 0  # the API's index of template message 0 (-1 when it is Anthropic's system)
 
 
 @dataclass
@@ -57,10 +65,19 @@ class TurnResult:
     prefilled: int
     ttft: float  # seconds from the request's arrival to the first token
     stopped_by: str | None = None  # the stop string that ended the reply
+    miss: dict | None = None  # why the uncached tokens were not cached (server.miss)
+    bytes_written: int = 0  # blob bytes this turn's save wrote
+    pins: list[Pin] = field(default_factory=list)
+    pinned_over_budget: bool = False  # pins alone hold the store over --max-disk
 
     @property
     def cached(self) -> int:
         return self.cached_ram + self.cached_disk
+
+    @property
+    def cache_creation(self) -> tuple[int, int, int]:
+        """(cache_creation_input_tokens, 5m part, 1h part), as Anthropic's API counts them."""
+        return cache_creation(self.pins, self.cached)
 
     def usage_detail(self) -> dict:
         """kvstore's own account of the turn, the `kvstore` field of both APIs' usage."""
@@ -70,6 +87,9 @@ class TurnResult:
             "prefilled_tokens": self.prefilled,
             "conversation": self.conversation,
             "ttft": self.ttft,
+            "bytes_written": self.bytes_written,
+            "pinned_tokens": max((p.tokens for p in self.pins), default=0),
+            "miss": self.miss,
         }
 
 
@@ -81,6 +101,7 @@ class Counters:
     cached_disk_tokens: int = 0
     prefilled_tokens: int = 0
     generated_tokens: int = 0
+    bytes_written: int = 0
 
     def as_dict(self) -> dict:
         p = self.prompt_tokens or 1
@@ -92,6 +113,31 @@ class Counters:
         )
 
 
+def _digest_entries(mark: dict) -> dict[str, int | None]:
+    """A conversation's entries in the miss explainer's MessageIndex: its messages (they covered its last
+    prompt) and its system prompt."""
+    out: dict[str, int | None] = {}
+    if mark.get("system_digest"):
+        out[mark["system_digest"]] = None
+    if mark.get("messages_digest") and mark.get("prompt_tokens"):
+        out[mark["messages_digest"]] = int(mark["prompt_tokens"])
+    return out
+
+
+def conversation_row(info) -> dict:
+    """A conversation as /v1/cache/stats lists it: its class, namespace, pins and bytes written."""
+    mark = conversation_mark(info.meta) or {}
+    return {
+        "name": info.name,
+        "anonymous": bool(mark.get("anonymous")),
+        "namespace": mark.get("namespace"),
+        "tokens": info.n_tokens,
+        "bytes_written": int(mark.get("bytes_written", 0)),
+        "pinned_until": pinned_until(info.meta) or None,
+        "updated": info.updated,
+    }
+
+
 class Conversations:
     """The server's conversations of one model: the prompt index, turns, lookups, stats and clearing."""
 
@@ -100,63 +146,120 @@ class Conversations:
         self.store = manager.store
         self.budget = budget
         self.counters = Counters()
-        self._by_prompt: dict[tuple[int, str], str] = {}  # (last prompt length, its hash) -> conversation
-        self._key_of: dict[str, tuple[int, str]] = {}
+        self.explainer = MissExplainer(manager)
+        budget.on_drop = self._dropped
+        # (last prompt length, its hash, namespace) -> conversation
+        self._by_prompt: dict[tuple[int, str, str | None], str] = {}
+        self._key_of: dict[str, tuple[int, str, str | None]] = {}
+        self._namespace: dict[str, str | None] = {}
         for info in self.store.agents():
             if is_conversation(info, manager.fingerprints):
-                mark = info.meta["meta"][MARK]
+                mark = conversation_mark(info.meta)
+                self._namespace[info.name] = mark.get("namespace")
                 if mark.get("prompt_tokens"):
                     self._index(info.name, (int(mark["prompt_tokens"]), mark["prompt_hash"]))
+                self.explainer.messages.add(info.name, _digest_entries(mark))
 
     def _index(self, name: str, key: tuple[int, str] | None) -> None:
         old = self._key_of.pop(name, None)
         if old is not None and self._by_prompt.get(old) == name:
             del self._by_prompt[old]
         if key is not None:
-            self._by_prompt[key] = name
-            self._key_of[name] = key
+            full = (*key, self._namespace.get(name))
+            self._by_prompt[full] = name
+            self._key_of[name] = full
 
-    def _continued(self, prompt: list[int]) -> str | None:
-        """The conversation whose last prompt is the longest prefix of `prompt`, if any."""
+    def _forget(self, name: str) -> None:
+        self._index(name, None)
+        self._namespace.pop(name, None)
+        self.explainer.messages.forget(name)
+
+    def _dropped(self, info, cause: str) -> None:
+        """A conversation the budget is about to delete: remembered, so a later miss can say so."""
+        mgr = self.manager
+        try:
+            tokens = mgr.get(info.name).tokens if mgr.is_resident(info.name) else self.store.tokens(info.name)
+        except UnknownAgentError:
+            tokens = []
+        self.explainer.graveyard.bury(info.name, cause, tokens)
+        self._forget(info.name)
+
+    def _continued(self, prompt: list[int], namespace: str | None = None) -> tuple[str, int] | None:
+        """(conversation, its prompt length) whose last prompt is the longest prefix of `prompt`, in the
+        request's namespace."""
         arr = np.asarray(prompt, dtype="<u4")
-        for n in sorted({n for n, _ in self._by_prompt if n <= len(prompt)}, reverse=True):
-            name = self._by_prompt.get((n, prompt_hash(arr[:n])))
+        for n in sorted({n for n, _h, ns in self._by_prompt if n <= len(prompt) and ns == namespace}, reverse=True):
+            name = self._by_prompt.get((n, prompt_hash(arr[:n]), namespace))
             if name is not None:
-                return name
+                return name, n
         return None
 
-    def agent_for(self, prompt: list[int], named: str | None) -> Agent:
-        """The conversation a request continues, or a new one."""
+    def agent_for(
+        self, prompt: list[int], named: str | None, namespace: str | None = None
+    ) -> tuple[Agent, tuple[str, int] | None]:
+        """The conversation a request continues, or a new one; and a continued one deleted behind our back."""
         mgr = self.manager
         if named is not None:
             validate_name(named, "X-Kvstore-Agent")
             try:
-                return mgr.get(named)  # a name of another model's agent raises ModelMismatchError
+                return mgr.get(named), None  # a name of another model's agent raises ModelMismatchError
             except UnknownAgentError:
-                return mgr.create(named, None, meta={MARK: {"anonymous": False}})
-        name = self._continued(prompt)
-        if name is not None:
+                self._namespace[named] = namespace
+                return mgr.create(named, None, meta={MARK: {"anonymous": False, "namespace": namespace}}), None
+        vanished = None
+        found = self._continued(prompt, namespace)
+        if found is not None:
             try:
-                return mgr.get(name)
+                return mgr.get(found[0]), None
             except UnknownAgentError:  # removed behind our back (kvstore rm): start afresh
-                self._index(name, None)
-        return mgr.create(ANONYMOUS + uuid.uuid4().hex[:16], None, meta={MARK: {"anonymous": True}})
+                self._forget(found[0])
+                vanished = found
+        name = new_name(namespace)
+        self._namespace[name] = namespace
+        mark = {"anonymous": namespace is None, "namespace": namespace}
+        return mgr.create(name, None, meta={MARK: mark}), vanished
 
     def run(self, req: TurnRequest, job: Job) -> TurnResult:
         """One turn: prefill what no cache has, stream the reply as "delta" events, save, keep the budget."""
         self.budget.check_floor()
-        agent = self.agent_for(req.prompt, req.conversation)
+        agent, vanished = self.agent_for(req.prompt, req.conversation, req.namespace)
+        before = list(agent.tokens)
         key = (len(req.prompt), prompt_hash(req.prompt))
-        agent.meta[MARK] = dict(agent.meta.get(MARK) or {}, prompt_tokens=key[0], prompt_hash=key[1])
+        mark = dict(agent.meta.get(MARK) or {}, prompt_tokens=key[0], prompt_hash=key[1])
+        if req.pins:
+            merge_pins(mark, req.pins, self.budget.clock())
+        agent.meta[MARK] = mark
         self._index(agent.name, key)
         if job.cancelled.is_set():
             raise ConnectionAbortedError("the client went away before its turn started")
         stream = agent.respond(req.prompt, req.messages, req.options, stream=True)
+        miss = None
+
+        def explain() -> dict:
+            st = stream.state
+            return self.explainer.explain(
+                TurnFacts(
+                    prompt=req.prompt,
+                    messages=req.messages if req.kind != "completion" else None,
+                    tools=req.options.tools,
+                    template_kwargs=req.options.chat_template_kwargs,
+                    first_index=req.first_index,
+                    cached=st.reused + st.restored,
+                    conversation=agent.name,
+                    before=before,
+                    vanished=vanished,
+                )
+            )
+
         for segment in stream:
             if job.cancelled.is_set():
                 stream.close()  # the turn keeps (and saves) what was computed
                 break
             job.emit("delta", segment)
+            if miss is None:  # after the first token is out: explaining never delays it
+                miss = explain()
+        if miss is None:
+            miss = explain()
         reply = stream.reply
         st = reply.stats
         first = stream.state.first or time.perf_counter()
@@ -169,6 +272,9 @@ class Conversations:
             prefilled=st.prefilled_tokens,
             ttft=round(first - req.arrived, 6),
             stopped_by=stream.state.stopped_by,
+            miss=miss,
+            bytes_written=st.bytes_saved,
+            pins=req.pins,
         )
         c = self.counters
         c.requests += 1
@@ -177,8 +283,10 @@ class Conversations:
         c.cached_disk_tokens += st.restored_tokens
         c.prefilled_tokens += st.prefilled_tokens
         c.generated_tokens += st.generated_tokens
+        c.bytes_written += st.bytes_saved
         log.debug(  # the request's line (request_log.py) says the same, with the status and duration
-            "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs%s",
+            "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs, miss %s, "
+            "wrote %d bytes%s",
             req.kind,
             agent.name,
             st.prompt_tokens,
@@ -188,19 +296,40 @@ class Conversations:
             st.prefilled_tokens,
             st.generated_tokens,
             result.ttft,
+            miss["reason"],
+            st.bytes_saved,
             ", interrupted" if reply.finish_reason == "interrupted" else "",
         )
-        self.after_turn(agent.name)
+        self._record(agent, req, miss, st.bytes_saved)
+        result.pinned_over_budget = self.after_turn(agent.name, self._namespace.get(agent.name))
         return result
 
-    def after_turn(self, name: str) -> None:
-        """Keep the disk budget and forget the records of conversations no longer in memory."""
+    def _record(self, agent: Agent, req: TurnRequest, miss: dict, bytes_written: int) -> None:
+        """The turn's miss explanation, messages digests and bytes written, in the conversation's record."""
+        mark = dict(agent.meta[MARK])
+        mark["bytes_written"] = int(mark.get("bytes_written", 0)) + bytes_written
+        turn = int(mark.get("turn_count", 0)) + 1  # 1-based, never reused (the record keeps the last turns only)
+        mark["turn_count"] = turn
+        mark["misses"] = [*(mark.get("misses") or [])[-(KEEP_MISSES - 1) :], dict(miss, turn=turn)]
+        # A new meta dict: the manager's last-written record shares the old one, and compares equal to it.
+        agent.meta = dict(agent.meta, **{MARK: mark})
+        if req.kind != "completion":
+            recorded = agent.conversation(req.messages)  # the request's messages (the reply apart)...
+            digests = messages_digests([*recorded, agent.messages[-1]])  # ...and the reply
+            mark["messages_digest"] = digests[-1]
+            mark["system_digest"] = digests[0] if recorded and recorded[0].get("role") == "system" else None
+            self.explainer.messages.add(agent.name, _digest_entries(mark))
+        if not self.store.readonly and not self.manager.writes_paused:
+            self.manager.save(agent.name)  # the record only: its KV was saved with the turn
+
+    def after_turn(self, name: str, namespace: str | None = None) -> bool:
+        """Keep the disk budget and forget the records of conversations no longer in memory; True while
+        pins alone hold the store over --max-disk."""
         if not self.budget.check_floor():
-            dropped = self.budget.enforce(protect=frozenset([name]))
+            dropped = self.budget.enforce(protect=frozenset([name]), namespace=namespace)
             metrics.count_evictions(len(dropped))
-            for gone in dropped:
-                self._index(gone, None)
         self.manager.release_idle(keep=name)
+        return self.budget.pinned_over_budget
 
     def lookup(self, prompt: list[int]) -> dict:
         """Where a prompt's tokens would come from now: memory, the store, or a prefill."""
@@ -214,7 +343,7 @@ class Conversations:
             "ram_tokens": from_ram,
             "disk_tokens": from_disk,
             "prefill_tokens": len(prompt) - from_ram - from_disk,
-            "continues": self._continued(prompt),
+            "continues": (self._continued(prompt) or (None,))[0],
         }
 
     def conversations(self) -> list:
@@ -245,19 +374,34 @@ class Conversations:
             },
             "disk": {
                 "max_disk": b.max_disk,
+                "used_bytes": b.used(),
+                "index_bytes": index_bytes(self.store),
                 "free_bytes": b.free_bytes(),
                 "min_free_disk": b.min_free,
                 "writes_paused": b.writes_paused,
                 "conversations_dropped": b.dropped,
+                "dropped_by": dict(b.dropped_by),
+                "anon_ttl": b.anon_ttl,
+                "namespace_quota": b.namespace_quota,
+                "pinned_over_budget": b.pinned_over_budget,
             },
+            "writes": {
+                "today": b.written_today(),
+                "by_day": self.store.writes_by_day(),
+                "max_writes_per_day": b.max_writes_per_day,
+                "limit_reached": b.write_limit_hit == utc_day(b.clock()),
+                "since_start": self.counters.bytes_written,
+            },
+            "conversations": [conversation_row(a) for a in sorted(convs, key=lambda a: -a.updated)[:STATS_ROWS]],
         }
 
     def clear(self) -> dict:
         """Delete every conversation of this model and collect their blobs."""
-        names = [a.name for a in self.conversations()]
-        for name in names:
-            self.manager.delete(name)
-            self._index(name, None)
+        infos = self.conversations()
+        names = [a.name for a in infos]
+        for info in infos:
+            self._dropped(info, "cleared")
+            self.manager.delete(info.name)
         # Retention for this server's conversations only: other agents of the store keep every snapshot.
         report = self.store.gc(keep_last=1, agents=names) if names and not self.store.readonly else None
         return {"deleted": len(names), "bytes_freed": report.bytes_freed if report else 0}

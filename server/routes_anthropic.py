@@ -13,6 +13,7 @@ from . import anthropic_api as an
 from .conversations import TurnRequest, TurnResult
 from .errors import anthropic_body
 from .prompts import anthropic_messages, anthropic_tools, render_chat, split_tool_calls, tool_call_start
+from .retention import anthropic_pins
 from .routes_openai import STREAM_HEADERS
 from .sse import HeldBack, frame, turn_frames
 from .state import ServerState, as_request_error
@@ -31,7 +32,16 @@ async def messages(body: an.MessagesRequest, request: Request):
     prompt = await asyncio.to_thread(
         render_chat, st.tokenizer, msgs, tools, None, st.context_length, options.max_tokens
     )
-    turn = TurnRequest(prompt, msgs, options, conversation_header(request), kind="messages")
+    pins = await asyncio.to_thread(anthropic_pins, st.tokenizer, prompt, body.system, body.messages, body.tools)
+    turn = TurnRequest(
+        prompt,
+        msgs,
+        options,
+        conversation_header(request),
+        kind="messages",
+        pins=pins,
+        first_index=-1 if msgs[0]["role"] == "system" else 0,
+    )
     job = st.submit(lambda job: st.conversations.run(turn, job))
     mid = an.new_id()
     if body.stream:

@@ -12,6 +12,7 @@ from . import openai_api as oa
 from .conversations import TurnRequest, TurnResult
 from .errors import RequestError, openai_body
 from .prompts import encode_prompt, openai_messages, render_chat, split_tool_calls, tool_call_start
+from .retention import namespace
 from .sse import DONE, HeldBack, comment, frame, turn_frames
 from .state import ServerState, as_request_error
 from .validate import conversation_header
@@ -35,7 +36,14 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
     prompt = await asyncio.to_thread(
         render_chat, st.tokenizer, messages, tools, body.chat_template_kwargs, st.context_length, options.max_tokens
     )
-    turn = TurnRequest(prompt, messages, options, conversation_header(request), kind="chat")
+    turn = TurnRequest(
+        prompt,
+        messages,
+        options,
+        conversation_header(request),
+        kind="chat",
+        namespace=namespace(body.model_extra),
+    )
     job = st.submit(lambda job: st.conversations.run(turn, job))
     rid = oa.new_id("chatcmpl")
     if body.stream:
@@ -100,6 +108,7 @@ async def completions(body: oa.CompletionRequest, request: Request):
         options,
         conversation_header(request),
         kind="completion",
+        namespace=namespace(body.model_extra),
     )
     job = st.submit(lambda job: st.conversations.run(turn, job))
     rid = oa.new_id("cmpl")

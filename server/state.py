@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class ServerState:
     def _open(self) -> None:
         from kvstore.agents import AgentManager
 
-        from .budget import DiskBudget
+        from .budget import DiskBudget, default_max_disk
         from .conversations import Conversations
 
         c = self.config
@@ -94,16 +95,27 @@ class ServerState:
             names |= {str(handle.path), Path(handle.path).name}
         self.aliases = [a for a in dict.fromkeys(c.aliases) if a != self.model_id]
         self.model_names = names | set(self.aliases)
-        self.budget = DiskBudget(self.store, self.manager, c.max_disk, c.min_free_disk)
+        max_disk = default_max_disk(shutil.disk_usage(self.store.path).free) if c.max_disk == "auto" else c.max_disk
+        assert not isinstance(max_disk, str), f"--max-disk {max_disk!r}: a size, auto or none"
+        self.budget = DiskBudget(
+            self.store,
+            self.manager,
+            max_disk,
+            c.min_free_disk,
+            anon_ttl=c.anon_ttl,
+            namespace_quota=c.namespace_quota,
+            max_writes_per_day=c.max_writes_per_day,
+        )
         self.conversations = Conversations(self.manager, self.budget)
         if not self.budget.check_floor():
-            self.budget.enforce()
+            self.budget.enforce(force=True)
         log.info(
-            "serving %s (%s) from the store at %s; context %s tokens",
+            "serving %s (%s) from the store at %s; context %s tokens; disk budget %s",
             self.model_id,
             self.manager.fingerprint[:12],
             self.store.path,
             self.context_length,
+            "off" if max_disk is None else f"{max_disk} bytes",
         )
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ def test_every_command_has_help():
             "show",
             "models",
             "du",
+            "explain",
             "fsck",
             "gc",
             "rm",
@@ -99,7 +100,7 @@ def test_every_command_has_help():
 
 
 def test_read_commands_take_json():
-    read = {"info", "agents", "show", "models", "du", "fsck", "gc", "migrate"}
+    read = {"info", "agents", "show", "models", "du", "explain", "fsck", "gc", "migrate"}
     for name in read:
         assert "--json" in [o for p in cli.commands[name].params for o in getattr(p, "opts", [])], name
 
@@ -119,7 +120,8 @@ def test_help_demo_and_missing_store_create_nothing(tmp_path):
 def test_info_json_equals_store_stats(home):
     got = run_json(["info"], home)
     with kvstore.open(home) as store:
-        assert got == store.stats().as_dict()
+        assert got == dict(store.stats().as_dict(), writes_by_day=store.writes_by_day())
+        assert sum(got["writes_by_day"].values()) == got["bytes_on_disk"]  # every blob was written once, none gone
     assert got["agents"] == 4 and got["snapshots"] == 5 and got["models"] == 1
     assert got["logical_bytes"] == sum(v["total_bytes"] for v in oracle_bytes(home).values())
     human = run(["info"], home).stdout
@@ -160,10 +162,11 @@ def test_models_and_du(home):
     assert FP in run(["models"], home).stdout
     du = run_json(["du"], home)
     expected = oracle_bytes(home)
-    assert {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in du} == expected
+    assert {r["name"]: {k: v for k, v in r.items() if k not in ("name", "bytes_written")} for r in du} == expected
     assert [r["total_bytes"] for r in du] == sorted((r["total_bytes"] for r in du), reverse=True)
-    assert run_json(["du", "biz"], home) == [{"name": "biz", **expected["biz"]}]
-    assert run(["du"], home).stdout.splitlines()[0].split() == ["TOTAL", "UNIQUE", "SHARED", "AGENT"]
+    assert run_json(["du", "biz"], home) == [{"name": "biz", **expected["biz"], "bytes_written": 0}]  # no record
+    assert run(["du"], home).stdout.splitlines()[0].split() == ["TOTAL", "UNIQUE", "SHARED", "WRITTEN", "AGENT"]
+    assert "written per day (UTC): " in run(["du"], home).stdout
 
 
 def test_fsck_exit_status_follows_the_problems(home):

@@ -171,14 +171,19 @@ def test_named_conversation_shows_in_kvstore_agents(server, model_path):
         extra_headers={"X-Kvstore-Agent": "support-bot"},
     )
     assert r.usage.model_extra["kvstore"]["conversation"] == "support-bot"
-    out = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "--store", str(server.store), "agents", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    names = {a["name"] for a in json.loads(out.stdout)}
-    assert "support-bot" in names and any(n.startswith("anon:") for n in names)
+
+    def listed(*flags: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "kvstore.cli", "--store", str(server.store), "agents", "--json", *flags],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return {a["name"] for a in json.loads(out.stdout)}
+
+    names, every = listed(), listed("--all")  # anonymous conversations are listed apart
+    assert "support-bot" in names and not any(n.startswith("anon:") for n in names)
+    assert names < every and any(n.startswith("anon:") for n in every)
 
 
 def test_errors_in_openai_format_and_the_server_keeps_serving(server, model_path):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import BigInteger, Text, bindparam, cast, delete, select, update
 
 from kvstore.index import db, schema
 from kvstore.index.prepared import Prepared, inserting
-from kvstore.index.reads import NAMESPACE_KEY
+from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
 
 __all__ = [
     "IN_BATCH",
@@ -28,6 +28,7 @@ __all__ = [
     "model_in_use",
     "relayout_model",
     "record_namespace",
+    "add_written",
     "namespace_model",
     "agent_namespace",
     "agent_row",
@@ -128,6 +129,20 @@ def record_namespace(conn, salted: str, fingerprint: str) -> None:
 
 
 _sm = schema.store_meta
+
+
+def add_written(conn, day: str, nbytes: int) -> None:
+    """Add `nbytes` to the blob bytes written on `day` (UTC, YYYY-MM-DD): one row per day in store_meta.
+
+    An increment in SQL, so two processes saving at once both count (PostgreSQL and SQLite alike).
+    """
+    key = WRITTEN_KEY + day
+    db.insert_ignore(conn, _sm, [{"key": key, "value": "0"}])
+    conn.execute(
+        update(_sm).where(_sm.c.key == key).values(value=cast(cast(_sm.c.value, BigInteger) + int(nbytes), Text))
+    )
+
+
 _META_VALUE = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
 
 

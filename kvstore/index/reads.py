@@ -17,6 +17,8 @@ from kvstore.records import AgentInfo, Snapshot
 __all__ = [
     "Reads",
     "NAMESPACE_KEY",
+    "WRITTEN_KEY",
+    "writes_by_day",
     "scalar",
     "read_meta",
     "schema_revision",
@@ -26,6 +28,8 @@ __all__ = [
 
 # store_meta key prefix recording which model an unverified import's namespace stands for (kvstore.index.queries).
 NAMESPACE_KEY = "imported:"
+# store_meta key prefix of the blob bytes written per UTC day ("written:2026-12-07" -> bytes; queries.add_written).
+WRITTEN_KEY = "written:"
 
 
 class Reads(Protocol):
@@ -45,6 +49,12 @@ def scalar(conn: Reads, sql: str, params: dict | None = None):
 def read_meta(conn: Reads) -> dict[str, str]:
     """The store's settings (store_meta): format version, chunk size, hash, imported namespaces."""
     return dict(conn.rows("SELECT key, value FROM store_meta"))
+
+
+def writes_by_day(conn: Reads) -> dict[str, int]:
+    """Blob bytes written per UTC day (YYYY-MM-DD), oldest first: every save counts, deleted blobs too."""
+    rows = conn.rows("SELECT key, value FROM store_meta WHERE key LIKE :p", {"p": WRITTEN_KEY + "%"})
+    return {k[len(WRITTEN_KEY) :]: int(v) for k, v in sorted(rows)}
 
 
 def schema_revision(conn: Reads) -> str | None:

@@ -386,7 +386,9 @@ def _verify_prefix(conn, keys, spans, toks, n: int) -> int:
         .limit(1)
     ).first()
     if row is None:
-        return 0
+        # No snapshot lists this chunk any more (its agent was deleted, gc has not run yet): an earlier
+        # chunk may still be listed by another agent's snapshot, so look again one chunk shorter.
+        return spans[i][0]
     stored = tokens_to_array(tokens_from_bytes(row.tokens))[:n]
     mine = toks[:n]
     if stored.size == n and (stored == mine).all():

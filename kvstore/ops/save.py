@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS = 5
 LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock (see save)
+
+
+def utc_day(t: float) -> str:
+    """The UTC day (YYYY-MM-DD) of epoch seconds `t`: the key of the write accounting."""
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
 class _Retry(Exception):
@@ -421,6 +427,9 @@ def _commit(
             written = finish_writes(store, blobs, pending)
             if store.blobs.missing({w[1] for w in written}):  # a gc took one since: write it again
                 raise _Retry()
+            new_bytes = sum(nb for nb, w in {b: (nb, w) for _p, b, nb, w in written}.values() if w)
+            if new_bytes:  # the day's write accounting commits with the snapshot (reads.writes_by_day)
+                queries.add_written(conn, utc_day(now), new_bytes)
     finally:
         pending.exception()  # a failed commit never leaves blob writes running behind it
     files = {b: (nb, w) for _p, b, nb, w in written}
