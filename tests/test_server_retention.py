@@ -61,7 +61,7 @@ def pinned_request(client, model: str, *more: dict, ttl: str = "1h"):
 
 @pytest.mark.slow
 def test_200_anonymous_chats_stay_under_the_budget_and_keep_the_named_and_the_pinned(tmp_path, model_path):
-    budget = 50_000_000
+    budget = 50 * 2**20  # "50M": 50 MiB (kvstore.sizes: K, M, G are binary)
     srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--max-disk", "50M").start()
     try:
         client, claude = srv.openai(), srv.anthropic()
