@@ -110,10 +110,10 @@ def classify(*, cached: int, limit: int, known: int, chunk_size: int, recurrent:
         return "none"
     if known <= cached:
         return None
-    if recurrent:
-        return "hybrid_boundary"
     if known // chunk_size * chunk_size <= cached:
-        return "chunk_granularity"
+        return "chunk_granularity"  # whole chunks stop here for any model
+    if recurrent:
+        return "hybrid_boundary"  # a whole chunk more was stored, but no state checkpoint at its end
     return "unrestorable"
 
 

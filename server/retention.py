@@ -21,9 +21,9 @@ from kvstore.agents import turn as turn_mod
 
 from .errors import RequestError
 from .prompts import anthropic_messages, anthropic_tools
+from .validate import ANONYMOUS
 
 MARK = "kvstore_serve"  # the agent meta key that marks a server conversation
-ANONYMOUS = "anon:"  # the reserved name prefix of conversations no header or key named
 NAMESPACED = "key:"  # the name prefix of conversations of a prompt_cache_key / user namespace
 TTLS = {"5m": 300, "1h": 3600}  # Anthropic's cache_control ttls
 DEFAULT_TTL = "5m"

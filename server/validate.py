@@ -10,8 +10,9 @@ from fastapi import Request
 from kvstore.errors import InvalidNameError
 from kvstore.names import validate_name
 
-from .conversations import ANONYMOUS
 from .errors import RequestError
+
+ANONYMOUS = "anon:"  # the reserved name prefix of conversations no header or key named
 
 # Stop strings: OpenAI's API takes up to 4; Anthropic documents no limit, so this server sets one. Matching
 # costs time linear in the reply (agents/stops.py); the limits bound the per-character work and the memory.

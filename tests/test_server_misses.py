@@ -12,6 +12,7 @@ from conftest import TEST_CHUNK
 from server_process import ServerProcess, new_store, tiny_model
 
 import kvstore
+from kvstore.agents.turn import common_prefix, render
 from kvstore.cli.main import cli
 from kvstore.server.miss import classify
 from kvstore.server.reasons import REASONS
@@ -21,6 +22,7 @@ openai = pytest.importorskip("openai")
 SYSTEM_A = "You are the archivist of a small town library. " * 3
 SYSTEM_Z = "Unrelated instructions for another client entirely. " * 3
 SYSTEM_C = "Zany zebras zigzag; quiet quokkas queue. " * 3
+SYS_A = {"role": "system", "content": SYSTEM_A}
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +166,10 @@ def test_another_model_and_a_changed_template(tmp_path, model_path, tmp_path_fac
 
 def test_a_prefix_beyond_the_restorable_one_is_named_by_the_models_kind():
     """The reasons for a stored prefix that goes further than the restore: a hybrid model's checkpoints, the
-    store's chunks, or neither (a hybrid model is not buildable on this branch: its code is tested here)."""
+    store's chunks, or neither."""
     kw = dict(limit=100, chunk_size=16)
-    assert classify(cached=32, known=40, recurrent=True, **kw) == "hybrid_boundary"
+    assert classify(cached=16, known=40, recurrent=True, **kw) == "hybrid_boundary"
+    assert classify(cached=32, known=40, recurrent=True, **kw) == "chunk_granularity"  # any model stops there
     assert classify(cached=32, known=40, recurrent=False, **kw) == "chunk_granularity"
     assert classify(cached=16, known=40, recurrent=False, **kw) == "unrestorable"  # a whole chunk more was stored
     assert classify(cached=40, known=40, recurrent=False, **kw) is None  # nothing knew more: look further
@@ -181,3 +184,36 @@ def test_a_prefix_beyond_the_restorable_one_is_named_by_the_models_kind():
         "hybrid_boundary",
         "unrestorable",
     }
+
+
+def test_a_hybrid_model_misses_at_its_checkpoint_boundary(tmp_path, tmp_path_factory):
+    """hybrid_boundary: a recurrent-state model restores only at a checkpoint, so a prompt that shares a
+    stored prefix past the last checkpoint before it says so (qwen3_next: gated delta-net + attention)."""
+    from mlx_lm import load
+
+    hybrid = tiny_model(tmp_path_factory, arch="qwen3_next")
+    filler = " The maps, the deeds and the census rolls of the harbour all go back to the founding." * 2
+    user_a, user_b = "Where are the maps kept?" + filler, "Where are the deeds kept?" + filler
+    parted = common_prefix(
+        *(render(load(hybrid)[1], [SYS_A, {"role": "user", "content": u}]) for u in (user_a, user_b))
+    )
+    srv = ServerProcess(hybrid, new_store(tmp_path / "store"), "--max-resident", "1", "--max-disk", "none")
+    srv.start()
+    try:
+        client = srv.openai()
+        r = send(client, hybrid, [SYS_A, {"role": "user", "content": user_a}])
+        conv_a = r.usage.model_extra["kvstore"]["conversation"]
+        send(client, hybrid, [{"role": "system", "content": SYSTEM_Z}, {"role": "user", "content": "Hi."}])
+        # A is out of memory: B shares its prompt up to `parted`, whole chunks of it past the system prompt,
+        # but A's state was checkpointed only at the boundary before the system prompt's end and near
+        # A's own end, not where B parts from it.
+        r2 = send(client, hybrid, [SYS_A, {"role": "user", "content": user_b}])
+        miss, ext = miss_of(r2), r2.usage.model_extra["kvstore"]
+        assert miss["reason"] == "hybrid_boundary"
+        assert miss["position"] == parted and miss["stored_in"] == conv_a
+        assert 0 < ext["cached_disk_tokens"] < parted // TEST_CHUNK * TEST_CHUNK
+        assert ext["cached_disk_tokens"] % TEST_CHUNK == 0
+    finally:
+        assert srv.stop() == 0
+    with kvstore.open(srv.store) as store:
+        assert store.fsck().ok
