@@ -109,12 +109,22 @@ class Agent:
         prompt = turn.render(self._manager.tokenizer, self.conversation(messages), tools, chat_template_kwargs)
         return self.respond(prompt, messages, options, stream=stream)
 
-    def respond(self, prompt: list[int], messages: list[dict], options: GenerationOptions, *, stream: bool = False):
+    def respond(
+        self,
+        prompt: list[int],
+        messages: list[dict],
+        options: GenerationOptions,
+        *,
+        stream: bool = False,
+        own_ids: bool = True,
+    ):
         """Answer an already rendered prompt; `messages` is the conversation it renders (system prompt apart).
 
-        The lower half of `chat`, for callers that render prompts themselves (the server).
+        The lower half of `chat`, for callers that render prompts themselves (the server). `own_ids=False`
+        answers `prompt` exactly as rendered, even where a recurrent-state model's agent would continue
+        the ids it generated (AgentManager.start_turn).
         """
-        segments, state = self._manager.start_turn(self, prompt, messages, options)
+        segments, state = self._manager.start_turn(self, prompt, messages, options, own_ids=own_ids)
         if stream:
             return ReplyStream(segments, state)
         for _ in segments:

@@ -428,18 +428,28 @@ class AgentManager:
         return cache, best_n
 
     def start_turn(
-        self, agent: Agent, prompt: builtins.list[int], messages: builtins.list[dict], options: GenerationOptions
+        self,
+        agent: Agent,
+        prompt: builtins.list[int],
+        messages: builtins.list[dict],
+        options: GenerationOptions,
+        *,
+        own_ids: bool = True,
     ) -> tuple[Generator[str, None, None], TurnState]:
         """A turn on an already rendered prompt: (text segments, its TurnState; `.reply` once finished).
 
         `messages` is the conversation the agent records once the reply is appended (the system
         prompt apart). Agent.chat renders the template itself; the server renders full requests.
+        `own_ids`: a recurrent-state model's agent continuing its own conversation continues the ids
+        it generated (turn.continue_exactly); False answers `prompt` as rendered, which the server
+        needs: its reply must be a function of the request alone, cached or not (issue 25's
+        differential walk found replies that changed with the cache's state).
         """
         if not prompt:
             raise ValueError("the prompt is empty")
         if agent.manager is not self:
             raise ValueError(f"agent {agent.name!r} belongs to another manager")
-        if self._states and agent.messages and messages[: len(agent.messages)] == agent.messages:
+        if own_ids and self._states and agent.messages and messages[: len(agent.messages)] == agent.messages:
             # The agent's own conversation, continued: a recurrent state cannot be cut back into a
             # reply that re-tokenized differently, so the turn continues the ids the cache has seen.
             prompt = turn.continue_exactly(self.tokenizer.eos_token_ids, agent.tokens, list(prompt))

@@ -232,7 +232,8 @@ class Conversations:
         self._index(agent.name, key)
         if job.cancelled.is_set():
             raise ConnectionAbortedError("the client went away before its turn started")
-        stream = agent.respond(req.prompt, req.messages, req.options, stream=True)
+        # As rendered: the same request gets the same reply whether or not its conversation is cached.
+        stream = agent.respond(req.prompt, req.messages, req.options, stream=True, own_ids=False)
         miss = None
 
         def explain() -> dict:
