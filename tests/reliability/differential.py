@@ -1,10 +1,10 @@
 """The system-level differential walk: the agent manager in a child process that is SIGKILLed, against an oracle.
 
-The *subject* is `python -m reliability.differential serve MODEL STORE`: an AgentManager (two caches
-resident, so agents keep going out to the store and coming back) that reads one JSON command per line
-on stdin and answers one `@@ {json}` line on stdout once the command has returned (a chat turn's
-answer comes after its autosave). The test kills it with SIGKILL, mid-command or between commands,
-and starts another on the same store.
+The *subject* is a process forked from a warm zygote (`python -m reliability.differential zygote`):
+an AgentManager (two caches resident, so agents keep going out to the store and coming back) that
+reads one JSON command per line from a FIFO and answers one `@@ {json}` line on another once the
+command has returned (a chat turn's answer comes after its autosave). The test kills it with
+SIGKILL, mid-command or between commands, and forks another on the same store.
 
 The *oracle* is an AgentManager in the test process on a store of its own, with every agent resident,
 that is never restarted and never collects garbage: it does the same operations, and every subject
@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,16 +91,14 @@ def _do(mgr, cmd: dict) -> dict:
     return {}
 
 
-def serve(model: str, store_path: str) -> None:
+def serve(model: str, store_path: str, commands, out) -> None:
+    """The subject's loop: one answer line per command line, until `close` or the end of `commands`."""
     import kvstore
-
-    kvstore.use_openblas()
     from kvstore.agents import AgentManager
 
-    out = sys.stdout
     mgr = AgentManager(model, kvstore.open(store_path, chunk_size=CHUNK), max_resident=2)
     _answer(out, ready=True)
-    for line in sys.stdin:
+    for line in commands:
         cmd = json.loads(line)
         try:
             fields = _do(mgr, cmd)
@@ -111,18 +110,50 @@ def serve(model: str, store_path: str) -> None:
             return
 
 
+def zygote() -> None:
+    """Import once, then fork a subject per line of JSON on stdin (a restart then costs a model load,
+    not a 2.5 s import). Reports `started PID` and `exited PID CODE`. Nothing here runs mlx (no threads,
+    no arrays), so forking is safe; a subject talks to the test over the two FIFOs its line names."""
+    import kvstore
+
+    kvstore.use_openblas()
+    import kvstore.agents  # noqa: F401  (warm imports: mlx, mlx-lm, transformers; inherited by every fork)
+    import kvstore.mlxfile  # noqa: F401
+    import kvstore.ops.archive  # noqa: F401
+    import kvstore.ops.archive_verify  # noqa: F401
+    import kvstore.ops.gc  # noqa: F401
+
+    for line in sys.stdin:
+        cfg = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                sys.stdin.close()
+                with open(cfg["commands"]) as commands, open(cfg["answers"], "w") as out:
+                    serve(cfg["model"], cfg["store"], commands, out)
+            except BaseException:
+                traceback.print_exc()
+                code = 3
+            finally:
+                os._exit(code)
+        print(f"started {pid}", flush=True)
+        # Reaped only here, after the test's SIGKILL or the subject's own end: the pid it kills is still ours.
+        print(f"exited {pid} {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}", flush=True)
+
+
 # -- the test side ----------------------------------------------------------------------------------
 
 
-class Subject:
-    """The child process: send a command, read its answer, or kill it while it works."""
+class Zygote:
+    """The warm process that forks subjects (see zygote())."""
 
-    def __init__(self, model: str, store: Path, log: Path):
+    def __init__(self, log: Path):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reliability.differential", "serve", model, str(store)],
+            [sys.executable, "-m", "reliability.differential", "zygote"],
             cwd=TESTS_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -131,15 +162,63 @@ class Subject:
             bufsize=1,
             env=env,
         )
-        self.lines: queue.Queue[dict | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        assert self.answer(300) == {"ready": True}
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_pump, args=(self.proc.stdout, self.lines, str), daemon=True).start()
+        self.starts = 0
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(PREFIX):
-                self.lines.put(json.loads(line[len(PREFIX) :]))
-        self.lines.put(None)
+    def fork(self, cfg: dict) -> int:
+        self.proc.stdin.write(json.dumps(cfg) + "\n")
+        self.proc.stdin.flush()
+        word, pid = self.next().split()
+        assert word == "started"
+        self.starts += 1
+        return int(pid)
+
+    def next(self) -> str:
+        line = self.lines.get(timeout=600)
+        if line is None:
+            raise RuntimeError(f"the zygote died (exit {self.proc.wait()}); see {self.log.name}")
+        return line
+
+    def exited(self, pid: int) -> int:
+        word, got, code = self.next().split()
+        assert (word, int(got)) == ("exited", pid)
+        return int(code)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+        self.log.close()
+
+
+def _pump(stream, into: queue.Queue, parse) -> None:
+    for line in stream:
+        if parse is str:
+            into.put(line.strip())
+        elif line.startswith(PREFIX):
+            into.put(parse(line[len(PREFIX) :]))
+    into.put(None)
+
+
+class Subject:
+    """A subject process: send a command, read its answer, or kill it while it works."""
+
+    def __init__(self, zygote: Zygote, model: str, store: Path, work: Path):
+        self.zygote = zygote
+        n = zygote.starts
+        fifos = {"commands": work / f"commands{n}", "answers": work / f"answers{n}"}
+        for path in fifos.values():
+            os.mkfifo(path)
+        self.pid = zygote.fork({"model": model, "store": str(store), **{k: str(v) for k, v in fifos.items()}})
+        # The subject opens commands, then answers; opened here in the same order, neither open blocks forever.
+        self.commands = open(fifos["commands"], "w", buffering=1)
+        answers = open(fifos["answers"])
+        for path in fifos.values():
+            path.unlink()
+        self.lines: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(answers, self.lines, json.loads), daemon=True).start()
+        assert self.answer(300) == {"ready": True}
+        self.alive = True
 
     def answer(self, timeout: float) -> dict | None:
         """The next answer, or None when none came within `timeout` seconds."""
@@ -148,12 +227,12 @@ class Subject:
         except queue.Empty:
             return None
         if got is None:
-            raise RuntimeError(f"the subject died (exit {self.proc.wait()}); see {self.log.name}")
+            raise RuntimeError(f"the subject died (exit {self.zygote.exited(self.pid)}); see {self.zygote.log.name}")
         return got
 
     def send(self, cmd: dict) -> None:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+        self.commands.write(json.dumps(cmd) + "\n")
+        self.commands.flush()
 
     def call(self, cmd: dict) -> dict:
         self.send(cmd)
@@ -162,16 +241,21 @@ class Subject:
         return got
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(60) == -signal.SIGKILL
-        self.proc.stdin.close()
-        self.log.close()
+        os.kill(self.pid, signal.SIGKILL)
+        assert self.zygote.exited(self.pid) == -signal.SIGKILL
+        self._closed()
 
     def close(self) -> None:
         assert self.call({"op": "close"}) == {"ok": True}
-        assert self.proc.wait(60) == 0
-        self.proc.stdin.close()
-        self.log.close()
+        assert self.zygote.exited(self.pid) == 0
+        self._closed()
+
+    def _closed(self) -> None:
+        self.alive = False
+        try:
+            self.commands.close()
+        except BrokenPipeError:
+            pass  # the subject died with a command unread
 
 
 @dataclass
@@ -193,8 +277,12 @@ class Walk:
         self.store = self.root / "subject"
         self.oracle = AgentManager(self.model, kvstore.open(self.root / "oracle", chunk_size=CHUNK), max_resident=10**6)
         self.counter = 0
-        self.subject = Subject(self.model, self.store, self.root / "subject.log")
+        self.zygote = Zygote(self.root / "subject.log")
+        self.subject = self._subject()
         self.next_restart = self._gap()
+
+    def _subject(self) -> Subject:
+        return Subject(self.zygote, self.model, self.store, self.root)
 
     def _gap(self) -> int:
         return self.rng.randint(self.kill_every // 2, self.kill_every * 3 // 2)
@@ -308,7 +396,7 @@ class Walk:
             problems = store.fsck(grace=0).problems
             assert problems == (), problems
             self.stats["fsck_clean"] += 1
-        self.subject = Subject(self.model, self.store, self.root / "subject.log")
+        self.subject = self._subject()
         state = self.subject.call({"op": "state"})["agents"]
         if inflight is not None:
             self._resolve(inflight, state)
@@ -338,7 +426,10 @@ class Walk:
 
     def check_state(self, state: dict) -> None:
         """The subject's store holds exactly the oracle's agents, with the same conversations and tokens."""
-        assert sorted(state) == self.names(), (sorted(state), self.names())
+        if sorted(state) != self.names():  # the walks have parted: stop here, with what led to it
+            raise AssertionError(
+                f"agents {sorted(state)} != oracle's {self.names()}; differences: {self.differences[:3]}"
+            )
         for name, got in state.items():
             agent = self.oracle.get(name)
             want = {"messages": agent.messages, "tokens": agent.tokens}
@@ -356,15 +447,16 @@ class Walk:
             self._restart(None)  # a final restart: everything the walk did is in the store
             self.subject.close()
         finally:
-            if self.subject.proc.poll() is None:
+            if self.subject.alive:
                 self.subject.kill()
+            self.zygote.close()
             self.oracle.close()
             self.oracle.store.close()
         return self.stats
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["serve"] and len(sys.argv) == 4:
-        serve(sys.argv[2], sys.argv[3])
+    if sys.argv[1:] == ["zygote"]:
+        zygote()
     else:
-        sys.exit("usage: python -m reliability.differential serve MODEL STORE")
+        sys.exit("usage: python -m reliability.differential zygote")

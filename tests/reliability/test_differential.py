@@ -40,3 +40,23 @@ def test_agent_manager_walk_matches_oracle(model, tmp_path):
     for op in ("create", "fork", "delete", "archive", "mlx", "gc"):
         assert stats[f"{op}_steps"] > 0, op
     report.record(f"differential_agents_{model}", differences=len(walk.differences), **stats)
+
+
+SERVER_STEPS = 120  # per model family: HTTP turns cost more than the manager's; restarts ~every 40 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_server_walk_matches_oracle(model, tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("anthropic")
+    from .differential_server import ServerWalk
+
+    walk = ServerWalk(model_folder(model, tmp_path / "models"), tmp_path, seed=SEED)
+    stats = walk.run(SERVER_STEPS)
+    assert walk.differences == [], walk.differences[:3]
+    assert stats["steps"] == SERVER_STEPS and stats["replies_compared"] >= SERVER_STEPS // 2
+    assert stats["kills"] + stats["clean_restarts"] >= 2
+    for kind in ("openai_turns", "stream_turns", "anthropic_turns", "fork_steps", "clear_steps"):
+        assert stats[kind] > 0, kind
+    report.record(f"differential_server_{model}", differences=len(walk.differences), **stats)
