@@ -30,6 +30,17 @@ from .differential import CHUNK, SYSTEMS, WORDS
 MAX_CONVERSATIONS = 6
 
 
+def as_rendered(agent, text: str, options: dict) -> str:
+    """The oracle's reply to `text` as the server computes it: the conversation rendered as the request
+    gives it (a recurrent-state agent would otherwise continue its own generated ids: Agent.respond)."""
+    from kvstore.agents import GenerationOptions
+    from kvstore.agents.turn import render
+
+    messages = agent.messages + [{"role": "user", "content": text}]
+    prompt = render(agent.manager.tokenizer, agent.conversation(messages))
+    return agent.respond(prompt, messages, GenerationOptions(**options), own_ids=False).text
+
+
 @dataclass
 class ServerWalk:
     model: str  # a model folder
@@ -126,7 +137,7 @@ class ServerWalk:
             got = box["text"]
         else:
             got = self._send(call, api)
-        want = self.oracle.get(name).chat(text, **options).text
+        want = as_rendered(self.oracle.get(name), text, options)
         self.stats["replies_compared"] += 1
         self.stats[f"{api}_turns"] += 1
         if got != want:

@@ -14,8 +14,8 @@ from . import report
 from .differential import Walk
 
 # Built-in model families the walks run over ("builtin:ARCH-SIZE"), one list per walk.
-AGENT_MODELS = ["builtin:llama-tiny", "builtin:gemma3-tiny"]
-SERVER_MODELS = ["builtin:llama-tiny", "builtin:gemma3-tiny"]
+AGENT_MODELS = ["builtin:llama-tiny", "builtin:gemma3-tiny", "builtin:qwen3_next-tiny"]
+SERVER_MODELS = ["builtin:llama-tiny", "builtin:gemma3-tiny", "builtin:qwen3_next-tiny"]
 STEPS = 500  # per model family (issue 25: at least 500 random steps per family)
 SEED = 25
 
