@@ -193,7 +193,7 @@ def sampling(options: GenerationOptions) -> tuple[Callable, list]:
     return sampler, make_logits_processors(repetition_penalty=options.repetition_penalty)
 
 
-class _StopScan:
+class StopScan:
     """Holds back text that could be the start of a stop string, and cuts the text at the first one."""
 
     def __init__(self, stops: tuple[str, ...]):
@@ -242,7 +242,7 @@ def generate(
     opts = state.options
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
-    scan = _StopScan(opts.stop)
+    scan = StopScan(opts.stop)
     sampler, processors = sampling(opts)
     state.tokens, state.first, state.finish, state.text = [], None, "length", ""
     steps = generate_step(

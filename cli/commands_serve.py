@@ -66,6 +66,13 @@ def _size(ctx, param, value):
     help="Conversations whose caches stay in memory.",
 )
 @click.option("--max-resident-bytes", callback=_size, metavar="SIZE", help="Bytes the caches in memory may take.")
+@click.option(
+    "--max-concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests generated together (one batched decode step); more wait in arrival order.",
+)
 @click.option("--context-length", type=click.IntRange(1), help="Longest prompt accepted (default: the model's).")
 @click.option(
     "--keepalive",
@@ -90,6 +97,7 @@ def serve(
     min_free_disk: int,
     max_resident: int,
     max_resident_bytes: int | None,
+    max_concurrency: int,
     context_length: int | None,
     keepalive: float,
     log_level: str,
@@ -127,6 +135,7 @@ def serve(
         min_free_disk=min_free_disk,
         max_resident=max_resident,
         max_resident_bytes=max_resident_bytes,
+        max_concurrency=max_concurrency,
         context_length=context_length,
         keepalive_seconds=keepalive,
     )

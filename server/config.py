@@ -51,6 +51,7 @@ class ServerConfig:
         max_body_bytes: larger request bodies are refused with 413.
         keepalive_seconds: a streaming response sends a keep-alive this often while it waits.
         model_id: the name /v1/models lists and requests must use (None: from `model`).
+        max_concurrency: turns generated together; more wait in arrival order (server/scheduler.py).
         aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
             /v1/models lists them after model_id.
     """
@@ -71,6 +72,7 @@ class ServerConfig:
     model_id: str | None = None
     aliases: tuple[str, ...] = ()
     chunk_size: int | None = None
+    max_concurrency: int = 8
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""
@@ -83,6 +85,8 @@ class ServerConfig:
         for alias in self.aliases:
             if not alias or alias != alias.strip() or not alias.isprintable():
                 raise ValueError(f"--alias {alias!r} is not a model name (no blanks around it, no control characters)")
+        if self.max_concurrency < 1:
+            raise ValueError("--max-concurrency must be at least 1")
         if self.max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if not 0 < self.port < 65536:

@@ -20,6 +20,7 @@ import xxhash
 
 from kvstore.agents import Agent, AgentManager, GenerationOptions, Reply
 from kvstore.agents import turn as turn_mod
+from kvstore.agents.turn import TurnState
 from kvstore.errors import UnknownAgentError
 from kvstore.names import validate_name
 
@@ -141,8 +142,12 @@ class Conversations:
                 self._index(name, None)
         return mgr.create(ANONYMOUS + uuid.uuid4().hex[:16], None, meta={MARK: {"anonymous": True}})
 
-    def run(self, req: TurnRequest, job: Job) -> TurnResult:
-        """One turn: prefill what no cache has, stream the reply as "delta" events, save, keep the budget."""
+    def target(self, req: TurnRequest) -> str | None:
+        """The conversation a request would continue now (None: a new one); the batch serializes on it."""
+        return req.conversation if req.conversation is not None else self._continued(req.prompt)
+
+    def begin(self, req: TurnRequest, job: Job) -> Agent:
+        """The conversation a turn continues, its prompt indexed for the next request that extends it."""
         self.budget.check_floor()
         agent = self.agent_for(req.prompt, req.conversation)
         key = (len(req.prompt), prompt_hash(req.prompt))
@@ -150,24 +155,35 @@ class Conversations:
         self._index(agent.name, key)
         if job.cancelled.is_set():
             raise ConnectionAbortedError("the client went away before its turn started")
+        return agent
+
+    def run(self, req: TurnRequest, job: Job) -> TurnResult:
+        """One turn alone: prefill what no cache has, stream the reply as "delta" events, save, keep the budget."""
+        agent = self.begin(req, job)
         stream = agent.respond(req.prompt, req.messages, req.options, stream=True)
         for segment in stream:
             if job.cancelled.is_set():
                 stream.close()  # the turn keeps (and saves) what was computed
                 break
             job.emit("delta", segment)
-        reply = stream.reply
+        return self.finish(req, agent.name, stream.state)
+
+    def finish(self, req: TurnRequest, name: str, state: TurnState) -> TurnResult:
+        """A finished (saved) turn's result: counters, the log line, the disk budget."""
+        reply = state.reply
+        if reply is None:  # deleted (kvstore rm, /clear) while it generated
+            raise ConnectionAbortedError(f"the conversation {name!r} was deleted during its turn")
         st = reply.stats
-        first = stream.state.first or time.perf_counter()
+        first = state.first or time.perf_counter()
         result = TurnResult(
-            conversation=agent.name,
+            conversation=name,
             reply=reply,
             prompt_tokens=st.prompt_tokens,
             cached_ram=st.reused_tokens,
             cached_disk=st.restored_tokens,
             prefilled=st.prefilled_tokens,
             ttft=round(first - req.arrived, 6),
-            stopped_by=stream.state.stopped_by,
+            stopped_by=state.stopped_by,
         )
         c = self.counters
         c.requests += 1
@@ -179,7 +195,7 @@ class Conversations:
         log.info(
             "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs%s",
             req.kind,
-            agent.name,
+            name,
             st.prompt_tokens,
             result.cached,
             st.reused_tokens,
@@ -189,13 +205,13 @@ class Conversations:
             result.ttft,
             ", client went away" if reply.finish_reason == "interrupted" else "",
         )
-        self.after_turn(agent.name)
+        self.after_turn(name)
         return result
 
     def after_turn(self, name: str) -> None:
         """Keep the disk budget and forget the records of conversations no longer in memory."""
         if not self.budget.check_floor():
-            for gone in self.budget.enforce(protect=frozenset([name])):
+            for gone in self.budget.enforce(protect=frozenset([name]) | self.manager.busy):
                 self._index(gone, None)
         self.manager.release_idle(keep=name)
 

@@ -31,7 +31,7 @@ async def messages(body: an.MessagesRequest, request: Request):
         render_chat, st.tokenizer, msgs, tools, None, st.context_length, options.max_tokens
     )
     turn = TurnRequest(prompt, msgs, options, request.headers.get("x-kvstore-agent"), kind="messages")
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     mid = an.new_id()
     if body.stream:
         return StreamingResponse(

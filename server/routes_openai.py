@@ -35,7 +35,7 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
         render_chat, st.tokenizer, messages, tools, body.chat_template_kwargs, st.context_length, options.max_tokens
     )
     turn = TurnRequest(prompt, messages, options, request.headers.get("x-kvstore-agent"), kind="chat")
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     rid = oa.new_id("chatcmpl")
     if body.stream:
         return StreamingResponse(
@@ -100,7 +100,7 @@ async def completions(body: oa.CompletionRequest, request: Request):
         request.headers.get("x-kvstore-agent"),
         kind="completion",
     )
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     rid = oa.new_id("cmpl")
     if body.stream:
         return StreamingResponse(

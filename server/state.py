@@ -16,7 +16,8 @@ from kvstore.errors import InvalidNameError, ModelMismatchError, StoreError, Unk
 
 from .config import ServerConfig
 from .errors import RequestError
-from .worker import Job, Worker
+from .scheduler import Scheduler
+from .worker import Job
 
 log = logging.getLogger("kvstore.server")
 
@@ -53,7 +54,7 @@ class ServerState:
         config.check()
         self.config = config
         self.started = time.time()
-        self.worker = Worker()
+        self.worker = Scheduler(config.max_concurrency)
         try:
             self.worker.call(self._open)
         except BaseException:
@@ -90,6 +91,7 @@ class ServerState:
         self.model_names = names | set(self.aliases)
         self.budget = DiskBudget(self.store, self.manager, c.max_disk, c.min_free_disk)
         self.conversations = Conversations(self.manager, self.budget)
+        self.worker.attach(self.conversations)
         if not self.budget.check_floor():
             self.budget.enforce()
         log.info(
@@ -123,6 +125,10 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+    def submit_turn(self, turn) -> Job:
+        """A chat turn for the scheduler: generated together with the other requests' turns."""
+        return self.worker.submit_turn(turn, asyncio.get_running_loop())
 
     def submit(self, fn) -> Job:
         return self.worker.submit(fn, asyncio.get_running_loop())

@@ -1,0 +1,217 @@
+"""The model thread, batching turns: concurrent requests decode together, new ones join between steps.
+
+Each pass of the loop: take what arrived (turns wait in arrival order; other jobs, lookups and
+stats, run at once), end the turns whose client went away (their slot is free that instant, what
+was computed is saved), admit waiting turns up to `max_concurrency` (a turn waits while another
+turn of the same conversation runs), prefill one step of the oldest admitted prompt, then one
+decode step of every conversation in the batch. A turn whose reply is finished leaves the batch
+with its own cache, is saved, and only then answered: every returned turn is durable.
+
+Requests beyond `max_concurrency` wait in the queue (no 429): a client sees keep-alives until its
+turn starts. A model whose cache the batch cannot hold (sliding-window, quantized, recurrent
+layers) and one-token prompts run alone, one at a time, as the plain Worker runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections import deque
+from typing import Any
+
+from .batch import DecodeBatch, batchable
+from .batch_turn import BatchTurn
+from .conversations import Conversations, TurnRequest
+from .worker import Job, Worker
+
+__all__ = ["Scheduler", "DEFAULT_MAX_CONCURRENCY"]
+
+log = logging.getLogger("kvstore.server")
+DEFAULT_MAX_CONCURRENCY = 8  # docs/BENCHMARKS.md "Concurrent agents": past 8 rows a step costs more than it gains here
+
+
+class TurnJob(Job):
+    """A job that is a chat turn: the scheduler may run it in the batch instead of calling `fn`."""
+
+    turn: TurnRequest
+
+
+class Scheduler(Worker):
+    """A Worker whose turns (`submit_turn`) are generated together; `attach` it to the conversations first."""
+
+    def __init__(self, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, name: str = "kvstore-model"):
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.max_concurrency = max_concurrency
+        self.conversations: Conversations | None = None
+        self.batched = False  # whether this model's turns can share a batch
+        self._waiting: deque[Job] = deque()
+        self._prefilling: list[BatchTurn] = []
+        self._decoding: list[BatchTurn] = []  # in the batch's row order
+        self._batch: DecodeBatch | None = None
+        self._stopping = False
+        super().__init__(name)
+
+    def attach(self, conversations: Conversations) -> None:
+        """Serve turns of these conversations (call on the model thread, once the model is loaded)."""
+        self.conversations = conversations
+        handle = conversations.manager.handle
+        self.batched = batchable(handle.make_cache())
+        self._batch = DecodeBatch(handle.model)
+        if not self.batched:
+            log.info("this model's cache cannot be batched: turns run one at a time")
+
+    def submit_turn(self, turn: TurnRequest, loop: asyncio.AbstractEventLoop | None = None) -> Job:
+        """Queue a turn; its events ("delta", then "done" or "error") go to the job's queue."""
+        job = TurnJob(lambda job: self.conversations.run(turn, job), loop)
+        job.turn = turn
+        with self._lock:
+            self._pending.append(job)
+        self._queue.put(job)
+        return job
+
+    def active(self) -> int:
+        """Turns admitted: prefilling or decoding."""
+        return len(self._prefilling) + len(self._decoding)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            plain = self._take()
+            self._drop_cancelled()
+            for job in plain:
+                self._run(job)
+            if self._stopping and not self.active() and not self._waiting:
+                return
+            self._admit()
+            if self._prefilling:
+                self._prefill_one()
+            if self._decoding:
+                self._decode_step()
+
+    def _take(self) -> list[Job]:
+        """What arrived: turns go to the waiting line, the other jobs are returned to run now."""
+        plain: list[Job] = []
+        block = not (self.active() or self._waiting or self._stopping)
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return plain
+            block = False
+            if job is None:
+                self._stopping = True
+            elif isinstance(job, TurnJob):
+                self._waiting.append(job)
+            else:
+                plain.append(job)
+
+    def _run(self, job: Job) -> None:
+        """A job on its own, to the end (as the plain Worker runs every job)."""
+        try:
+            result = job.fn(job)
+        except BaseException as e:
+            self._failed(job, e)
+        else:
+            self._done(job, result)
+
+    def _done(self, job: Job, result: Any) -> None:
+        job.emit("done", result)
+        job.future.set_result(result)
+        self._forget(job)
+
+    def _failed(self, job: Job, e: BaseException) -> None:
+        if not isinstance(e, Exception):
+            log.exception("model thread: %s", e)
+        job.emit("error", e)
+        job.future.set_exception(e)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+
+    def _drop_cancelled(self) -> None:
+        """End the turns whose client went away: out of the batch at once, what was computed saved."""
+        for i in reversed(range(len(self._decoding))):
+            if self._decoding[i].job.cancelled.is_set():
+                t = self._decoding.pop(i)
+                self._end(t, self._batch.leave(i), interrupted=True)
+        for t in [t for t in self._prefilling if t.job.cancelled.is_set()]:
+            self._prefilling.remove(t)
+            self._end(t, None, interrupted=True)
+        for job in [j for j in self._waiting if j.cancelled.is_set()]:
+            self._waiting.remove(job)
+            self._failed(job, ConnectionAbortedError("the client went away before its turn started"))
+
+    def _alone(self, job: Job) -> bool:
+        return not self.batched or len(job.turn.prompt) < 2
+
+    def _admit(self) -> None:
+        """Start waiting turns, oldest first, while there is room and their conversation is free."""
+        busy = self.conversations.manager.busy
+        for job in list(self._waiting):
+            if self.active() >= self.max_concurrency:
+                return
+            if self._alone(job):
+                if self.active():
+                    return  # it runs alone: the batch drains first, and nothing overtakes it
+                self._waiting.remove(job)
+                self._run(job)
+                continue
+            if self.conversations.target(job.turn) in busy:
+                continue  # the same conversation's previous turn is still running
+            self._waiting.remove(job)
+            t = BatchTurn(self.conversations, job.turn, job)
+            try:
+                t.begin()
+            except BaseException as e:
+                t.fail()
+                self._failed(job, e)
+                continue
+            self._prefilling.append(t)
+
+    def _prefill_one(self) -> None:
+        """One prefill step of the oldest admitted prompt; a finished one joins the batch."""
+        t = self._prefilling[0]
+        try:
+            ready = t.prefill_step()
+            if ready:
+                self._batch.join(t.row(), t.res.cache)
+        except BaseException as e:
+            self._prefilling.pop(0)
+            t.fail()
+            self._failed(t.job, e)
+            return
+        if ready:
+            self._prefilling.pop(0)
+            self._decoding.append(t)
+            log.info("%s joined the batch: %d decoding together", t.agent.name, len(self._decoding))
+
+    def _decode_step(self) -> None:
+        """One token for every conversation in the batch; the finished ones leave and are saved."""
+        try:
+            tokens = self._batch.step()
+        except BaseException as e:  # the batch's caches are in an unknown state: every turn in it fails
+            turns, self._decoding = self._decoding, []
+            self._batch = DecodeBatch(self._batch.model)
+            for t in turns:
+                t.fail()
+                self._failed(t.job, e)
+            return
+        finished = [i for i, (t, token) in enumerate(zip(self._decoding, tokens)) if t.take(token)]
+        for i in reversed(finished):
+            t = self._decoding.pop(i)
+            self._end(t, self._batch.leave(i))
+
+    def _end(self, t: BatchTurn, cache: list | None, interrupted: bool = False) -> None:
+        try:
+            result = t.finish(cache, interrupted)
+        except BaseException as e:
+            t.fail()
+            self._failed(t.job, e)
+        else:
+            self._done(t.job, result)
