@@ -33,6 +33,7 @@ class BatchTurn:
         self.agent: Agent | None = None
         self.res = None  # the agent's resident cache (the manager's _Resident)
         self.fed = 0  # prompt tokens in the cache so far
+        self.closing = False  # the reply is finished; the batch feeds its last token, then it leaves
         self._before: list[int] = []  # the agent's tokens before this turn (restored if it fails)
         tok = self.manager.tokenizer
         self._eos = set(tok.eos_token_ids)

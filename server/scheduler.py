@@ -5,7 +5,8 @@ stats, run at once), end the turns whose client went away (their slot is free th
 was computed is saved), admit waiting turns up to `max_concurrency` (a turn waits while another
 turn of the same conversation runs), prefill one step of the oldest admitted prompt, then one
 decode step of every conversation in the batch. A turn whose reply is finished leaves the batch
-with its own cache, is saved, and only then answered: every returned turn is durable.
+after the next step (which feeds its last token) with its own cache, is saved, and only then
+answered: every returned turn is durable.
 
 Requests beyond `max_concurrency` wait in the queue (no 429): a client sees keep-alives until its
 turn starts. A model whose cache the batch cannot hold (sliding-window, quantized, recurrent
@@ -142,7 +143,10 @@ class Scheduler(Worker):
                 self._end(t, self._batch.leave(i), interrupted=True)
         for t in [t for t in self._prefilling if t.job.cancelled.is_set()]:
             self._prefilling.remove(t)
-            self._end(t, None, interrupted=True)
+            if t.agent is None:  # not begun: nothing computed
+                self._failed(t.job, ConnectionAbortedError("the client went away before its turn started"))
+            else:
+                self._end(t, None, interrupted=True)
         for job in [j for j in self._waiting if j.cancelled.is_set()]:
             self._waiting.remove(job)
             self._failed(job, ConnectionAbortedError("the client went away before its turn started"))
@@ -151,8 +155,11 @@ class Scheduler(Worker):
         return not self.batched or len(job.turn.prompt) < 2
 
     def _admit(self) -> None:
-        """Start waiting turns, oldest first, while there is room and their conversation is free."""
-        busy = self.conversations.manager.busy
+        """Admit waiting turns, oldest first, while there is room and their conversation is free.
+
+        An admitted turn finds its cache only when its prefill starts (`_prefill_one`): by then the
+        turns before it have prefilled, so a prompt sharing their prefix starts from a copy of theirs.
+        """
         for job in list(self._waiting):
             if self.active() >= self.max_concurrency:
                 return
@@ -162,22 +169,30 @@ class Scheduler(Worker):
                 self._waiting.remove(job)
                 self._run(job)
                 continue
-            if self.conversations.target(job.turn) in busy:
+            if self._taken(job):
                 continue  # the same conversation's previous turn is still running
             self._waiting.remove(job)
-            t = BatchTurn(self.conversations, job.turn, job)
-            try:
-                t.begin()
-            except BaseException as e:
-                t.fail()
-                self._failed(job, e)
-                continue
-            self._prefilling.append(t)
+            self._prefilling.append(BatchTurn(self.conversations, job.turn, job))
+
+    def _taken(self, job: Job) -> bool:
+        """Whether the conversation this turn continues has a turn admitted already."""
+        target = self.conversations.target(job.turn)
+        if target is None:
+            return False
+        return target in self.conversations.manager.busy or any(
+            t.agent is None and self.conversations.target(t.req) == target for t in self._prefilling
+        )
 
     def _prefill_one(self) -> None:
-        """One prefill step of the oldest admitted prompt; a finished one joins the batch."""
+        """One prefill step of the oldest admitted prompt (its cache found first); a finished one joins the batch."""
         t = self._prefilling[0]
         try:
+            if t.agent is None:
+                if self.conversations.target(t.req) in self.conversations.manager.busy:
+                    self._prefilling.pop(0)  # its conversation became busy meanwhile: back in line
+                    self._waiting.appendleft(t.job)
+                    return
+                t.begin()
             ready = t.prefill_step()
             if ready:
                 self._batch.join(t.row(), t.res.cache)
@@ -202,8 +217,13 @@ class Scheduler(Worker):
                 t.fail()
                 self._failed(t.job, e)
             return
-        finished = [i for i, (t, token) in enumerate(zip(self._decoding, tokens)) if t.take(token)]
-        for i in reversed(finished):
+        # A finished turn stays for one more step, which feeds its last token: its cache then holds
+        # every token of the reply, as a turn run alone does (mlx-lm's generate_step feeds each token).
+        fed_last = [i for i, t in enumerate(self._decoding) if t.closing]
+        for t, token in zip(self._decoding, tokens):
+            if not t.closing and t.take(token):
+                t.closing = True
+        for i in reversed(fed_last):
             t = self._decoding.pop(i)
             self._end(t, self._batch.leave(i))
 
