@@ -18,18 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import time
 from collections import deque
 from typing import Any
 
 from .batch import DecodeBatch, batchable
 from .batch_turn import BatchTurn
+from .config import DEFAULT_MAX_CONCURRENCY
 from .conversations import Conversations, TurnRequest
 from .worker import Job, Worker
 
-__all__ = ["Scheduler", "DEFAULT_MAX_CONCURRENCY"]
+__all__ = ["Scheduler", "TurnJob"]
 
 log = logging.getLogger("kvstore.server")
-DEFAULT_MAX_CONCURRENCY = 8  # docs/BENCHMARKS.md "Concurrent agents": past 8 rows a step costs more than it gains here
 
 
 class TurnJob(Job):
@@ -81,16 +82,28 @@ class Scheduler(Worker):
     def _loop(self) -> None:
         while True:
             plain = self._take()
-            self._drop_cancelled()
-            for job in plain:
-                self._run(job)
-            if self._stopping and not self.active() and not self._waiting:
-                return
-            self._admit()
-            if self._prefilling:
-                self._prefill_one()
-            if self._decoding:
-                self._decode_step()
+            try:
+                self._drop_cancelled()
+                for job in plain:
+                    self._run(job)
+                if self._stopping and not self.active() and not self._waiting:
+                    return
+                self._admit()
+                if self._prefilling:
+                    self._prefill_one()
+                if self._decoding:
+                    self._decode_step()
+            except Exception as e:  # a bug here must not take the model thread down with every request
+                log.exception("model thread: %s", e)
+                self._fail_active(e)
+
+    def _fail_active(self, e: BaseException) -> None:
+        """Fail every admitted turn (their caches are in an unknown state) and start a new batch."""
+        turns, self._prefilling, self._decoding = self._prefilling + self._decoding, [], []
+        self._batch = DecodeBatch(self._batch.model)
+        for t in turns:
+            t.fail()
+            self._failed(t.job, e)
 
     def _take(self) -> list[Job]:
         """What arrived: turns go to the waiting line, the other jobs are returned to run now."""
@@ -139,8 +152,8 @@ class Scheduler(Worker):
         """End the turns whose client went away: out of the batch at once, what was computed saved."""
         for i in reversed(range(len(self._decoding))):
             if self._decoding[i].job.cancelled.is_set():
-                t = self._decoding.pop(i)
-                self._end(t, self._batch.leave(i), interrupted=True)
+                t = self._decoding.pop(i)  # (a finished reply waiting for its last token is not cut)
+                self._end(t, self._batch.leave(i), interrupted=not t.closing)
         for t in [t for t in self._prefilling if t.job.cancelled.is_set()]:
             self._prefilling.remove(t)
             if t.agent is None:  # not begun: nothing computed
@@ -186,6 +199,7 @@ class Scheduler(Worker):
     def _prefill_one(self) -> None:
         """One prefill step of the oldest admitted prompt (its cache found first); a finished one joins the batch."""
         t = self._prefilling[0]
+        t0 = time.perf_counter()
         try:
             if t.agent is None:
                 if self.conversations.target(t.req) in self.conversations.manager.busy:
@@ -201,6 +215,9 @@ class Scheduler(Worker):
             t.fail()
             self._failed(t.job, e)
             return
+        log.debug(
+            "prefill step of %s: %d of %d tokens in %.3fs", t.agent.name, t.fed, t.limit, time.perf_counter() - t0
+        )
         if ready:
             self._prefilling.pop(0)
             self._decoding.append(t)
@@ -208,14 +225,11 @@ class Scheduler(Worker):
 
     def _decode_step(self) -> None:
         """One token for every conversation in the batch; the finished ones leave and are saved."""
+        t0 = time.perf_counter()
         try:
             tokens = self._batch.step()
         except BaseException as e:  # the batch's caches are in an unknown state: every turn in it fails
-            turns, self._decoding = self._decoding, []
-            self._batch = DecodeBatch(self._batch.model)
-            for t in turns:
-                t.fail()
-                self._failed(t.job, e)
+            self._fail_active(e)
             return
         # A finished turn stays for one more step, which feeds its last token: its cache then holds
         # every token of the reply, as a turn run alone does (mlx-lm's generate_step feeds each token).
@@ -223,9 +237,17 @@ class Scheduler(Worker):
         for t, token in zip(self._decoding, tokens):
             if not t.closing and t.take(token):
                 t.closing = True
+        t1 = time.perf_counter()
         for i in reversed(fed_last):
             t = self._decoding.pop(i)
             self._end(t, self._batch.leave(i))
+        log.debug(
+            "decode step: %d rows %.3fs, %d finished %.3fs",
+            len(tokens),
+            t1 - t0,
+            len(fed_last),
+            time.perf_counter() - t1,
+        )
 
     def _end(self, t: BatchTurn, cache: list | None, interrupted: bool = False) -> None:
         try:

@@ -158,11 +158,13 @@ def test_twenty_clients_with_random_disconnects(tmp_path, model_path):
         with ThreadPoolExecutor(20) as pool:
             for f in [pool.submit(client, c) for c in range(20)]:
                 f.result()
+        log = srv.log.read_text()
         assert srv.stop(signal.SIGTERM) == 0
     finally:
         if srv.proc is not None:
             srv.stop()
     assert statuses and all(s < 500 for s in statuses)
+    assert "client went away" in log and most_together(log) >= 4  # streams were cut while others decoded
     with kvstore.open(srv.store) as store:
         assert store.fsck().ok
     alone = ServerProcess(model_path, new_store(tmp_path / "alone"), "--max-concurrency", "1").start()
