@@ -36,7 +36,7 @@ from benchmarks.common import machine  # noqa: E402
 
 NAME = "serve_concurrent"
 PREAMBLE_TOKENS = 1000
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 TURNS = 2
 MUST = {"wall": 0.8, "ttft": 1.0, "restart_wall": 0.5}  # issue 26, at 8 agents
 
