@@ -101,6 +101,7 @@ class AgentManager:
         self._agents: dict[str, Agent] = {}
         self._resident: OrderedDict[str, _Resident] = OrderedDict()
         self._stored: dict[str, dict] = {}  # each agent's record as last written to the store
+        self.busy: set[str] = set()  # agents in a turn on the server's batch: never evicted meanwhile
 
     def __repr__(self) -> str:
         return f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} resident={list(self._resident)}>"
@@ -197,6 +198,13 @@ class AgentManager:
         stored = self._stored.pop(name, None)
         if agent is not None and stored != agent.record() and not self.store.readonly and not self.writes_paused:
             self.store.set_meta(name, agent.record())
+
+    def discard_resident(self, name: str, tokens: list[int]) -> None:
+        """Forget an agent's cache without saving it (a turn failed with it in an unknown state);
+        `tokens` is what the agent had seen before that turn."""
+        self._resident.pop(name, None)
+        if name in self._agents:
+            self._agents[name].tokens = list(tokens)
 
     def release_idle(self, keep: str | None = None) -> None:
         """Forget every agent whose cache is not in memory (but `keep`): a long-running server's bound."""
@@ -337,9 +345,9 @@ class AgentManager:
             return budget is not None and sum(r.nbytes() for r in self._resident.values()) > budget
 
         while self._resident and over():
-            victims = [n for n in self._resident if n != protect]
+            victims = [n for n in self._resident if n != protect and n not in self.busy]
             if not victims:
-                if self.max_resident > 0:
+                if self.max_resident > 0 or protect is None:
                     break  # the agent in use stays, even over the byte budget
                 victims = [protect]
             self._drop(victims[0])
@@ -456,8 +464,12 @@ class AgentManager:
         state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
         return self._turn(agent, state), state
 
-    def _turn(self, agent: Agent, state: TurnState) -> Generator[str, None, None]:
-        """One chat turn as a generator of text segments; sets state.reply when it ends."""
+    def begin_turn(self, agent: Agent, state: TurnState) -> _Resident:
+        """The first half of a turn: the agent's cache holding the longest known prefix of the prompt.
+
+        Sets state.reused / state.restored; the caller prefills the rest (up to the prompt's last
+        token), generates, then calls `end_turn`. A failure leaves no cache in an unknown state.
+        """
         name = agent.name
         prompt = state.prompt
         limit = len(prompt) - 1  # the last prompt token is fed by the generator
@@ -479,6 +491,33 @@ class AgentManager:
                 res, state.restored, state.reused = self._materialize(agent, prompt, limit, state.errors)
                 state.restore_seconds = time.perf_counter() - tr
             self._resident.move_to_end(name)
+        except BaseException:
+            self._resident.pop(name, None)  # a cache in an unknown state is never used again
+            agent.tokens = before
+            raise
+        return res
+
+    def end_turn(self, agent: Agent, res: _Resident, state: TurnState, cache: builtins.list | None = None) -> None:
+        """The second half of a turn: record what the cache has seen, save, set state.reply.
+
+        `cache` replaces the resident one when the turn generated into another (the server's
+        batch hands back each conversation's own cache). Nothing is recorded for a cache that was
+        dropped meanwhile (the agent keeps its last saved state).
+        """
+        if agent.name not in self._resident or self._resident[agent.name] is not res:
+            return
+        if cache is not None:
+            res.cache = cache
+        self._finish_turn(agent, res, state)
+
+    def _turn(self, agent: Agent, state: TurnState) -> Generator[str, None, None]:
+        """One chat turn as a generator of text segments; sets state.reply when it ends."""
+        name = agent.name
+        prompt = state.prompt
+        limit = len(prompt) - 1
+        before = list(agent.tokens)
+        res = self.begin_turn(agent, state)
+        try:
             tp = time.perf_counter()
             done = state.reused + state.restored
             progress = self._progress_for(name)

@@ -15,7 +15,8 @@ benchmarks/report.py) and docs/images/serve.png; `--quick` writes only under ben
     python -m benchmarks.bench_serve [--model NAME|PATH] [--rounds 3] [--quick]
 
 The model defaults to smollm2-135m-instruct where `resolve_model` knows it, else the built-in
-llama "base" model (random weights: speeds are real, replies are not).
+llama "base" model (random weights: speeds are real, replies are not). The concurrent workload
+(1, 4 and 8 agents at once, issue 26) is benchmarks/bench_serve_concurrent.py.
 """
 
 from __future__ import annotations

@@ -111,6 +111,13 @@ def _duration(ctx, param, value):
     help="Conversations whose caches stay in memory.",
 )
 @click.option("--max-resident-bytes", callback=_size, metavar="SIZE", help="Bytes the caches in memory may take.")
+@click.option(
+    "--max-concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests generated together (one batched decode step); more wait in arrival order.",
+)
 @click.option("--context-length", type=click.IntRange(1), help="Longest prompt accepted (default: the model's).")
 @click.option(
     "--keepalive",
@@ -160,6 +167,7 @@ def serve(
     min_free_disk: int,
     max_resident: int,
     max_resident_bytes: int | None,
+    max_concurrency: int,
     context_length: int | None,
     keepalive: float,
     progress_every: float,
@@ -206,6 +214,7 @@ def serve(
         min_free_disk=min_free_disk,
         max_resident=max_resident,
         max_resident_bytes=max_resident_bytes,
+        max_concurrency=max_concurrency,
         context_length=context_length,
         keepalive_seconds=keepalive,
         progress_seconds=progress_every,

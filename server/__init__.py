@@ -7,7 +7,8 @@
 
 Every request's prompt is matched against the conversations in memory and in the store (the
 longest verified prefix of any conversation of the model); only the rest is prefilled, and the
-conversation is saved after each reply, so the cache survives restarts and crashes.
+conversation is saved after each reply, so the cache survives restarts and crashes. Concurrent
+requests are generated together, a batched decode step at a time (`--max-concurrency`).
 """
 
 from __future__ import annotations

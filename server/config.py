@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Turns decoded together by default. Measured here (CPU, OpenBLAS, SmolLM2-135M): a decode step of 8
+# rows costs 1.8x the CPU time of a 1-row step (317 vs 175 ms), 4.4x the tokens per CPU second; 8 is
+# also mlx_lm.server's --prompt-concurrency default. docs/BENCHMARKS.md has the concurrent workload.
+DEFAULT_MAX_CONCURRENCY = 8
 
 
 def parse_duration(text: str | float) -> float:
@@ -40,6 +44,7 @@ class ServerConfig:
         max_body_bytes: larger request bodies are refused with 413.
         keepalive_seconds: a streaming response sends a keep-alive this often while it waits.
         model_id: the name /v1/models lists and requests must use (None: from `model`).
+        max_concurrency: turns generated together; more wait in arrival order (server/scheduler.py).
         aliases: more names requests may use for the model (a client that asks for "gpt-4o-mini", say);
             /v1/models lists them after model_id.
         progress_seconds: a long prefill logs its progress (tokens done, tokens/s, ETA) at most this often.
@@ -69,6 +74,7 @@ class ServerConfig:
     kv_bits: int | None = None
     kv_group_size: int = 64
     quantized_kv_start: int = 5000  # mlx-lm's DEFAULT_QUANTIZED_KV_START (not imported: this module loads without MLX)
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless, with a message that names the fix."""
@@ -88,6 +94,8 @@ class ServerConfig:
         for alias in self.aliases:
             if not alias or alias != alias.strip() or not alias.isprintable():
                 raise ValueError(f"--alias {alias!r} is not a model name (no blanks around it, no control characters)")
+        if self.max_concurrency < 1:
+            raise ValueError("--max-concurrency must be at least 1")
         if self.max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         if not 0 < self.port < 65536:

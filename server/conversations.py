@@ -20,6 +20,7 @@ import xxhash
 
 from kvstore.agents import Agent, AgentManager, GenerationOptions, Reply
 from kvstore.agents import turn as turn_mod
+from kvstore.agents.turn import TurnState
 from kvstore.errors import UnknownAgentError
 from kvstore.names import validate_name
 from kvstore.ops.save import utc_day
@@ -138,6 +139,16 @@ def conversation_row(info) -> dict:
     }
 
 
+@dataclass
+class Began:
+    """A turn's conversation as it began: the agent, the tokens it had, and a conversation it meant to
+    continue that was deleted behind the server's back (for the miss explanation)."""
+
+    agent: Agent
+    before: list[int]
+    vanished: tuple[str, int] | None
+
+
 class Conversations:
     """The server's conversations of one model: the prompt index, turns, lookups, stats and clearing."""
 
@@ -219,8 +230,15 @@ class Conversations:
         mark = {"anonymous": namespace is None, "namespace": namespace}
         return mgr.create(name, None, meta={MARK: mark}), vanished
 
-    def run(self, req: TurnRequest, job: Job) -> TurnResult:
-        """One turn: prefill what no cache has, stream the reply as "delta" events, save, keep the budget."""
+    def target(self, req: TurnRequest) -> str | None:
+        """The conversation a request would continue now (None: a new one); the batch serializes on it."""
+        if req.conversation is not None:
+            return req.conversation
+        found = self._continued(req.prompt, req.namespace)
+        return found[0] if found is not None else None
+
+    def begin(self, req: TurnRequest, job: Job) -> Began:
+        """The conversation a turn continues, its prompt indexed for the next request that extends it."""
         self.budget.check_floor()
         agent, vanished = self.agent_for(req.prompt, req.conversation, req.namespace)
         before = list(agent.tokens)
@@ -232,47 +250,58 @@ class Conversations:
         self._index(agent.name, key)
         if job.cancelled.is_set():
             raise ConnectionAbortedError("the client went away before its turn started")
-        # As rendered: the same request gets the same reply whether or not its conversation is cached.
-        stream = agent.respond(req.prompt, req.messages, req.options, stream=True, own_ids=False)
-        miss = None
+        return Began(agent, before, vanished)
 
-        def explain() -> dict:
-            st = stream.state
-            return self.explainer.explain(
-                TurnFacts(
-                    prompt=req.prompt,
-                    messages=req.messages if req.kind != "completion" else None,
-                    tools=req.options.tools,
-                    template_kwargs=req.options.chat_template_kwargs,
-                    first_index=req.first_index,
-                    cached=st.reused + st.restored,
-                    conversation=agent.name,
-                    before=before,
-                    vanished=vanished,
-                )
+    def explain(self, req: TurnRequest, began: Began, state: TurnState) -> dict:
+        """Why the prompt's uncached part missed (usage.kvstore.miss), once the turn knows what it reused."""
+        return self.explainer.explain(
+            TurnFacts(
+                prompt=req.prompt,
+                messages=req.messages if req.kind != "completion" else None,
+                tools=req.options.tools,
+                template_kwargs=req.options.chat_template_kwargs,
+                first_index=req.first_index,
+                cached=state.reused + state.restored,
+                conversation=began.agent.name,
+                before=began.before,
+                vanished=began.vanished,
             )
+        )
 
+    def run(self, req: TurnRequest, job: Job) -> TurnResult:
+        """One turn alone: prefill what no cache has, stream the reply as "delta" events, save, keep the budget."""
+        began = self.begin(req, job)
+        # As rendered: the same request gets the same reply whether or not its conversation is cached.
+        stream = began.agent.respond(req.prompt, req.messages, req.options, stream=True, own_ids=False)
+        miss = None
         for segment in stream:
             if job.cancelled.is_set():
                 stream.close()  # the turn keeps (and saves) what was computed
                 break
             job.emit("delta", segment)
             if miss is None:  # after the first token is out: explaining never delays it
-                miss = explain()
+                miss = self.explain(req, began, stream.state)
+        return self.finish(req, began, stream.state, miss)
+
+    def finish(self, req: TurnRequest, began: Began, state: TurnState, miss: dict | None = None) -> TurnResult:
+        """A finished (saved) turn's result: its miss explained, counters, the log line, the disk budget."""
+        agent, name = began.agent, began.agent.name
+        reply = state.reply
+        if reply is None:  # deleted (kvstore rm, /clear) while it generated
+            raise ConnectionAbortedError(f"the conversation {name!r} was deleted during its turn")
         if miss is None:
-            miss = explain()
-        reply = stream.reply
+            miss = self.explain(req, began, state)
         st = reply.stats
-        first = stream.state.first or time.perf_counter()
+        first = state.first or time.perf_counter()
         result = TurnResult(
-            conversation=agent.name,
+            conversation=name,
             reply=reply,
             prompt_tokens=st.prompt_tokens,
             cached_ram=st.reused_tokens,
             cached_disk=st.restored_tokens,
             prefilled=st.prefilled_tokens,
             ttft=round(first - req.arrived, 6),
-            stopped_by=stream.state.stopped_by,
+            stopped_by=state.stopped_by,
             miss=miss,
             bytes_written=st.bytes_saved,
             pins=req.pins,
@@ -289,7 +318,7 @@ class Conversations:
             "%s %s: prompt %d, cached %d (ram %d, disk %d), prefilled %d, generated %d, ttft %.3fs, miss %s, "
             "wrote %d bytes%s",
             req.kind,
-            agent.name,
+            name,
             st.prompt_tokens,
             result.cached,
             st.reused_tokens,
@@ -302,7 +331,7 @@ class Conversations:
             ", interrupted" if reply.finish_reason == "interrupted" else "",
         )
         self._record(agent, req, miss, st.bytes_saved)
-        result.pinned_over_budget = self.after_turn(agent.name, self._namespace.get(agent.name))
+        result.pinned_over_budget = self.after_turn(name, self._namespace.get(name))
         return result
 
     def _record(self, agent: Agent, req: TurnRequest, miss: dict, bytes_written: int) -> None:
@@ -327,7 +356,7 @@ class Conversations:
         """Keep the disk budget and forget the records of conversations no longer in memory; True while
         pins alone hold the store over --max-disk."""
         if not self.budget.check_floor():
-            dropped = self.budget.enforce(protect=frozenset([name]), namespace=namespace)
+            dropped = self.budget.enforce(protect=frozenset([name]) | self.manager.busy, namespace=namespace)
             metrics.count_evictions(len(dropped))
         self.manager.release_idle(keep=name)
         return self.budget.pinned_over_budget

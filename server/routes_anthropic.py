@@ -42,7 +42,7 @@ async def messages(body: an.MessagesRequest, request: Request):
         pins=pins,
         first_index=-1 if msgs[0]["role"] == "system" else 0,
     )
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     mid = an.new_id()
     if body.stream:
         return StreamingResponse(

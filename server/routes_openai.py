@@ -44,7 +44,7 @@ async def chat_completions(body: oa.ChatRequest, request: Request):
         kind="chat",
         namespace=namespace(body.model_extra),
     )
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     rid = oa.new_id("chatcmpl")
     if body.stream:
         return StreamingResponse(
@@ -110,7 +110,7 @@ async def completions(body: oa.CompletionRequest, request: Request):
         kind="completion",
         namespace=namespace(body.model_extra),
     )
-    job = st.submit(lambda job: st.conversations.run(turn, job))
+    job = st.submit_turn(turn)
     rid = oa.new_id("cmpl")
     if body.stream:
         return StreamingResponse(

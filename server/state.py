@@ -18,7 +18,8 @@ from kvstore.errors import InvalidNameError, ModelMismatchError, StoreError, Unk
 from .config import ServerConfig
 from .errors import RequestError
 from .request_log import PrefillProgress, track_job
-from .worker import Job, Worker
+from .scheduler import Scheduler
+from .worker import Job
 
 log = logging.getLogger("kvstore.server")
 
@@ -56,7 +57,7 @@ class ServerState:
         self.config = config
         self.started = time.time()
         self.stopping = False  # set on Ctrl-C / SIGTERM: turns stopped then are not "the client went away"
-        self.worker = Worker()
+        self.worker = Scheduler(config.max_concurrency)
         try:
             self.worker.call(self._open)
         except BaseException:
@@ -107,6 +108,7 @@ class ServerState:
             max_writes_per_day=c.max_writes_per_day,
         )
         self.conversations = Conversations(self.manager, self.budget)
+        self.worker.attach(self.conversations)
         if not self.budget.check_floor():
             self.budget.enforce(force=True)
         log.info(
@@ -142,6 +144,12 @@ class ServerState:
                 param="model",
                 code="model_not_found",
             )
+
+    def submit_turn(self, turn) -> Job:
+        """A chat turn for the scheduler: generated together with the other requests' turns."""
+        job = self.worker.submit_turn(turn, asyncio.get_running_loop())
+        track_job(job)  # the request's log line and metrics read its result
+        return job
 
     def submit(self, fn) -> Job:
         job = self.worker.submit(fn, asyncio.get_running_loop())

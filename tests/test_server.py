@@ -419,7 +419,9 @@ def test_sigterm_finishes_and_saves(tmp_path, model_path):
 def test_a_queued_stream_gets_keep_alives_and_runs_after_the_request_before_it(tmp_path, model_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--keepalive", "0.1").start()
+    srv = ServerProcess(
+        model_path, new_store(tmp_path / "store"), "--keepalive", "0.1", "--max-concurrency", "1"
+    ).start()
     try:
         url = srv.url + "/v1/chat/completions"
         long_body = {"model": model_path, "messages": chat(model_path, "A long answer."), "max_tokens": 500}
