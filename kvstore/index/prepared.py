@@ -18,6 +18,7 @@ save at turn 512 of a chat spent 60 ms a lookup there, issue 23).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import bindparam, insert
@@ -42,7 +43,13 @@ class Prepared:
 
     def _run(self, conn: Connection, params: Sequence[dict], many: bool):
         sql, order = self._sql(conn.dialect)
-        args = [tuple(p[name] for name in order) for p in params] if order is not None else list(params)
+        if order is None:
+            args: list = list(params)
+        elif len(order) < 2:  # itemgetter of one name returns the bare value, of none fails
+            args = [tuple(p[name] for name in order) for p in params]
+        else:
+            pick = itemgetter(*order)
+            args = [pick(p) for p in params]
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             if many:
