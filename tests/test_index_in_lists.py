@@ -62,4 +62,10 @@ def test_layers_present_counts_exactly(long_store):
         assert not queries.layers_present(conn, have)
         assert not queries.layers_present(conn, uneven)
         assert queries.layers_present(conn, {p for p in have if p[0] != gone})
+        # Slots with a gap (0 and 2) are counted by list, not by range: still exact.
+        gapped = {p for p in have if p[1] != 1}
+        assert queries.layers_present(conn, gapped)
+        conn.execute(delete(CL).where(CL.c.chunk_key == gone, CL.c.layer == 2))
+        conn.execute(insert(CL).values(chunk_key=gone, layer=1, blob_id=blob_id, first=0))
+        assert not queries.layers_present(conn, gapped)
         assert queries.layers_present(conn, {})
