@@ -202,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"{AGENTS_QUICK} agents and {TURNS_QUICK} turns")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir under benchmarks/)")
-    ap.add_argument("--repeat", type=int, default=5, help="agents added, restored and matched per store size")
+    ap.add_argument("--repeat", type=int, default=11, help="agents added, restored and matched per store size")
     ap.add_argument("--only", choices=("agents", "history"), help="measure one part and print it (publishes nothing)")
     ap.add_argument("--plot", action="store_true", help="redraw the plot from the published results, measuring nothing")
     args = ap.parse_args()
