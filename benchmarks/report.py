@@ -35,6 +35,7 @@ SECTIONS = {
     "serve_builtin": "benchmarks.bench_serve",  # the same script on the built-in model (--name serve_builtin)
     "objects": "benchmarks.bench_objects",
     "serve_concurrent": "benchmarks.bench_serve_concurrent",
+    "growth": "benchmarks.bench_growth",
 }
 
 

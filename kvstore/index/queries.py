@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 
-from sqlalchemy import BigInteger, Text, bindparam, cast, delete, select, update
+from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
 
 from kvstore.index import db, schema
-from kvstore.index.prepared import Prepared, inserting
+from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
 
 __all__ = [
     "IN_BATCH",
     "batches",
     "existing_layers",
+    "layers_present",
     "model_row",
     "model_layout",
     "model_in_use",
@@ -55,16 +56,62 @@ def batches(seq: Iterable, n: int = IN_BATCH) -> Iterator[list]:
         yield seq[i : i + n]
 
 
+_cl = schema.chunk_layers
+_LAYERS_OF = PreparedIn(lambda keys: select(_cl.c.chunk_key, _cl.c.layer, _cl.c.first).where(_cl.c.chunk_key.in_(keys)))
+
+
 def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]:
     """{(chunk key, slot): first} for the keys the index already has."""
-    out = {}
-    cl = schema.chunk_layers
-    for part in batches(keys):
-        for k, layer, first in conn.execute(
-            select(cl.c.chunk_key, cl.c.layer, cl.c.first).where(cl.c.chunk_key.in_(part))
-        ):
-            out[(bytes(k), layer)] = first
-    return out
+    rows = _LAYERS_OF.rows(conn, keys)
+    if rows and type(rows[0][0]) is not bytes:  # psycopg hands back memoryview for bytea
+        return {(bytes(k), layer): first for k, layer, first in rows}
+    return {(k, layer): first for k, layer, first in rows}
+
+
+_LAYER_COUNTS: dict[frozenset[int], PreparedIn] = {}
+
+
+def layers_present(conn, pairs: Iterable[tuple[bytes, int]]) -> bool:
+    """Whether the index still has a layer row for every (chunk key, slot) of `pairs`.
+
+    One count per set of slots that chunks share (usually one: every slot of the model): the rows
+    counted are among those keys x those slots, each at most once (the primary key), so the count
+    equals keys x slots exactly when none is missing. It counts in the database instead of fetching
+    every row of a long history (issue 23).
+    """
+    if not isinstance(pairs, (dict, set, frozenset)):  # a dict's keys are distinct already
+        pairs = set(pairs)
+    if not pairs:
+        return True
+    every_key, every_slot = {k for k, _ in pairs}, frozenset({s for _, s in pairs})
+    groups: dict[frozenset[int], list[bytes]] = {}
+    if len(pairs) == len(every_key) * len(every_slot):  # every key has every slot: one group
+        groups[every_slot] = list(every_key)
+    else:
+        slots_of: dict[bytes, set[int]] = {}
+        for key, slot in pairs:
+            slots_of.setdefault(key, set()).add(slot)
+        for key, slots in slots_of.items():
+            groups.setdefault(frozenset(slots), []).append(key)
+    for slots, keys in groups.items():
+        count = _LAYER_COUNTS.get(slots)
+        if count is None:  # the slots are ints of a layout: written into the statement, compiled once per set
+            lo, hi = min(slots), max(slots)
+            within = text(
+                # A range scans each key's stretch of the primary key (4x faster than a seek per slot in SQLite)
+                f"chunk_layers.layer BETWEEN {int(lo)} AND {int(hi)}"
+                if len(slots) == hi - lo + 1
+                else f"chunk_layers.layer IN ({', '.join(str(int(s)) for s in sorted(slots))})"
+            )
+            count = _LAYER_COUNTS[slots] = PreparedIn(
+                lambda params, within=within: (
+                    select(func.count()).select_from(_cl).where(_cl.c.chunk_key.in_(params), within)
+                )
+            )
+        # Parts of at most PreparedIn's widest hold distinct keys: the counts add up.
+        if sum(n for (n,) in count.rows(conn, keys)) != len(keys) * len(slots):
+            return False
+    return True
 
 
 # -- models ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, Table, and_, bindparam, select, text, update
 
 from kvstore.index import db, schema
+from kvstore.index.prepared import PreparedIn
 from kvstore.index.queries import batches
 
 __all__ = ["add_chains", "refresh", "check", "rebuild"]
@@ -34,6 +35,9 @@ _CARRY = text("""
         UNION ALL
         SELECT c.key, c.seq FROM chunks c JOIN sub ON c.parent = sub.key AND c.seq = sub.seq + 1)
     UPDATE chunks SET prefix_bytes = prefix_bytes + :delta WHERE key IN (SELECT key FROM sub)""")
+
+_c = schema.chunks
+_PREFIX_BYTES_OF = PreparedIn(lambda keys: select(_c.c.key, _c.c.prefix_bytes).where(_c.c.key.in_(keys)))
 
 
 def add_chains(
@@ -58,9 +62,9 @@ def add_chains(
     for chain in chains:
         for i, key in enumerate(chain):
             place.setdefault(key, (i, chain[i - 1] if i else root))
-    have = set()
-    for part in batches(place):
-        have |= {bytes(k) for (k,) in conn.execute(select(c.c.key).where(c.c.key.in_(part)))}
+    # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).
+    stored = {bytes(k): int(p) for k, p in _PREFIX_BYTES_OF.rows(conn, list(place))}
+    have = stored.keys()
     old_rows = [r for r in layer_rows if r["chunk_key"] in have]
     new_rows = [r for r in layer_rows if r["chunk_key"] not in have]
     if old_rows:
@@ -80,10 +84,9 @@ def add_chains(
         blobs_of.setdefault(r["chunk_key"], set()).add(r["blob_id"])
     prefix: dict[bytes, int] = {root: 0}
     stored_parents = {place[k][1] for k in fresh} & have
-    for part in batches(stored_parents):
-        prefix.update(
-            (bytes(k), int(p)) for k, p in conn.execute(select(c.c.key, c.c.prefix_bytes).where(c.c.key.in_(part)))
-        )
+    if old_rows:  # refresh() above may have changed the prefix bytes of stored chunks
+        stored = {bytes(k): int(p) for k, p in _PREFIX_BYTES_OF.rows(conn, sorted(stored_parents))}
+    prefix.update((k, stored[k]) for k in stored_parents)
     rows = []
     for key in sorted(fresh, key=lambda k: place[k][0]):  # parents before children
         seq, parent = place[key]

@@ -385,11 +385,8 @@ def _commit(
             else db.transaction(store.engine, write=True, what=f"saving agent {plan.name!r}") as conn
         ):
             # Under the write lock: the chunks this snapshot reuses must still exist (a gc may have run).
-            reused = list(have)
-            if reused:
-                still = queries.existing_layers(conn, sorted({k for k, _ in reused}))
-                if any(key not in still for key in reused):
-                    raise _Retry()
+            if have and not queries.layers_present(conn, have):
+                raise _Retry()
             if stale_layout:  # the planning found an unused model row of another layout: still unused?
                 _check_model_and_agent(conn, plan)
                 queries.relayout_model(conn, plan.fingerprint, plan.layout)
