@@ -81,6 +81,15 @@ class Prepared:
             self._run(conn, params, many=True)[0].close()
 
 
+def _of_width(build: Callable[[list], Any], width: int) -> Callable[[Dialect], Any]:
+    """A Prepared's builder: `build` over `width` bind parameters v0, v1, ..."""
+
+    def of_dialect(_dialect: Dialect) -> Any:
+        return build([bindparam(f"v{i}") for i in range(width)])
+
+    return of_dialect
+
+
 class PreparedIn:
     """A statement with one `IN (...)` of values: `build(params)` makes it from a list of bind parameters.
 
@@ -92,9 +101,7 @@ class PreparedIn:
     WIDTHS = (8, 64, 400)  # the widest stays under SQLite's and PostgreSQL's bound-parameter limits
 
     def __init__(self, build: Callable[[list], Any]):
-        self._by_width = {
-            w: Prepared(lambda _d, w=w: build([bindparam(f"v{i}") for i in range(w)])) for w in self.WIDTHS
-        }
+        self._by_width = {w: Prepared(_of_width(build, w)) for w in self.WIDTHS}
 
     def rows(self, conn: Connection, values: Sequence) -> list[tuple]:
         """Every row the statement returns for `values` (duplicates among the rows if parts overlap)."""

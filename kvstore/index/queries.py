@@ -11,7 +11,8 @@ disagree on what a row holds.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
 
@@ -71,6 +72,15 @@ def existing_layers(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]
 _LAYER_COUNTS: dict[frozenset[int], PreparedIn] = {}
 
 
+def _layer_count(within) -> Callable[[list], Any]:
+    """The builder of a count of chunk_layers rows of some keys whose layer meets `within`."""
+
+    def build(params: list) -> Any:
+        return select(func.count()).select_from(_cl).where(_cl.c.chunk_key.in_(params), within)
+
+    return build
+
+
 def layers_present(conn, pairs: Iterable[tuple[bytes, int]]) -> bool:
     """Whether the index still has a layer row for every (chunk key, slot) of `pairs`.
 
@@ -91,8 +101,8 @@ def layers_present(conn, pairs: Iterable[tuple[bytes, int]]) -> bool:
         slots_of: dict[bytes, set[int]] = {}
         for key, slot in pairs:
             slots_of.setdefault(key, set()).add(slot)
-        for key, slots in slots_of.items():
-            groups.setdefault(frozenset(slots), []).append(key)
+        for key, held in slots_of.items():
+            groups.setdefault(frozenset(held), []).append(key)
     for slots, keys in groups.items():
         count = _LAYER_COUNTS.get(slots)
         if count is None:  # the slots are ints of a layout: written into the statement, compiled once per set
@@ -103,11 +113,7 @@ def layers_present(conn, pairs: Iterable[tuple[bytes, int]]) -> bool:
                 if len(slots) == hi - lo + 1
                 else f"chunk_layers.layer IN ({', '.join(str(int(s)) for s in sorted(slots))})"
             )
-            count = _LAYER_COUNTS[slots] = PreparedIn(
-                lambda params, within=within: (
-                    select(func.count()).select_from(_cl).where(_cl.c.chunk_key.in_(params), within)
-                )
-            )
+            count = _LAYER_COUNTS[slots] = PreparedIn(_layer_count(within))
         # Parts of at most PreparedIn's widest hold distinct keys: the counts add up.
         if sum(n for (n,) in count.rows(conn, keys)) != len(keys) * len(slots):
             return False
