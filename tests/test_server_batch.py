@@ -115,12 +115,12 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(tmp_path, model_path):
 
 @pytest.mark.slow
 def test_twenty_clients_with_random_disconnects(tmp_path, model_path):
-    """20 clients for 40 s: new and continued conversations, streams cut at random. No 5xx, no wrong reply, fsck clean."""
+    """20 clients for 2 minutes (issue 26): new and continued conversations, streams cut at random. No 5xx, no wrong reply, fsck clean."""
     srv = ServerProcess(model_path, new_store(tmp_path / "store"), "--max-concurrency", "8").start()
     statuses: list[int] = []
     complete: dict[int, str] = {}  # client -> its first question's full greedy reply
     lock = threading.Lock()
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 120
 
     def client(c: int) -> None:
         rng = random.Random(c)
