@@ -34,6 +34,7 @@ SECTIONS = {
     "serve": "benchmarks.bench_serve",
     "serve_builtin": "benchmarks.bench_serve",  # the same script on the built-in model (--name serve_builtin)
     "objects": "benchmarks.bench_objects",
+    "hybrid": "benchmarks.bench_hybrid",
 }
 
 
