@@ -234,8 +234,8 @@ def section(r: dict) -> str:
         f"_{machine_line(r['machine'])}; shared machine, 1-minute load average up to {r['load_average_1m']} "
         f"during the run; built-in models of size {hybrid['size']} (random weights); chunk size {r['chunk_size']}; "
         f"{r['repeat']} alternating rounds; ms are medians._\n",
-        f"Agent A's first turn ({hybrid['first_turn_prompt_tokens']} prompt tokens, a long system prompt) is "
-        "stored. *Warm start*: a new agent with the same system prompt and its own role asks a question in a new "
+        f"Agent A's first turn (a long system prompt: {hybrid['first_turn_prompt_tokens']} prompt tokens on "
+        f"{hybrid['arch']}) is stored. *Warm start*: a new agent with the same system prompt and its own role asks a question in a new "
         "manager; *cold* is the same prompt in a manager on an empty store. *Resume*: A's next turn in a new "
         "process; *cold* prefills the same rendered prompt in a new process. A hybrid model restores only at a "
         "chunk boundary that has a recurrent-state checkpoint ([ARCHITECTURE.md](ARCHITECTURE.md), "
