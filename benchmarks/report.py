@@ -36,6 +36,7 @@ SECTIONS = {
     "objects": "benchmarks.bench_objects",
     "serve_concurrent": "benchmarks.bench_serve_concurrent",
     "growth": "benchmarks.bench_growth",
+    "hybrid": "benchmarks.bench_hybrid",
 }
 
 
