@@ -35,6 +35,8 @@ class BatchTurn:
         self.began: Began | None = None
         self.res: Any = None  # the agent's resident cache (the manager's _Resident)
         self.fed = 0  # prompt tokens in the cache so far
+        self._start = 0  # prompt tokens the cache held when the turn began (reused or restored)
+        self.miss: dict | None = None  # why the uncached part missed, explained before the save
         self.closing = False  # the reply is finished; the batch feeds its last token, then it leaves
         self._before: list[int] = []  # the agent's tokens before this turn (restored if it fails)
         tok = self.manager.tokenizer
@@ -57,7 +59,7 @@ class BatchTurn:
         self._before = list(self.agent.tokens)
         self.res = mgr.begin_turn(self.agent, self.state)
         mgr.busy.add(self.agent.name)
-        self.fed = self.state.reused + self.state.restored
+        self.fed = self._start = self.state.reused + self.state.restored
 
     def prefill_step(self) -> bool:
         """Prefill up to the next step boundary; True once the prompt (but its last token) is in."""
@@ -70,6 +72,8 @@ class BatchTurn:
             # The agent's tokens follow its cache: another request may copy this cache as a donor.
             self.agent.tokens = self.state.prompt[: self.fed]
             self.state.prefill_seconds += time.perf_counter() - t0
+            if mgr.progress is not None:  # a long prefill's progress in the log (server/request_log.py)
+                mgr.progress(self.agent.name, self.fed - self._start, self.limit - self._start)
         return self.fed >= self.limit
 
     def row(self) -> Row:
@@ -91,6 +95,8 @@ class BatchTurn:
         if segment:
             st.text += segment
             self.job.emit("delta", segment)
+        if self.miss is None:  # once the first token is out, before the save stores this very prompt
+            self.miss = self.conversations.explain(self.req, self.began, st)
         if self._scan.hit:
             st.finish, st.stopped_by = "stop", self._scan.hit
             return True
@@ -110,11 +116,13 @@ class BatchTurn:
                 self.job.emit("delta", tail)
         if interrupted:
             st.finish = "interrupted"
+        if self.miss is None:
+            self.miss = self.conversations.explain(self.req, self.began, st)
         try:
             self.manager.end_turn(self.agent, self.res, st, cache)
         finally:
             self.release()
-        return self.conversations.finish(self.req, self.began, st)
+        return self.conversations.finish(self.req, self.began, st, self.miss)
 
     def fail(self) -> None:
         """Forget a turn that failed midway: its cache is in an unknown state and is never used again."""
