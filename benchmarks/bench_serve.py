@@ -103,14 +103,14 @@ class Server:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
 
 
-def ask(server: Server, model: str, messages: list[dict]) -> dict:
+def ask(server: Server, model: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
     """One streamed, greedy request: its reply, time to first content, total time and token counts."""
     t0 = time.perf_counter()
     first, parts, usage = None, [], None
     stream = server.client.chat.completions.create(
         model=model,
         messages=messages,
-        max_tokens=MAX_TOKENS,
+        max_tokens=max_tokens,
         temperature=0.0,
         stream=True,
         stream_options={"include_usage": True},
@@ -132,6 +132,7 @@ def ask(server: Server, model: str, messages: list[dict]) -> dict:
         "prompt_tokens": usage.prompt_tokens,
         "cached_tokens": cached,
         "prefilled_tokens": usage.prompt_tokens - cached,
+        "tokens": usage.completion_tokens,
     }
 
 

@@ -28,6 +28,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.bench_serve import (  # noqa: E402  (it loads OpenBLAS before mlx)
     OPENBLAS,
     Server,
+    ask,
     free_port,
     resolve_default_model,
     system_prompt,
@@ -39,28 +40,6 @@ PREAMBLE_TOKENS = 1000
 MAX_TOKENS = 32
 TURNS = 2
 MUST = {"wall": 0.8, "ttft": 1.0, "restart_wall": 0.5}  # issue 26, at 8 agents
-
-
-def ask(server: Server, model: str, messages: list[dict], max_tokens: int) -> dict:
-    """One streamed greedy request: reply, time to first content, generated tokens."""
-    t0 = time.perf_counter()
-    first, parts, usage = None, [], None
-    stream = server.client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            parts.append(chunk.choices[0].delta.content)
-        if chunk.usage is not None:
-            usage = chunk.usage
-    end = time.perf_counter()
-    return {"text": "".join(parts), "ttft": (first or end) - t0, "tokens": usage.completion_tokens}
 
 
 def workload(server: Server, model: str, systems: list[str], max_tokens: int, restart: bool) -> dict:
