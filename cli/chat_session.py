@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ class ChatSession:
     def run(self) -> None:
         """Read messages until /exit or end of input; Ctrl-C at the prompt propagates (the command exits 130)."""
         self._start_history()
+        # Ctrl-C means what HELP says even when we were started with SIGINT ignored (a background job of a
+        # script): otherwise it would stop a reply (stream_reply sets its own handler) but not leave the prompt.
+        owns_sigint = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if owns_sigint else None
         try:
             turns = len(self.agent.messages) // 2
             click.echo(
@@ -61,6 +67,8 @@ class ChatSession:
                     except KeyboardInterrupt:
                         click.echo("[stopped: the reply so far is kept]", err=True)
         finally:
+            if owns_sigint:
+                signal.signal(signal.SIGINT, previous)
             self._save_history()
 
     def read_message(self) -> str:

@@ -8,12 +8,19 @@ import kvstore
 kvstore.use_openblas()  # first, before any test module imports mlx: ~25x faster fp32 matmuls on Linux CPUs
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+# A CI runner may start us as a background job of a non-interactive shell, which starts with SIGINT ignored,
+# and an ignored signal stays ignored in every child: a test's Ctrl-C (a pty's ^C, SIGINT) would then do
+# nothing and the test would wait forever. A handler of our own is reset to the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TEST_CHUNK = 16  # small chunks so short test caches span several of them
 PG_URL = os.environ.get("KVSTORE_TEST_PG_URL")

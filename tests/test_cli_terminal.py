@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,18 @@ def _controlling_tty() -> None:  # in the child: a session of its own whose term
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _sigint_ignored() -> None:  # a background job of a script: what a CI runner may start us as
+    _controlling_tty()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Terminal:
     """A command on a pseudo-terminal: type into it, wait for what it prints."""
 
-    def __init__(self, args: list[str], env: dict):
+    def __init__(self, args: list[str], env: dict, preexec=_controlling_tty):
         self.main, sub = pty.openpty()
         self.proc = subprocess.Popen(
-            args, stdin=sub, stdout=sub, stderr=sub, env={**os.environ, **env}, preexec_fn=_controlling_tty
+            args, stdin=sub, stdout=sub, stderr=sub, env={**os.environ, **env}, preexec_fn=preexec
         )
         os.close(sub)
         self.out = ""
@@ -50,13 +56,15 @@ class Terminal:
         os.write(self.main, text.encode())
 
     def expect(self, pattern: str, timeout: float = 120) -> re.Match:
+        """Wait up to `timeout` seconds in all (not per read: a command that never stops printing fails too)."""
         regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
         while True:
             m = regex.search(self.out, self.seen)
             if m:
                 self.seen = m.end()
                 return m
-            ready, _, _ = select.select([self.main], [], [], timeout)
+            ready, _, _ = select.select([self.main], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 self.proc.kill()
                 raise AssertionError(f"waited {timeout}s for {pattern!r}; the terminal shows:\n{self.out[-3000:]}")
@@ -68,14 +76,22 @@ class Terminal:
                 raise AssertionError(f"the command ended before {pattern!r}:\n{self.out[-3000:]}")
             self.out += chunk.decode(errors="replace")
 
-    def wait(self) -> int:
-        try:
-            while os.read(self.main, 65536):  # drain, so the command never blocks on a full pty
-                pass
-        except OSError:
-            pass
+    def wait(self, timeout: float = 120) -> int:
+        """The command's exit status once it ends, draining the pty meanwhile (so it never blocks on a full
+        one); killed, and the test failed, if it is still running after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.main], [], [], 0.2)
+            try:
+                chunk = os.read(self.main, 65536) if ready else b""
+            except OSError:
+                chunk = b""
+            self.out += chunk.decode(errors="replace")
         os.close(self.main)
-        return self.proc.wait(timeout=120)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout}s; the terminal shows:\n{self.out[-3000:]}")
+        return self.proc.returncode
 
 
 REPLY_DONE = r"tokens at [0-9.]+/s\]"
@@ -114,10 +130,14 @@ def test_interactive_chat_history_multiline_reset_save_and_exit(tmp_path, model_
     assert "Traceback" not in t.out
 
 
-def test_ctrl_c_stops_a_reply_then_leaves_with_130(tmp_path, model_path):
+@pytest.mark.parametrize("started", [_controlling_tty, _sigint_ignored], ids=["from-a-shell", "sigint-ignored"])
+def test_ctrl_c_stops_a_reply_then_leaves_with_130(tmp_path, model_path, started):
+    """Started with SIGINT ignored (a background job of a script, as CI starts us), Ctrl-C at the prompt
+    left nothing: the chat sat at the prompt and this test waited forever."""
     store = tmp_path / "s"
     env = {"KVSTORE_CACHE_DIR": str(tmp_path / "cache")}
-    t = Terminal(KVSTORE + ["--store", str(store), "chat", "bot", "--model", model_path, "--max-tokens", "20000"], env)
+    args = KVSTORE + ["--store", str(store), "chat", "bot", "--model", model_path, "--max-tokens", "20000"]
+    t = Terminal(args, env, preexec=started)
     t.expect(">>> ")
     t.type("Tell me a long story.\n")
     t.expect(r"story\.\r?\n.")  # the reply has started streaming
