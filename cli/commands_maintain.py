@@ -6,8 +6,8 @@ import click
 
 from kvstore.index.location import sqlite_url  # a path helper: no engine, no MLX at start-up
 
+from .context import CliError, StoreRef, confirm, pass_store, yes_option
 from .format import count, emit_json, fields, progress, size
-from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 grace_option = click.option(

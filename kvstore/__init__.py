@@ -48,7 +48,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "open": ".store",
     "Store": ".store",
-    "default_home": ".store",
+    "default_home": ".home",
     "export_agent": ".ops.archive",
     "import_agent": ".ops.archive",
     "fingerprint": ".cache.fingerprint",
@@ -66,9 +66,10 @@ if TYPE_CHECKING:
     from kvstore.cache.fingerprint import fingerprint
     from kvstore.cache.keys import chunk_keys
     from kvstore.generation import Generation, cache_nbytes, cache_tokens, check_cache, generate
+    from kvstore.home import default_home
     from kvstore.mlxfile import export_mlx_cache, import_mlx_cache
     from kvstore.ops.archive import export_agent, import_agent
-    from kvstore.store import Store, default_home, open
+    from kvstore.store import Store, open
 
 
 def __getattr__(name: str):

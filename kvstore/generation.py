@@ -95,7 +95,7 @@ def generate(
     """Run mlx-lm's generation and return (text, cache, token ids the cache has seen).
 
     Args:
-        model, tokenizer: from `mlx_lm.load` (or `kvstore.builtin_models.load_builtin`).
+        model, tokenizer: from `mlx_lm.load` (or `kvstore.models.builtin.load_builtin`).
         prompt: the whole prompt: token ids, or text (encoded as mlx-lm does; with a cache, the text
             is taken as new tokens that follow `cache_tokens`).
         cache: a cache to continue (e.g. from `store.load` / `store.restore`), or None for a fresh one.

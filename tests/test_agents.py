@@ -34,7 +34,7 @@ def text_of(tokenizer, n_tokens: int, salt: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def model_paths(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     root = tmp_path_factory.mktemp("builtin-models")
     return {arch: builtin_model_path(arch=arch, size="tiny", root=root) for arch in ARCHS}

@@ -12,7 +12,7 @@ from kvstore.agents import turn as turn_mod
 
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return resolve_model(builtin_model_path(arch="llama", size="tiny", root=tmp_path_factory.mktemp("models")))
 

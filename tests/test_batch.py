@@ -13,7 +13,7 @@ from kvstore.server.batch import DecodeBatch, Row, batchable
 
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return resolve_model(str(builtin_model_path(root=tmp_path_factory.mktemp("models"))))
 
@@ -45,7 +45,7 @@ def alone(handle, prompt: list[int], options: GenerationOptions, n: int) -> list
 
 
 def test_the_builtin_model_batches_and_a_sliding_window_one_does_not(handle, tmp_path):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     assert batchable(handle.make_cache())
     gemma = resolve_model(str(builtin_model_path(arch="gemma3", root=tmp_path)))
