@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kvstore.formats import MAX_CHUNK_SIZE
 from kvstore.index.location import sqlite_url  # a path helper: no engine, no MLX at start-up
 
 from .context import CliError, StoreRef, confirm, pass_store, yes_option
@@ -23,7 +24,7 @@ grace_option = click.option(
 @click.command()
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1, max=1 << 20),
+    type=click.IntRange(min=1, max=MAX_CHUNK_SIZE),
     metavar="TOKENS",
     help="Tokens per chunk for a new store (default 256); fixed once the store exists.",
 )

@@ -19,7 +19,7 @@ from kvstore.errors import (
     ReadOnlyStoreError,
     UnknownAgentError,
 )
-from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
+from kvstore.formats import FORMAT_VERSION, HASH_NAME, new_chunk_size
 from kvstore.index import db, queries, sizes
 from kvstore.names import validate_name
 from kvstore.ops import reserve
@@ -71,9 +71,7 @@ class Store(StoreReads):
             self.blobs.close()
             raise
         try:
-            size = chunk_size or DEFAULT_CHUNK_SIZE
-            if not isinstance(size, int) or size < 1 or size > 1 << 20:
-                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            size = new_chunk_size(chunk_size)
             # A new index gets its settings in the very transaction that creates it: a crash between
             # the two would leave a store that the next open fills with defaults (crash suite found it).
             self.schema_revision = db.ensure_schema(
@@ -93,9 +91,7 @@ class Store(StoreReads):
         if not meta:
             if self.readonly:
                 raise ReadOnlyStoreError(f"{self.url} is an empty index on a read-only store")
-            size = chunk_size or DEFAULT_CHUNK_SIZE
-            if not isinstance(size, int) or size < 1 or size > 1 << 20:
-                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            size = new_chunk_size(chunk_size)
             with db.transaction(self.engine, write=True, what="initialising the store") as conn:
                 if not db.read_meta(conn):  # another process may have won the race
                     db.write_meta(conn, {"format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
+import kvstore
 from kvstore.agents import GenerationOptions, resolve_model, turn
 from kvstore.server.batch import DecodeBatch, Row, batchable
 
@@ -78,7 +79,7 @@ def test_greedy_rows_joining_and_leaving_between_steps_decode_as_alone(handle):
                 order.pop(row)
                 left += 1
                 # The cache holds exactly the prompt and the tokens fed: all sampled but the last.
-                assert turn.cache_offset(cache) == len(ps[i]) - 1 + len(got[i])
+                assert kvstore.cache_tokens(cache) == len(ps[i]) - 1 + len(got[i])
     assert left == len(ps)
     for i in range(len(ps)):
         assert got[i] == want[i][: len(got[i])]
