@@ -1,4 +1,7 @@
-"""AgentManager: persistent agents on one mlx-lm model and their turns; which caches stay in memory is\nagents/residency.py, where a cache comes from when it is not in memory agents/sourcing.py."""
+"""AgentManager: persistent agents on one mlx-lm model, their turns and their saves.
+
+Which caches stay in memory is agents/residency.py; where a cache not in memory comes from, agents/sourcing.py.
+"""
 
 from __future__ import annotations
 
