@@ -1,4 +1,7 @@
-"""AgentManager: persistent agents on one mlx-lm model, their resident caches (LRU) and the store."""
+"""AgentManager: persistent agents on one mlx-lm model, their turns and their saves.
+
+Which caches stay in memory is agents/residency.py; where a cache not in memory comes from, agents/sourcing.py.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,12 @@ import builtins  # the annotations of AgentManager, whose `list` method hides th
 import copy
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from typing import Any
 
 from kvstore import Store
 from kvstore.cache.capture import Capture
+from kvstore.cache.leaves import cache_tokens
 from kvstore.errors import AgentExistsError, BlobError, ModelMismatchError, UnknownAgentError
 from kvstore.names import validate_name
 from kvstore.ops import restore
@@ -23,25 +25,13 @@ from . import memory, turn
 from .agent import Agent
 from .model import resolve_model
 from .records import GenerationOptions, MemoryReport, Reply, TurnStats
+from .residency import Residency, Resident
+from .sourcing import CacheSource, CutRule
 from .turn import TurnState
-
-MAX_DISCARDS = 64  # damaged blobs one restore may discard before it gives up and prefills from scratch
 
 
 class RecoveryWarning(UserWarning):
     """A damaged or missing blob was recomputed from the agent's token history."""
-
-
-@dataclass
-class _Resident:
-    """An agent's cache in memory: what it has seen is `Agent.tokens`."""
-
-    cache: list
-    capture: Capture | None  # sliding-window chunks taken during prefill, until the next save
-    dirty: bool = False  # holds tokens the store does not
-
-    def nbytes(self) -> int:
-        return turn.cache_nbytes(self.cache) + (self.capture.nbytes() if self.capture else 0)
 
 
 class AgentManager:
@@ -77,16 +67,13 @@ class AgentManager:
         kv_group_size: int = 64,
         quantized_kv_start: int = kvq.DEFAULT_QUANTIZED_KV_START,
     ):
-        if max_resident < 0:
-            raise ValueError("max_resident must be 0 or more")
+        self._resident = Residency(max_resident, max_resident_bytes)  # checks max_resident first
         self.kv = kvq.settings(kv_bits, kv_group_size, quantized_kv_start)
         self.handle = resolve_model(model)
         self.store = store
         self._keys = kvq.CacheKeys(self.handle, store, self.kv)
         self.fingerprint = self._keys.primary
         self.fingerprints = self._keys.all  # with kv_bits: the quantized caches' first, then the others
-        self.max_resident = max_resident
-        self.max_resident_bytes = max_resident_bytes
         self.autosave = autosave and not store.readonly
         chunk = store.chunk_size
         self.prefill_step = max(chunk, prefill_step // chunk * chunk)
@@ -97,11 +84,23 @@ class AgentManager:
         kinds = Capture.kinds(fresh)
         self._captures = bool(kinds & {"rot", "state"})  # sliding-window chunks or state checkpoints to take
         self._states = "state" in kinds  # recurrent state: never trimmed, restored only at a checkpoint
-        self._window = turn.min_window(fresh)  # a cache this long or longer can no longer be trimmed
+        # A sliding window this long or longer can no longer be trimmed; a recurrent state never can.
+        self._source = CacheSource(store, self._keys, CutRule(states=self._states, window=turn.min_window(fresh)))
         self._agents: dict[str, Agent] = {}
-        self._resident: OrderedDict[str, _Resident] = OrderedDict()
         self._stored: dict[str, dict] = {}  # each agent's record as last written to the store
-        self.busy: set[str] = set()  # agents in a turn on the server's batch: never evicted meanwhile
+
+    @property
+    def max_resident(self) -> int:
+        return self._resident.max_resident
+
+    @property
+    def max_resident_bytes(self) -> int | None:
+        return self._resident.max_resident_bytes
+
+    @property
+    def busy(self) -> set[str]:
+        """Agents in a turn on the server's batch: never evicted meanwhile."""
+        return self._resident.busy
 
     def __repr__(self) -> str:
         return f"<AgentManager model={self.handle.name!r} agents={len(self._agents)} resident={list(self._resident)}>"
@@ -154,7 +153,7 @@ class AgentManager:
         """The agent with its cache in memory now (from the store; recomputed where blobs are damaged)."""
         agent = self.get(name)
         if name in self._resident:
-            self._resident.move_to_end(name)
+            self._resident.touch(name)
             return agent
         history = list(agent.tokens)
         errors: list[BlobError] = []
@@ -185,7 +184,7 @@ class AgentManager:
     def delete(self, name: str) -> bool:
         """Forget an agent in memory and in the store. False if the store did not have it."""
         validate_name(name)
-        self._resident.pop(name, None)
+        self._resident.pop(name)
         self._agents.pop(name, None)
         self._stored.pop(name, None)
         return self.store.delete(name)
@@ -202,7 +201,7 @@ class AgentManager:
     def discard_resident(self, name: str, tokens: list[int]) -> None:
         """Forget an agent's cache without saving it (a turn failed with it in an unknown state);
         `tokens` is what the agent had seen before that turn."""
-        self._resident.pop(name, None)
+        self._resident.pop(name)
         if name in self._agents:
             self._agents[name].tokens = list(tokens)
 
@@ -234,7 +233,7 @@ class AgentManager:
         res = self._resident.get(name)
         if res is not None and tokens == src.tokens and self.max_resident > 0:
             # New arrays: a turn on the fork must never write into the original's buffers.
-            self._resident[new_name] = _Resident(turn.copy_cache(res.cache), self._new_capture())
+            self._resident[new_name] = Resident(turn.copy_cache(res.cache), self._new_capture())
             self._evict(protect=new_name)
         return agent
 
@@ -277,15 +276,6 @@ class AgentManager:
         except UnknownAgentError:
             return False
         return True
-
-    def _cuttable(self, have: int, keep: int) -> bool:
-        """Whether a cache that has seen `have` tokens can be cut back to its first `keep`: never a
-        recurrent state, and a sliding window only while it has not wrapped."""
-        if keep == have:
-            return True
-        if self._states:
-            return False
-        return self._window is None or have < self._window
 
     def _new_capture(self) -> Capture | None:
         """What a resident cache captures while it prefills (None when there is nothing to capture)."""
@@ -336,26 +326,9 @@ class AgentManager:
         del self._resident[name]
 
     def _evict(self, protect: str | None = None) -> None:
-        """Evict least recently used caches past max_resident or max_resident_bytes."""
-
-        def over() -> bool:
-            if len(self._resident) > self.max_resident:
-                return True
-            budget = self.max_resident_bytes
-            return budget is not None and sum(r.nbytes() for r in self._resident.values()) > budget
-
-        while self._resident and over():
-            victims = [n for n in self._resident if n != protect and n not in self.busy]
-            if not victims:
-                if self.max_resident > 0 or protect is None:
-                    break  # the agent in use stays, even over the byte budget
-                victims = [protect]
-            self._drop(victims[0])
-
-    def _damaged(self, errors: builtins.list[BlobError], e: BlobError) -> None:
-        errors.append(e)
-        if e.blob_id and not self.store.readonly:
-            self.store.discard_blob(e.blob_id)  # the next save writes this KV again
+        """Evict least recently used caches past max_resident or max_resident_bytes (agents/residency.py)."""
+        while (victim := self._resident.next_victim(protect)) is not None:
+            self._drop(victim)
 
     def _warn_recovered(self, name: str, errors: builtins.list[BlobError]) -> None:
         fix = "repaired the store" if self.autosave else "the next save repairs the store"
@@ -368,72 +341,29 @@ class AgentManager:
 
     def _materialize(
         self, agent: Agent, target: builtins.list[int], limit: int, errors: builtins.list[BlobError]
-    ) -> tuple[_Resident, int, int]:
-        """A new resident cache holding the longest known prefix of target[:limit].
+    ) -> tuple[Resident, int, int]:
+        """A new resident cache holding the longest known prefix of target[:limit] (agents/sourcing.py).
 
         Returns (it, tokens restored from the store, tokens copied from another resident cache);
         damaged blobs met on the way are appended to `errors`.
         """
-        cache, n, copied = None, 0, 0
         own = agent.tokens
         keep = min(turn.common_prefix(own, target), limit)
-        # The agent's own snapshot, trimmed to what the prompt shares with it: the very cache an
-        # uninterrupted process would hold, so a resumed conversation computes the same tokens.
-        if keep > 0 and self._cuttable(len(own), keep):
-            try:
-                cache, toks = self._keys.load(agent.name)
-                if toks == own and turn.trim_to(cache, len(own), keep):
-                    n = keep
-                else:
-                    cache = None  # another process saved this agent since: use only what matches our prompt
-            except BlobError as e:
-                self._damaged(errors, e)
-                cache = None
+        cache = self._source.own(agent.name, own, keep, errors)
+        n, copied = (keep if cache is not None else 0), 0
         if cache is None and self.share_resident and self._resident:
-            stored = self.stored_prefix(target[:limit])
-            donated = self._donor(agent.name, target, limit, stored)
+            others = [(self._agents[o].tokens, self._resident[o].cache) for o in self._resident if o != agent.name]
+            donated = self._source.donor(target, limit, self.stored_prefix(target[:limit]), others)
             if donated is not None:
                 cache, copied = donated
-        for _ in range(MAX_DISCARDS):
-            if cache is not None:
-                break
-            try:
-                cache, n = self.store.restore(target, model=self._keys.richest(target[:limit]), max_tokens=limit)
-                break
-            except BlobError as e:
-                self._damaged(errors, e)
-                if not e.blob_id or self.store.readonly:
-                    break  # nothing was discarded, so another restore would fail the same way
+        if cache is None:
+            cache, n = self._source.restore(target, limit, errors)
         if cache is None:
             cache, n = self._keys.new_cache(), 0
         agent.tokens = list(target[: n + copied])
-        res = _Resident(cache, self._new_capture())
+        res = Resident(cache, self._new_capture())
         self._resident[agent.name] = res
         return res, n, copied
-
-    def _donor(
-        self, name: str, target: builtins.list[int], limit: int, at_least: int
-    ) -> tuple[builtins.list, int] | None:
-        """A copy of another resident cache holding more of target[:limit] than `at_least` tokens, or None.
-
-        Conversations that share a prefix (a system prompt, a document) with one in memory start
-        from a copy of it instead of the store: a RAM copy is faster than a restore. Less than a
-        chunk in common is not worth a copy of the whole cache.
-        """
-        best, best_n = None, max(at_least, self.store.chunk_size - 1)
-        for other in self._resident:
-            if other == name:
-                continue
-            own = self._agents[other].tokens
-            n = min(turn.common_prefix(own, target), limit)
-            if n > best_n and self._cuttable(len(own), n):
-                best, best_n = other, n
-        if best is None:
-            return None
-        cache = turn.copy_cache(self._resident[best].cache)
-        if not turn.trim_to(cache, len(self._agents[best].tokens), best_n):
-            return None
-        return cache, best_n
 
     def start_turn(
         self,
@@ -464,7 +394,7 @@ class AgentManager:
         state = TurnState(prompt=list(prompt), messages=list(messages), options=options)
         return self._turn(agent, state), state
 
-    def begin_turn(self, agent: Agent, state: TurnState) -> _Resident:
+    def begin_turn(self, agent: Agent, state: TurnState) -> Resident:
         """The first half of a turn: the agent's cache holding the longest known prefix of the prompt.
 
         Sets state.reused / state.restored; the caller prefills the rest (up to the prompt's last
@@ -490,14 +420,14 @@ class AgentManager:
                 tr = time.perf_counter()
                 res, state.restored, state.reused = self._materialize(agent, prompt, limit, state.errors)
                 state.restore_seconds = time.perf_counter() - tr
-            self._resident.move_to_end(name)
+            self._resident.touch(name)
         except BaseException:
-            self._resident.pop(name, None)  # a cache in an unknown state is never used again
+            self._resident.pop(name)  # a cache in an unknown state is never used again
             agent.tokens = before
             raise
         return res
 
-    def end_turn(self, agent: Agent, res: _Resident, state: TurnState, cache: builtins.list | None = None) -> None:
+    def end_turn(self, agent: Agent, res: Resident, state: TurnState, cache: builtins.list | None = None) -> None:
         """The second half of a turn: record what the cache has seen, save, set state.reply.
 
         `cache` replaces the resident one when the turn generated into another (the server's
@@ -529,7 +459,7 @@ class AgentManager:
                 self.model, self.tokenizer, res.cache, prompt[limit:], state, res.capture, limit, kv=self.kv
             )
         except BaseException:
-            self._resident.pop(name, None)  # a cache in an unknown state is never used again
+            self._resident.pop(name)  # a cache in an unknown state is never used again
             agent.tokens = before
             raise
         try:
@@ -539,18 +469,18 @@ class AgentManager:
             state.finish = "interrupted"
             raise
         except BaseException:
-            self._resident.pop(name, None)
+            self._resident.pop(name)
             agent.tokens = before
             raise
         finally:
             if name in self._resident:
                 self._finish_turn(agent, res, state)
 
-    def _finish_turn(self, agent: Agent, res: _Resident, state: TurnState) -> None:
+    def _finish_turn(self, agent: Agent, res: Resident, state: TurnState) -> None:
         name = agent.name
         prompt, generated = state.prompt, state.tokens
         history = prompt + generated
-        seen = turn.cache_offset(res.cache, default=len(history))  # a pure recurrent model has seen all of it
+        seen = cache_tokens(res.cache, default=len(history))  # a pure recurrent model has seen all of it
         if seen > len(history):  # cannot happen with mlx-lm's generate_step; never trust such a cache
             del self._resident[name]
             seen = len(prompt)

@@ -2,7 +2,7 @@
 
 Names: "smollm2-135m-instruct" (a real instruct model, fetched once and converted offline; see
 kvstore.models), and "builtin" / "builtin:ARCH" / "builtin:ARCH-SIZE" (the random-weight models of
-kvstore.builtin_models, e.g. "builtin:gemma3-small" or "builtin:qwen3_next-tiny"; "builtin" is the
+kvstore.models.builtin, e.g. "builtin:gemma3-small" or "builtin:qwen3_next-tiny"; "builtin" is the
 Llama-style "tiny" one).
 """
 
@@ -57,7 +57,7 @@ def is_builtin(ref: Any) -> bool:
 
 def builtin_dir(ref: str) -> Path:
     """The folder of a built-in random-weight model named "builtin[:ARCH[-SIZE]]" (built on first use)."""
-    from kvstore.builtin_models import ARCHITECTURES, SIZES, builtin_model_path
+    from kvstore.models.builtin import ARCHITECTURES, SIZES, builtin_model_path
 
     spec = ref.partition(":")[2]
     arch, _, size = spec.partition("-")  # "" for bare "builtin": the defaults below

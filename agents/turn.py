@@ -15,6 +15,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from kvstore.cache import codec
 from kvstore.cache.capture import Capture
+from kvstore.cache.leaves import arrays_of, cache_tokens
 
 from .records import GenerationOptions, Reply
 from .stops import StopScan
@@ -76,22 +77,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def cache_offset(cache: list, default: int | None = None) -> int:
-    """Tokens the cache has processed (from its first positional layer).
-
-    A pure recurrent model (mamba) has no positional layer: its length is what the caller fed it,
-    `default`; without one that is an error.
-    """
-    _tree, _slots, leaves = codec.describe(list(cache))
-    for leaf in leaves:
-        off = codec.leaf_offset(leaf)
-        if off is not None:
-            return off
-    if default is not None:
-        return default
-    raise ValueError("this model's cache has no positional layer: its length is unknown")
-
-
 def continue_exactly(eos_ids: Collection[int], own: list[int], prompt: list[int]) -> list[int]:
     """The prompt of a turn that continues `own` (what the cache has seen) token for token.
 
@@ -118,18 +103,6 @@ def continue_exactly(eos_ids: Collection[int], own: list[int], prompt: list[int]
     return own + prompt[end + 1 :] if closed else own + prompt[end:]
 
 
-def cache_nbytes(cache: list) -> int:
-    """Bytes held by a cache's arrays (allocated, including growth padding)."""
-    _tree, _slots, leaves = codec.describe(list(cache))
-    total = 0
-    for leaf in leaves:
-        try:
-            total += int(leaf.nbytes)
-        except (AttributeError, TypeError):
-            total += sum(a.nbytes for a in leaf.state if isinstance(a, mx.array))
-    return total
-
-
 def min_window(cache: list) -> int | None:
     """The smallest sliding window among a cache's layers (None when every layer holds everything)."""
     _tree, slots, _leaves = codec.describe(list(cache))
@@ -146,7 +119,7 @@ def trim_to(cache: list, have: int, keep: int) -> bool:
     if not _chunked_attention_kept(cache, keep):
         return False
     trim_prompt_cache(cache, have - keep)
-    return cache_offset(cache) == keep
+    return cache_tokens(cache) == keep
 
 
 def _chunked_attention_kept(cache: list, keep: int) -> bool:
@@ -180,17 +153,8 @@ def copy_cache(cache: list) -> list:
         if isinstance(getattr(leaf, "cache", None), list):
             new.cache = [None if a is None else mx.array(a) for a in leaf.cache]
         fresh.append(new)
-    mx.eval([a for leaf in fresh for a in _arrays(leaf)])
+    mx.eval(arrays_of(fresh))
     return c.build(tree, fresh)
-
-
-def _arrays(leaf) -> list:
-    out = []
-    for attr in ("keys", "values"):
-        v = getattr(leaf, attr, None)
-        out.extend(v if isinstance(v, tuple) else [v] if isinstance(v, mx.array) else [])
-    out.extend(a for a in getattr(leaf, "cache", None) or [] if isinstance(a, mx.array))
-    return out
 
 
 def prefill(

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         model_path, label = args.model, args.model
     else:
-        from kvstore.builtin_models import builtin_model_path
+        from kvstore.models.builtin import builtin_model_path
 
         model_path, label = str(builtin_model_path(arch=args.arch, size=args.size)), f"built-in {args.arch} {args.size}"
     handle = resolve_model(model_path)

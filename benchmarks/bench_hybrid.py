@@ -49,7 +49,7 @@ def role(i: int | str) -> str:
 
 
 def model_path(arch: str, size: str) -> str:
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return str(builtin_model_path(arch=arch, size=size))
 

@@ -174,7 +174,7 @@ def resolve_default_model() -> tuple[str, str]:
 
 def builtin_model() -> tuple[str, str]:
     """The built-in llama base model (random weights: speeds are real, replies are not): (folder, label)."""
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return str(builtin_model_path(arch="llama", size="base")), "builtin llama base (random weights)"
 

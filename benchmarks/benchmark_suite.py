@@ -144,7 +144,7 @@ def bench_ttft(root: Path, contexts: list[int], repeat: int) -> dict:
     try:
         from benchmarks.bench_agents import bench_resume
         from kvstore.agents import resolve_model
-        from kvstore.builtin_models import builtin_model_path
+        from kvstore.models.builtin import builtin_model_path
     except ImportError as e:
         return {"skipped": f"kvstore.agents or the built-in models are not available ({e})"}
     model_dir = builtin_model_path(arch="llama", size=TTFT_SIZE)

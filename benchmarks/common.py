@@ -10,9 +10,11 @@ import subprocess
 
 import mlx.core as mx
 
+from kvstore.cache.leaves import arrays_of
+
 
 def eval_cache(cache: list) -> None:
-    mx.eval([a for c in cache for a in (c.keys, c.values) if a is not None])
+    mx.eval(arrays_of(cache))
 
 
 def drop_page_cache() -> bool:

@@ -9,8 +9,8 @@ import click
 
 from kvstore.errors import UnknownAgentError
 
+from .context import CliError, StoreRef, confirm, pass_store, yes_option
 from .format import count, progress, size
-from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 
 @click.command()
@@ -168,7 +168,7 @@ def demo(
     import kvstore
 
     kvstore.use_openblas()  # before the agent manager imports mlx: ~25x faster fp32 matmuls on Linux CPUs
-    from kvstore.agents import demo as agents_demo  # imported here: the CLI works without the agent manager
+    from . import demo as agents_demo  # imported here: the CLI works without the agent manager
 
     if (
         demo_store is None

@@ -10,8 +10,8 @@ import click
 
 from kvstore.errors import UnknownAgentError
 
+from .context import CliError, StoreRef, pass_store
 from .format import count
-from .main import CliError, StoreRef, pass_store
 
 # The agent's record remembers the model it was created with (the name given to --model), so the
 # next `kvstore chat AGENT ...` finds it without --model.

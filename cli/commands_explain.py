@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .context import StoreRef, pass_store
 from .format import count, emit_json, fields, safe
-from .main import StoreRef, pass_store
 
 SERVE_MARK = "kvstore_serve"  # a server conversation's part of its record (kvstore.server.retention.MARK)
 

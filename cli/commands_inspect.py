@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
+from .context import StoreRef, pass_store
 from .format import count, emit_json, fields, safe, short_fp, size, table, when
-from .main import StoreRef, pass_store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 SERVE_MARK = "kvstore_serve"  # a server conversation's part of its record (kvstore.server.retention.MARK)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from kvstore.formats import MAX_CHUNK_SIZE
 from kvstore.index.location import sqlite_url  # a path helper: no engine, no MLX at start-up
 
+from .context import CliError, StoreRef, confirm, pass_store, yes_option
 from .format import count, emit_json, fields, progress, size
-from .main import CliError, StoreRef, confirm, pass_store, yes_option
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 grace_option = click.option(
@@ -23,7 +24,7 @@ grace_option = click.option(
 @click.command()
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1, max=1 << 20),
+    type=click.IntRange(min=1, max=MAX_CHUNK_SIZE),
     metavar="TOKENS",
     help="Tokens per chunk for a new store (default 256); fixed once the store exists.",
 )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from .context import CliError, StoreRef, pass_store
 from .format import count, size
-from .main import CliError, StoreRef, pass_store
 
 
 def _model(model: str):

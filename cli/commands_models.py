@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
+from .context import StoreRef, pass_store
 from .format import count, emit_json, table
-from .main import StoreRef, pass_store
 
 
 def _hub_cache() -> Path:
@@ -138,7 +138,7 @@ def fetch(ref: StoreRef, name: str, source: str | None) -> None:
     from kvstore.models.errors import ModelLoadError
     from kvstore.models.fetch import ensure_model, models_root
 
-    from .main import CliError
+    from .context import CliError
 
     say = lambda s: click.echo(s, err=True)  # noqa: E731
     say(f"Model cache: {models_root()} (set KVSTORE_MODELS to move it)")

@@ -12,7 +12,7 @@ import sys
 import click
 
 from .commands_chat import DEFAULT_MODEL
-from .main import CliError, StoreRef, pass_store
+from .context import CliError, StoreRef, pass_store
 
 OFF = ("0", "none", "off")
 

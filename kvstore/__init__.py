@@ -14,9 +14,9 @@ below, so the command line starts fast and `kvstore.use_openblas()` can still ru
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from kvstore._lazy import lazy_getattr
 from kvstore.blas import use_openblas
 from kvstore.errors import (
     AgentExistsError,
@@ -48,15 +48,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "open": ".store",
     "Store": ".store",
-    "default_home": ".store",
+    "default_home": ".home",
     "export_agent": ".ops.archive",
     "import_agent": ".ops.archive",
     "fingerprint": ".cache.fingerprint",
     "chunk_keys": ".cache.keys",
     "generate": ".generation",
     "Generation": ".generation",
-    "cache_tokens": ".generation",
-    "cache_nbytes": ".generation",
+    "cache_tokens": ".cache.leaves",
+    "cache_nbytes": ".cache.leaves",
     "check_cache": ".generation",
     "import_mlx_cache": ".mlxfile",
     "export_mlx_cache": ".mlxfile",
@@ -65,19 +65,15 @@ _LAZY = {
 if TYPE_CHECKING:
     from kvstore.cache.fingerprint import fingerprint
     from kvstore.cache.keys import chunk_keys
-    from kvstore.generation import Generation, cache_nbytes, cache_tokens, check_cache, generate
+    from kvstore.cache.leaves import cache_nbytes, cache_tokens
+    from kvstore.generation import Generation, check_cache, generate
+    from kvstore.home import default_home
     from kvstore.mlxfile import export_mlx_cache, import_mlx_cache
     from kvstore.ops.archive import export_agent, import_agent
-    from kvstore.store import Store, default_home, open
+    from kvstore.store import Store, open
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = [

@@ -7,3 +7,12 @@ BLOB_SUFFIX = ".safetensors"
 # The index schema's Alembic head; open() refuses an index stamped with a revision it does not know.
 # Here, not in kvstore.index.schema, so read commands check it without importing SQLAlchemy.
 SCHEMA_REVISION = "0002"
+MAX_CHUNK_SIZE = 1 << 20
+
+
+def new_chunk_size(chunk_size: int | None) -> int:
+    """The chunk size a new store records: `chunk_size` (a positive integer up to MAX_CHUNK_SIZE), else the default."""
+    size = chunk_size or DEFAULT_CHUNK_SIZE
+    if not isinstance(size, int) or size < 1 or size > MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+    return size

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from kvstore.cache.leaves import cache_nbytes, cache_tokens
 from kvstore.errors import StoreError, TokenMismatchError
 
 __all__ = ["generate", "Generation", "cache_tokens", "cache_nbytes", "check_cache"]
@@ -30,35 +31,7 @@ class Generation(NamedTuple):
     tokens: list[int]  # prompt + generated token ids the cache holds, in order (for store.save)
 
 
-def _leaves(cache: Sequence) -> list:
-    from kvstore.cache import codec
-
-    _, _, leaves = codec.describe(list(cache))  # refuses classes the store cannot hold
-    return leaves
-
-
-def cache_tokens(cache: Sequence) -> int:
-    """How many tokens an mlx-lm cache has seen (its layers' offset).
-
-    Raises StoreError when its layers disagree, or when it is purely recurrent state (which does
-    not count tokens): such a cache cannot say what it holds.
-    """
-    from kvstore.cache import codec
-
-    offsets = {codec.leaf_offset(c) for c in _leaves(cache)} - {None}
-    if len(offsets) > 1:
-        raise StoreError(f"the cache's layers have seen different numbers of tokens: {sorted(offsets)}")
-    if not offsets:
-        raise StoreError("this cache is recurrent state only: it does not count the tokens it has seen")
-    return offsets.pop()
-
-
 _tokens_seen = cache_tokens  # generate() has a parameter of that name
-
-
-def cache_nbytes(cache: Sequence) -> int:
-    """Bytes of the arrays an mlx-lm cache holds (allocated, as mlx-lm's `nbytes` counts them)."""
-    return sum(int(c.nbytes) for c in _leaves(cache))
 
 
 def check_cache(cache: Sequence, tokens: Sequence[int] | None = None) -> int:
@@ -95,7 +68,7 @@ def generate(
     """Run mlx-lm's generation and return (text, cache, token ids the cache has seen).
 
     Args:
-        model, tokenizer: from `mlx_lm.load` (or `kvstore.builtin_models.load_builtin`).
+        model, tokenizer: from `mlx_lm.load` (or `kvstore.models.builtin.load_builtin`).
         prompt: the whole prompt: token ids, or text (encoded as mlx-lm does; with a cache, the text
             is taken as new tokens that follow `cache_tokens`).
         cache: a cache to continue (e.g. from `store.load` / `store.restore`), or None for a fresh one.

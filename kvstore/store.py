@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvstore import store_open
 from kvstore.blob.backend import BlobBackend
 from kvstore.blob.iopool import IoPool
 from kvstore.blob.local import BlobStore
@@ -16,25 +16,17 @@ from kvstore.cache.fingerprint import fingerprint
 from kvstore.errors import (
     AgentExistsError,
     IncompatibleStoreError,
-    IndexDatabaseError,
-    NotAStoreError,
     ReadOnlyStoreError,
-    StoreError,
     UnknownAgentError,
 )
-from kvstore.formats import DEFAULT_CHUNK_SIZE, FORMAT_VERSION, HASH_NAME
+from kvstore.formats import FORMAT_VERSION, HASH_NAME, new_chunk_size
 from kvstore.index import db, queries, sizes
-from kvstore.index.location import INDEX_FILE, folder_url, index_path
 from kvstore.names import validate_name
 from kvstore.ops import reserve
 from kvstore.records import Match, Snapshot
 from kvstore.store_reads import StoreReads
 
 Progress = Callable[[int, int], None] | None
-
-
-def default_home() -> Path:
-    return Path(os.environ.get("KVSTORE_HOME") or Path.home() / ".kvstore")
 
 
 def _fingerprint_of(model: Any) -> str:
@@ -79,9 +71,7 @@ class Store(StoreReads):
             self.blobs.close()
             raise
         try:
-            size = chunk_size or DEFAULT_CHUNK_SIZE
-            if not isinstance(size, int) or size < 1 or size > 1 << 20:
-                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            size = new_chunk_size(chunk_size)
             # A new index gets its settings in the very transaction that creates it: a crash between
             # the two would leave a store that the next open fills with defaults (crash suite found it).
             self.schema_revision = db.ensure_schema(
@@ -101,9 +91,7 @@ class Store(StoreReads):
         if not meta:
             if self.readonly:
                 raise ReadOnlyStoreError(f"{self.url} is an empty index on a read-only store")
-            size = chunk_size or DEFAULT_CHUNK_SIZE
-            if not isinstance(size, int) or size < 1 or size > 1 << 20:
-                raise ValueError(f"chunk_size must be a positive integer, not {size!r}")
+            size = new_chunk_size(chunk_size)
             with db.transaction(self.engine, write=True, what="initialising the store") as conn:
                 if not db.read_meta(conn):  # another process may have won the race
                     db.write_meta(conn, {"format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})
@@ -328,27 +316,6 @@ class Store(StoreReads):
         return n
 
 
-# What a store being created holds before its index.db appears: another process creating the same
-# store at the same moment has got this far (issue 15, item 10).
-_SKELETON = {
-    "blobs",
-    "tmp",
-    "gc.lock",
-    "reserve",
-    "reserve.tmp",
-    INDEX_FILE + "-journal",
-    INDEX_FILE + "-wal",
-    INDEX_FILE + "-shm",
-}
-
-
-def _foreign_entries(root: Path) -> list[str]:
-    """Entries of a folder without an index that a store's own creation does not make (blob files
-    without an index are a store that lost its index, not one being created)."""
-    foreign = [e for e in os.listdir(root) if e not in _SKELETON]
-    return foreign or [str(p) for _b, p in itertools.islice(BlobStore(root).iter_files(), 1)]
-
-
 def open(
     path_or_url: str | os.PathLike | None = None,
     *,
@@ -380,89 +347,9 @@ def open(
         readonly: open without writing anything; None: read-only when the folder is not writable.
         create: create the store if it does not exist (else NotAStoreError).
     """
-    if index is not None:
-        if path_or_url is not None:
-            raise TypeError("give the index once: open(path_or_url) or open(index=...)")
-        path_or_url = index
-    env_blobs = os.environ.get("KVSTORE_BLOBS")
-    if blobs is None and env_blobs and ("://" in os.fspath(path_or_url or "") or env_blobs.startswith("s3://")):
-        blobs = env_blobs
-    if blobs is not None and os.fspath(blobs).startswith("s3://"):
-        return _open_s3(
-            path_or_url, os.fspath(blobs), cache_dir, cache_size, chunk_size, durable, timeout, readonly, io_threads
-        )
-    target = default_home() if path_or_url is None else path_or_url
-    target = os.fspath(target)
-    if "://" in target:
-        url = target
-        if blobs is None:
-            if url.startswith("sqlite:///"):
-                blobs = Path(url[len("sqlite:///") :]).resolve().parent
-            else:
-                raise TypeError("a database URL store needs blobs=PATH: the (shared) folder that holds the blobs")
-        root = Path(blobs)
+    where = store_open.locate(path_or_url, index=index, blobs=blobs)
+    if where.in_s3:
+        made = store_open.s3_store(where, cache_dir=cache_dir, cache_size=cache_size, readonly=readonly)
     else:
-        root = Path(target).expanduser()
-        if root.exists() and not root.is_dir():
-            raise NotAStoreError(f"{root} is a file, not a kvstore store (a store is a folder)")
-        if root.is_dir() and not index_path(root).exists() and _foreign_entries(root):
-            raise NotAStoreError(f"{root} is not a kvstore store: it has files but no {INDEX_FILE}")
-        if (
-            index_path(root).is_file()
-            and index_path(root).stat().st_size == 0
-            and next(BlobStore(root).iter_files(), None) is not None
-        ):
-            # SQLite would take the empty file for a new index, and gc would then sweep every blob.
-            raise IndexDatabaseError(
-                f"{root / INDEX_FILE} is empty but the store holds blobs: the index was "
-                "truncated; restore it from a backup (blobs alone cannot rebuild agents)"
-            )
-        if not root.exists():
-            if not create:
-                raise NotAStoreError(f"no store at {root}")
-            try:
-                root.mkdir(parents=True, exist_ok=True)  # another process may be creating it too
-            except OSError as e:
-                raise StoreError(f"cannot create a store at {root}: {e.strerror}") from e
-        url = None
-    if readonly is None:
-        readonly = root.exists() and not os.access(root, os.W_OK)
-    elif not readonly and root.is_dir() and not os.access(root, os.W_OK):
-        raise ReadOnlyStoreError(f"{root} is not writable (a read-only mount?): open it with readonly=True to load")
-    if url is None:
-        url = folder_url(root, readonly)  # immutable on read-only media with no WAL left
-    if not readonly:
-        try:
-            BlobStore(root, durable=durable).ensure_dirs()
-        except OSError as e:
-            raise StoreError(f"cannot create the blob folders in {root}: {e.strerror}") from e
-        if url.startswith("sqlite"):
-            reserve.ensure(root)  # room for delete and gc to work on a full disk (ops.reserve)
-    return Store(url, root, chunk_size, durable, timeout, readonly, io_threads)
-
-
-def _open_s3(index, blobs_url: str, cache_dir, cache_size, chunk_size, durable, timeout, readonly, io_threads) -> Store:
-    """A store whose index is a database URL or a folder's index.db and whose blobs are in a bucket."""
-    from kvstore.blob.s3 import S3Blobs
-    from kvstore.sizes import parse_size
-
-    target = os.fspath(default_home() if index is None else index)
-    if "://" not in target:  # a folder holds the SQLite index (one machine); the bucket holds the blobs
-        root = Path(target).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        target = f"sqlite:///{(root / INDEX_FILE).resolve()}"
-    elif target.startswith("sqlite:///"):
-        root = Path(target[len("sqlite:///") :]).resolve().parent
-    else:
-        root = None
-    size = parse_size(cache_size if cache_size is not None else os.environ.get("KVSTORE_CACHE_SIZE"))
-    backend = S3Blobs(blobs_url, cache_dir=cache_dir, cache_size=size)
-    try:
-        backend.check_bucket()
-    except BaseException:
-        backend.close()
-        raise
-    # gc's lock file (SQLite indexes) goes beside the index; a server index locks in the database.
-    return Store(
-        target, root or backend.tier.root, chunk_size, durable, timeout, bool(readonly), io_threads, blobs=backend
-    )
+        made = store_open.folder_store(where, create=create, readonly=readonly, durable=durable)
+    return Store(made.url, made.root, chunk_size, durable, timeout, made.readonly, io_threads, blobs=made.blobs)

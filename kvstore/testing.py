@@ -24,6 +24,8 @@ import numpy as np
 import xxhash
 from mlx_lm.models import cache as mlc
 
+from kvstore.cache.leaves import arrays_of
+
 # (layers, kv heads, head dim) of real models, for synthetic KV of the right size.
 SHAPES = {
     "qwen2.5-0.5b": (24, 2, 64),
@@ -226,11 +228,7 @@ def expected_sum(tokens: list[int], kinds=PREFIX_KINDS, heads: int = 2, dim: int
 
 
 def _eval(cache: list) -> None:
-    arrays = []
-    for c in cache:
-        if getattr(c, "keys", None) is None:
-            continue
-        arrays += list(c.keys) + list(c.values) if isinstance(c.keys, tuple) else [c.keys, c.values]
+    arrays = arrays_of(cache)
     if arrays:
         mx.eval(arrays)
 

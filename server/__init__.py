@@ -13,9 +13,9 @@ requests are generated together, a batched decode step at a time (`--max-concurr
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from kvstore._lazy import lazy_getattr
 from kvstore.sizes import parse_size
 
 from .config import ServerConfig
@@ -28,13 +28,7 @@ if TYPE_CHECKING:
     from .run import serve
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvstore.server' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = ["ServerConfig", "create_app", "serve", "parse_size"]

@@ -1,7 +1,7 @@
 """Tiny seeded random-weight hybrid and recurrent mlx-lm models, built in memory from mlx-lm's own modules.
 
 Each is `mlx_lm.models.<family>.Model(ModelArgs(...))` with seeded weights and the ChatML tokenizer of
-the built-in Llama (`kvstore.builtin_models`, whose end-of-turn token `<|im_end|>` is its eos), as the
+the built-in Llama (`kvstore.models.builtin`, whose end-of-turn token `<|im_end|>` is its eos), as the
 `(model, tokenizer)` pair `AgentManager` accepts. The same family and seed give the same weights, and so
 the same fingerprint, in any process: a "restart" builds the model again.
 """
@@ -166,7 +166,7 @@ def tokenizer():
     """The built-in Llama's tokenizer (ChatML template, eos `<|im_end|>`), loaded once."""
     from mlx_lm.utils import load_tokenizer
 
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return load_tokenizer(builtin_model_path("llama", "tiny"))
 
@@ -197,7 +197,7 @@ def write_model(family: str, path: Path, seed: int = 0) -> Path:
 
     from mlx.utils import tree_flatten
 
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     model, _tokenizer = build(family, seed)
     path.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ class ServerProcess:
 
 def tiny_model(tmp_path_factory, arch: str = "llama") -> str:
     """The built-in random-weight model of `arch`, tiny, built under a pytest temp folder."""
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return str(builtin_model_path(arch=arch, size="tiny", root=tmp_path_factory.mktemp(f"models-{arch}")))
 

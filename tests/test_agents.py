@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import warnings
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import TEST_CHUNK
@@ -34,7 +33,7 @@ def text_of(tokenizer, n_tokens: int, salt: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def model_paths(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     root = tmp_path_factory.mktemp("builtin-models")
     return {arch: builtin_model_path(arch=arch, size="tiny", root=root) for arch in ARCHS}
@@ -71,7 +70,7 @@ def expected_source(handle, seen: list[int], now: list[int]) -> str:
 def assert_exact_history(mgr, agent) -> None:
     """The resident cache has seen exactly the agent's token history."""
     res = mgr._resident[agent.name]
-    assert turn_mod.cache_offset(res.cache) == len(agent.tokens)
+    assert kvstore.cache_tokens(res.cache) == len(agent.tokens)
 
 
 # -- a turn ----------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ def test_sliding_window_chunks_of_a_long_answer_stay_restorable(tmp_path, handle
         for b in boundaries:
             assert store.match(a.tokens[:b], model=h.fingerprint).n_tokens == b
         cache, n = store.restore(a.tokens[: boundaries[0]], model=h.fingerprint)
-        assert n == boundaries[0] == turn_mod.cache_offset(cache)
+        assert n == boundaries[0] == kvstore.cache_tokens(cache)
 
 
 # -- residency -------------------------------------------------------------------------------
@@ -294,9 +293,10 @@ def test_fork_shares_blobs_and_is_independent(tmp_path, handles, arch):
 
 def _arrays(cache):
     from kvstore.cache import codec
+    from kvstore.cache.leaves import arrays_of
 
     _tree, _slots, leaves = codec.describe(list(cache))
-    return [a for leaf in leaves for a in leaf.state if isinstance(a, mx.array)]
+    return arrays_of(leaves)
 
 
 # -- recovery --------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_consult_and_memory_report(tmp_path, handles):
 
         assert rep.model_bytes == sum(v.nbytes for _, v in tree_flatten(h.model.parameters()))
         assert list(rep.caches) == ["tech", "biz", "coord"]
-        assert rep.caches["coord"] == turn_mod.cache_nbytes(mgr._resident["coord"].cache) > 0
+        assert rep.caches["coord"] == kvstore.cache_nbytes(mgr._resident["coord"].cache) > 0
         assert rep.cache_tokens["tech"] == len(team[0].tokens)
         assert rep.rss_bytes > rep.model_bytes and rep.peak_rss_bytes >= rep.rss_bytes
 

@@ -12,7 +12,7 @@ from kvstore.agents import turn as turn_mod
 
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return resolve_model(builtin_model_path(arch="llama", size="tiny", root=tmp_path_factory.mktemp("models")))
 
@@ -111,13 +111,13 @@ def test_a_new_conversation_copies_a_resident_prefix_and_answers_as_a_cold_one(h
         mgr = AgentManager(handle, store, share_resident=True)
         a = mgr.create("a", system)
         a.chat("Question A", max_tokens=12)
-        before = turn_mod.cache_offset(mgr._resident["a"].cache)
+        before = kvstore.cache_tokens(mgr._resident["a"].cache)
         warm = mgr.create("b", system).chat("Question B", max_tokens=12)
         assert warm.stats.source == "resident" and warm.stats.restored_tokens == 0
         shared = turn_mod.common_prefix(a.tokens, mgr.get("b").tokens)
         assert warm.stats.reused_tokens == shared > TEST_CHUNK
         assert warm.tokens == cold.tokens
-        assert turn_mod.cache_offset(mgr._resident["a"].cache) == before  # the donor is untouched
+        assert kvstore.cache_tokens(mgr._resident["a"].cache) == before  # the donor is untouched
         assert a.chat("Again", max_tokens=4).stats.source == "resident"
         mgr.share_resident = False  # the default: a new agent starts from the store, not from a copy
         c = mgr.create("c", system).chat("Question C", max_tokens=2)

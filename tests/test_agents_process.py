@@ -13,8 +13,8 @@ from test_agents import ARCHS, handles, model_paths, preamble  # noqa: F401  (se
 
 import kvstore
 from kvstore.agents import AgentManager
-from kvstore.agents.demo import main as demo_main
-from kvstore.agents.demo import run_demo
+from kvstore.cli.demo import main as demo_main
+from kvstore.cli.demo import run_demo
 
 QUESTIONS = ["What failed in the payment API?", "Which merchants are affected?", "What do we do first?"]
 

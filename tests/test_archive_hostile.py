@@ -102,7 +102,7 @@ def test_trust_merges_the_archive_as_it_is(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from kvstore.builtin_models import load_builtin
+    from kvstore.models.builtin import load_builtin
 
     m, _tok = load_builtin("llama", root=tmp_path_factory.mktemp("models"))
     return m
@@ -134,7 +134,7 @@ def test_verify_with_the_model_merges_true_kv_and_refuses_relabelled_kv(tmp_path
         with pytest.raises(kvstore.ArchiveError, match="not what the model computes"):
             kvstore.import_agent(dst, tmp_path / "bad.tar", verify=model)
         assert store_state(dst) == before
-        from kvstore.builtin_models import load_builtin
+        from kvstore.models.builtin import load_builtin
 
         other_model, _ = load_builtin("llama", seed=1, root=tmp_path / "other")
         with pytest.raises(kvstore.ArchiveError, match="fingerprint"):  # another model cannot vouch for it
@@ -332,7 +332,7 @@ def test_cli_shows_escapes_instead_of_sending_them(tmp_path):
 
 def test_import_flags(tmp_path):
     """`kvstore import --trust` merges; `--verify-with MODEL` verifies; the default keeps it apart."""
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     path = builtin_model_path("llama", root=tmp_path / "m")
     from mlx_lm import load

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 
+import kvstore
 from kvstore.agents import GenerationOptions, resolve_model, turn
 from kvstore.server.batch import DecodeBatch, Row, batchable
 
 
 @pytest.fixture(scope="module")
 def handle(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return resolve_model(str(builtin_model_path(root=tmp_path_factory.mktemp("models"))))
 
@@ -45,7 +46,7 @@ def alone(handle, prompt: list[int], options: GenerationOptions, n: int) -> list
 
 
 def test_the_builtin_model_batches_and_a_sliding_window_one_does_not(handle, tmp_path):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     assert batchable(handle.make_cache())
     gemma = resolve_model(str(builtin_model_path(arch="gemma3", root=tmp_path)))
@@ -78,7 +79,7 @@ def test_greedy_rows_joining_and_leaving_between_steps_decode_as_alone(handle):
                 order.pop(row)
                 left += 1
                 # The cache holds exactly the prompt and the tokens fed: all sampled but the last.
-                assert turn.cache_offset(cache) == len(ps[i]) - 1 + len(got[i])
+                assert kvstore.cache_tokens(cache) == len(ps[i]) - 1 + len(got[i])
     assert left == len(ps)
     for i in range(len(ps)):
         assert got[i] == want[i][: len(got[i])]

@@ -13,7 +13,7 @@ import mlx_lm
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from kvstore import builtin_models as bm
+from kvstore.models import builtin as bm
 
 TURN = {"llama": ("<|im_start|>", "<|im_end|>"), "gemma3": ("<start_of_turn>", "<end_of_turn>")}
 MESSAGES = [
@@ -251,7 +251,7 @@ NEW_FAMILIES = [a for a in bm.ARCHITECTURES if a not in ("llama", "gemma3")]
 
 @pytest.mark.parametrize("arch", NEW_FAMILIES)
 def test_family_models_load_chat_and_use_their_cache_classes(tmp_path, arch):
-    from kvstore.builtin_families import FAMILIES
+    from kvstore.models.builtin_families import FAMILIES
 
     path = bm.build_model(tmp_path / "m", arch=arch)
     model, tokenizer = mlx_lm.load(str(path))

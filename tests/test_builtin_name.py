@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kvstore
 from kvstore.agents import AgentManager, resolve_model
-from kvstore.builtin_models import builtin_model_path
+from kvstore.models.builtin import builtin_model_path
 
 
 def test_bare_builtin_resolves_to_the_default_built_in_model(tmp_path, monkeypatch):

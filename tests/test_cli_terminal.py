@@ -183,14 +183,14 @@ def _interrupted_at_query(args: list[str], env: dict) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_demo_ctrl_c_exits_130_in_both_sessions(tmp_path):
-    """`kvstore demo` and the process session 2 runs in (`python -m kvstore.agents.demo`) both exit 130."""
+    """`kvstore demo` and the process session 2 runs in (`python -m kvstore.cli.demo`) both exit 130."""
     env = {**os.environ, "KVSTORE_MODELS": str(tmp_path / "models")}
     demo = ["demo", "--model", "builtin", "--size", "tiny", "--store", str(tmp_path / "demo")]
     status, out = _interrupted_at_query(KVSTORE + demo + ["--session", "1", "--max-tokens", "3000"], env)
     assert status == 130 and "Traceback" not in out and "Aborted" not in out, out
     done = subprocess.run(KVSTORE + demo + ["--session", "1", "--max-tokens", "3"], capture_output=True, env=env)
     assert done.returncode == 0, done.stdout
-    child = [sys.executable, "-m", "kvstore.agents.demo", *demo[1:], "--session", "2", "--max-tokens", "3000"]
+    child = [sys.executable, "-m", "kvstore.cli.demo", *demo[1:], "--session", "2", "--max-tokens", "3000"]
     status, out = _interrupted_at_query(child, env)
     assert status == 130 and "Traceback" not in out, out
 

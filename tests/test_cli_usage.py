@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 import kvstore
-from kvstore.builtin_models import builtin_model_path
 from kvstore.cli.main import cli, hoist_global_options
+from kvstore.models.builtin import builtin_model_path
 from kvstore.testing import make_cache, tokens
 
 HEAVY = ("mlx_lm", "transformers")
@@ -171,7 +171,7 @@ def test_models_have_names(tmp_path):
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
-        from kvstore.builtin_models import load_builtin
+        from kvstore.models.builtin import load_builtin
 
         model, _ = load_builtin()
         cache = make_prompt_cache(model)
@@ -276,7 +276,7 @@ def test_mlx_lm_cache_files_in_and_out(tmp_path):
     import mlx.core as mx
     from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-    from kvstore.builtin_models import load_builtin
+    from kvstore.models.builtin import load_builtin
 
     model, tokenizer = load_builtin()
     ids = tokenizer.encode("A long shared document about refunds and ledgers. " * 4)

@@ -8,7 +8,7 @@ import pytest
 
 import kvstore
 from kvstore.agents import AgentManager
-from kvstore.agents.demo import DemoError, run_demo
+from kvstore.cli.demo import DemoError, run_demo
 
 
 @pytest.fixture

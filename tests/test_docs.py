@@ -57,7 +57,7 @@ def test_doc_has_runnable_examples(doc):
 
 
 def _fresh_environment(folder: Path) -> dict[str, str]:
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env.update(

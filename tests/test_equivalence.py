@@ -7,8 +7,8 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore.builtin_models import builtin_model_path, load_builtin
 from kvstore.cache.capture import Capture
+from kvstore.models.builtin import builtin_model_path, load_builtin
 from kvstore.testing import tokens
 
 C = 16

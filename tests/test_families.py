@@ -21,9 +21,9 @@ import pytest
 import kvstore
 from kvstore.agents import AgentManager
 from kvstore.agents.turn import common_prefix, render
-from kvstore.builtin_families import FAMILIES
-from kvstore.builtin_models import ARCHITECTURES, CORPUS, build_model
 from kvstore.cache.capture import Capture
+from kvstore.models.builtin import ARCHITECTURES, CORPUS, build_model
+from kvstore.models.builtin_families import FAMILIES
 from kvstore.testing import same_cache
 
 CHUNK = 32  # tokens per chunk; the tiny models' windows (sliding, attention chunk) are 64

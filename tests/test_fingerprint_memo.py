@@ -15,7 +15,7 @@ from mlx.utils import tree_map
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore.builtin_models import build_model
+from kvstore.models.builtin import build_model
 
 
 @pytest.fixture(scope="module")

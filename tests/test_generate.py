@@ -8,7 +8,7 @@ from mlx_lm import stream_generate
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 import kvstore
-from kvstore.builtin_models import builtin_model_path, load_builtin
+from kvstore.models.builtin import builtin_model_path, load_builtin
 
 
 @pytest.fixture(scope="module")

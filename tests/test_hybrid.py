@@ -17,11 +17,11 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
 from kvstore.agents import AgentManager, GenerationOptions, turn
-from kvstore.builtin_models import CORPUS
 from kvstore.cache import codec
 from kvstore.cache.capture import Capture, checkpoint_boundaries
 from kvstore.cache.keys import chunk_keys
 from kvstore.errors import CorruptBlobError
+from kvstore.models.builtin import CORPUS
 from kvstore.testing import same_cache
 
 CHUNK = 256

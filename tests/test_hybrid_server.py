@@ -11,7 +11,7 @@ from server_process import ServerProcess, new_store
 from test_server_restarts import crash_and_resume
 
 from kvstore.agents import turn
-from kvstore.builtin_models import CORPUS
+from kvstore.models.builtin import CORPUS
 
 pytest.importorskip("openai")
 

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 import kvstore
 from kvstore.agents import AgentManager
-from kvstore.builtin_models import CORPUS, build_model
+from kvstore.models.builtin import CORPUS, build_model
 from kvstore.testing import same_cache
 
 CHUNK = 32

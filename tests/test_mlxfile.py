@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
 
 import kvstore
-from kvstore.builtin_models import builtin_model_path, load_builtin
 from kvstore.cli.main import cli
+from kvstore.models.builtin import builtin_model_path, load_builtin
 
 CHUNK = 16  # the stores' chunk size: the 32-token prompts below are two whole chunks
 

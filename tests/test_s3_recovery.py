@@ -29,7 +29,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     return resolve_model(builtin_model_path(arch="llama", size="tiny", root=tmp_path_factory.mktemp("models")))
 

@@ -26,7 +26,7 @@ class Clock:
 
 @pytest.fixture
 def served(tmp_path):
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     model = builtin_model_path(root=tmp_path / "models")
     store = kvstore.open(tmp_path / "store", chunk_size=TEST_CHUNK)

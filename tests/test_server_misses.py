@@ -133,7 +133,7 @@ def test_another_model_and_a_changed_template(tmp_path, model_path, tmp_path_fac
     finally:
         assert srv.stop() == 0
 
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     other = str(builtin_model_path(seed=1, root=tmp_path_factory.mktemp("models-seed1")))
     srv = ServerProcess(other, store, "--max-disk", "none").start()

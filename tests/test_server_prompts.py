@@ -46,7 +46,7 @@ def tool_tokenizer(tmp_path_factory):
     """The built-in model's tokenizer with a tool-calling template: mlx-lm infers its tool parser."""
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     src = builtin_model_path(arch="llama", size="tiny", root=tmp_path_factory.mktemp("models"))
     dest = tmp_path_factory.mktemp("tools") / "model"

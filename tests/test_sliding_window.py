@@ -15,7 +15,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore.builtin_models import build_model
+from kvstore.models.builtin import build_model
 
 WINDOW, CHUNK, N = 32, 256, 377
 

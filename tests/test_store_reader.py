@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from sqlalchemy.engine import make_url
 
 import kvstore
-from kvstore.cli.main import StoreRef, cli
+from kvstore.cli.context import StoreRef
+from kvstore.cli.main import cli
 from kvstore.index.location import folder_url, index_path, rendered_url, sqlite_url
 from kvstore.index.sqlite_reads import SqliteIndex
 from kvstore.ops import accounting

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["INDEX_FILE", "index_path", "sqlite_url", "folder_url", "frozen", "rendered_url"]
+__all__ = ["INDEX_FILE", "index_path", "sqlite_url", "folder_url", "frozen", "rendered_url", "sqlite_root"]
 
 INDEX_FILE = "index.db"
 
@@ -55,3 +55,10 @@ def rendered_url(url: str) -> str:
         pairs = sorted(parse_qsl(query), key=lambda kv: kv[0])
         shown += "?" + "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in pairs)
     return shown
+
+
+def sqlite_root(url: str) -> Path | None:
+    """The folder holding the database file of a `sqlite:///` URL (None for any other URL): where such a
+    store keeps its blobs and its gc lock unless told otherwise."""
+    prefix = "sqlite:///"
+    return Path(url[len(prefix) :]).resolve().parent if url.startswith(prefix) else None

@@ -21,6 +21,7 @@ from kvstore.blob import tensorfile
 from kvstore.cache import codec
 from kvstore.cache.fingerprint import fingerprint
 from kvstore.cache.keys import chunk_spans
+from kvstore.cache.leaves import arrays_of
 from kvstore.errors import ArchiveError
 from kvstore.ops.archive_manifest import ArchivePlan
 from kvstore.ops.archive_tar import read_member
@@ -80,14 +81,6 @@ def _check_row(row: dict, start: int, end: int, slots, leaves, blob: tuple[dict,
         raise _refuse(f"{where} is not what the model computes from the archive's token ids")
 
 
-def _arrays(leaves) -> list[mx.array]:
-    out = []
-    for c in leaves:
-        for part in (getattr(c, "keys", None), getattr(c, "values", None), *getattr(c, "cache", ())):
-            out += [a for a in (part if isinstance(part, (tuple, list)) else (part,)) if isinstance(a, mx.array)]
-    return out
-
-
 def verify_kv(
     plan: ArchivePlan, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], model: Any, chunk_size: int
 ) -> int:
@@ -127,7 +120,7 @@ def verify_kv(
             )
         for key, (start, length) in zip(sn["keys"], chunk_spans(int(sn["tokens"].size), chunk_size)):
             model(mx.array(sn["tokens"][start : start + length].astype(np.int32))[None], cache=cache)
-            mx.eval(_arrays(leaves))  # one step at a time: a lazy graph over every chunk would hold them all
+            mx.eval(arrays_of(leaves))  # one step at a time: a lazy graph over every chunk would hold them all
             if key in checked:
                 continue
             blobs: dict[str, tuple[dict, dict]] = {}

@@ -13,6 +13,7 @@ from kvstore.blob import tensorfile
 from kvstore.blob.scatter import ScatterReader
 from kvstore.cache import codec
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes, tokens_to_array
+from kvstore.cache.leaves import arrays_of
 from kvstore.errors import (
     CorruptBlobError,
     IndexDatabaseError,
@@ -136,20 +137,6 @@ def longest(slots, keys, spans, layers, n_max: int | None = None) -> int:
     return 0
 
 
-def _leaf_arrays(leaf) -> list:
-    out = []
-    for attr in ("keys", "values"):
-        v = getattr(leaf, attr, None)
-        if isinstance(v, tuple):
-            out.extend(v)
-        elif v is not None:
-            out.append(v)
-    for a in getattr(leaf, "cache", None) or []:
-        if a is not None:
-            out.append(a)
-    return out
-
-
 def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | None) -> list:
     """The cache rebuilt from its blobs: positional layers scatter-read, state layers decoded."""
     starts = {s: codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0 for s, slot in enumerate(slots)}
@@ -184,7 +171,7 @@ def build_cache(store: Store, tree, slots, plan_, n_tokens: int, agent: str | No
         else:
             leaf = codec.build_leaf(slot, [arrays[s]] if s in arrays else [], n_tokens)
         leaves.append(leaf)
-    mx.eval([a for leaf in leaves for a in _leaf_arrays(leaf)])
+    mx.eval(arrays_of(leaves))
     return codec.build(tree, leaves)
 
 

@@ -22,7 +22,7 @@ SEED = 25
 
 def model_folder(name: str, root) -> str:
     """The folder of built-in model `name` ("builtin:ARCH-SIZE"), built under the test's temp folder."""
-    from kvstore.builtin_models import builtin_model_path
+    from kvstore.models.builtin import builtin_model_path
 
     arch, _, size = name.partition(":")[2].partition("-")
     return str(builtin_model_path(arch=arch, size=size or "tiny", root=root))

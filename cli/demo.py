@@ -29,15 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import kvstore
+from kvstore.agents import AgentManager, Reply, consult, turn
 from kvstore.blas import blas_name
 from kvstore.errors import StoreError, UnknownAgentError
 from kvstore.models import MODELS, models_root
 
-from . import turn
 from .demo_script import PREAMBLE, QUESTION_1, QUESTION_2, ROLES, system_prompt
-from .manager import AgentManager
-from .records import Reply
-from .team import consult
 
 Echo = Callable[[str], None]
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -110,7 +107,7 @@ def _model_and_banner(model: Any, arch: str, size: str, echo: Echo) -> Any:
         if time.perf_counter() - t0 > 2.0:
             echo(f"       (ready in {time.perf_counter() - t0:.1f} s; later runs reuse it)")
     elif model == BUILTIN:
-        from kvstore.builtin_models import builtin_model_path
+        from kvstore.models.builtin import builtin_model_path
 
         echo(f"Model: the built-in {arch} '{size}' model, generated offline with RANDOM weights.")
         echo("       Its replies are gibberish; the timings, token counts and bytes below are real.")
@@ -437,8 +434,8 @@ def _spawn_session(
         echo("\nSession 1 is over. Starting session 2 in a new process…\n")
     with tempfile.TemporaryDirectory(prefix="kvstore-demo-") as tmp:
         result_file = Path(tmp) / f"session{session}.json"
-        # OpenBLAS first, as `kvstore demo` does: `-m kvstore.agents.demo` would import mlx before main runs
-        prelude = "import sys, kvstore; kvstore.use_openblas(); from kvstore.agents.demo import main; sys.exit(main())"
+        # OpenBLAS first, as `kvstore demo` does: `-m kvstore.cli.demo` would import mlx before main runs
+        prelude = "import sys, kvstore; kvstore.use_openblas(); from kvstore.cli.demo import main; sys.exit(main())"
         cmd = [
             sys.executable,
             "-c",
@@ -470,8 +467,8 @@ def _spawn_session(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kvstore.agents.demo`: parse the arguments and run the demo."""
-    p = argparse.ArgumentParser(prog="python -m kvstore.agents.demo", description=__doc__.split("\n")[0])
+    """`python -m kvstore.cli.demo`: parse the arguments and run the demo."""
+    p = argparse.ArgumentParser(prog="python -m kvstore.cli.demo", description=__doc__.split("\n")[0])
     p.add_argument("--store", help="the store folder (default: <temp dir>/kvstore-demo)")
     p.add_argument(
         "--model",

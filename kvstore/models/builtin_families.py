@@ -2,8 +2,8 @@
 
 Each family is a real mlx-lm architecture chosen for the cache classes it makes (see
 docs/USAGE.md, "Cache families"): a table of functions from the generic size (`SIZES` in
-kvstore.builtin_models) to the fields that family's `ModelArgs` reads. The build mechanics (weights,
-tokenizer, files) live in kvstore.builtin_models.
+kvstore.models.builtin) to the fields that family's `ModelArgs` reads. The build mechanics (weights,
+tokenizer, files) live in kvstore.models.builtin.
 """
 
 from __future__ import annotations
