@@ -15,7 +15,7 @@ from kvstore.errors import UnknownAgentError
 from kvstore.index import queries, schema
 from kvstore.index.prepared import Prepared
 from kvstore.index.queries import batches
-from kvstore.index.rows import Layers, Piece, SnapshotOwner, SnapshotRow, TailRow
+from kvstore.index.rows import Layers, SnapshotOwner, SnapshotRow, TailRow
 
 __all__ = [
     "layers",
@@ -46,7 +46,7 @@ def layers(conn, keys: list[bytes]) -> Layers:
         rows = conn.execute(  # .all(): one fetch, not one per row (a row per chunk and layer)
             select(_cl.c.chunk_key, _cl.c.layer, _cl.c.blob_id, _cl.c.first).where(_cl.c.chunk_key.in_(part))
         ).all()
-        out.update({(bytes(k), layer): Piece(blob_id, first) for k, layer, blob_id, first in rows})
+        out.update({(bytes(k), layer): (blob_id, first) for k, layer, blob_id, first in rows})
     return out
 
 
@@ -58,7 +58,7 @@ def checked_layers(conn, keys: Iterable[bytes]) -> Layers:
             select(_cl.c.chunk_key, _cl.c.layer, _cl.c.blob_id, _cl.c.first).where(_cl.c.chunk_key.in_(part))
         ).all()
         out.update(
-            ((bytes(k), layer), Piece(blob_id, first))
+            ((bytes(k), layer), (blob_id, first))
             for k, layer, blob_id, first in rows
             if isinstance(layer, int) and isinstance(first, int)
         )
@@ -83,7 +83,7 @@ def snapshot_layers(conn, snapshot_id: int) -> tuple[list[bytes], Layers]:
     for seq, key, layer, blob_id, first in rows:
         key = keys.get(seq) or keys.setdefault(seq, bytes(key))
         if layer is not None:  # a chunk whose layers fsck --repair removed: load reports it
-            out[(key, layer)] = Piece(blob_id, first)
+            out[(key, layer)] = (blob_id, first)
     return list(keys.values()), out
 
 

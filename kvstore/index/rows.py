@@ -11,12 +11,10 @@ from typing import NamedTuple
 __all__ = ["Piece", "Layers", "TailRow", "SnapshotRow", "SnapshotOwner"]
 
 
-class Piece(NamedTuple):
-    """One stored (chunk, layer): the blob that holds it, and the leading tokens of the chunk it lacks."""
-
-    blob_id: str
-    first: int
-
+# One stored (chunk, layer): (the blob that holds it, the leading tokens of the chunk it lacks). A plain
+# tuple, not a NamedTuple: a restore builds one per chunk and layer (384 for 4,096 tokens of a 24-layer
+# model), and a NamedTuple costs ~1 us each against ~0.15 us, a tenth of a millisecond per restore.
+Piece = tuple[str, int]
 
 Layers = dict[tuple[bytes, int], Piece]  # (chunk key, slot) -> the piece stored for it
 

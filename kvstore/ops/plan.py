@@ -47,12 +47,9 @@ __all__ = [
 Span = tuple[int, int]  # (first position, tokens) of a chunk
 
 
-class Read(NamedTuple):
-    """One blob a layer is rebuilt from: its id, the chunk tokens it lacks, and the chunk's first position."""
-
-    blob_id: str
-    first: int
-    start: int
+# One blob a layer is rebuilt from: (its id, the leading chunk tokens it lacks, the chunk's first position).
+# A plain tuple for the reason index.rows.Piece is one: a plan holds one per chunk and layer.
+Read = tuple[str, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +60,7 @@ class Plan:
     reads: tuple[tuple[Read, ...], ...]
 
     def blob_ids(self) -> set[str]:
-        return {r.blob_id for reads in self.reads for r in reads}
+        return {blob_id for reads in self.reads for blob_id, _first, _start in reads}
 
 
 class Chain(NamedTuple):
@@ -109,7 +106,7 @@ def plan(slots, keys: Sequence[bytes], spans: Sequence[Span], n_tokens: int, lay
             hit = layers.get((keys[last], s))
             if hit is None:
                 return None
-            out.append((Read(hit.blob_id, 0, spans[last][0]),))
+            out.append(((hit[0], 0, spans[last][0]),))
             continue
         need_from = codec.window_start(slot, n_tokens) if slot.kind == "rot" else 0
         got = []
@@ -118,9 +115,9 @@ def plan(slots, keys: Sequence[bytes], spans: Sequence[Span], n_tokens: int, lay
             if start + length <= need_from:
                 continue
             hit = layers.get((keys[i], s))
-            if hit is None or start + hit.first > max(need_from, start):
+            if hit is None or start + hit[1] > max(need_from, start):
                 return None
-            got.append(Read(hit.blob_id, hit.first, start))
+            got.append((hit[0], hit[1], start))
         out.append(tuple(got))
     return Plan(n_tokens, tuple(out))
 

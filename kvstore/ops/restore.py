@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -39,7 +39,7 @@ from kvstore.ops.plan import (
 )
 from kvstore.records import Match
 
-__all__ = ["head", "head_snapshot", "load", "match", "restore", "build_cache", "tokens_from_bytes"]
+__all__ = ["Head", "head", "head_snapshot", "load", "match", "restore", "build_cache", "tokens_from_bytes"]
 
 if TYPE_CHECKING:
     from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
@@ -91,15 +91,14 @@ def build_cache(*, blobs: BlobBackend, io: IoPool, slots, tree, plan: Plan, agen
     )
     for s, (slot, reads_) in enumerate(zip(slots, plan.reads)):
         if slot.kind != "state":
-            for r in reads_:
-                rd.add(r.blob_id, s, r.start + r.first)
+            for blob_id, first, start in reads_:
+                rd.add(blob_id, s, start + first)
     arrays = rd.run()
     leaves = []
     for s, (slot, reads_) in enumerate(zip(slots, plan.reads)):
         if slot.kind == "state":
             pieces, state_meta = [], None
-            for r in reads_:
-                blob_id = r.blob_id
+            for blob_id, _first, _start in reads_:
                 got, state_meta = tensorfile.decode(blobs.read(blob_id, agent), blob_id)
                 at = codec.state_position(state_meta)
                 if at is not None and at != n_tokens:  # never a state at a position it was not taken at
@@ -119,8 +118,16 @@ def build_cache(*, blobs: BlobBackend, io: IoPool, slots, tree, plan: Plan, agen
     return codec.build(tree, leaves)
 
 
-def head(store: Reader, name: str) -> tuple[str, dict, list[int]]:
-    """(model fingerprint, meta, tokens) of an agent's head snapshot, in one query.
+class Head(NamedTuple):
+    """What an agent's head snapshot says of it: enough to bring the agent back without its cache."""
+
+    model: str  # the model it belongs to (an unverified import's real model, not its namespace)
+    meta: dict  # the agent's metadata (the agent manager's record: kvstore.records.AgentRecord parses it)
+    tokens: list[int]  # the head snapshot's exact token ids
+
+
+def head(store: Reader, name: str) -> Head:
+    """The model, metadata and tokens of an agent's head snapshot, in one query.
 
     The agent manager's `get` on resume: store.agent() also counts snapshots (a grouped scan).
     """
@@ -128,7 +135,7 @@ def head(store: Reader, name: str) -> tuple[str, dict, list[int]]:
         row = head_snapshot(conn, name)
         # an agent imported without trust lives in its archive's namespace; its owner is the real model
         model = queries.namespace_model(conn, row.fingerprint) or row.fingerprint
-    return model, db.parse_json(row.meta, f"agent {name!r}'s metadata"), _snapshot_tokens(row, name)
+    return Head(model, db.parse_json(row.meta, f"agent {name!r}'s metadata"), _snapshot_tokens(row, name))
 
 
 def _snapshot_tokens(row: SnapshotRow, name: str) -> list[int]:

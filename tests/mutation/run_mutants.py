@@ -96,7 +96,7 @@ MUTANTS = {
     ),
     "plan_ignores_first": (
         "restore accepts a stored piece that starts after the positions it needs",
-        [("kvstore/ops/plan.py", "if hit is None or start + hit.first > max(need_from, start):", "if hit is None:")],
+        [("kvstore/ops/plan.py", "if hit is None or start + hit[1] > max(need_from, start):", "if hit is None:")],
     ),
     "load_trusts_chunk_list": (
         "load does not check that the token ids re-derive the snapshot's chunks",
