@@ -22,6 +22,8 @@ from kvstore.ops import reserve
 from kvstore.records import GcReport
 
 if TYPE_CHECKING:
+    from kvstore.blob.backend import BlobBackend
+    from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
     from kvstore.store import Store
 
 __all__ = ["gc", "gc_lock", "check_grace", "stale_temps", "temp_in_use"]
@@ -68,9 +70,11 @@ def gc(
     with gc_lock(store):
         if dry_run:
             return _dry_run(store, keep_last, grace, t0, agents)
-        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store, keep_last, agents))
+        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store.engine, keep_last, agents))
         crash_point("gc.after_rows")
-        files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
+        files, freed = _sweep_files(
+            engine=store.engine, blobs=store.blobs, grace=grace, progress=progress, unreferenced={b for b, _ in dead}
+        )
         temps = _sweep_temp(store, grace)
         if store.engine.dialect.name == "sqlite":
             reserve.ensure(store.path)  # room was freed: keep some for the next full disk
@@ -86,13 +90,15 @@ def gc(
     )
 
 
-def _drop_rows(store: Store, keep_last: int, agents: Iterable[str] | None) -> garbage.Dropped:
+def _drop_rows(engine: Engine, keep_last: int, agents: Iterable[str] | None) -> garbage.Dropped:
     """Retention, then unreferenced chunks and blob rows, in one transaction: (snapshots, chunks, blobs) dropped."""
-    with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
+    with db.transaction(engine, write=True, what="collecting garbage") as conn:
         return garbage.drop_unreachable(conn, keep_last, agents)
 
 
-def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -> tuple[int, int]:
+def _sweep_files(
+    *, engine: Engine, blobs: BlobBackend, grace: float, progress, unreferenced: set[str]
+) -> tuple[int, int]:
     """Remove the files of blobs whose rows this gc removed, and files no row names older than the grace period.
 
     A file without a row may be a save in flight (written, not yet committed): the grace period
@@ -100,10 +106,10 @@ def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -
     writes it again (ops.save).
     """
     now = time.time()
-    with db.transaction(store.engine, write=False, what="listing blobs") as conn:
+    with db.transaction(engine, write=False, what="listing blobs") as conn:
         known = garbage.known_blob_ids(conn)
-    candidates = [(b, p) for b, p in store.blobs.iter_files() if b not in known]
-    candidates = [(b, p) for b, p in candidates if b in unreferenced or store.blobs.age(p, now) > grace]
+    candidates = [(b, p) for b, p in blobs.iter_files() if b not in known]
+    candidates = [(b, p) for b, p in candidates if b in unreferenced or blobs.age(p, now) > grace]
     # Listed shard by shard, concurrent unlinks would queue on one directory's lock; ordered by the id
     # after the shard prefix, neighbours sit in different shards.
     candidates.sort(key=lambda c: c[0][2:])
@@ -111,16 +117,16 @@ def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -
     total = len(candidates)
     for i in range(0, total, FILE_BATCH):
         batch = candidates[i : i + FILE_BATCH]
-        with db.transaction(store.engine, write=True, what="removing blob files") as conn:
+        with db.transaction(engine, write=True, what="removing blob files") as conn:
             # Re-check under the write lock: a save may have committed a row for one of them since.
             back = garbage.still_named(conn, [b for b, _ in batch])
             doomed = [
                 blob_id
                 for blob_id, path in batch
-                if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))
+                if not (blob_id in back or (blob_id not in unreferenced and blobs.age(path) <= grace))
             ]
             # The backend batches: overlapped unlinks on a folder, DeleteObjects on S3.
-            for size in store.blobs.remove_many(doomed):
+            for size in blobs.remove_many(doomed):
                 removed += 1
                 freed += size
                 crash_point("gc.file_removed")

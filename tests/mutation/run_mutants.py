@@ -85,7 +85,7 @@ MUTANTS = {
     ),
     "gc_ignores_grace": (
         "gc sweeps unnamed blob files whatever their age",
-        [("kvstore/ops/gc.py", "if b in unreferenced or store.blobs.age(p, now) > grace]", "if True]")],
+        [("kvstore/ops/gc.py", "if b in unreferenced or blobs.age(p, now) > grace]", "if True]")],
     ),
     "restores_share_memory": (
         "a restore writes into an earlier restore's arrays of the same shapes",
