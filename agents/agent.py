@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
+from kvstore.records import AGENT_RECORD_KEY, AgentRecord
+
 from . import turn
 from .records import GenerationOptions, Reply, TurnStats
 
@@ -159,7 +161,7 @@ class Agent:
     def record(self) -> dict:
         """The agent's JSON record (primary data: with the snapshot's tokens it rebuilds the agent)."""
         return {
-            "kvstore_agent": RECORD_VERSION,
+            AGENT_RECORD_KEY: RECORD_VERSION,
             "system_prompt": self.system_prompt,
             "messages": self.messages,
             "meta": self.meta,
@@ -169,12 +171,5 @@ class Agent:
     @classmethod
     def from_record(cls, manager: AgentManager, name: str, record: dict[str, Any], tokens: list[int]) -> Agent:
         """An Agent from a stored record and its head snapshot's tokens."""
-        return cls(
-            manager,
-            name,
-            record.get("system_prompt"),
-            record.get("messages"),
-            tokens,
-            record.get("meta"),
-            record.get("turns"),
-        )
+        rec = AgentRecord.parse(record)
+        return cls(manager, name, rec.system_prompt, rec.messages, tokens, rec.meta, rec.turns)

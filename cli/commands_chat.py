@@ -9,6 +9,7 @@ import threading
 import click
 
 from kvstore.errors import UnknownAgentError
+from kvstore.records import AgentRecord
 
 from .context import CliError, StoreRef, pass_store
 from .format import count
@@ -91,8 +92,8 @@ def open_agent(ref: StoreRef, agent: str, model_name: str | None, system_prompt:
     else:
         if system_prompt is not None:
             raise CliError(f"agent {agent!r} already exists: --system only applies when creating an agent")
-        record = info.meta if isinstance(info.meta, dict) else {}
-        stored_model = (record.get("meta") or {}).get(MODEL_KEY) if "kvstore_agent" in record else None
+        record = AgentRecord.parse(info.meta)
+        stored_model = record.meta.get(MODEL_KEY) if record.by_manager else None
         model_name = model_name or stored_model
         if model_name is None:
             raise CliError(

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from kvstore.records import AgentRecord
+
 from .context import StoreRef, pass_store
 from .format import count, emit_json, fields, safe, short_fp, size, table, when
 
@@ -243,10 +245,11 @@ def show(ref: StoreRef, agent: str, as_json: bool) -> None:
 
 def _conversation(meta: dict) -> list[tuple[str, str]]:
     """(role, text) of an agent manager's record: the system prompt, then each message; [] for other agents."""
-    if not isinstance(meta, dict) or "kvstore_agent" not in meta:
+    record = AgentRecord.parse(meta)
+    if not record.by_manager:
         return []
-    out = [("system", str(meta["system_prompt"]))] if meta.get("system_prompt") else []
-    for m in meta.get("messages") or []:
+    out = [("system", record.system_prompt)] if record.system_prompt else []
+    for m in record.messages:
         if isinstance(m, dict):
             out.append((str(m.get("role", "?")), str(m.get("content", ""))))
     return out

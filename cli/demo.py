@@ -33,6 +33,7 @@ from kvstore.agents import AgentManager, Reply, consult, turn
 from kvstore.blas import blas_name
 from kvstore.errors import StoreError, UnknownAgentError
 from kvstore.models import MODELS, models_root
+from kvstore.records import AgentRecord
 
 from .demo_script import PREAMBLE, QUESTION_1, QUESTION_2, ROLES, system_prompt
 
@@ -212,11 +213,10 @@ def _demo_agents(store: kvstore.Store) -> list[str]:
     ours, theirs = [], []
     for name in ROLES:
         try:
-            record = store.agent(name).meta or {}
+            record = AgentRecord.parse(store.agent(name).meta)
         except UnknownAgentError:
             continue
-        meta = record.get("meta") if isinstance(record, dict) else None
-        (ours if isinstance(meta, dict) and meta.get(DEMO_MARK) is True else theirs).append(name)
+        (ours if record.meta.get(DEMO_MARK) is True else theirs).append(name)
     if theirs:
         raise DemoError(
             f"the store at {store.path} already has agent(s) named {', '.join(theirs)} that the demo "

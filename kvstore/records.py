@@ -117,3 +117,36 @@ class GcReport(_Record):
     temp_removed: int
     bytes_freed: int
     seconds: float = 0.0
+
+
+AGENT_RECORD_KEY = "kvstore_agent"  # the key that marks an agent manager's record (its value: the record's version)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """An agent's stored metadata read as the agent manager writes it (`kvstore.agents.Agent.record`).
+
+    The one parser of that record. Lenient, as every reader of it was: a missing field, or one of the
+    wrong type, reads as empty; metadata someone else wrote reads as a record with `by_manager` False and
+    whatever of these fields it holds.
+    """
+
+    by_manager: bool  # whether the agent manager wrote it (it carries AGENT_RECORD_KEY)
+    system_prompt: str | None  # the agent's role
+    messages: list  # the conversation's messages ({"role": ..., "content": ...} dicts), the system prompt apart
+    meta: dict  # the caller's own metadata (the server's conversation mark, the CLI's model name, ...)
+    turns: list  # the last turns' statistics (TurnStats as dicts)
+
+    @classmethod
+    def parse(cls, raw: object) -> AgentRecord:
+        """The record in an agent's stored metadata (a dict, as `Store.agent(name).meta` gives it)."""
+        if not isinstance(raw, dict):
+            return cls(False, None, [], {}, [])
+        prompt, messages, meta, turns = (raw.get(k) for k in ("system_prompt", "messages", "meta", "turns"))
+        return cls(
+            by_manager=AGENT_RECORD_KEY in raw,
+            system_prompt=prompt if prompt is None or isinstance(prompt, str) else str(prompt),
+            messages=messages if isinstance(messages, list) else [],
+            meta=meta if isinstance(meta, dict) else {},
+            turns=turns if isinstance(turns, list) else [],
+        )

@@ -18,6 +18,7 @@ from typing import Any
 import xxhash
 
 from kvstore.agents import turn as turn_mod
+from kvstore.records import AgentRecord
 
 from .errors import RequestError
 from .prompts import anthropic_messages, anthropic_tools
@@ -44,8 +45,7 @@ class Pin:
 
 def conversation_mark(record: dict | None) -> dict | None:
     """The server's part of a stored agent record, or None for an agent the server did not create."""
-    meta = (record or {}).get("meta") or {}
-    mark = meta.get(MARK) if isinstance(meta, dict) else None
+    mark = AgentRecord.parse(record).meta.get(MARK)
     return mark if isinstance(mark, dict) else None
 
 

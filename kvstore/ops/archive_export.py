@@ -13,19 +13,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
 from kvstore.blob.local import fsync_file
 from kvstore.cache.keys import chunk_keys, tokens_from_bytes
 from kvstore.errors import CorruptBlobError
 from kvstore.formats import BLOB_SUFFIX, FORMAT_VERSION, HASH_NAME
-from kvstore.index import db, queries, schema
-from kvstore.index.queries import batches
+from kvstore.index import db
+from kvstore.index import reads_export as reads
 from kvstore.names import validate_name
 from kvstore.ops.archive_manifest import ARCHIVE_VERSION
 from kvstore.ops.archive_tar import BLOB_PREFIX, MANIFEST
 
 if TYPE_CHECKING:
+    from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
     from kvstore.store import Store
 
 Progress = Callable[[int, int], None] | None
@@ -54,54 +53,23 @@ class ArchiveSummary:
 # -- export ----------------------------------------------------------------------------------------
 
 
-def _collect(store: Store, name: str) -> dict:
+def _collect(*, engine: Engine, chunk_size: int, name: str) -> dict:
     """The manifest of agent `name`, read in one transaction."""
-    from kvstore.ops.restore import head_snapshot
-
-    a, m, s, sc, c, cl, b = (
-        schema.agents,
-        schema.models,
-        schema.snapshots,
-        schema.snapshot_chunks,
-        schema.chunks,
-        schema.chunk_layers,
-        schema.blobs,
-    )
-    with db.transaction(store.engine, write=False, what=f"exporting agent {name!r}") as conn:
-        head_snapshot(conn, name)  # UnknownAgentError, or an agent that has no snapshot to move
-        agent = conn.execute(select(a).where(a.c.name == name)).first()
-        model = conn.execute(select(m).where(m.c.id == agent.model_id)).first()
-        real = queries.namespace_model(conn, model.fingerprint)  # an import kept apart: export it as its model's
-        snaps = conn.execute(select(s).where(s.c.agent_id == agent.id).order_by(s.c.id)).all()
-        lists: dict[int, list[bytes]] = {sn.id: [] for sn in snaps}
-        for sid, key in conn.execute(
-            select(sc.c.snapshot_id, sc.c.chunk_key)
-            .where(sc.c.snapshot_id.in_(list(lists)))
-            .order_by(sc.c.snapshot_id, sc.c.seq)
-        ):
-            lists[sid].append(bytes(key))
-        keys = sorted({k for ks in lists.values() for k in ks})
-        chunk_rows, layer_rows = [], []
-        for part in batches(keys):
-            chunk_rows += conn.execute(select(c.c.key, c.c.seq, c.c.length).where(c.c.key.in_(part))).all()
-            layer_rows += conn.execute(
-                select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))
-            ).all()
-        blob_ids = sorted({r.blob_id for r in layer_rows})
-        blob_rows = []
-        for part in batches(blob_ids):
-            blob_rows += conn.execute(select(b.c.id, b.c.nbytes).where(b.c.id.in_(part))).all()
+    with db.transaction(engine, write=False, what=f"exporting agent {name!r}") as conn:
+        rows = reads.agent_rows(conn, name)
+    agent, model, real, snaps, lists = rows.agent, rows.model, rows.real, rows.snapshots, rows.lists
+    chunk_rows, layer_rows, blob_rows = rows.chunks, rows.layers, rows.blobs
     rekey: dict[bytes, bytes] = {}
     if real is not None:
         for sn in snaps:
-            rekey.update(zip(lists[sn.id], chunk_keys(real, tokens_from_bytes(sn.tokens), store.chunk_size)))
+            rekey.update(zip(lists[sn.id], chunk_keys(real, tokens_from_bytes(sn.tokens), chunk_size)))
         lists = {sid: [rekey[k] for k in ks] for sid, ks in lists.items()}
     key_of = lambda k: rekey.get(bytes(k), bytes(k)).hex()  # noqa: E731
     return {
         "kvstore_archive": ARCHIVE_VERSION,
         "format_version": FORMAT_VERSION,
         "hash": HASH_NAME,
-        "chunk_size": store.chunk_size,
+        "chunk_size": chunk_size,
         "exported": time.time(),
         "agent": {
             "name": agent.name,
@@ -160,7 +128,7 @@ def export_agent(
         raise FileExistsError(
             17, "the archive already exists: choose another file or overwrite it (--force, overwrite=True)", str(target)
         )
-    manifest = _collect(store, name)
+    manifest = _collect(engine=store.engine, chunk_size=store.chunk_size, name=name)
     raw = json.dumps(manifest, separators=(",", ":")).encode()
     total = sum(bl["nbytes"] for bl in manifest["blobs"])
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")

@@ -15,36 +15,30 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, func, not_, select, text
-
 from kvstore._crash import crash_point
 from kvstore.errors import StoreLockedError
-from kvstore.index import db, schema
-from kvstore.index.queries import batches
+from kvstore.index import db, garbage
 from kvstore.ops import reserve
 from kvstore.records import GcReport
 
 if TYPE_CHECKING:
+    from kvstore.blob.backend import BlobBackend
+    from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
     from kvstore.store import Store
 
+__all__ = ["gc", "gc_lock", "check_grace", "stale_temps", "temp_in_use"]
+
 FILE_BATCH = 1000  # files removed per write transaction: keeps the write lock short for savers
-GC_CACHE_KIB = 256 * 1024  # SQLite page cache for gc's big transaction
 
 
 @contextlib.contextmanager
 def gc_lock(store: Store) -> Iterator[None]:
     """One gc at a time per store: a file lock beside a SQLite index, an advisory lock on PostgreSQL."""
     if store.engine.dialect.name == "postgresql":
-        with store.engine.connect() as conn:
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": db.PG_GC_LOCK}).scalar()
-            conn.commit()  # the lock is the session's; don't sit "idle in transaction" for the whole gc
+        with garbage.advisory_lock(store.engine) as got:
             if not got:
                 raise StoreLockedError("another gc is running on this store")
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.PG_GC_LOCK})
-                conn.commit()
+            yield
         return
     path = store.path / "gc.lock"
     with open(path, "a+") as f:
@@ -66,53 +60,6 @@ def check_grace(grace) -> None:
         raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
 
 
-def doomed_snapshots_query(keep_last: int, agents: list[str] | None = None):
-    """Snapshots past the retention policy: not among an agent's last keep_last, not its head, not kept
-    (and, given `agents`, only those agents' snapshots)."""
-    s, a = schema.snapshots, schema.agents
-    newer = (
-        select(func.count())
-        .select_from(s.alias("newer"))
-        .where(and_(text("newer.agent_id = snapshots.agent_id"), text("newer.id > snapshots.id")))
-        .scalar_subquery()
-    )
-    heads = select(a.c.head).where(a.c.head.is_not(None))
-    whose = [s.c.agent_id.in_(select(a.c.id).where(a.c.name.in_(agents)))] if agents is not None else []
-    return select(s.c.id).where(
-        and_(
-            newer >= keep_last,
-            not_(s.c.id.in_(heads)),
-            s.c.pinned == False,  # noqa: E712
-            s.c.label.is_(None),
-            *whose,
-        )
-    )
-
-
-def doomed_snapshots(conn, keep_last: int, agents: Iterable[str] | None) -> list[int]:
-    """The ids doomed_snapshots_query finds, for every agent or for the named ones (in batches)."""
-    if agents is None:
-        return [r for (r,) in conn.execute(doomed_snapshots_query(keep_last))]
-    return [
-        r for part in batches(sorted(set(agents))) for (r,) in conn.execute(doomed_snapshots_query(keep_last, part))
-    ]
-
-
-# Both scans run in key order: SQLite then walks the key's own index and probes the referencing
-# index in order too, instead of at random (issue 4's gc benchmark: 2.4 s -> 0.4 s for 1,000,000 blobs).
-def _unreferenced_chunks():
-    sc, c = schema.snapshot_chunks, schema.chunks
-    return select(c.c.key).where(not_(c.c.key.in_(select(sc.c.chunk_key)))).order_by(c.c.key)
-
-
-def _unreferenced_blobs():
-    cl, b = schema.chunk_layers, schema.blobs
-    # The size comes from a lookup per dead blob, so the scan itself stays on the id index.
-    x = b.alias("x")
-    size = select(x.c.nbytes).where(x.c.id == b.c.id).scalar_subquery()
-    return select(b.c.id, size).where(not_(b.c.id.in_(select(cl.c.blob_id)))).order_by(b.c.id)
-
-
 def gc(
     store: Store, dry_run: bool, keep_last: int, grace: float, progress=None, agents: Iterable[str] | None = None
 ) -> GcReport:
@@ -123,9 +70,11 @@ def gc(
     with gc_lock(store):
         if dry_run:
             return _dry_run(store, keep_last, grace, t0, agents)
-        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store, keep_last, agents))
+        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store.engine, keep_last, agents))
         crash_point("gc.after_rows")
-        files, freed = _sweep_files(store, grace, progress, {b for b, _ in dead})
+        files, freed = _sweep_files(
+            engine=store.engine, blobs=store.blobs, grace=grace, progress=progress, unreferenced={b for b, _ in dead}
+        )
         temps = _sweep_temp(store, grace)
         if store.engine.dialect.name == "sqlite":
             reserve.ensure(store.path)  # room was freed: keep some for the next full disk
@@ -141,43 +90,15 @@ def gc(
     )
 
 
-def _drop_rows(store: Store, keep_last: int, agents: Iterable[str] | None):
+def _drop_rows(engine: Engine, keep_last: int, agents: Iterable[str] | None) -> garbage.Dropped:
     """Retention, then unreferenced chunks and blob rows, in one transaction: (snapshots, chunks, blobs) dropped."""
-    with db.transaction(store.engine, write=True, what="collecting garbage") as conn:
-        restore_cache = _big_page_cache(conn)
-        doomed = doomed_snapshots(conn, keep_last, agents)
-        for part in batches(doomed):
-            conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
-            conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
-        chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
-        for part in batches(chunk_keys):
-            conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
-            conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))
-        dead = conn.execute(_unreferenced_blobs()).all()
-        for part in batches([b for b, _ in dead]):
-            conn.execute(delete(schema.blobs).where(schema.blobs.c.id.in_(part)))
-        restore_cache()
-    return doomed, chunk_keys, dead
+    with db.transaction(engine, write=True, what="collecting garbage") as conn:
+        return garbage.drop_unreachable(conn, keep_last, agents)
 
 
-def _big_page_cache(conn):
-    """Give this SQLite connection a large page cache for gc's one big transaction; returns the undo.
-
-    Deleting 100,000 chunks touches more index pages than SQLite's default 2 MB cache holds: it
-    spills them and reads them back (issue 4's gc benchmark: 20 s of SQL become 8 s).
-    """
-    if conn.dialect.name != "sqlite":
-        return lambda: None
-    before = conn.exec_driver_sql("PRAGMA cache_size").scalar()
-    conn.exec_driver_sql(f"PRAGMA cache_size = -{GC_CACHE_KIB}")
-    return lambda: conn.exec_driver_sql(f"PRAGMA cache_size = {int(before)}")
-
-
-def _known_blob_ids(conn) -> set[str]:
-    return {b for (b,) in conn.execute(select(schema.blobs.c.id))}
-
-
-def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -> tuple[int, int]:
+def _sweep_files(
+    *, engine: Engine, blobs: BlobBackend, grace: float, progress, unreferenced: set[str]
+) -> tuple[int, int]:
     """Remove the files of blobs whose rows this gc removed, and files no row names older than the grace period.
 
     A file without a row may be a save in flight (written, not yet committed): the grace period
@@ -185,10 +106,10 @@ def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -
     writes it again (ops.save).
     """
     now = time.time()
-    with db.transaction(store.engine, write=False, what="listing blobs") as conn:
-        known = _known_blob_ids(conn)
-    candidates = [(b, p) for b, p in store.blobs.iter_files() if b not in known]
-    candidates = [(b, p) for b, p in candidates if b in unreferenced or store.blobs.age(p, now) > grace]
+    with db.transaction(engine, write=False, what="listing blobs") as conn:
+        known = garbage.known_blob_ids(conn)
+    candidates = [(b, p) for b, p in blobs.iter_files() if b not in known]
+    candidates = [(b, p) for b, p in candidates if b in unreferenced or blobs.age(p, now) > grace]
     # Listed shard by shard, concurrent unlinks would queue on one directory's lock; ordered by the id
     # after the shard prefix, neighbours sit in different shards.
     candidates.sort(key=lambda c: c[0][2:])
@@ -196,19 +117,16 @@ def _sweep_files(store: Store, grace: float, progress, unreferenced: set[str]) -
     total = len(candidates)
     for i in range(0, total, FILE_BATCH):
         batch = candidates[i : i + FILE_BATCH]
-        with db.transaction(store.engine, write=True, what="removing blob files") as conn:
+        with db.transaction(engine, write=True, what="removing blob files") as conn:
             # Re-check under the write lock: a save may have committed a row for one of them since.
-            back = {
-                b
-                for (b,) in conn.execute(select(schema.blobs.c.id).where(schema.blobs.c.id.in_([b for b, _ in batch])))
-            }
+            back = garbage.still_named(conn, [b for b, _ in batch])
             doomed = [
                 blob_id
                 for blob_id, path in batch
-                if not (blob_id in back or (blob_id not in unreferenced and store.blobs.age(path) <= grace))
+                if not (blob_id in back or (blob_id not in unreferenced and blobs.age(path) <= grace))
             ]
             # The backend batches: overlapped unlinks on a folder, DeleteObjects on S3.
-            for size in store.blobs.remove_many(doomed):
+            for size in blobs.remove_many(doomed):
                 removed += 1
                 freed += size
                 crash_point("gc.file_removed")
@@ -256,17 +174,8 @@ def _sweep_temp(store: Store, grace: float) -> int:
 def _dry_run(store: Store, keep_last: int, grace: float, t0: float, agents: Iterable[str] | None) -> GcReport:
     """What gc would remove, counted without changing anything."""
     with db.transaction(store.engine, write=False, what="planning gc") as conn:
-        doomed = doomed_snapshots(conn, keep_last, agents)
-        sc, cl, b = schema.snapshot_chunks, schema.chunk_layers, schema.blobs
-        surviving = (
-            select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else select(sc.c.chunk_key)
-        )
-        dead_chunks = [
-            k for (k,) in conn.execute(select(schema.chunks.c.key).where(not_(schema.chunks.c.key.in_(surviving))))
-        ]
-        live_blobs = select(cl.c.blob_id).where(cl.c.chunk_key.in_(surviving))
-        dead = conn.execute(select(b.c.id, b.c.nbytes).where(not_(b.c.id.in_(live_blobs)))).all()
-        known = _known_blob_ids(conn)
+        found = garbage.unreachable(conn, keep_last, agents)
+    doomed, dead_chunks, dead, known = found
     now = time.time()
     dead_ids = {bid for bid, _ in dead}
     orphans = [

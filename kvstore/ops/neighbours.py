@@ -4,17 +4,18 @@ The restore planner finds the longest restorable prefix by chunk keys; a miss ex
 token where a prompt first differs from anything stored, which can lie inside the next chunk. The
 snapshots that list the last matched chunk hold the same prefix up to it: their tokens show where
 the prompt goes its own way. With no chunk matched, the model's most recently saved heads stand in.
-Plain SQL through `store.reading()`, like kvstore.ops.accounting.
+Its SQL is kvstore.index.reads_neighbours, run through `store.reading()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from kvstore.cache.keys import tokens_from_bytes, tokens_to_array
+from kvstore.index import reads_neighbours as reads
 
 if TYPE_CHECKING:
     from kvstore.records import Match
@@ -24,17 +25,13 @@ __all__ = ["Neighbour", "nearest_stored", "other_models"]
 
 CANDIDATES = 16  # snapshots compared token by token per prompt
 
-_BY_CHUNK = f"""
-    SELECT a.name, s.tokens FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id
-    JOIN agents a ON a.id = s.agent_id
-    WHERE sc.chunk_key = :key AND sc.seq = :seq ORDER BY s.id DESC LIMIT {CANDIDATES}"""
 
-_RECENT_HEADS = f"""
-    SELECT a.name, s.tokens FROM agents a JOIN snapshots s ON s.id = a.head JOIN models m ON m.id = a.model_id
-    WHERE m.fingerprint = :fp ORDER BY a.updated DESC LIMIT {CANDIDATES}"""
+class Neighbour(NamedTuple):
+    """A stored snapshot near a prompt."""
 
-
-Neighbour = tuple[int, str, list[int]]  # (tokens in common with the prompt, agent name, its tokens)
+    common: int  # tokens in common with the prompt (from the start)
+    agent: str  # the snapshot's agent
+    tokens: list[int]  # the snapshot's token ids
 
 
 def _common(a: np.ndarray, b: np.ndarray) -> int:
@@ -48,19 +45,19 @@ def nearest_stored(store: Store, tokens, fingerprint: str, match: Match) -> Neig
     toks = tokens_to_array(tokens)
     with store.reading("finding where a prompt leaves the store") as conn:
         if match.n_chunks:
-            rows = conn.rows(_BY_CHUNK, {"key": match.keys[-1], "seq": match.n_chunks - 1})
+            rows = reads.listing_chunk(conn, match.keys[-1], match.n_chunks - 1, CANDIDATES)
         else:
-            rows = conn.rows(_RECENT_HEADS, {"fp": fingerprint})
+            rows = reads.recent_heads(conn, fingerprint, CANDIDATES)
     best: Neighbour | None = None
     for name, blob in rows:
         theirs = np.frombuffer(blob, dtype="<u4")
         n = _common(toks, theirs)
-        if best is None or n > best[0]:
-            best = (n, name, tokens_from_bytes(blob))
+        if best is None or n > best.common:
+            best = Neighbour(n, name, tokens_from_bytes(blob))
     return best
 
 
 def other_models(store: Store, own: Collection[str]) -> list[tuple[str, str | None]]:
     """(fingerprint, name hint) of every model in the store but those in `own`."""
     with store.reading("listing models") as conn:
-        return [(fp, name) for fp, name in conn.rows("SELECT fingerprint, name FROM models") if fp not in own]
+        return [(fp, name) for fp, name in reads.models(conn) if fp not in own]

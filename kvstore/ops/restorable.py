@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from itertools import groupby
-
-from sqlalchemy import select
 
 from kvstore.cache import codec
 from kvstore.cache.keys import chunk_spans
 from kvstore.errors import StoreError
-from kvstore.index import schema
-from kvstore.index.queries import batches
-from kvstore.ops.restore import longest
+from kvstore.index import reads_restore as reads
+from kvstore.ops.plan import longest
 
 __all__ = ["Restorable", "restorable"]
 
@@ -40,25 +36,12 @@ def restorable(conn, snapshot_ids, chunk_size: int) -> dict[int, Restorable]:
     Snapshots whose rows a damaged page made unreadable (or whose model's layout is unreadable) are
     left out: fsck reports those as damage of their own.
     """
-    s, sc, a, m = schema.snapshots, schema.snapshot_chunks, schema.agents, schema.models
     ids = sorted(set(snapshot_ids))
-    rows, chunk_lists = {}, {}
-    for part in batches(ids):
-        rows.update(
-            (r.id, r)
-            for r in conn.execute(
-                select(s.c.id, s.c.n_tokens, a.c.name, a.c.head, m.c.layout)
-                .select_from(s.join(a, s.c.agent_id == a.c.id).join(m, s.c.model_id == m.c.id))
-                .where(s.c.id.in_(part))
-            ).all()
-        )
-        listed = conn.execute(
-            select(sc.c.snapshot_id, sc.c.chunk_key)
-            .where(sc.c.snapshot_id.in_(part))
-            .order_by(sc.c.snapshot_id, sc.c.seq)
-        )
-        chunk_lists.update((sid, [k for _, k in group]) for sid, group in groupby(listed, key=lambda r: r[0]))
-    layers = _layers(conn, {bytes(k) for keys in chunk_lists.values() for k in keys if isinstance(k, bytes)})
+    rows = reads.snapshot_owners(conn, ids)
+    chunk_lists = reads.chunk_lists(conn, ids)
+    layers = reads.checked_layers(
+        conn, {bytes(k) for keys in chunk_lists.values() for k in keys if isinstance(k, bytes)}
+    )
     layouts: dict[str, list | None] = {}
     out = {}
     for sid, row in rows.items():
@@ -78,23 +61,7 @@ def restorable(conn, snapshot_ids, chunk_size: int) -> dict[int, Restorable]:
             n = longest(slots, [bytes(k) for k in keys], spans, layers) if keys else 0
         except (KeyError, TypeError, ValueError, IndexError):  # a layout that parses but does not plan
             continue
-        out[sid] = Restorable(row.name, row.head == sid, n_tokens, n)
-    return out
-
-
-def _layers(conn, keys) -> dict[tuple[bytes, int], tuple[str, int]]:
-    """{(chunk key, layer): (blob id, first)} for these chunks, as `longest` takes them."""
-    cl = schema.chunk_layers
-    out = {}
-    for part in batches(sorted(keys)):
-        rows = conn.execute(
-            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id, cl.c.first).where(cl.c.chunk_key.in_(part))
-        ).all()
-        out.update(
-            ((bytes(k), layer), (blob_id, first))
-            for k, layer, blob_id, first in rows
-            if isinstance(layer, int) and isinstance(first, int)  # a damaged page's values are not plans
-        )
+        out[sid] = Restorable(row.agent, row.head == sid, n_tokens, n)
     return out
 
 

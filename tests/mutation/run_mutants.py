@@ -73,30 +73,30 @@ MUTANTS = {
         "gc's retention forgets labelled snapshots",
         [
             (
-                "kvstore/ops/gc.py",
-                "s.c.pinned == False,  # noqa: E712\n                                     s.c.label.is_(None)))",
-                "s.c.pinned == False))  # noqa: E712",
+                "kvstore/index/garbage.py",
+                "s.c.pinned == False,  # noqa: E712\n            s.c.label.is_(None),\n",
+                "s.c.pinned == False,  # noqa: E712\n",
             )
         ],
     ),
     "gc_drops_pinned": (
         "gc's retention forgets pinned snapshots",
-        [("kvstore/ops/gc.py", "s.c.pinned == False,  # noqa: E712", "True,  # noqa: E712")],
+        [("kvstore/index/garbage.py", "s.c.pinned == False,  # noqa: E712", "True,  # noqa: E712")],
     ),
     "gc_ignores_grace": (
         "gc sweeps unnamed blob files whatever their age",
-        [("kvstore/ops/gc.py", "if b in unreferenced or store.blobs.age(p, now) > grace]", "if True]")],
+        [("kvstore/ops/gc.py", "if b in unreferenced or blobs.age(p, now) > grace]", "if True]")],
     ),
     "restores_share_memory": (
         "a restore writes into an earlier restore's arrays of the same shapes",
         [
             ("kvstore/ops/restore.py", "    arrays = rd.run()\n", "    arrays = _reuse(rd.run())\n"),
-            ("kvstore/ops/restore.py", "def head_snapshot(", _REUSE.lstrip("\n") + "\n\ndef head_snapshot("),
+            ("kvstore/ops/restore.py", "def head(", _REUSE.lstrip("\n") + "\n\ndef head("),
         ],
     ),
     "plan_ignores_first": (
         "restore accepts a stored piece that starts after the positions it needs",
-        [("kvstore/ops/restore.py", "if hit is None or start + hit[1] > max(need_from, start):", "if hit is None:")],
+        [("kvstore/ops/plan.py", "if hit is None or start + hit[1] > max(need_from, start):", "if hit is None:")],
     ),
     "load_trusts_chunk_list": (
         "load does not check that the token ids re-derive the snapshot's chunks",
@@ -104,7 +104,7 @@ MUTANTS = {
     ),
     "match_trusts_hashes": (
         "restore trusts a hash match without comparing the stored token ids",
-        [("kvstore/ops/restore.py", "    if stored.size == n and (stored == mine).all():", "    if True:")],
+        [("kvstore/ops/plan.py", "    if stored.size == n and (stored == mine).all():", "    if True:")],
     ),
     "window_off_by_one": (
         "a sliding layer's window starts one position late",
