@@ -144,7 +144,7 @@ def commit_chain(
     lengths: dict[bytes, int] = {}
     for sn in chain.snapshots:
         lengths.update((k, ln) for k, (_start, ln) in zip(sn.keys, chunk_spans(int(sn.tokens.size), chunk_size)))
-    _add_chunks(conn, model_id, model.fingerprint, [sn.keys for sn in chain.snapshots], lengths, chain)
+    _add_chunks(conn, chain, model_id=model_id, fingerprint=model.fingerprint, lengths=lengths)
     agent_id = None if chain.agent is None else _agent(conn, chain.agent, model_id)
     ids = []
     for sn in chain.snapshots:
@@ -154,19 +154,7 @@ def commit_chain(
             continue
         if agent_id is None:
             raise ValueError("a new snapshot needs its agent")
-        ids.append(
-            queries.insert_snapshot(
-                conn,
-                agent_id=agent_id,
-                model_row_id=model_id,
-                tokens=sn.tokens.tobytes(),
-                n_tokens=int(sn.tokens.size),
-                keys=sn.keys,
-                created=sn.created,
-                label=sn.label,
-                pinned=sn.pinned,
-            )
-        )
+        ids.append(queries.insert_snapshot(conn, sn, agent_id=agent_id, model_row_id=model_id))
     if chain.agent is not None and agent_id is not None and chain.head is not None:
         queries.set_head(conn, agent_id, ids[chain.head], updated=chain.agent.updated)
     return ids
@@ -181,19 +169,17 @@ def _agent(conn, agent: AgentEntry, model_id: int) -> int:
     return agent_id
 
 
-def _add_chunks(
-    conn, model_id: int, fingerprint: str, chains: list[Sequence[bytes]], lengths: dict[bytes, int], chain: Chain
-) -> None:
-    """Insert the chunk rows of `chains` and the chain's layer rows, with their sizes.
+def _add_chunks(conn, chain: Chain, *, model_id: int, fingerprint: str, lengths: dict[bytes, int]) -> None:
+    """Insert the chunk rows of the chain's snapshots and its layer rows, with their sizes.
 
-    Each chain is a snapshot's chunk keys from chunk 0. Layer rows of chunks the index already has
+    Each snapshot's chunk keys run from chunk 0. Layer rows of chunks the index already has
     are added first (a row holding more of a chunk, a smaller `first`, replaces the stored one) and
     their sizes refreshed; then the new chunks go in with sizes taken from their layer rows and their
     parents' prefix bytes (kvstore.index.sizes).
     """
     root = bytes.fromhex(fingerprint)
     place: dict[bytes, tuple[int, bytes]] = {}  # key -> (seq, parent)
-    for keys in chains:
+    for keys in (sn.keys for sn in chain.snapshots):
         for i, key in enumerate(keys):
             place.setdefault(key, (i, keys[i - 1] if i else root))
     # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).

@@ -22,7 +22,7 @@ from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
 
 if TYPE_CHECKING:
-    from kvstore.index.commit import LayerRow
+    from kvstore.index.commit import LayerRow, NewSnapshot
 
 __all__ = [
     "IN_BATCH",
@@ -287,28 +287,18 @@ def move_agent(conn, agent_id: int, model_row_id: int) -> None:
     conn.execute(update(a).where(a.c.id == agent_id, a.c.model_id != model_row_id).values(model_id=model_row_id))
 
 
-def insert_snapshot(
-    conn,
-    *,
-    agent_id: int,
-    model_row_id: int,
-    tokens: bytes,
-    n_tokens: int,
-    keys: Sequence[bytes],
-    created: float,
-    label: str | None,
-    pinned: bool,
-) -> int:
-    """A snapshot row and its chunk list (`keys` in order); returns the snapshot's id."""
+def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id: int) -> int:
+    """A snapshot row and its chunk list (its keys in order); returns the snapshot's id."""
+    keys = snapshot.keys
     snap_id = _INSERT_SNAPSHOT.scalar(
         conn,
         agent_id=agent_id,
         model_id=model_row_id,
-        n_tokens=int(n_tokens),
-        tokens=tokens,
-        created=created,
-        label=label,
-        pinned=bool(pinned),
+        n_tokens=int(snapshot.tokens.size),
+        tokens=snapshot.tokens.tobytes(),
+        created=snapshot.created,
+        label=snapshot.label,
+        pinned=bool(snapshot.pinned),
     )
     _INSERT_SNAPSHOT_CHUNK.many(conn, [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
     return snap_id

@@ -75,6 +75,7 @@ def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str,
 def plan_pieces(
     slots,
     leaves,
+    *,
     n_tokens: int,
     chunk_size: int,
     keys: list[bytes],
@@ -297,14 +298,18 @@ def save(
             stale = _check_model_and_agent(conn, plan)
             have = queries.existing_layers(conn, plan.keys)
             if locked:  # this attempt cannot be undone by a gc
-                pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
-                _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-                blobs, pending = start_writes(store, pieces, slots, model)
+                blobs, pending = start(plan, have)
                 return _commit(store, plan, have=have, blobs=blobs, pending=pending, locked=conn, stale_layout=stale)
-        pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
-        _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-        blobs, pending = start_writes(store, pieces, slots, model)
+        blobs, pending = start(plan, have)
         return _commit(store, plan, have=have, blobs=blobs, pending=pending, stale_layout=stale)
+
+    def start(plan: SavePlan, have: dict[tuple[bytes, int], int]) -> tuple[list[_Blob], Future]:
+        """Plan the pieces the index lacks and start writing their blobs."""
+        pieces = plan_pieces(
+            slots, leaves, n_tokens=n, chunk_size=store.chunk_size, keys=plan.keys, have=have, captured=captured
+        )
+        _warn_window_lost(store, plan, slots=slots, leaves=leaves, have=have, captured=captured)
+        return start_writes(store, pieces, slots, model)
 
     return retrying(
         attempt,
@@ -313,10 +318,11 @@ def save(
     )
 
 
-def _warn_window_lost(store: Store, model: str, slots, leaves, keys, spans, have, captured, n: int) -> None:
+def _warn_window_lost(store: Store, plan: SavePlan, *, slots, leaves, have, captured) -> None:
     """Warn (once per store and model) when sliding-window chunks that already left the window are
     neither stored nor captured: the snapshot then restores only at exactly its length, never at an
     earlier chunk boundary (issue 15, item 3)."""
+    model, keys, spans, n = plan.model, plan.keys, plan.spans, int(plan.tokens.size)
     warned = store.__dict__.setdefault("_window_warned", set())
     if model in warned:
         return
@@ -337,7 +343,7 @@ def _warn_window_lost(store: Store, model: str, slots, leaves, keys, spans, have
                     f"not captured: its snapshot restores only at exactly {n} tokens, never at an earlier chunk "
                     "boundary; capture chunks while prefilling (kvstore.cache.capture) to share prefixes"
                 ),
-                stacklevel=6,  # _warn_window_lost, attempt, retrying, save, Store.save: the caller
+                stacklevel=7,  # _warn_window_lost, start, attempt, retrying, save, Store.save: the caller
             )
             return
 
