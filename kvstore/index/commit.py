@@ -128,8 +128,11 @@ def commit_chain(
     """Write `chain` in the caller's write transaction; returns its snapshots' ids, in order.
 
     `reused` is the (chunk key, layer) pairs the plan found in the index and does not write again:
-    if one is gone (a gc ran since), raises Retry before anything is written. A row once there only
-    ever comes to hold more of its chunk (`widen_layer_rows`), so being there is what a plan relies on.
+    if one is gone (a gc ran since), raises Retry before anything is written. The check is presence,
+    counted in the database (`queries.layers_present`: a save late in a long chat reuses thousands of
+    rows): a row that stays only ever comes to hold more of its chunk (`widen_layer_rows`); one that a
+    gc removed and another save put back may hold less of a sliding-window chunk, which restores a
+    shorter prefix, never a wrong one.
     """
     if reused and not queries.layers_present(conn, reused):
         raise Retry()
