@@ -251,7 +251,7 @@ def import_mlx_cache(
         return MlxImport(snapshot=snap, verified=True, error=error, tolerance=TOLERANCE)
     # Kept apart: a namespace of the model's, this agent's and this file's own.
     salted = namespace_of(fp, b"mlx-lm file\0" + name.encode() + b"\0" + _file_digest(path))
-    snap = save.save(store, name, cache, tokens, fp, meta, None, False, None, namespace=salted)
+    snap = save.save(store, name, cache, tokens, model=fp, meta=meta, namespace=salted)
     return MlxImport(snapshot=snap, verified=False, error=None, tolerance=TOLERANCE)
 
 

@@ -178,11 +178,11 @@ class Store(StoreReads):
             name,
             cache,
             tokens,
-            _fingerprint_of(model),
-            meta,
-            label,
-            pinned,
-            captured,
+            model=_fingerprint_of(model),
+            meta=meta,
+            label=label,
+            pinned=pinned,
+            captured=captured,
             moves_from=tuple(moves_from),
         )
 
@@ -223,6 +223,9 @@ class Store(StoreReads):
         validate_name(name)
         validate_name(new_name)
         self._writable()
+        import numpy as np
+
+        from kvstore.index import commit
         from kvstore.ops import restore
 
         now = db.now()
@@ -230,14 +233,14 @@ class Store(StoreReads):
             src = restore.head_snapshot(conn, name)
             if queries.agent_row(conn, new_name) is not None:
                 raise AgentExistsError(f"an agent named {new_name!r} already exists")
-            agent = queries.agent_row(conn, name)
-            snap = queries.snapshot_row(conn, src.id)
             keys = queries.snapshot_keys(conn, src.id)
-            new_agent = queries.insert_agent(conn, new_name, agent.model_id, agent.meta, now, now)
-            new_snap = queries.insert_snapshot(
-                conn, new_agent, snap.model_id, snap.tokens, snap.n_tokens, keys, now, label=None, pinned=False
+            chain = commit.Chain(
+                model=commit.ModelEntry(fingerprint=src.fingerprint, layout=src.layout),
+                agent=commit.AgentEntry(name=new_name, meta_json=src.meta, created=now, updated=now, new=True),
+                snapshots=[commit.NewSnapshot(tokens=np.frombuffer(src.tokens, dtype="<u4"), keys=keys, created=now)],
+                head=0,
             )
-            queries.set_head(conn, new_agent, new_snap)
+            (new_snap,) = commit.commit_chain(conn, chain, chunk_size=self.chunk_size, now=now)
         return Snapshot(
             id=new_snap,
             agent=new_name,

@@ -1,24 +1,28 @@
-"""The index's shared rows: every insert and lookup that save, import, fork and the Store facade use.
+"""The index's shared rows: every row write, and the lookups that save, import, fork and the Store facade use.
 
 The read-only listings (agents, snapshots, settings) are plain SQL in kvstore.index.reads, so that read
-commands run them without SQLAlchemy.
+commands run them without SQLAlchemy; fsck's and gc's scans are in their own index/ modules.
 
-Each function runs in the caller's transaction (`db.transaction`); none opens its own. A model,
-agent or snapshot row is written here and nowhere else, so a save, an import and a fork cannot
-disagree on what a row holds.
+Each function runs in the caller's transaction (`db.transaction`); none opens its own. A model, agent,
+snapshot, chunk, layer or blob row is inserted, changed or deleted here and nowhere else (the two size
+columns of `chunks` are kept by kvstore.index.sizes), and a snapshot chain is committed only through
+kvstore.index.commit, so a save, an import, a fork and fsck's repair cannot disagree on what a row holds.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
 
 from kvstore.index import db, schema
 from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
+
+if TYPE_CHECKING:
+    from kvstore.index.commit import LayerRow, NewSnapshot
 
 __all__ = [
     "IN_BATCH",
@@ -44,6 +48,16 @@ __all__ = [
     "update_agent_meta",
     "delete_agent",
     "drop_blob_rows",
+    "insert_blob_rows",
+    "blob_rows_named",
+    "insert_chunk_rows",
+    "insert_layer_rows",
+    "widen_layer_rows",
+    "relist_snapshot",
+    "drop_blobs",
+    "drop_layer",
+    "keep_damaged_meta",
+    "head_to_newest",
 ]
 
 # Values per IN (...) list: under SQLite's and PostgreSQL's bound-parameter limits with room to spare.
@@ -273,27 +287,18 @@ def move_agent(conn, agent_id: int, model_row_id: int) -> None:
     conn.execute(update(a).where(a.c.id == agent_id, a.c.model_id != model_row_id).values(model_id=model_row_id))
 
 
-def insert_snapshot(
-    conn,
-    agent_id: int,
-    model_row_id: int,
-    tokens: bytes,
-    n_tokens: int,
-    keys: Sequence[bytes],
-    created: float,
-    label: str | None,
-    pinned: bool,
-) -> int:
-    """A snapshot row and its chunk list (`keys` in order); returns the snapshot's id."""
+def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id: int) -> int:
+    """A snapshot row and its chunk list (its keys in order); returns the snapshot's id."""
+    keys = snapshot.keys
     snap_id = _INSERT_SNAPSHOT.scalar(
         conn,
         agent_id=agent_id,
         model_id=model_row_id,
-        n_tokens=int(n_tokens),
-        tokens=tokens,
-        created=created,
-        label=label,
-        pinned=bool(pinned),
+        n_tokens=int(snapshot.tokens.size),
+        tokens=snapshot.tokens.tobytes(),
+        created=snapshot.created,
+        label=snapshot.label,
+        pinned=bool(snapshot.pinned),
     )
     _INSERT_SNAPSHOT_CHUNK.many(conn, [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
     return snap_id
@@ -352,3 +357,79 @@ def drop_blob_rows(conn, blob_id: str) -> tuple[int, list[bytes]]:
     n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
     conn.execute(delete(b).where(b.c.id == blob_id))
     return n, keys
+
+
+# -- blobs, chunks and layer rows (written by kvstore.index.commit) ---------------------------------
+
+
+def insert_blob_rows(conn, sizes: dict[str, int], now: float) -> None:
+    """A row for each blob of `sizes` (id -> bytes) the index lacks."""
+    db.insert_ignore(conn, schema.blobs, [{"id": b, "nbytes": n, "created": now} for b, n in sizes.items()])
+
+
+def blob_rows_named(conn, blob_ids: Sequence[str]) -> set[str]:
+    """The ids among `blob_ids` that have a blob row."""
+    b = schema.blobs
+    named: set[str] = set()
+    for part in batches(blob_ids):
+        named |= {i for (i,) in conn.execute(select(b.c.id).where(b.c.id.in_(part)))}
+    return named
+
+
+def insert_chunk_rows(conn, rows: list[dict]) -> None:
+    """Chunk rows (key, model_id, seq, length, parent, nbytes, prefix_bytes) the index lacks."""
+    db.insert_ignore(conn, schema.chunks, rows)
+
+
+def insert_layer_rows(conn, rows: Sequence[LayerRow]) -> None:
+    """(chunk, layer) -> blob rows the index lacks."""
+    db.insert_ignore(conn, _cl, [r._asdict() for r in rows])
+
+
+def widen_layer_rows(conn, rows: Sequence[LayerRow]) -> None:
+    """Each row replaces the stored one of its (chunk, layer) if it holds more of the chunk (a smaller
+    `first`: a fuller piece of a sliding-window chunk)."""
+    for r in rows:
+        conn.execute(
+            update(_cl)
+            .where(_cl.c.chunk_key == r.chunk_key, _cl.c.layer == r.layer, _cl.c.first > r.first)
+            .values(blob_id=r.blob_id, first=r.first)
+        )
+
+
+def relist_snapshot(conn, snapshot_id: int, n_tokens: int, keys: Sequence[bytes]) -> None:
+    """Replace a snapshot's chunk list and token count (fsck rebuilding them from its token ids)."""
+    conn.execute(delete(_sc).where(_sc.c.snapshot_id == snapshot_id))
+    conn.execute(update(_s).where(_s.c.id == snapshot_id).values(n_tokens=int(n_tokens)))
+    _INSERT_SNAPSHOT_CHUNK.many(
+        conn, [{"snapshot_id": snapshot_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)]
+    )
+
+
+# -- fsck's repairs --------------------------------------------------------------------------------
+
+
+def drop_blobs(conn, blob_ids: Sequence[str]) -> None:
+    """Delete these blobs' rows and every layer row naming them."""
+    b = schema.blobs
+    for part in batches(blob_ids):
+        conn.execute(delete(_cl).where(_cl.c.blob_id.in_(part)))
+        conn.execute(delete(b).where(b.c.id.in_(part)))
+
+
+def drop_layer(conn, chunk_key: bytes, layer: int) -> None:
+    """Delete one (chunk, layer) row."""
+    conn.execute(delete(_cl).where(_cl.c.chunk_key == chunk_key, _cl.c.layer == layer))
+
+
+def keep_damaged_meta(conn, name: str) -> None:
+    """Replace agent `name`'s unparsable metadata by {"damaged_meta": the old text}, where a person can
+    still read it."""
+    raw = conn.execute(select(_a.c.meta).where(_a.c.name == name)).scalar_one()
+    conn.execute(update(_a).where(_a.c.name == name).values(meta=json.dumps({"damaged_meta": raw})))
+
+
+def head_to_newest(conn, name: str) -> None:
+    """Point agent `name`'s head at its newest snapshot (none: no head)."""
+    newest = select(func.max(_s.c.id)).where(_s.c.agent_id == _a.c.id).scalar_subquery()
+    conn.execute(update(_a).where(_a.c.name == name).values(head=newest))

@@ -7,19 +7,20 @@ ones, and a snapshot's bytes are the prefix bytes of its last chunk.
 
 A chunk's layer rows can change after it is first written (a sliding-window layer's fuller piece,
 a state blob when another snapshot ends on the chunk, fsck dropping a damaged blob), so every
-writer goes through `add_chains` or `refresh`, which carry a change down to the chunks after it.
+writer goes through kvstore.index.commit (new chunks get their sizes as they go in) or `refresh`,
+which carries a change down to the chunks after it.
 fsck checks both columns (`check`) and `rebuild` recomputes them (fsck --repair).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, Table, and_, bindparam, select, text, update
+from sqlalchemy import BigInteger, Column, LargeBinary, MetaData, Table, bindparam, select, text, update
 
-from kvstore.index import db, schema
+from kvstore.index import schema
 from kvstore.index.prepared import PreparedIn
 from kvstore.index.queries import batches
 
-__all__ = ["add_chains", "refresh", "check", "rebuild"]
+__all__ = ["prefix_bytes", "refresh", "check", "rebuild"]
 
 # Bytes of chunk `c.key`: IN (...) keeps one blob shared by several layers from counting twice.
 CHUNK_BYTES = (
@@ -40,71 +41,9 @@ _c = schema.chunks
 _PREFIX_BYTES_OF = PreparedIn(lambda keys: select(_c.c.key, _c.c.prefix_bytes).where(_c.c.key.in_(keys)))
 
 
-def add_chains(
-    conn,
-    model_id: int,
-    fingerprint: str,
-    chains: list[list[bytes]],
-    lengths: dict[bytes, int],
-    layer_rows: list[dict],
-    blob_bytes: dict[str, int],
-) -> None:
-    """Insert the chunk rows of `chains` and `layer_rows`, with their sizes, in the caller's write transaction.
-
-    Each chain is a snapshot's chunk keys from chunk 0. Layer rows of chunks the index already
-    has are added first (a row holding more of a chunk, a smaller `first`, replaces the stored one)
-    and their sizes refreshed; then the new chunks go in with sizes taken from their layer rows.
-    `blob_bytes` gives the size of every blob `layer_rows` name.
-    """
-    c, cl = schema.chunks, schema.chunk_layers
-    root = bytes.fromhex(fingerprint)
-    place: dict[bytes, tuple[int, bytes]] = {}  # key -> (seq, parent)
-    for chain in chains:
-        for i, key in enumerate(chain):
-            place.setdefault(key, (i, chain[i - 1] if i else root))
-    # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).
-    stored = {bytes(k): int(p) for k, p in _PREFIX_BYTES_OF.rows(conn, list(place))}
-    have = stored.keys()
-    old_rows = [r for r in layer_rows if r["chunk_key"] in have]
-    new_rows = [r for r in layer_rows if r["chunk_key"] not in have]
-    if old_rows:
-        db.insert_ignore(conn, cl, old_rows)
-        for r in old_rows:  # a fuller piece of a sliding-window chunk replaces a partial one
-            conn.execute(
-                update(cl)
-                .where(and_(cl.c.chunk_key == r["chunk_key"], cl.c.layer == r["layer"], cl.c.first > r["first"]))
-                .values(blob_id=r["blob_id"], first=r["first"])
-            )
-        refresh(conn, {r["chunk_key"] for r in old_rows})
-    fresh = [k for k in place if k not in have]
-    if not fresh:
-        return
-    blobs_of: dict[bytes, set[str]] = {}
-    for r in new_rows:
-        blobs_of.setdefault(r["chunk_key"], set()).add(r["blob_id"])
-    prefix: dict[bytes, int] = {root: 0}
-    stored_parents = {place[k][1] for k in fresh} & have
-    if old_rows:  # refresh() above may have changed the prefix bytes of stored chunks
-        stored = {bytes(k): int(p) for k, p in _PREFIX_BYTES_OF.rows(conn, sorted(stored_parents))}
-    prefix.update((k, stored[k]) for k in stored_parents)
-    rows = []
-    for key in sorted(fresh, key=lambda k: place[k][0]):  # parents before children
-        seq, parent = place[key]
-        nbytes = sum(blob_bytes[b] for b in blobs_of.get(key, ()))
-        prefix[key] = prefix[parent] + nbytes
-        rows.append(
-            {
-                "key": key,
-                "model_id": model_id,
-                "seq": seq,
-                "length": lengths[key],
-                "parent": parent,
-                "nbytes": nbytes,
-                "prefix_bytes": prefix[key],
-            }
-        )
-    db.insert_ignore(conn, c, rows)
-    db.insert_ignore(conn, cl, new_rows)
+def prefix_bytes(conn, keys: list[bytes]) -> dict[bytes, int]:
+    """{key: prefix bytes} of the chunks among `keys` that the index has."""
+    return {bytes(k): int(p) for k, p in _PREFIX_BYTES_OF.rows(conn, keys)}
 
 
 def refresh(conn, keys) -> dict[bytes, int]:

@@ -24,7 +24,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -32,7 +32,8 @@ import xxhash
 from kvstore.blob.tensorfile import HEADER_PROBE, parse_header
 from kvstore.cache.keys import chunk_keys
 from kvstore.errors import AgentExistsError, CorruptBlobError, ModelMismatchError, ReadOnlyStoreError, StoreError
-from kvstore.index import db, queries, schema, sizes
+from kvstore.index import db, queries
+from kvstore.index.commit import AgentEntry, Chain, LayerRow, ModelEntry, Retry, commit_chain, retrying
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART, ArchiveSummary, export_agent
 from kvstore.ops.archive_manifest import ARCHIVE_VERSION, ArchivePlan, check_manifest
@@ -53,7 +54,7 @@ Progress = Callable[[int, int], None] | None
 
 
 def _check_blob(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, blob_id: str, nbytes: int, plan: ArchivePlan, uses: list[dict]
+    tar: tarfile.TarFile, member: tarfile.TarInfo, blob_id: str, nbytes: int, plan: ArchivePlan, uses: list[LayerRow]
 ) -> None:
     """The blob's bytes hash to its id, and its own header agrees with the layer rows naming it."""
     if member.size != nbytes:  # before a byte is read: the member is bounded by the manifest
@@ -80,7 +81,7 @@ def _check_blob(
     if not isinstance(meta, dict) or meta.get("model") != plan.fingerprint:
         raise bad(f"blob {blob_id} was made by another model than {plan.fingerprint}")
     for row in uses:
-        layer, length = row["layer"], plan.chunks[row["chunk_key"]][1]
+        layer, length = row.layer, plan.chunks[row.chunk_key][1]
         slot = plan.slots[layer]
         if meta.get("kind") == "state":
             ok = meta.get("slot") == str(layer) and slot.kind == "state" and set(header) <= _state_names(slot)
@@ -99,13 +100,11 @@ def _check_blob(
                 and slot.kind != "state"
                 and set(mine) == want
                 and str(layer) in str(meta.get("slots", "")).split(",")
-                and meta.get("first") == str(row["first"])
-                and all(isinstance(s, list) and len(s) >= 2 and s[-2] == length - row["first"] for s in shapes)
+                and meta.get("first") == str(row.first)
+                and all(isinstance(s, list) and len(s) >= 2 and s[-2] == length - row.first for s in shapes)
             )
         if not ok:
-            raise bad(
-                f"blob {blob_id} does not hold layer {layer} of chunk {row['chunk_key'].hex()} as the manifest says"
-            )
+            raise bad(f"blob {blob_id} does not hold layer {layer} of chunk {row.chunk_key.hex()} as the manifest says")
 
 
 def _state_names(slot) -> set[str]:
@@ -141,23 +140,19 @@ def _apart(plan: ArchivePlan, salted: str, chunk_size: int) -> ArchivePlan:
     new_of: dict[bytes, bytes] = {}
     snaps = []
     for sn in plan.snapshots:
-        keys = chunk_keys(salted, sn["tokens"], chunk_size)
-        new_of.update(zip(sn["keys"], keys))
-        snaps.append(dict(sn, keys=keys))
+        keys = chunk_keys(salted, sn.tokens, chunk_size)
+        new_of.update(zip(sn.keys, keys))
+        snaps.append(replace(sn, keys=keys))
     return replace(
         plan,
         fingerprint=salted,
         snapshots=snaps,
         chunks={new_of[k]: place for k, place in plan.chunks.items()},
-        layers=[dict(r, chunk_key=new_of[r["chunk_key"]]) for r in plan.layers],
+        layers=[r._replace(chunk_key=new_of[r.chunk_key]) for r in plan.layers],
     )
 
 
 # -- import ----------------------------------------------------------------------------------------
-
-
-class _Retry(Exception):
-    """A concurrent gc or save changed the rows this import planned on: plan again."""
 
 
 def _plan_target(store: Store, plan: ArchivePlan, name: str) -> dict[tuple[bytes, int], int]:
@@ -181,9 +176,9 @@ def _check_target(conn, plan: ArchivePlan, name: str) -> None:
         )
 
 
-def _needed(plan: ArchivePlan, have: dict[tuple[bytes, int], int]) -> list[dict]:
+def _needed(plan: ArchivePlan, have: dict[tuple[bytes, int], int]) -> list[LayerRow]:
     """The layer rows the target lacks, or holds less of (a sliding-window layer's partial chunk)."""
-    return [r for r in plan.layers if have.get((r["chunk_key"], r["layer"]), r["first"] + 1) > r["first"]]
+    return [r for r in plan.layers if have.get((r.chunk_key, r.layer), r.first + 1) > r.first]
 
 
 def import_agent(
@@ -222,10 +217,10 @@ def import_agent(
             # What is written: the archive's own chunk keys, or the same rows under a namespace of their own.
             dest = plan if merged else _apart(plan, namespace_of(plan.fingerprint, raw), store.chunk_size)
             have = _plan_target(store, dest, target)
-            uses: dict[str, list[dict]] = {}
+            uses: dict[str, list[LayerRow]] = {}
             for r in plan.layers:
-                uses.setdefault(r["blob_id"], []).append(r)
-            needed = {r["blob_id"] for r in _needed(dest, have)}
+                uses.setdefault(r.blob_id, []).append(r)
+            needed = {r.blob_id for r in _needed(dest, have)}
             total = sum(plan.sizes.values())
             grand = total + sum(plan.sizes[b] for b in needed)
             done = 0
@@ -240,14 +235,10 @@ def import_agent(
                 verify_kv(plan, tar, members, verify, store.chunk_size)
             got = _write(
                 store,
-                tar,
-                members,
+                _Source(tar, members, progress, done, grand),
                 dest,
-                target,
-                have,
-                progress,
-                done,
-                grand,
+                target=target,
+                have=have,
                 original=None if merged else plan.fingerprint,
             )
             return replace(got, merged=merged)
@@ -255,42 +246,56 @@ def import_agent(
             raise bad(f"the tar file is damaged ({e})") from None
 
 
+@dataclass(slots=True)
+class _Source:
+    """Where an import's blobs come from, and how far its progress got."""
+
+    tar: tarfile.TarFile
+    members: dict[str, tarfile.TarInfo]
+    progress: Progress
+    done: int  # bytes read so far
+    grand: int  # bytes it reads in all
+
+    def read(self, blob_id: str) -> bytearray:
+        data = read_member(self.tar, self.members[blob_id])
+        self.done += len(data)
+        if self.progress:
+            self.progress(min(self.done, self.grand), self.grand)
+        return data
+
+
 def _write(
     store: Store,
-    tar,
-    members,
+    source: _Source,
     plan: ArchivePlan,
+    *,
     target: str,
-    have,
-    progress,
-    done: int,
-    grand: int,
+    have: dict[tuple[bytes, int], int],
     original: str | None,
 ) -> ArchiveSummary:
     """Write the blobs the store lacks, then commit every row in one transaction."""
     written: dict[str, bool] = {}  # blob id -> newly written by this import
+
+    def attempt(number: int) -> list[int]:
+        nonlocal have
+        if number:  # a concurrent gc or save changed the rows the last attempt planned on
+            have = _plan_target(store, plan, target)
+        rows = _needed(plan, have)
+        for blob_id in sorted({r.blob_id for r in rows} - set(written)):
+            data = source.read(blob_id)
+            got, _n, new = store.blobs.put([data])  # hashed again: the file could change after the check
+            if got != blob_id:
+                raise bad(f"blob {blob_id} changed while it was being imported")
+            written[blob_id] = new
+        store.blobs.sync_dirs(written)
+        return _commit(store, plan, target=target, rows=rows, written=written, original=original)
+
     try:
-        for _attempt in range(ATTEMPTS):
-            rows = _needed(plan, have)
-            for blob_id in sorted({r["blob_id"] for r in rows} - set(written)):
-                data = read_member(tar, members[blob_id])
-                got, _n, new = store.blobs.put([data])  # hashed again: the file could change after the check
-                if got != blob_id:
-                    raise bad(f"blob {blob_id} changed while it was being imported")
-                written[blob_id] = new
-                done += len(data)
-                if progress:
-                    progress(min(done, grand), grand)
-            store.blobs.sync_dirs(written)
-            try:
-                snap_ids = _commit(store, plan, target, rows, written, original)
-                break
-            except _Retry:
-                have = _plan_target(store, plan, target)
-        else:
-            raise StoreError(
-                f"could not import agent {target!r}: concurrent saves and gc kept changing its chunks; try again"
-            )
+        snap_ids = retrying(
+            attempt,
+            attempts=ATTEMPTS,
+            gave_up=f"could not import agent {target!r}: concurrent saves and gc kept changing its chunks; try again",
+        )
     except BaseException:
         _forget(store, [b for b, new in written.items() if new])
         raise
@@ -300,7 +305,7 @@ def _write(
         agent=target,
         model=original or plan.fingerprint,
         snapshots=len(snap_ids),
-        n_tokens=int(head["tokens"].size),
+        n_tokens=int(head.tokens.size),
         blobs=len(plan.sizes),
         bytes=sum(plan.sizes.values()),
         blobs_written=len(fresh_ids),
@@ -310,62 +315,46 @@ def _write(
 
 
 def _commit(
-    store: Store, plan: ArchivePlan, target: str, rows: list[dict], written: dict[str, bool], original: str | None
+    store: Store,
+    plan: ArchivePlan,
+    *,
+    target: str,
+    rows: list[LayerRow],
+    written: dict[str, bool],
+    original: str | None,
 ) -> list[int]:
     """One write transaction: model, blobs, chunks, layer rows, agent, snapshots, head.
 
     `original` is the real model's fingerprint when the plan is kept apart under a namespace of its own.
     """
     now = db.now()
+    mine = {(r.chunk_key, r.layer) for r in rows}
+    chain = Chain(
+        model=ModelEntry(
+            fingerprint=plan.fingerprint,
+            layout=plan.layout,
+            name=plan.model_name if original is None else f"{plan.model_name or original}{KEPT_APART}",
+            stands_for=original,
+        ),
+        agent=AgentEntry(
+            name=target,
+            meta_json=json.dumps(plan.meta, sort_keys=True, default=str),
+            created=plan.created,
+            updated=plan.updated,
+            new=True,
+        ),
+        snapshots=plan.snapshots,
+        head=plan.head,
+        layers=rows,
+        blobs={b: plan.sizes[b] for b in sorted({r.blob_id for r in rows})},
+    )
     with db.transaction(store.engine, write=True, what=f"importing agent {target!r}") as conn:
         _check_target(conn, plan, target)
         # Under the write lock: what this import reuses must still be there (a gc may have run).
-        still = queries.existing_layers(conn, sorted(plan.chunks))
-        mine = {(r["chunk_key"], r["layer"]) for r in rows}
-        for r in plan.layers:
-            if (r["chunk_key"], r["layer"]) not in mine and still.get((r["chunk_key"], r["layer"]), r["first"] + 1) > r[
-                "first"
-            ]:
-                raise _Retry()
+        reused = {(r.chunk_key, r.layer) for r in plan.layers} - mine
+        ids = commit_chain(conn, chain, chunk_size=store.chunk_size, now=now, reused=reused)
         if store.blobs.missing(written):
-            raise _Retry()
-        model_name = plan.model_name if original is None else f"{plan.model_name or original}{KEPT_APART}"
-        model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=model_name)
-        if original is not None:
-            queries.record_namespace(conn, plan.fingerprint, original)
-        db.insert_ignore(
-            conn,
-            schema.blobs,
-            [{"id": b, "nbytes": plan.sizes[b], "created": now} for b in sorted({r["blob_id"] for r in rows})],
-        )
-        # Chunk rows get their parent (the previous key of a snapshot's chain) and sizes, as a save's do.
-        sizes.add_chains(
-            conn,
-            model_row_id,
-            plan.fingerprint,
-            [sn["keys"] for sn in plan.snapshots],
-            {k: length for k, (_seq, length) in plan.chunks.items()},
-            rows,
-            plan.sizes,
-        )
-        agent_id = queries.insert_agent(
-            conn, target, model_row_id, json.dumps(plan.meta, sort_keys=True, default=str), plan.created, plan.updated
-        )
-        ids = [
-            queries.insert_snapshot(
-                conn,
-                agent_id,
-                model_row_id,
-                sn["tokens"].tobytes(),
-                int(sn["tokens"].size),
-                sn["keys"],
-                sn["created"],
-                sn["label"],
-                sn["pinned"],
-            )
-            for sn in plan.snapshots
-        ]
-        queries.set_head(conn, agent_id, ids[plan.head])
+            raise Retry()
     return ids
 
 
@@ -375,14 +364,7 @@ def _forget(store: Store, blob_ids: list[str]) -> None:
         return
     try:
         with db.transaction(store.engine, write=True, what="undoing a failed import") as conn:
-            named = set()
-            for part in queries.batches(blob_ids):
-                named |= {
-                    b
-                    for (b,) in conn.execute(
-                        schema.blobs.select().with_only_columns(schema.blobs.c.id).where(schema.blobs.c.id.in_(part))
-                    )
-                }
+            named = queries.blob_rows_named(conn, blob_ids)
             for b in blob_ids:
                 if b not in named:
                     store.blobs.remove(b)

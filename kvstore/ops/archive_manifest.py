@@ -18,6 +18,7 @@ from kvstore.cache import codec
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ArchiveError, StoreError
 from kvstore.formats import FORMAT_VERSION, HASH_NAME
+from kvstore.index.commit import LayerRow, NewSnapshot
 from kvstore.names import validate_name
 from kvstore.ops.archive_tar import _HEX32, MAX_JSON_DEPTH, bad
 
@@ -41,10 +42,10 @@ class ArchivePlan:
     model_name: str | None
     layout: str  # canonical JSON text of the cache layout
     slots: list
-    snapshots: list[dict]  # tokens (uint32 array), keys, created, label, pinned
+    snapshots: list[NewSnapshot]  # token ids (uint32 array), chunk keys, created, label, pinned
     head: int
     chunks: dict[bytes, tuple[int, int]]  # key -> (seq, length)
-    layers: list[dict]  # chunk_key, layer, blob_id, first
+    layers: list[LayerRow]
     sizes: dict[str, int]  # blob id -> bytes
 
 
@@ -211,7 +212,9 @@ def check_model(model: Any) -> tuple[str, str | None, str, list]:
     return fp, name, layout, slots
 
 
-def check_snapshots(snaps: Any, head: Any, fp: str, chunk_size: int) -> tuple[list[dict], dict[bytes, tuple[int, int]]]:
+def check_snapshots(
+    snaps: Any, head: Any, fp: str, chunk_size: int
+) -> tuple[list[NewSnapshot], dict[bytes, tuple[int, int]]]:
     """Parsed snapshots, and where each chunk sits: every chunk list is what its token ids hash to."""
     if not isinstance(snaps, list) or not snaps:
         raise bad("it lists no snapshots")
@@ -246,7 +249,7 @@ def check_snapshots(snaps: Any, head: Any, fp: str, chunk_size: int) -> tuple[li
         for seq, (key, (_start, length)) in enumerate(zip(keys, chunk_spans(n, chunk_size))):
             if where.setdefault(key, (seq, length)) != (seq, length):
                 raise bad(f"chunk {key.hex()} sits at two places")
-        parsed.append({"tokens": np.asarray(toks), "keys": keys, "created": created, "label": label, "pinned": pinned})
+        parsed.append(NewSnapshot(tokens=np.asarray(toks), keys=keys, created=created, label=label, pinned=pinned))
     return parsed, where
 
 
@@ -289,7 +292,7 @@ def check_blob_rows(blobs: Any) -> dict[str, int]:
 
 def check_layer_rows(
     layers: Any, chunks: dict[bytes, tuple[int, int]], n_slots: int, sizes: dict[str, int]
-) -> list[dict]:
+) -> list[LayerRow]:
     """The (chunk, layer) -> blob rows: each fits the layout, its chunk and the blob list; every blob is used."""
     if not isinstance(layers, list):
         raise bad("its layers are not a list")
@@ -305,8 +308,8 @@ def check_layer_rows(
         if layer >= n_slots or first >= chunks[key][1] or bid not in sizes or (key, layer) in placed:
             raise bad(f"layer row ({key.hex()}, {layer}) does not fit the model's layout, its chunk or the blob list")
         placed.add((key, layer))
-        rows.append({"chunk_key": key, "layer": layer, "blob_id": bid, "first": first})
-    if set(sizes) != {r["blob_id"] for r in rows}:
+        rows.append(LayerRow(key, layer, bid, first))
+    if set(sizes) != {r.blob_id for r in rows}:
         raise bad("it lists blobs that no layer row uses")
     return rows
 

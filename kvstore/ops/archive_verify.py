@@ -23,6 +23,7 @@ from kvstore.cache.fingerprint import fingerprint
 from kvstore.cache.keys import chunk_spans
 from kvstore.cache.leaves import arrays_of
 from kvstore.errors import ArchiveError
+from kvstore.index.commit import LayerRow
 from kvstore.ops.archive_manifest import ArchivePlan
 from kvstore.ops.archive_tar import read_member
 
@@ -61,19 +62,19 @@ def _floats(slot: codec.Slot, arrays: dict[str, mx.array]) -> dict[str, mx.array
     }
 
 
-def _check_row(row: dict, start: int, end: int, slots, leaves, blob: tuple[dict, dict]) -> None:
+def _check_row(row: LayerRow, start: int, end: int, slots, leaves, blob: tuple[dict, dict]) -> None:
     arrays, meta = blob
-    s = row["layer"]
+    s = row.layer
     slot, leaf = slots[s], leaves[s]
-    where = f"layer {s} of chunk {row['chunk_key'].hex()} (positions {start}-{end})"
+    where = f"layer {s} of chunk {row.chunk_key.hex()} (positions {start}-{end})"
     if meta.get("kind") == "state":
         live, _meta = codec.extract_state(slot, leaf, end)
         stored = arrays
     else:
         lo, hi = codec.held_range(slot, leaf)
-        if start + row["first"] < lo or end > hi:
+        if start + row.first < lo or end > hi:
             raise _refuse(f"{where} cannot be recomputed: the model's window no longer holds it")
-        live = _floats(slot, codec.extract(slot, leaf, start + row["first"], end))
+        live = _floats(slot, codec.extract(slot, leaf, start + row.first, end))
         stored = _floats(
             slot, {name.split(".", 1)[1]: a for name, a in arrays.items() if name.split(".", 1)[0] == str(s)}
         )
@@ -104,12 +105,12 @@ def verify_kv(
         model = load(str(model))[0]
     elif isinstance(model, (tuple, list)):
         model = model[0]
-    rows_of: dict[bytes, list[dict]] = {}
+    rows_of: dict[bytes, list[LayerRow]] = {}
     for r in plan.layers:
-        rows_of.setdefault(r["chunk_key"], []).append(r)
+        rows_of.setdefault(r.chunk_key, []).append(r)
     checked: set[bytes] = set()
-    for sn in sorted(plan.snapshots, key=lambda sn: -sn["tokens"].size):
-        if all(k in checked for k in sn["keys"]):
+    for sn in sorted(plan.snapshots, key=lambda sn: -sn.tokens.size):
+        if all(k in checked for k in sn.keys):
             continue  # a prefix of a snapshot already recomputed
         cache = make_prompt_cache(model)
         tree, slots, leaves = codec.describe(cache)
@@ -118,16 +119,16 @@ def verify_kv(
                 "the model given to verify the archive makes caches of another layout than the "
                 "archive's (KV quantization?); nothing was imported"
             )
-        for key, (start, length) in zip(sn["keys"], chunk_spans(int(sn["tokens"].size), chunk_size)):
-            model(mx.array(sn["tokens"][start : start + length].astype(np.int32))[None], cache=cache)
+        for key, (start, length) in zip(sn.keys, chunk_spans(int(sn.tokens.size), chunk_size)):
+            model(mx.array(sn.tokens[start : start + length].astype(np.int32))[None], cache=cache)
             mx.eval(arrays_of(leaves))  # one step at a time: a lazy graph over every chunk would hold them all
             if key in checked:
                 continue
             blobs: dict[str, tuple[dict, dict]] = {}
             for row in rows_of.get(key, []):
-                if row["blob_id"] not in blobs:
-                    data = read_member(tar, members[row["blob_id"]])
-                    blobs[row["blob_id"]] = tensorfile.decode(data, row["blob_id"])
-                _check_row(row, start, start + length, slots, leaves, blobs[row["blob_id"]])
+                if row.blob_id not in blobs:
+                    data = read_member(tar, members[row.blob_id])
+                    blobs[row.blob_id] = tensorfile.decode(data, row.blob_id)
+                _check_row(row, start, start + length, slots, leaves, blobs[row.blob_id])
             checked.add(key)
     return len(checked)

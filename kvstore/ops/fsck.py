@@ -11,16 +11,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import groupby
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, select, update
+import numpy as np
 
 from kvstore.blob.local import is_blob_id
-from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_from_bytes
-from kvstore.index import db, schema, sizes
+from kvstore.cache.keys import chunk_keys, tokens_from_bytes
+from kvstore.index import db, integrity, queries, sizes
+from kvstore.index.commit import Chain, ModelRow, Relisted, commit_chain
 from kvstore.ops.restorable import Restorable, restorable
 from kvstore.records import FsckReport, Problem
 
@@ -75,15 +74,10 @@ _buffers = threading.local()
 
 def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | None]]:
     """Snapshots whose token ids do not re-derive their chunk list, or whose rows point nowhere."""
-    s, sc, m, a = schema.snapshots, schema.snapshot_chunks, schema.models, schema.agents
     out = []
-    fps = {i: f for i, f in conn.execute(select(m.c.id, m.c.fingerprint)).all() if _is_fingerprint(f)}
-    listed = conn.execute(select(sc.c.snapshot_id, sc.c.seq, sc.c.chunk_key).order_by(sc.c.snapshot_id, sc.c.seq))
-    chunk_lists = {
-        sid: [r.chunk_key if isinstance(r.chunk_key, bytes) else None for r in rows]
-        for sid, rows in groupby(listed, key=lambda r: r.snapshot_id)
-    }
-    for sid, model_id, n_tokens, tokens in conn.execute(select(s.c.id, s.c.model_id, s.c.n_tokens, s.c.tokens)):
+    fps = {i: f for i, f in integrity.model_fingerprints(conn).items() if _is_fingerprint(f)}
+    chunk_lists = integrity.chunk_lists(conn)
+    for sid, model_id, n_tokens, tokens in integrity.snapshot_rows(conn):
         if not isinstance(tokens, bytes) or len(tokens) % 4 or not isinstance(n_tokens, int):
             # A damaged page can hold any value in any column; the token ids are primary data, and no
             # repair can invent them (issue 15, item 11: tokens_from_bytes raised TypeError).
@@ -128,8 +122,7 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
                     None,
                 )
             )
-    known_chunks = select(schema.chunks.c.key)
-    for sid, key in conn.execute(select(sc.c.snapshot_id, sc.c.chunk_key).where(sc.c.chunk_key.not_in(known_chunks))):
+    for sid, key in integrity.unlisted_chunks(conn):
         name = bytes(key).hex() if isinstance(key, bytes) else repr(key)
         out.append(
             (
@@ -138,11 +131,9 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
                 key if isinstance(key, bytes) else None,
             )
         )
-    for name, head in conn.execute(
-        select(a.c.name, a.c.head).where(a.c.head.is_not(None), a.c.head.not_in(select(s.c.id)))
-    ):
+    for name, head in integrity.dangling_heads(conn):
         out.append((Problem("dangling_ref", f"agent {name}", f"head snapshot {head} does not exist"), -1, None))
-    for name, meta in conn.execute(select(a.c.name, a.c.meta)):
+    for name, meta in integrity.agent_metas(conn):
         try:
             json.loads(meta or "{}")
         except ValueError:
@@ -157,12 +148,9 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
     t0 = time.perf_counter()
     problems: list[Problem] = []
     with db.transaction(store.engine, write=False, what="checking the index") as conn:
-        blob_rows: Sequence[Any] = conn.execute(select(schema.blobs.c.id, schema.blobs.c.nbytes)).all()
+        blob_rows = integrity.blob_rows(conn)
         snap_problems = _check_snapshots(conn, store.chunk_size)
-        cl = schema.chunk_layers
-        dangling_layers = conn.execute(
-            select(cl.c.chunk_key, cl.c.layer, cl.c.blob_id).where(cl.c.blob_id.not_in(select(schema.blobs.c.id)))
-        ).all()
+        dangling_layers = integrity.dangling_layers(conn)
         try:
             wrong_sizes = sizes.check(conn)
         except (TypeError, ValueError) as e:  # a size column holding text or NULL: damaged, not a crash
@@ -260,40 +248,24 @@ def _shortened(sid: int, before: Restorable, after: Restorable) -> Problem:
     )
 
 
-def _snapshots_using(conn, chunk_keys_: list[bytes]) -> set[int]:
-    sc = schema.snapshot_chunks
-    out: set[int] = set()
-    for i in range(0, len(chunk_keys_), 400):
-        out |= {
-            sid for (sid,) in conn.execute(select(sc.c.snapshot_id).where(sc.c.chunk_key.in_(chunk_keys_[i : i + 400])))
-        }
-    return out
-
-
 def _repair(
     store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool
 ) -> tuple[set[int], dict[int, tuple[Restorable, Restorable]]]:
     """Repair in one write transaction: (snapshots that need recomputing, {snapshot: (restorable before, after)}
     for each whose restorable prefix the dropped KV shortened)."""
-    cl, b, s, sc, a = (schema.chunk_layers, schema.blobs, schema.snapshots, schema.snapshot_chunks, schema.agents)
     affected: set[int] = set()
     with db.transaction(store.engine, write=True, what="repairing the store") as conn:
         bad_ids = list(bad_blobs)
-        lost_chunks = (
-            [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id.in_(bad_ids)))]
-            if bad_ids
-            else []
-        )
+        lost_chunks = integrity.chunks_of_blobs(conn, bad_ids) if bad_ids else []
         lost_chunks += [k for k, _, _ in dangling_layers if isinstance(k, bytes)]
-        affected |= _snapshots_using(conn, lost_chunks)
+        affected |= integrity.snapshots_using(conn, lost_chunks)
         # Rebuilt chunk lists (below) are measured by nothing: their old lists did not match their tokens.
         measured = affected - {sid for _, sid, _ in snap_problems}
         before = restorable(conn, measured, store.chunk_size)
         if bad_ids:
-            conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))
-            conn.execute(delete(b).where(b.c.id.in_(bad_ids)))
+            queries.drop_blobs(conn, bad_ids)
         for k, layer, _ in dangling_layers:
-            conn.execute(delete(cl).where(cl.c.chunk_key == k, cl.c.layer == layer))
+            queries.drop_layer(conn, k, layer)
         after = restorable(conn, measured, store.chunk_size)
         shortened = {
             sid: (before[sid], got) for sid, got in after.items() if sid in before and got.tokens < before[sid].tokens
@@ -302,31 +274,28 @@ def _repair(
             sizes.rebuild(conn)
         else:
             sizes.refresh(conn, lost_chunks)  # their KV is gone: so are its bytes, for them and the chunks after
-        fps = dict(conn.execute(select(schema.models.c.id, schema.models.c.fingerprint)).all())
+        fps = integrity.model_fingerprints(conn)
+        now = db.now()
         for problem, sid, key in snap_problems:
             if problem.kind == "damaged_meta":  # keep the damaged text where a person can still read it
-                name = problem.subject[len("agent ") :]
-                raw = conn.execute(select(a.c.meta).where(a.c.name == name)).scalar_one()
-                conn.execute(update(a).where(a.c.name == name).values(meta=json.dumps({"damaged_meta": raw})))
+                queries.keep_damaged_meta(conn, problem.subject[len("agent ") :])
                 continue
             if key == b"":
                 continue  # no model row: nothing to re-derive chunk keys from
             if problem.subject.startswith("agent "):
-                name = problem.subject[len("agent ") :]
-                newest = select(func.max(s.c.id)).where(s.c.agent_id == a.c.id).scalar_subquery()
-                conn.execute(update(a).where(a.c.name == name).values(head=newest))
+                queries.head_to_newest(conn, problem.subject[len("agent ") :])
                 continue
             # The token ids are the primary record: rebuild the chunk list from them.
-            snap = conn.execute(select(s.c.model_id, s.c.tokens).where(s.c.id == sid)).first()
-            keys = chunk_keys(fps[snap.model_id], tokens_from_bytes(snap.tokens), store.chunk_size)
-            spans = chunk_spans(len(tokens_from_bytes(snap.tokens)), store.chunk_size)
-            conn.execute(delete(sc).where(sc.c.snapshot_id == sid))
-            conn.execute(update(s).where(s.c.id == sid).values(n_tokens=len(tokens_from_bytes(snap.tokens))))
-            sizes.add_chains(
-                conn, snap.model_id, fps[snap.model_id], [keys], {k: ln for k, (_st, ln) in zip(keys, spans)}, [], {}
+            model_id, raw = integrity.snapshot_tokens(conn, sid)
+            toks = np.frombuffer(raw, dtype="<u4")
+            keys = chunk_keys(fps[model_id], toks, store.chunk_size)
+            relisted = Relisted(snapshot_id=sid, tokens=toks, keys=keys)
+            commit_chain(
+                conn,
+                Chain(model=ModelRow(model_id, fps[model_id]), agent=None, snapshots=[relisted]),
+                chunk_size=store.chunk_size,
+                now=now,
             )
-            if keys:
-                conn.execute(sc.insert(), [{"snapshot_id": sid, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
             affected.add(sid)
         for blob_id in filter(is_blob_id, bad_ids):  # files go after their rows, under the same write lock
             store.blobs.remove(blob_id)

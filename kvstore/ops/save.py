@@ -19,8 +19,9 @@ from kvstore.blob.iopool import gather
 from kvstore.cache import codec
 from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
-from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
-from kvstore.index import db, queries, schema, sizes
+from kvstore.errors import ModelMismatchError, WindowNotCapturedWarning
+from kvstore.index import db, queries
+from kvstore.index.commit import AgentEntry, Chain, LayerRow, ModelEntry, NewSnapshot, Retry, commit_chain, retrying
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART
 from kvstore.records import Snapshot
@@ -35,10 +36,6 @@ LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock
 def utc_day(t: float) -> str:
     """The UTC day (YYYY-MM-DD) of epoch seconds `t`: the key of the write accounting."""
     return time.strftime("%Y-%m-%d", time.gmtime(t))
-
-
-class _Retry(Exception):
-    """A concurrent gc removed something this save relied on: plan again."""
 
 
 @dataclass
@@ -78,6 +75,7 @@ def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str,
 def plan_pieces(
     slots,
     leaves,
+    *,
     n_tokens: int,
     chunk_size: int,
     keys: list[bytes],
@@ -243,12 +241,12 @@ def save(
     name: str,
     cache: list,
     tokens: Any,
-    model: str,
-    meta: dict | None,
-    label: str | None,
-    pinned: bool,
-    captured: dict | None,
     *,
+    model: str,
+    meta: dict | None = None,
+    label: str | None = None,
+    pinned: bool = False,
+    captured: dict | None = None,
     namespace: str | None = None,
     moves_from: tuple[str, ...] = (),
 ) -> Snapshot:
@@ -272,10 +270,12 @@ def save(
     layout = json.dumps(codec.layout_json(tree, slots), sort_keys=True)
     meta_json = None if meta is None else json.dumps(meta, sort_keys=True, default=str)
     plan: SavePlan | None = None
-    for attempt in range(MAX_ATTEMPTS):
+
+    def attempt(number: int) -> Snapshot:
+        nonlocal plan
         # After LOCKED_AFTER attempts a gc keeps sweeping what this save relies on (grace=0 in a loop):
         # plan, write and commit under the write lock, where no gc removes a file.
-        locked = attempt >= LOCKED_AFTER
+        locked = number >= LOCKED_AFTER
         with db.transaction(
             store.engine, write=locked, what=f"saving agent {name!r}" if locked else "planning a save"
         ) as conn:
@@ -298,24 +298,31 @@ def save(
             stale = _check_model_and_agent(conn, plan)
             have = queries.existing_layers(conn, plan.keys)
             if locked:  # this attempt cannot be undone by a gc
-                pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
-                _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-                blobs, pending = start_writes(store, pieces, slots, model)
-                return _commit(store, plan, have, blobs, pending, conn, stale_layout=stale)
-        pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
-        _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
-        blobs, pending = start_writes(store, pieces, slots, model)
-        try:
-            return _commit(store, plan, have, blobs, pending, stale_layout=stale)
-        except _Retry:
-            continue
-    raise StoreError(f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again")
+                blobs, pending = start(plan, have)
+                return _commit(store, plan, have=have, blobs=blobs, pending=pending, locked=conn, stale_layout=stale)
+        blobs, pending = start(plan, have)
+        return _commit(store, plan, have=have, blobs=blobs, pending=pending, stale_layout=stale)
+
+    def start(plan: SavePlan, have: dict[tuple[bytes, int], int]) -> tuple[list[_Blob], Future]:
+        """Plan the pieces the index lacks and start writing their blobs."""
+        pieces = plan_pieces(
+            slots, leaves, n_tokens=n, chunk_size=store.chunk_size, keys=plan.keys, have=have, captured=captured
+        )
+        _warn_window_lost(store, plan, slots=slots, leaves=leaves, have=have, captured=captured)
+        return start_writes(store, pieces, slots, model)
+
+    return retrying(
+        attempt,
+        attempts=MAX_ATTEMPTS,
+        gave_up=f"could not save agent {name!r}: a concurrent gc kept removing its chunks; try again",
+    )
 
 
-def _warn_window_lost(store: Store, model: str, slots, leaves, keys, spans, have, captured, n: int) -> None:
+def _warn_window_lost(store: Store, plan: SavePlan, *, slots, leaves, have, captured) -> None:
     """Warn (once per store and model) when sliding-window chunks that already left the window are
     neither stored nor captured: the snapshot then restores only at exactly its length, never at an
     earlier chunk boundary (issue 15, item 3)."""
+    model, keys, spans, n = plan.model, plan.keys, plan.spans, int(plan.tokens.size)
     warned = store.__dict__.setdefault("_window_warned", set())
     if model in warned:
         return
@@ -336,7 +343,7 @@ def _warn_window_lost(store: Store, model: str, slots, leaves, keys, spans, have
                     f"not captured: its snapshot restores only at exactly {n} tokens, never at an earlier chunk "
                     "boundary; capture chunks while prefilling (kvstore.cache.capture) to share prefixes"
                 ),
-                stacklevel=4,
+                stacklevel=7,  # _warn_window_lost, start, attempt, retrying, save, Store.save: the caller
             )
             return
 
@@ -362,11 +369,12 @@ def _check_model_and_agent(conn, plan: SavePlan) -> bool:
 def _commit(
     store: Store,
     plan: SavePlan,
+    *,
     have: dict[tuple[bytes, int], int],
     blobs: list[_Blob],
     pending: Future,
     locked=None,
-    stale_layout: bool = False,
+    stale_layout: bool,
 ) -> Snapshot:
     """Commit the snapshot once its blobs are durable.
 
@@ -384,46 +392,13 @@ def _commit(
             if locked is not None
             else db.transaction(store.engine, write=True, what=f"saving agent {plan.name!r}") as conn
         ):
-            # Under the write lock: the chunks this snapshot reuses must still exist (a gc may have run).
-            if have and not queries.layers_present(conn, have):
-                raise _Retry()
             if stale_layout:  # the planning found an unused model row of another layout: still unused?
                 _check_model_and_agent(conn, plan)
                 queries.relayout_model(conn, plan.fingerprint, plan.layout)
-            label = model_name(plan.model)
-            if plan.fingerprint != plan.model:  # kept apart: the namespace stands for the real model
-                queries.record_namespace(conn, plan.fingerprint, plan.model)
-                label = f"{label or plan.model}{KEPT_APART}"
-            model_row_id = queries.model_row(conn, plan.fingerprint, plan.layout, now, name=label)
-            db.insert_ignore(
-                conn,
-                schema.blobs,
-                [{"id": b.blob_id, "nbytes": b.nbytes, "created": now} for b in {b.blob_id: b for b in blobs}.values()],
-            )
-            rows = [
-                {"chunk_key": plan.keys[p.chunk], "layer": p.slot, "blob_id": b.blob_id, "first": p.first}
-                for b in blobs
-                for p in b.group
-            ]
-            sizes.add_chains(
-                conn,
-                model_row_id,
-                plan.fingerprint,
-                [plan.keys],
-                {k: length for k, (_s, length) in zip(plan.keys, plan.spans)},
-                rows,
-                {b.blob_id: b.nbytes for b in blobs},
-            )
-            agent_id = queries.save_agent_row(conn, plan.name, model_row_id, plan.meta_json, now)
-            if plan.moves_from:  # (checked against the agent's owner above)
-                queries.move_agent(conn, agent_id, model_row_id)
-            snap_id = queries.insert_snapshot(
-                conn, agent_id, model_row_id, plan.tokens.tobytes(), n, plan.keys, now, plan.label, plan.pinned
-            )
-            queries.set_head(conn, agent_id, snap_id, updated=now)
+            (snap_id,) = commit_chain(conn, _chain(plan, blobs, now), chunk_size=store.chunk_size, now=now, reused=have)
             written = finish_writes(store, blobs, pending)
             if store.blobs.missing({w[1] for w in written}):  # a gc took one since: write it again
-                raise _Retry()
+                raise Retry()
             new_bytes = sum(nb for nb, w in {b: (nb, w) for _p, b, nb, w in written}.values() if w)
             if new_bytes:  # the day's write accounting commits with the snapshot (reads.writes_by_day)
                 queries.add_written(conn, utc_day(now), new_bytes)
@@ -441,4 +416,32 @@ def _commit(
         bytes_written=sum(nb for nb, w in files.values() if w),
         blobs_written=sum(1 for _nb, w in files.values() if w),
         blobs_reused=sum(1 for _nb, w in files.values() if not w),
+    )
+
+
+def _chain(plan: SavePlan, blobs: list[_Blob], now: float) -> Chain:
+    """What the save commits: its model, the blobs it wrote (or found) and their layer rows, the agent and
+    its new head."""
+    label = model_name(plan.model)
+    if plan.fingerprint != plan.model:  # kept apart: the namespace stands for the real model
+        label = f"{label or plan.model}{KEPT_APART}"
+    return Chain(
+        model=ModelEntry(
+            fingerprint=plan.fingerprint,
+            layout=plan.layout,
+            name=label,
+            stands_for=plan.model if plan.fingerprint != plan.model else None,
+        ),
+        agent=AgentEntry(
+            name=plan.name,
+            meta_json=plan.meta_json,
+            created=now,
+            updated=now,
+            new=False,
+            moves=bool(plan.moves_from),  # (checked against the agent's owner in _check_model_and_agent)
+        ),
+        snapshots=[NewSnapshot(tokens=plan.tokens, keys=plan.keys, created=now, label=plan.label, pinned=plan.pinned)],
+        head=0,
+        layers=[LayerRow(plan.keys[p.chunk], p.slot, b.blob_id, p.first) for b in blobs for p in b.group],
+        blobs={b.blob_id: b.nbytes for b in blobs},
     )

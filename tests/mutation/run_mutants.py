@@ -132,11 +132,11 @@ MUTANTS = {
     ),
     "repair_keeps_layer_rows": (
         "fsck --repair drops a bad blob's row but not the layers naming it",
-        [("kvstore/ops/fsck.py", "            conn.execute(delete(cl).where(cl.c.blob_id.in_(bad_ids)))\n", "")],
+        [("kvstore/index/queries.py", "        conn.execute(delete(_cl).where(_cl.c.blob_id.in_(part)))\n", "")],
     ),
     "save_skips_recheck": (
-        "save does not re-check under the write lock that reused chunks still exist",
-        [("kvstore/ops/save.py", "if any(key not in still for key in reused):", "if False:")],
+        "a commit (save, import) does not re-check under the write lock that reused chunks still exist",
+        [("kvstore/index/commit.py", "if reused and not queries.layers_present(conn, reused):", "if False:")],
     ),
 }
 
