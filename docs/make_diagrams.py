@@ -72,18 +72,31 @@ def canvas(w, h, title):
 
 
 def components() -> Path:
-    """Who calls whom: the agent manager and the CLI on top of the engine, the engine on SQL + files."""
-    fig, ax = canvas(13, 8.4, "kvstore — components")
-    box(ax, 0.4, 6.3, 3.6, 1.35, "Your agent program", ["or `kvstore demo`", "(two sessions, two processes)"], USER)
-    box(ax, 4.2, 6.3, 3.5, 1.35, "mlx-lm", ["model + tokenizer (mlx_lm.load)", "KVCache, RotatingKVCache, …"], MLX)
+    """Who calls whom: programs, HTTP clients and the CLI on top; the server and the agent manager; the
+    engine on SQL + blob storage."""
+    fig, ax = canvas(13, 10.6, "kvstore — components")
+    box(ax, 0.4, 8.4, 3.3, 1.35, "Your agent program", ["Python: kvstore.agents", "or `kvstore chat` / `demo`"], USER)
+    box(ax, 4.0, 8.4, 3.7, 1.35, "HTTP clients", ["openai · anthropic SDKs", "agent frameworks · llm CLI"], USER)
+    box(ax, 9.0, 8.4, 3.6, 1.35, "mlx-lm", ["model + tokenizer (mlx_lm.load)", "KVCache, ArraysCache, …"], MLX)
+    box(
+        ax,
+        4.0,
+        6.35,
+        3.7,
+        1.55,
+        "Server — kvstore serve",
+        ["OpenAI + Anthropic APIs", "batched decode · disk budget", "retention · /metrics · miss reasons"],
+        AGENTS,
+        title_size=10,
+    )
     box(
         ax,
         9.0,
-        6.3,
+        6.35,
         3.6,
-        1.35,
+        1.55,
         "`kvstore` command",
-        ["info · agents · show · du · fsck", "gc · rm · fork · export/import"],
+        ["agents · show · du · explain", "fsck · gc · rm · fork", "export/import · models"],
         USER,
     )
     box(
@@ -95,8 +108,8 @@ def components() -> Path:
         "Agent manager — kvstore.agents",
         [
             "AgentManager: create · load · fork · save_all · memory_report",
-            "Agent.chat: chat template → longest reusable prefix → prefill the rest → generate",
-            "LRU residency · autosave after each turn · recovery from damaged blobs",
+            "Agent.chat: template → longest reusable prefix (+ state checkpoints) → prefill → generate",
+            "LRU residency · sourcing · autosave after each turn · recovery from damaged blobs",
         ],
         AGENTS,
     )
@@ -109,8 +122,8 @@ def components() -> Path:
         "Storage engine — kvstore",
         [
             "open · save · load · match · restore · fork · delete · gc · fsck · stats",
-            "keys: xxh3-128 hash chain · codec: caches ↔ per-chunk pieces",
-            "writer: missing blobs, then one transaction · reader: verify, rebuild",
+            "keys: xxh3-128 hash chain · codec: caches ↔ per-chunk pieces · ops/plan: pure planner",
+            "writer: blobs, then one commit_chain transaction · reader: verify, rebuild",
         ],
         ENGINE,
     )
@@ -131,26 +144,28 @@ def components() -> Path:
         0.35,
         3.6,
         1.7,
-        "Blob folder",
+        "Blobs: a folder or S3",
         [
             "blobs/ab/cdef….safetensors",
             "one chunk, all its layers,",
             "named by xxh3-128 of its bytes",
-            "tmp/ for writes in flight",
+            "or an S3 bucket + a disk tier",
         ],
         STORAGE,
         title_size=10,
     )
-    arrow(ax, (2.2, 6.3), (2.2, 5.75), "chat · fork · save", label_offset=(0.95, -0.2))
-    arrow(ax, (6.0, 6.3), (6.0, 5.75), "forward passes", style="<|-|>", label_offset=(0.85, -0.2))
-    arrow(ax, (9.6, 6.3), (7.5, 3.42), "inspect · fsck · gc\nexport · import", label_offset=(0.85, 0.0))
+    arrow(ax, (2.05, 8.4), (2.05, 5.75), "chat · fork · save", label_offset=(0.95, 0.3))
+    arrow(ax, (5.85, 8.4), (5.85, 7.9), "HTTP", label_offset=(0.4, -0.05))
+    arrow(ax, (5.85, 6.35), (5.85, 5.75), "turns", label_offset=(0.45, -0.05))
+    arrow(ax, (9.0, 8.9), (7.7, 5.4), "forward\npasses", style="<|-|>", label_offset=(-0.2, 0.95))
+    arrow(ax, (9.6, 6.35), (7.7, 3.42), "inspect · fsck · gc\nexport · import", label_offset=(0.95, 0.0))
     arrow(ax, (4.3, 3.9), (4.3, 3.4), "save · match · restore", label_offset=(1.1, -0.2))
     arrow(ax, (7.7, 2.6), (9.0, 3.0), "1 transaction", label_offset=(0.1, -0.45))
     arrow(ax, (7.7, 1.9), (9.0, 1.3), "blobs first", label_offset=(-0.05, -0.5))
     ax.text(
         0.4,
         0.55,
-        "Dependencies point down: the engine never imports the agent manager or the CLI.\n"
+        "Dependencies point down: the engine never imports the agent manager, the server or the CLI.\n"
         "Names are public API (`__all__`); everything else is private.",
         fontsize=8.6,
         color="#455a64",
