@@ -216,7 +216,7 @@ class Store(StoreReads):
             with db.transaction(self.engine, write=True, what=f"deleting agent {name!r}") as conn:
                 return queries.delete_agent(conn, name)
 
-        return reserve.freeing(self, drop)  # deleting is a way out of a full disk: it must work on one
+        return reserve.freeing(drop, root=self.path, engine=self.engine)  # a way out of a full disk: works on one
 
     def fork(self, name: str, new_name: str) -> Snapshot:
         """A new agent whose head is a copy of `name`'s head: it shares every chunk, no blob is copied."""

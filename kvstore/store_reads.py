@@ -3,9 +3,9 @@
 `Store` (kvstore.store) reads its index through SQLAlchemy. The CLI's read commands (`info`, `agents`, `show`,
 `models`, `du`) on a folder store use a `StoreReader`, which reads the same index through the standard
 library's sqlite3 (kvstore.index.sqlite_reads) and so starts without importing SQLAlchemy (issue 17). Both
-inherit the methods below, whose queries are the plain SQL of kvstore.index.reads and kvstore.ops.accounting
-run through `reading()`: the two cannot return different records (tests/test_store_reader.py runs both on one
-store and compares).
+inherit the methods below, whose queries are the plain SQL of kvstore.index.reads and reads_accounting (through
+kvstore.ops.accounting) run through `reading()`: the two cannot return different records
+(tests/test_store_reader.py runs both on one store and compares).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The two ways a store is read return the same records (issue 17: read commands start without SQLAlchemy).
 
 A `Store` reads its index through SQLAlchemy; the CLI's read commands on a folder store read it through the
-standard library's sqlite3 (`StoreReader`). Both run the same SQL (kvstore.index.reads, ops.accounting): these
+standard library's sqlite3 (`StoreReader`). Both run the same SQL (kvstore.index.reads, reads_accounting): these
 tests run both on one real store and compare every read, the CLI's output both ways, and what the fast path
 leaves to a full open (an index to upgrade, one too new, damage), which must answer as it always has.
 """

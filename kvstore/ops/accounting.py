@@ -1,17 +1,15 @@
 """Read-only views over the index: store statistics, per-agent byte accounting, chunk maps, models.
 
-Everything here is SQL over columns the writers keep (kvstore.index.sizes), a handful of statements per
-call and no blob sizes summed at read time. It is plain SQL run through `store.reading()`, so it reads a
+The statements are kvstore.index.reads_accounting's plain SQL, run through `store.reading()`, so these read a
 `Store` (SQLAlchemy) and a `StoreReader` (sqlite3: the CLI's read commands) alike, without importing SQLAlchemy.
+This module holds what is done with the rows: the reports, and the accounting split over two connections.
 
 Accounting rules. A chunk's bytes are the bytes of the distinct blobs its layer rows name (the
 layers of a chunk usually share one blob). An agent's bytes are the bytes of the chunks of its
 head snapshot. A chunk is *shared* when another agent's head lists it too, else *unique* to the
-agent: deleting the agent (and running gc) frees its unique bytes. Because a chunk key names
-the chunk given its whole prefix, two heads that share chunk i share chunks 0..i as well: the
-shared chunks of a head are a leading run, found by a binary search per agent instead of a
-probe per chunk (see `SHARED_DEPTH`). So a head's bytes are `chunks.prefix_bytes` of its last
-chunk, its shared bytes the prefix bytes of its last shared chunk, and its unique bytes the rest.
+agent: deleting the agent (and running gc) frees its unique bytes. Sharing is prefix-closed (a
+chunk key names the chunk given its whole prefix), so a head's shared chunks are a leading run:
+its unique bytes are its bytes less the prefix bytes of that run (see reads_accounting).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kvstore.errors import UnknownAgentError
 from kvstore.formats import FORMAT_VERSION
-from kvstore.index import reads
+from kvstore.index import reads_accounting as q
 from kvstore.index.translate import parse_json
 from kvstore.names import validate_name
 from kvstore.records import Stats
@@ -32,71 +30,22 @@ if TYPE_CHECKING:
 __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary", "model_names"]
 
 
-def _prefix_at(snap: str, seq: str) -> str:
-    """SQL: the prefix bytes of chunk `seq` of snapshot `snap` (NULL when it lists no such chunk)."""
-    return (
-        f"(SELECT c.prefix_bytes FROM snapshot_chunks p JOIN chunks c ON c.key = p.chunk_key "
-        f"WHERE p.snapshot_id = {snap} AND p.seq = {seq})"
-    )
-
-
-def _n_chunks(snap: str) -> str:
-    """SQL: how many chunks snapshot `snap` lists (its last seq + 1: a seek, where COUNT(*) would scan)."""
-    return f"(SELECT COALESCE(MAX(n.seq) + 1, 0) FROM snapshot_chunks n WHERE n.snapshot_id = {snap})"
-
-
-def _shared_at(head: str, seq: str) -> str:
-    """SQL: whether chunk `seq` of snapshot `head` is listed by another agent's head."""
-    return f"""EXISTS (SELECT 1 FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key
-               WHERE x.snapshot_id = {head} AND x.seq = {seq} AND y.snapshot_id <> {head}
-                 AND y.snapshot_id IN (SELECT head FROM agents WHERE head IS NOT NULL))"""
-
-
-# The next bounds of a binary search step, from `hit`: whether chunk (lo + hi) / 2 is shared.
-_LO = "CASE WHEN hit THEN (lo + hi) / 2 + 1 ELSE lo END"
-_HI = "CASE WHEN hit THEN hi ELSE (lo + hi) / 2 END"
-
-# (agent id, depth): how many leading chunks of each agent's head other agents' heads list too.
-# Binary search over [lo, hi): sharing is prefix-closed, so the predicate is monotone in seq. Each
-# row carries the probe of its own midpoint, so every step runs it once (a CTE's recursive step
-# cannot wrap itself in a subquery to share one).
-SHARED_DEPTH = f"""
-heads(aid, head, n) AS (
-    SELECT a.id, a.head, {_n_chunks("a.head")} FROM agents a WHERE a.head IS NOT NULL {{where}}),
-bs(aid, head, lo, hi, hit) AS (
-    SELECT aid, head, 0, n, CASE WHEN n > 0 THEN {_shared_at("head", "n / 2")} ELSE FALSE END FROM heads
-    UNION ALL
-    SELECT aid, head, {_LO}, {_HI},
-           CASE WHEN {_LO} < {_HI} THEN {_shared_at("head", f"({_LO} + {_HI}) / 2")} ELSE FALSE END
-    FROM bs WHERE lo < hi),
-depth(aid, d) AS (SELECT aid, lo FROM bs WHERE lo = hi)"""
-
-
-COUNTED = ("models", "agents", "snapshots", "chunks", "blobs")
-
-
 def store_stats(store: Store) -> Stats:
     """Counts, bytes on disk (every blob the index records), logical bytes (every head, stored apart)."""
     with store.reading("reading statistics") as conn:
-        counts = {t: reads.scalar(conn, f"SELECT COUNT(*) FROM {t}") for t in COUNTED}
-        on_disk = reads.scalar(conn, "SELECT COALESCE(SUM(nbytes), 0) FROM blobs")
-        logical = reads.scalar(
-            conn,
-            f"SELECT COALESCE(SUM({_prefix_at('a.head', _n_chunks('a.head') + ' - 1')}), 0) "
-            "FROM agents a WHERE a.head IS NOT NULL",
-        )
-    on_disk, logical = int(on_disk), int(logical)
+        t = q.totals(conn)
+    on_disk, logical = t.bytes_on_disk, t.logical_bytes
     return Stats(
         path=str(store.path),
         url=store.shown_url,
         format_version=FORMAT_VERSION,
         schema_revision=store.schema_revision,
         chunk_size=store.chunk_size,
-        models=counts["models"],
-        agents=counts["agents"],
-        snapshots=counts["snapshots"],
-        chunks=counts["chunks"],
-        blobs=counts["blobs"],
+        models=t.counts["models"],
+        agents=t.counts["agents"],
+        snapshots=t.counts["snapshots"],
+        chunks=t.counts["chunks"],
+        blobs=t.counts["blobs"],
         bytes_on_disk=on_disk,
         logical_bytes=logical,
         dedup_ratio=round(logical / on_disk, 4) if on_disk else 1.0,
@@ -106,47 +55,27 @@ def store_stats(store: Store) -> Stats:
 def head_chunk_bytes(store: Store) -> int:
     """Bytes of the distinct chunks the agents' heads list: each shared chunk once (what the heads need on disk)."""
     with store.reading("reading statistics") as conn:
-        return int(
-            reads.scalar(
-                conn,
-                "SELECT COALESCE(SUM(c.nbytes), 0) FROM chunks c WHERE c.key IN "
-                "(SELECT sc.chunk_key FROM snapshot_chunks sc JOIN agents a ON sc.snapshot_id = a.head)",
-            )
-        )
+        return q.head_chunk_bytes(conn)
 
 
 PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two halves on two connections
 
 
-def _agent_rows(conn, where: str, params: dict) -> list:
-    """(name, head bytes, shared prefix bytes) of the agents `where` selects."""
-    return conn.rows(
-        f"""
-        WITH RECURSIVE {SHARED_DEPTH.format(where=where)}
-        SELECT a.name, {_prefix_at("a.head", _n_chunks("a.head") + " - 1")}, {_prefix_at("a.head", "depth.d - 1")}
-        FROM agents a JOIN depth ON depth.aid = a.id""",
-        params,
-    )
-
-
-def _agent_half(store: Store, k: int) -> list:
+def _agent_half(store: Store, k: int) -> list[q.HeadBytes]:
     with store.reading("accounting bytes") as conn:
-        return _agent_rows(conn, f"AND a.id % 2 = {k}", {})
+        return q.head_bytes(conn, half=k)
 
 
 def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, int]]:
     """Per agent (or just `name`): {"unique_bytes", "shared_bytes", "total_bytes"} of its head snapshot."""
-    where, params = "", {}
     if name is not None:
         validate_name(name)
-        where, params = "AND a.name = :name", {"name": name}
     with store.reading("accounting bytes") as conn:
-        one = "" if name is None else " WHERE a.name = :name"
-        names = [n for (n,) in conn.rows("SELECT a.name FROM agents a" + one, params)]
+        names = q.agent_names(conn, name)
         if name is not None and not names:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
         parallel = name is None and len(names) >= PARALLEL_AGENTS and store.io_threads > 1
-        rows = [] if parallel else _agent_rows(conn, where, params)
+        rows = [] if parallel else q.head_bytes(conn, name=name)
     if parallel:
         # The binary searches are independent per agent and the database drivers release the GIL while a
         # statement runs: two halves on two connections use two cores. (Like any report, each half is
@@ -154,9 +83,8 @@ def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, in
         with ThreadPoolExecutor(max_workers=2) as pool:
             rows = [r for part in pool.map(lambda k: _agent_half(store, k), (0, 1)) for r in part]
     out = {n: {"unique_bytes": 0, "shared_bytes": 0, "total_bytes": 0} for n in names}
-    for agent, total, shared in rows:
-        total, shared = int(total or 0), int(shared or 0)
-        out[agent] = {"unique_bytes": total - shared, "shared_bytes": shared, "total_bytes": total}
+    for r in rows:
+        out[r.name] = {"unique_bytes": r.total - r.shared, "shared_bytes": r.shared, "total_bytes": r.total}
     return out
 
 
@@ -168,43 +96,29 @@ def chunk_runs(store: Store, name: str) -> list[dict]:
     """
     validate_name(name)
     with store.reading(f"mapping agent {name!r}") as conn:
-        found = conn.rows("SELECT id, head FROM agents a WHERE a.name = :name", {"name": name})
-        if not found:
+        agent = q.agent_head(conn, name)
+        if agent is None:
             raise UnknownAgentError(f"no agent named {name!r} in this store")
-        agent_id, head = found[0]
-        if head is None:
+        if agent.head is None:
             return []
-        chunks = conn.rows(
-            "SELECT sc.seq, c.length, c.nbytes FROM snapshot_chunks sc "
-            "LEFT JOIN chunks c ON c.key = sc.chunk_key WHERE sc.snapshot_id = :head ORDER BY sc.seq",
-            {"head": head},
-        )
-        sharers: dict[int, list[str]] = {}
-        for seq, other in conn.rows(
-            "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
-            "JOIN agents o ON o.head = y.snapshot_id "
-            "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name",
-            {"head": head, "aid": agent_id},
-        ):
-            sharers.setdefault(seq, []).append(other)
+        chunks = q.head_chunks(conn, agent.head)
+        sharers = q.sharers(conn, head=agent.head, agent_id=agent.id)
     runs: list[dict] = []
-    for seq, length, nbytes in chunks:
-        start = seq * store.chunk_size  # every chunk but the last is full
-        who = sharers.get(seq, [])
-        if runs and runs[-1]["shared_with"] == who and runs[-1]["last"] == seq - 1:
+    for c in chunks:
+        start = c.seq * store.chunk_size  # every chunk but the last is full
+        who = sharers.get(c.seq, [])
+        if runs and runs[-1]["shared_with"] == who and runs[-1]["last"] == c.seq - 1:
             run = runs[-1]
-            run.update(
-                last=seq, end=start + int(length or 0), chunks=run["chunks"] + 1, bytes=run["bytes"] + int(nbytes or 0)
-            )
+            run.update(last=c.seq, end=start + c.length, chunks=run["chunks"] + 1, bytes=run["bytes"] + c.nbytes)
         else:
             runs.append(
                 {
-                    "first": seq,
-                    "last": seq,
+                    "first": c.seq,
+                    "last": c.seq,
                     "start": start,
-                    "end": start + int(length or 0),
+                    "end": start + c.length,
                     "chunks": 1,
-                    "bytes": int(nbytes or 0),
+                    "bytes": c.nbytes,
                     "shared_with": who,
                 }
             )
@@ -214,27 +128,24 @@ def chunk_runs(store: Store, name: str) -> list[dict]:
 def model_summary(store: Store) -> list[dict]:
     """Every model the store knows: fingerprint, name hint, layer layout, and its agents, snapshots and chunks."""
     with store.reading("listing models") as conn:
-        models = conn.rows("SELECT id, fingerprint, name, layout, created FROM models ORDER BY created, id")
-        per = {
-            table: dict(conn.rows(f"SELECT model_id, COUNT(*) FROM {table} GROUP BY model_id"))
-            for table in ("agents", "snapshots", "chunks")
-        }
+        models = q.models(conn)
+        per = q.per_model(conn)
     out = []
-    for mid, fp, hint, layout, created in models:
-        slots = parse_json(layout, f"model {fp}'s cache layout").get("slots", [])
+    for m in models:
+        slots = parse_json(m.layout, f"model {m.fingerprint}'s cache layout").get("slots", [])
         kinds: dict[str, int] = {}
         for cls, _kind, _params in slots:
             kinds[cls] = kinds.get(cls, 0) + 1
         out.append(
             {
-                "fingerprint": fp,
-                "name": hint,
-                "created": created,
+                "fingerprint": m.fingerprint,
+                "name": m.name,
+                "created": m.created,
                 "layers": len(slots),
                 "cache_classes": kinds,
-                "agents": per["agents"].get(mid, 0),
-                "snapshots": per["snapshots"].get(mid, 0),
-                "chunks": per["chunks"].get(mid, 0),
+                "agents": per["agents"].get(m.id, 0),
+                "snapshots": per["snapshots"].get(m.id, 0),
+                "chunks": per["chunks"].get(m.id, 0),
             }
         )
     return out
@@ -243,4 +154,4 @@ def model_summary(store: Store) -> list[dict]:
 def model_names(store: Store) -> dict[str, str | None]:
     """fingerprint -> the model's name hint (None when the store was never told one): one small query."""
     with store.reading("listing models") as conn:
-        return dict(conn.rows("SELECT fingerprint, name FROM models"))
+        return q.model_names(conn)

@@ -207,7 +207,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
         Problem("orphan_file", store.blobs.describe(p), "a blob file no index row names (a crashed save's leftover)")
         for _, p in stray
     ]
-    temps = stale_temps(store, grace, now)  # a live write's temp file (flock'ed) is not a problem
+    temps = stale_temps(store.blobs, grace, now)  # a live write's temp file (flock'ed) is not a problem
     problems += [Problem("stale_temp", str(p), "an unfinished write's temp file") for p in temps]
 
     needs_recompute: set[int] = set()

@@ -70,12 +70,14 @@ def gc(
     with gc_lock(store):
         if dry_run:
             return _dry_run(store, keep_last, grace, t0, agents)
-        doomed, chunk_keys, dead = reserve.freeing(store, lambda: _drop_rows(store.engine, keep_last, agents))
+        doomed, chunk_keys, dead = reserve.freeing(
+            lambda: _drop_rows(store.engine, keep_last, agents), root=store.path, engine=store.engine
+        )
         crash_point("gc.after_rows")
         files, freed = _sweep_files(
             engine=store.engine, blobs=store.blobs, grace=grace, progress=progress, unreferenced={b for b, _ in dead}
         )
-        temps = _sweep_temp(store, grace)
+        temps = _sweep_temp(store.blobs, grace)
         if store.engine.dialect.name == "sqlite":
             reserve.ensure(store.path)  # room was freed: keep some for the next full disk
     return GcReport(
@@ -154,15 +156,15 @@ def temp_in_use(path: Path) -> bool:
         os.close(fd)
 
 
-def stale_temps(store: Store, grace: float, now: float | None = None) -> list[Path]:
-    """Temp files older than `grace` that no live write holds."""
+def stale_temps(blobs: BlobBackend, grace: float, now: float | None = None) -> list[Path]:
+    """The backend's temp files older than `grace` that no live write holds."""
     now = now or time.time()
-    return [p for p in store.blobs.iter_temp() if store.blobs.age(p, now) > grace and not temp_in_use(p)]
+    return [p for p in blobs.iter_temp() if blobs.age(p, now) > grace and not temp_in_use(p)]
 
 
-def _sweep_temp(store: Store, grace: float) -> int:
+def _sweep_temp(blobs: BlobBackend, grace: float) -> int:
     n = 0
-    for p in stale_temps(store, grace):
+    for p in stale_temps(blobs, grace):
         try:
             p.unlink()
             n += 1
@@ -183,7 +185,7 @@ def _dry_run(store: Store, keep_last: int, grace: float, t0: float, agents: Iter
         for bid, p in store.blobs.iter_files()
         if bid not in known and bid not in dead_ids and store.blobs.age(p, now) > grace
     ]
-    temps = len(stale_temps(store, grace, now))
+    temps = len(stale_temps(store.blobs, grace, now))
     freed = sum(n for _, n in dead) + sum(store.blobs.size(p) for _, p in orphans)
     return GcReport(
         dry_run=True,

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.errors import StoreFullError
+from kvstore.index import wal
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
 
 RESERVE_FILE = "reserve"
 RESERVE_BYTES = 8 << 20  # WAL pages for a gc of some 2,000 pages of index rows
@@ -67,28 +68,25 @@ def release(root: Path) -> int:
         return 0
 
 
-def _checkpoint(store: Store) -> None:
-    """Move the WAL's frames into index.db so the next writer rewinds into the WAL file's existing pages."""
-    if store.engine.dialect.name != "sqlite":
-        return
+def _checkpoint(engine: Engine) -> None:
+    """Checkpoint the WAL so the next writer rewinds into the WAL file's existing pages (kvstore.index.wal)."""
     try:
-        with store.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+        wal.checkpoint(engine)
     except Exception:  # noqa: BLE001 - best effort: the retry reports what is still wrong
         pass
 
 
-def freeing(store: Store, work: Callable[[], T]) -> T:
-    """Run a write that frees space (delete, gc); on a full disk checkpoint and retry, then give up
-    the reserve and retry."""
+def freeing(work: Callable[[], T], *, root: Path, engine: Engine) -> T:
+    """Run a write that frees space (delete, gc) on the index `engine` of the store at `root`; on a full
+    disk checkpoint and retry, then give up the reserve and retry."""
     try:
         return work()
     except StoreFullError:
-        _checkpoint(store)
+        _checkpoint(engine)
     try:
         return work()
     except StoreFullError:
-        if not release(store.path):
+        if not release(root):
             raise
-        _checkpoint(store)
+        _checkpoint(engine)
     return work()
