@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ModelMismatchError, StoreError, WindowNotCapturedWarning
 from kvstore.index import db, queries, schema, sizes
+from kvstore.index.layers import StoredLayers, stored_layers
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART
 from kvstore.records import Snapshot
@@ -81,11 +83,13 @@ def plan_pieces(
     n_tokens: int,
     chunk_size: int,
     keys: list[bytes],
-    have: dict[tuple[bytes, int], int],
+    have: Mapping[tuple[bytes, int], int],
     captured: dict | None,
 ) -> list[Piece]:
     """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
     spans = chunk_spans(n_tokens, chunk_size)
+    # Chunks the index holds whole need nothing: a turn plans over its new chunks only (kvstore.index.layers).
+    todo = have.unfilled(keys[: len(spans)]) if isinstance(have, StoredLayers) else range(len(spans))
     want: dict[tuple[int, int], Piece] = {}
     missing: dict[int, list[tuple[int, int]]] = {}  # slot -> [(chunk, first)] the index lacks
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
@@ -95,7 +99,8 @@ def plan_pieces(
                 want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
             continue
         lo, hi = codec.held_range(slot, leaf)
-        for i, (start, length) in enumerate(spans):
+        for i in todo:
+            start, length = spans[i]
             end = start + length
             if end <= lo or start >= hi:
                 continue
@@ -296,7 +301,7 @@ def save(
                     moves_from=tuple(moves_from),
                 )
             stale = _check_model_and_agent(conn, plan)
-            have = queries.existing_layers(conn, plan.keys)
+            have = stored_layers(conn, plan.keys, slots=len(slots))
             if locked:  # this attempt cannot be undone by a gc
                 pieces = plan_pieces(slots, leaves, n, store.chunk_size, plan.keys, have, captured)
                 _warn_window_lost(store, model, slots, leaves, plan.keys, plan.spans, have, captured, n)
@@ -362,7 +367,7 @@ def _check_model_and_agent(conn, plan: SavePlan) -> bool:
 def _commit(
     store: Store,
     plan: SavePlan,
-    have: dict[tuple[bytes, int], int],
+    have: Mapping[tuple[bytes, int], int],
     blobs: list[_Blob],
     pending: Future,
     locked=None,
