@@ -4,13 +4,14 @@ earlier revision upgraded to the covering index it relies on."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import TEST_CHUNK
 from sqlalchemy import create_engine, delete, inspect, update
 
 import kvstore
 from kvstore.cache import codec
-from kvstore.cache.keys import chunk_keys
+from kvstore.cache.keys import chunk_keys, tokens_to_array
 from kvstore.index import db, queries, schema
 from kvstore.index.layers import StoredLayers, stored_layers
 from kvstore.ops.save import plan_pieces
@@ -127,3 +128,21 @@ def test_an_index_at_0002_is_upgraded_and_keeps_its_agents(tmp_path):
         more = toks + tokens(C, seed=6)
         store.save("a", make_cache("kv", len(more), seed=6), more, model=FP)
         assert store.fsck().ok
+
+
+def _outcome(fn, arg):
+    try:
+        got = fn(arg)
+        return ("ok", got.dtype.str, got.tolist())
+    except Exception as e:  # noqa: BLE001 (the outcome compared is the exception itself)
+        return (type(e).__name__, str(e))
+
+
+@pytest.mark.parametrize(
+    "toks",
+    [[1, 2, 3], [True, False], [1, True], [1.0, 2], [1, 2.5], [-1, 2], [2**32], [2**32 - 1], [2**70], [], ["a"],
+     [np.int64(3), 4], [np.uint32(3)], [[1, 2]], [[1, 2], [3, 4]], [1, None], list(range(100_000))],
+)  # fmt: skip
+def test_a_token_list_converts_as_numpy_converts_it(toks):
+    """Lists take array.array's path (a turn's save converts the whole history); a tuple takes numpy's."""
+    assert _outcome(tokens_to_array, toks) == _outcome(tokens_to_array, tuple(toks))
