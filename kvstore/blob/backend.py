@@ -12,6 +12,7 @@ object's key/size/mtime), read back through `age`, `size` and `describe`.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -59,6 +60,19 @@ class BlobBackend(ABC):
 
         `copied` is called with the blob's id once the bytes have left the caller's buffers (if it writes).
         """
+
+    def start_put(self, buffers: list) -> tuple[str, Callable[[], tuple[str, int, bool]]]:
+        """Begin storing the blob made of `buffers`: its id now, and the rest of put() as a function
+        that returns put()'s (id, bytes, written) once the blob is durable (the caller runs it, on an
+        I/O thread or its own; always, also when it gives up: a local store holds a temp file open
+        until then). The buffers must stay unchanged until it has run.
+
+        By default the caller hashes here and the function is put(); a backend may do more here.
+        """
+        from kvstore.blob.local import hash_buffers  # here: local.py imports this module
+
+        blob_id = hash_buffers(buffers)
+        return blob_id, functools.partial(self.put, buffers, blob_id)
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
         """Make dedup hits durable before a commit relies on them (a folder's rename; nothing on S3)."""
