@@ -183,7 +183,8 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
             b.blob_id, finish = store.blobs.start_put(b.buffers)
             blobs.append(b)
             staged.append(finish)
-            if len(staged) >= STAGED_MAX:
+            # With one I/O thread nothing runs beside this one: each blob is finished before the next.
+            if len(staged) >= STAGED_MAX or store.io.threads <= 1:
                 puts.extend(store.io.submit(f) for f in staged)
                 staged = []
     finally:  # also when a copy failed: what was copied is finished (or cleaned up) before it is raised
