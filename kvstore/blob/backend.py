@@ -74,6 +74,20 @@ class BlobBackend(ABC):
         blob_id = hash_buffers(buffers)
         return blob_id, functools.partial(self.put, buffers, blob_id)
 
+    def finish_all(self, finishes: list[Callable[[], tuple[str, int, bool]]]) -> list[tuple[str, int, bool]]:
+        """Run start_put()'s functions of several blobs; their results in order. A backend may do their
+        steps blob by blob or for all of them together. Every function has run (or the same cleanup has
+        been done) when it returns or raises."""
+        results, error = [], None
+        for finish in finishes:
+            try:
+                results.append(finish())
+            except BaseException as e:  # noqa: BLE001 - the rest still run (a local store closes their files)
+                error = error or e
+        if error is not None:
+            raise error
+        return results
+
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
         """Make dedup hits durable before a commit relies on them (a folder's rename; nothing on S3)."""
 

@@ -185,10 +185,11 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
             staged.append(finish)
             # With one I/O thread nothing runs beside this one: each blob is finished before the next.
             if len(staged) >= STAGED_MAX or store.io.threads <= 1:
-                puts.extend(store.io.submit(f) for f in staged)
+                puts.append(store.io.submit(store.blobs.finish_all, staged))
                 staged = []
     finally:  # also when a copy failed: what was copied is finished (or cleaned up) before it is raised
-        puts.extend(store.io.submit(f) for f in staged)
+        if staged:
+            puts.append(store.io.submit(store.blobs.finish_all, staged))
         pending = gather(puts)
         if len(blobs) < len(groups):
             pending.exception()
@@ -197,7 +198,7 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
 
 def finish_writes(store: Store, blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
     """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
-    flags = [written for _id, _n, written in pending.result()]
+    flags = [written for batch in pending.result() for _id, _n, written in batch]
     store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote
     return [(p, b.blob_id, b.nbytes, w) for b, w in zip(blobs, flags) for p in b.group]
 
