@@ -16,11 +16,18 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import InvalidBlobIdError
 
+if TYPE_CHECKING:
+    from kvstore.blob.iopool import IoPool
+
 PathOf = Callable[[str], "str | Path"]
+
+
+def _call(fn: Callable[[], tuple[str, int, bool]]) -> tuple[str, int, bool]:
+    return fn()
 
 
 class BlobBackend(ABC):
@@ -74,15 +81,22 @@ class BlobBackend(ABC):
         blob_id = hash_buffers(buffers)
         return blob_id, functools.partial(self.put, buffers, blob_id)
 
-    def finish_all(self, finishes: list[Callable[[], tuple[str, int, bool]]]) -> list[tuple[str, int, bool]]:
-        """Run start_put()'s functions of several blobs; their results in order. A backend may do their
-        steps blob by blob or for all of them together. Every function has run (or the same cleanup has
-        been done) when it returns or raises."""
+    def finish_all(
+        self, finishes: list[Callable[[], tuple[str, int, bool]]], io: IoPool
+    ) -> list[tuple[str, int, bool]]:
+        """Run start_put()'s functions of several blobs (on `io`, side by side, by default: a remote
+        backend's puts wait on the network); their results in order. Runs on one of io's threads."""
+        return io.map(_call, finishes)
+
+    @staticmethod
+    def run_each(finishes: list[Callable[[], tuple[str, int, bool]]]) -> list[tuple[str, int, bool]]:
+        """The functions one after another, every one of them also after one raised (a local store's
+        close their temp files); their results in order, or the first error."""
         results, error = [], None
         for finish in finishes:
             try:
                 results.append(finish())
-            except BaseException as e:  # noqa: BLE001 - the rest still run (a local store closes their files)
+            except BaseException as e:  # noqa: BLE001 - raised below, once the rest have run
                 error = error or e
         if error is not None:
             raise error

@@ -28,6 +28,7 @@ import xxhash
 
 from kvstore._crash import crash_point
 from kvstore.blob.backend import BlobBackend, PathOf
+from kvstore.blob.iopool import IoPool
 from kvstore.errors import CorruptBlobError, InvalidBlobIdError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
 
@@ -279,7 +280,9 @@ class BlobStore(BlobBackend):
         staged = self._copy(buffers, None)
         return staged.blob_id, _Finish(self, staged, buffers)
 
-    def finish_all(self, finishes: list[Callable[[], tuple[str, int, bool]]]) -> list[tuple[str, int, bool]]:
+    def finish_all(
+        self, finishes: list[Callable[[], tuple[str, int, bool]]], io: IoPool
+    ) -> list[tuple[str, int, bool]]:
         """Blobs copied by start_put made durable step by step for all of them on one thread: every file
         fsync'd, then every rename, then each shard folder fsync'd once. The first fsync waits for the
         data (its writeback began at the copy) and commits the journal for all; the others, and the
@@ -292,7 +295,7 @@ class BlobStore(BlobBackend):
             or not self.durable
             or not all(isinstance(f, _Finish) and f.store is self for f in finishes)
         ):
-            return super().finish_all(finishes)
+            return self.run_each(finishes)
         mine: list[_Finish] = finishes  # type: ignore[assignment]
         out: list[tuple[str, int, bool] | None] = [None] * len(mine)
         pending = list(range(len(mine)))
@@ -321,7 +324,7 @@ class BlobStore(BlobBackend):
                 out[i] = (staged.blob_id, staged.nbytes, True)
         except OSError:
             # The rest one blob at a time, as put() does them: its retries, its cleanup, its errors.
-            for i, got in zip(pending, super().finish_all([mine[i] for i in pending])):
+            for i, got in zip(pending, self.run_each([mine[i] for i in pending])):
                 out[i] = got
         try:
             _side_by_side(fsync_dir, sorted(shards))

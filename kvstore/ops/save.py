@@ -162,8 +162,8 @@ STAGED_MAX = 64  # blobs copied before their durable halves start: temp files he
 
 def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[_Blob], Future]:
     """Encode each blob and start storing it (store.blobs.start_put: a local store copies and hashes it
-    here, naming it by that hash), then hand what waits on the device (fsyncs, renames) to the store's
-    I/O threads; returns the blobs, their ids set, and a future holding, per blob, whether it was
+    here, naming it by that hash), then hand what waits on the device (fsyncs, renames) to one of the
+    store's I/O threads (store.blobs.finish_all); returns the blobs, their ids set, and a future holding, per blob, whether it was
     written (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
 
     Copies and hashes run on this thread, one blob after another, with no I/O thread running beside
@@ -185,11 +185,11 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
             staged.append(finish)
             # With one I/O thread nothing runs beside this one: each blob is finished before the next.
             if len(staged) >= STAGED_MAX or store.io.threads <= 1:
-                puts.append(store.io.submit(store.blobs.finish_all, staged))
+                puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
                 staged = []
     finally:  # also when a copy failed: what was copied is finished (or cleaned up) before it is raised
         if staged:
-            puts.append(store.io.submit(store.blobs.finish_all, staged))
+            puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
         pending = gather(puts)
         if len(blobs) < len(groups):
             pending.exception()
