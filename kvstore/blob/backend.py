@@ -12,14 +12,22 @@ object's key/size/mtime), read back through `age`, `size` and `describe`.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import InvalidBlobIdError
 
+if TYPE_CHECKING:
+    from kvstore.blob.iopool import IoPool
+
 PathOf = Callable[[str], "str | Path"]
+
+
+def _call(fn: Callable[[], tuple[str, int, bool]]) -> tuple[str, int, bool]:
+    return fn()
 
 
 class BlobBackend(ABC):
@@ -59,6 +67,40 @@ class BlobBackend(ABC):
 
         `copied` is called with the blob's id once the bytes have left the caller's buffers (if it writes).
         """
+
+    def start_put(self, buffers: list) -> tuple[str, Callable[[], tuple[str, int, bool]]]:
+        """Begin storing the blob made of `buffers`: its id now, and the rest of put() as a function
+        that returns put()'s (id, bytes, written) once the blob is durable (the caller runs it, on an
+        I/O thread or its own; always, also when it gives up: a local store holds a temp file open
+        until then). The buffers must stay unchanged until it has run.
+
+        By default the caller hashes here and the function is put(); a backend may do more here.
+        """
+        from kvstore.blob.local import hash_buffers  # here: local.py imports this module
+
+        blob_id = hash_buffers(buffers)
+        return blob_id, functools.partial(self.put, buffers, blob_id)
+
+    def finish_all(
+        self, finishes: list[Callable[[], tuple[str, int, bool]]], io: IoPool
+    ) -> list[tuple[str, int, bool]]:
+        """Run start_put()'s functions of several blobs (on `io`, side by side, by default: a remote
+        backend's puts wait on the network); their results in order. Runs on one of io's threads."""
+        return io.map(_call, finishes)
+
+    @staticmethod
+    def run_each(finishes: list[Callable[[], tuple[str, int, bool]]]) -> list[tuple[str, int, bool]]:
+        """The functions one after another, every one of them also after one raised (a local store's
+        close their temp files); their results in order, or the first error."""
+        results, error = [], None
+        for finish in finishes:
+            try:
+                results.append(finish())
+            except BaseException as e:  # noqa: BLE001 - raised below, once the rest have run
+                error = error or e
+        if error is not None:
+            raise error
+        return results
 
     def sync_dirs(self, blob_ids: Iterable[str]) -> None:
         """Make dedup hits durable before a commit relies on them (a folder's rename; nothing on S3)."""

@@ -7,6 +7,7 @@ shard directory, so a crash leaves either the whole blob or a stale temp file th
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -19,16 +20,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import xxhash
 
 from kvstore._crash import crash_point
 from kvstore.blob.backend import BlobBackend, PathOf
+from kvstore.blob.iopool import IoPool
 from kvstore.errors import CorruptBlobError, InvalidBlobIdError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
 
 TEMP_SUFFIX = ".tmp"
+T = TypeVar("T")
 VERIFY_BUFFER = 1 << 20  # verify() streams a file through this much memory, whatever the blob's size
 BLOB_ID = re.compile(r"[0-9a-f]{32}")  # the xxh3-128 hex digest: the only name a blob file gets
 UNLINK_THREADS = 16  # concurrent unlinks in remove_many
@@ -92,6 +97,84 @@ def open_blob(path: Path, blob_id: str, agent: str | None = None) -> int:
     if fd is not None:
         os.close(fd)
     raise CorruptBlobError(f"blob {blob_id} is corrupt: {path} is not a regular file{who}", blob_id, agent)
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """The second half of BlobStore.start_put: make one copied blob durable (BlobStore._settle)."""
+
+    store: BlobStore
+    staged: _Staged
+    buffers: list
+
+    def __call__(self) -> tuple[str, int, bool]:
+        return self.store._settle(self.staged, self.buffers)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A blob copied into its locked temp file, not yet durable or named."""
+
+    fd: int
+    tmp: Path
+    blob_id: str
+    nbytes: int
+    hashed: bool  # named by the hash of what was copied (not by the caller): a dedup hit is possible
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def start_writeback(fd: int) -> None:
+    """Ask Linux to start writing a file's dirty pages now, without waiting (sync_file_range). Only a
+    head start for the fsync that follows, which still makes the file durable: the device works on
+    one blob while the next is copied, before its fsync's thread even wakes. Nothing elsewhere."""
+    if _LIBC is not None:
+        _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_THREADS = 16  # fsyncs at once: threads that only wait on the device
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pid = 0
+_sync_lock = threading.Lock()
+
+
+def _side_by_side(fn: Callable[[T], None], items: list[T]) -> None:
+    """fn over items on threads that each make one blocking call (fsyncs): the device's cache flushes of
+    concurrent fsyncs merge, where one after another each paid its own (~1 ms each here). Raises the
+    first error once all have ended."""
+    global _sync_pool, _sync_pid
+    if len(items) < 2:
+        for x in items:
+            fn(x)
+        return
+    with _sync_lock:
+        if _sync_pool is None or _sync_pid != os.getpid():  # a forked child starts its own threads
+            _sync_pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="kvstore-sync")
+            _sync_pid = os.getpid()
+        pool = _sync_pool
+    futures = [pool.submit(fn, x) for x in items[1:]]
+    errors: list[BaseException] = []
+    try:
+        fn(items[0])
+    except OSError as e:
+        errors.append(e)
+    for f in futures:
+        failed = f.exception()
+        if failed is not None:
+            errors.append(failed)
+    if errors:
+        raise errors[0]
 
 
 # Copies into the page cache, one at a time per process: on this project's Linux machine two threads
@@ -181,54 +264,141 @@ class BlobStore(BlobBackend):
         For a dedup hit the caller fsyncs the shard folder (`sync_dirs`) before committing: another
         process may have renamed the file there without having synced the folder yet.
         """
-        nbytes = sum(len(b) for b in buffers)
         if blob_id is not None and self._existing(blob_id):
-            return blob_id, nbytes, False
+            return blob_id, sum(len(b) for b in buffers), False
+        return self._settle(self._copy(buffers, blob_id), buffers, copied=copied)
+
+    def start_put(self, buffers: list) -> tuple[str, Callable[[], tuple[str, int, bool]]]:
+        """put() in two halves: the copy into a temp file, its hash and the start of its writeback here,
+        in the caller; the rest (dedup check, fsync, rename, folder fsync) in the function returned.
+
+        A save copies all its blobs one after another on its own thread, then hands the halves that
+        wait on the device to its I/O threads, whose fsyncs find the data mostly written. When each
+        I/O thread copied a blob and then waited out its fsync before copying the next, every copy
+        waited for a thread to wake and for the GIL, milliseconds each on a busy machine.
+        """
+        staged = self._copy(buffers, None)
+        return staged.blob_id, _Finish(self, staged, buffers)
+
+    def finish_all(
+        self, finishes: list[Callable[[], tuple[str, int, bool]]], io: IoPool
+    ) -> list[tuple[str, int, bool]]:
+        """Blobs copied by start_put made durable step by step for all of them on one thread: every file
+        fsync'd, then every rename, then each shard folder fsync'd once. The first fsync waits for the
+        data (its writeback began at the copy) and commits the journal for all; the others, and the
+        folder syncs after the first, find little left to do. The write protocol's order holds for each
+        blob (file fsync, rename, folder fsync, all before the caller's commit); a thread per blob only
+        added wake-ups and GIL hand-offs on a busy machine.
+        """
+        if (
+            len(finishes) < 2
+            or not self.durable
+            or not all(isinstance(f, _Finish) and f.store is self for f in finishes)
+        ):
+            return self.run_each(finishes)
+        mine: list[_Finish] = finishes  # type: ignore[assignment]
+        out: list[tuple[str, int, bool] | None] = [None] * len(mine)
+        pending = list(range(len(mine)))
+        shards: set[Path] = set()
+        try:
+            for i in list(pending):
+                staged = mine[i].staged
+                if staged.hashed and self._existing(staged.blob_id):  # a dedup hit: its temp file goes
+                    staged.tmp.unlink()
+                    os.close(staged.fd)
+                    pending.remove(i)
+                    out[i] = (staged.blob_id, staged.nbytes, False)
+            _side_by_side(fsync_file, [mine[i].staged.fd for i in pending])
+            for i in list(pending):
+                staged = mine[i].staged
+                target = self.path(staged.blob_id)
+                if not target.parent.is_dir():  # a store made before shards were created up front
+                    target.parent.mkdir(exist_ok=True)
+                    fsync_dir(self.blob_dir)
+                crash_point("blob.before_rename")
+                os.replace(staged.tmp, target)
+                crash_point("blob.after_rename")
+                os.close(staged.fd)
+                pending.remove(i)
+                shards.add(target.parent)
+                out[i] = (staged.blob_id, staged.nbytes, True)
+        except OSError:
+            # The rest one blob at a time, as put() does them: its retries, its cleanup, its errors.
+            for i, got in zip(pending, self.run_each([mine[i] for i in pending])):
+                out[i] = got
+        try:
+            _side_by_side(fsync_dir, sorted(shards))
+        except OSError as e:
+            raise _translate_os_error(e, "syncing the blob folders") from e
+        return [o for o in out if o is not None]
+
+    def _copy(self, buffers: list[bytes | memoryview], blob_id: str | None) -> _Staged:
+        """The blob's bytes in a new locked temp file (hashed as they go when `blob_id` is None); its
+        writeback started. Nothing is left behind when it raises."""
         from kvstore.blob.tensorfile import write_all  # here: read-only commands use this module without MLX
 
-        for attempt in range(3):
-            tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            hasher = xxhash.xxh3_128() if blob_id is None else None
+            with _COPY_LOCK:
+                nbytes = write_all(fd, buffers, hasher)
+            if self.durable:
+                start_writeback(fd)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    hasher = xxhash.xxh3_128() if blob_id is None else None
-                    with _COPY_LOCK:
-                        write_all(fd, buffers, hasher)
-                    if hasher is not None:
-                        blob_id = hasher.hexdigest()
-                        if self._existing(blob_id):
-                            tmp.unlink()
-                            return blob_id, nbytes, False
-                    target = self.path(blob_id)
-                    if copied is not None:
-                        copied(blob_id)
-                        copied = None  # once, also when a retry writes the bytes again
-                    if self.durable:
-                        fsync_file(fd)
-                    if not target.parent.is_dir():  # a store made before shards were created up front
-                        target.parent.mkdir(exist_ok=True)
-                        if self.durable:
-                            fsync_dir(self.blob_dir)
-                    crash_point("blob.before_rename")
-                    os.replace(tmp, target)
-                    crash_point("blob.after_rename")
-                    if self.durable:  # here, in the writer's thread: the folder syncs of a save overlap
-                        fsync_dir(target.parent)
-                finally:
-                    os.close(fd)
-                return blob_id, nbytes, True
-            except OSError as e:
-                try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise _translate_os_error(e, f"writing blob {blob_id}" if blob_id else "writing a blob") from e
+        return _Staged(fd, tmp, blob_id or hasher.hexdigest(), nbytes, hasher is not None)
+
+    def _settle(
+        self,
+        staged: _Staged,
+        buffers: list[bytes | memoryview],
+        retries: int = 2,
+        copied: Callable[[str], None] | None = None,
+    ) -> tuple[str, int, bool]:
+        """A copied blob made durable under its name, or dropped as a dedup hit; closes its temp file.
+        `copied` is told the id unless it is a dedup hit."""
+        blob_id, tmp = staged.blob_id, staged.tmp
+        try:
+            try:
+                if staged.hashed and self._existing(blob_id):
                     tmp.unlink()
-                except OSError:
-                    pass
-                # A gc (grace=0) can take the temp file between its creation and the lock: write it again.
-                if isinstance(e, FileNotFoundError) and attempt < 2:
-                    continue
-                raise _translate_os_error(e, f"writing blob {blob_id}" if blob_id else "writing a blob") from e
-        raise AssertionError("unreachable")
+                    return blob_id, staged.nbytes, False
+                if copied is not None:
+                    copied(blob_id)
+                target = self.path(blob_id)
+                if self.durable:
+                    fsync_file(staged.fd)
+                if not target.parent.is_dir():  # a store made before shards were created up front
+                    target.parent.mkdir(exist_ok=True)
+                    if self.durable:
+                        fsync_dir(self.blob_dir)
+                crash_point("blob.before_rename")
+                os.replace(tmp, target)
+                crash_point("blob.after_rename")
+                if self.durable:  # here, in the writer's thread: the folder syncs of a save overlap
+                    fsync_dir(target.parent)
+            finally:
+                os.close(staged.fd)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            # A gc (grace=0) can take the temp file between its creation and the lock: write it again.
+            if isinstance(e, FileNotFoundError) and retries:
+                return self._settle(self._copy(buffers, blob_id), buffers, retries - 1)
+            raise _translate_os_error(e, f"writing blob {blob_id}") from e
+        return blob_id, staged.nbytes, True
 
     def _existing(self, blob_id: str) -> bool:
         """Whether a good copy of the blob is stored (re-hashed, not trusted); its mtime is refreshed."""

@@ -207,8 +207,8 @@ def read_into(fd: int, offset: int, dests: list[memoryview]) -> int:
 WRITE_BYTES = 1 << 20  # data per writev call
 
 
-def write_all(fd: int, buffers: list, hasher=None) -> None:
-    """writev every buffer, about WRITE_BYTES a call, looping on short writes; with a `hasher`, each
+def write_all(fd: int, buffers: list, hasher=None) -> int:
+    """writev every buffer (returns the bytes written), about WRITE_BYTES a call, looping on short writes; with a `hasher`, each
     call's bytes are hashed just before they are written (in order: the hash is the file's).
 
     Calls of ~1 MiB, not one call per IOV_MAX buffers (a whole 32 MiB blob): on this Linux VM two
@@ -219,6 +219,7 @@ def write_all(fd: int, buffers: list, hasher=None) -> None:
         v = memoryview(b).cast("B")
         views.extend(v[o : o + WRITE_BYTES] for o in range(0, len(v), WRITE_BYTES))
     i = hashed = 0
+    total = sum(memoryview(b).nbytes for b in buffers)
     while i < len(views):
         j, size = i, 0
         while j < len(views) and j - i < IOV_MAX and (size == 0 or size + len(views[j]) <= WRITE_BYTES):
@@ -234,6 +235,7 @@ def write_all(fd: int, buffers: list, hasher=None) -> None:
             i += 1
         if n:  # a short write ended inside views[i]
             views[i] = views[i][n:]
+    return total
 
 
 def _pread_loop(fd: int, dests: list[memoryview], offset: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -161,65 +160,48 @@ def _encoded(group: list[Piece], slots, model: str) -> _Blob:
     return _Blob(group, buffers, "", sum(len(b) for b in buffers))
 
 
-def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[_Blob], Future]:
-    """Encode the pieces' blobs here, then hand them to the store's I/O threads, which hash each as
-    they copy it and name it by that hash; returns the blobs and a future holding, per blob,
-    whether it was written (False for a dedup hit). The caller meanwhile fills in its transaction
-    (see _commit).
+STAGED_MAX = 64  # blobs copied before their durable halves start: temp files held open at once
 
-    Encoding is Python and holds the GIL, so it is done here, before any write starts: encoding on
-    several threads only contends (a 3 MiB blob took 0.6-0.9 ms that way, 0.35 ms alone), and a
-    thread encoding while another writes keeps the writer from the GIL between its writev calls
-    until Python's 5 ms switch interval (a 3 MiB copy took 4.7 ms instead of 1.1). Returns once
-    every blob's bytes are copied to the kernel (or its put ended otherwise): the fsyncs that
-    follow need no GIL, the copies' Python does, and a caller running SQL from the start held
-    them off by a millisecond or two.
+
+def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[_Blob], Future]:
+    """Encode each blob and start storing it (store.blobs.start_put: a local store copies and hashes it
+    here, naming it by that hash), then hand what waits on the device (fsyncs, renames) to one of the
+    store's I/O threads (store.blobs.finish_all); returns the blobs, their ids set, and a future holding, per blob, whether it was
+    written (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
+
+    Copies and hashes run on this thread, one blob after another, with no I/O thread running beside
+    them: a thread woken per blob took the GIL from the copies (milliseconds each on a busy machine).
+    Returns once every blob's bytes are copied to the kernel: the fsyncs that follow need no GIL.
     """
     groups = _group(pieces, slots)
     if not groups:
         return [], gather([])
     mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
-    left, lock, copied, failed = [len(groups)], threading.Lock(), threading.Event(), threading.Event()
-
-    def one_copied() -> None:
-        with lock:
-            left[0] -= 1
-            if left[0] <= 0:
-                copied.set()
-
-    def put(b: _Blob) -> bool:
-        def landed(blob_id: str) -> None:
-            b.blob_id = blob_id  # before the caller, woken by the last copy, reads it
-            one_copied()
-
-        try:
-            blob_id, _n, written = store.blobs.put(b.buffers, None, copied=landed)
-        except BaseException:
-            failed.set()
-            copied.set()  # the caller stops waiting and raises it
-            raise
-        if not b.blob_id:  # a dedup hit copies nothing, and reports nothing
-            b.blob_id = blob_id
-            one_copied()
-        return written
-
-    blobs = [_encoded(group, slots, model) for group in groups]
-    puts = []
-    for b in blobs:
-        if failed.is_set():
-            break  # a write failed: start no more (it set `copied`), raise it below
-        puts.append(store.io.submit(put, b))
-    pending = gather(puts)
-    copied.wait()
-    if failed.is_set():  # raised here, once every started write has ended, before any blob id is relied on
-        pending.exception()
-        pending.result()
+    blobs: list[_Blob] = []
+    puts: list[Future] = []
+    staged: list = []
+    try:
+        for group in groups:
+            b = _encoded(group, slots, model)
+            b.blob_id, finish = store.blobs.start_put(b.buffers)
+            blobs.append(b)
+            staged.append(finish)
+            # With one I/O thread nothing runs beside this one: each blob is finished before the next.
+            if len(staged) >= STAGED_MAX or store.io.threads <= 1:
+                puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
+                staged = []
+    finally:  # also when a copy failed: what was copied is finished (or cleaned up) before it is raised
+        if staged:
+            puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
+        pending = gather(puts)
+        if len(blobs) < len(groups):
+            pending.exception()
     return blobs, pending
 
 
 def finish_writes(store: Store, blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
     """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
-    flags = pending.result()
+    flags = [written for batch in pending.result() for _id, _n, written in batch]
     store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote
     return [(p, b.blob_id, b.nbytes, w) for b, w in zip(blobs, flags) for p in b.group]
 
