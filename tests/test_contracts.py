@@ -198,7 +198,7 @@ def test_a_fuller_window_piece_replaces_a_stored_one(tmp_path):
 def test_a_save_whose_reused_chunks_a_gc_removed_meanwhile_writes_them_again(store, monkeypatch):
     """Between a save's plan and its commit a gc removes the chunks it planned to reuse (their only
     agent was deleted): the commit re-checks under the write lock and plans again."""
-    from kvstore.ops import save as save_mod
+    from kvstore.ops import save as save_mod  # (start_writes as the save path calls it)
 
     prefix = tokens(2 * C, seed=40)
     store.save("a", make_cache("kv", 2 * C, mx.float16, seed=40), prefix, model=FP)

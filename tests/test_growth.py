@@ -14,7 +14,7 @@ from kvstore.cache import codec
 from kvstore.cache.keys import chunk_keys, tokens_to_array
 from kvstore.index import db, queries, schema
 from kvstore.index.layers import StoredLayers, stored_layers
-from kvstore.ops.save import plan_pieces
+from kvstore.ops.pieces import plan_pieces
 from kvstore.testing import KINDS, make_cache, same_cache, tokens
 
 FP = "3c" * 16

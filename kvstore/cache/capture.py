@@ -20,7 +20,7 @@ import numpy as np
 
 from kvstore.cache import codec
 from kvstore.cache.keys import chunk_spans
-from kvstore.ops.save import Piece
+from kvstore.ops.pieces import Piece
 
 # Checkpoint policy (docs/ARCHITECTURE.md, "Recurrent-state checkpoints"): a state checkpoint of a
 # 256-token boundary costs 9-12x the KV of that chunk on Qwen3-Next and Qwen3.5, so not every

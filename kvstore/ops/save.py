@@ -11,20 +11,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
 import numpy as np
 
-from kvstore.blob import tensorfile
-from kvstore.blob.iopool import gather
 from kvstore.cache import codec
 from kvstore.cache.fingerprint import model_name
 from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
 from kvstore.errors import ModelMismatchError, WindowNotCapturedWarning
 from kvstore.index import db, queries
 from kvstore.index.commit import AgentEntry, Chain, LayerRow, ModelEntry, NewSnapshot, Retry, commit_chain, retrying
-from kvstore.index.layers import StoredLayers, stored_layers
+from kvstore.index.layers import stored_layers
 from kvstore.names import validate_name
 from kvstore.ops.archive_export import KEPT_APART
+from kvstore.ops.blob_writes import PendingBlob, finish_writes, start_writes
+from kvstore.ops.pieces import plan_pieces
 from kvstore.records import Snapshot
 
 if TYPE_CHECKING:
@@ -37,173 +36,6 @@ LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock
 def utc_day(t: float) -> str:
     """The UTC day (YYYY-MM-DD) of epoch seconds `t`: the key of the write accounting."""
     return time.strftime("%Y-%m-%d", time.gmtime(t))
-
-
-@dataclass
-class Piece:
-    """KV of one (chunk, slot): positions [chunk start + first, chunk end)."""
-
-    chunk: int
-    slot: int
-    first: int
-    arrays: dict
-    meta: dict | None = None
-
-
-def _host_views(slot: codec.Slot, leaf: Any) -> tuple[dict[str, mx.array], int]:
-    """A positional leaf's arrays by name, and the position of their index 0."""
-    if slot.cls == "QuantizedKVCache":
-        named = {f"{p}{i}": part for p, parts in (("k", leaf.keys), ("v", leaf.values)) for i, part in enumerate(parts)}
-        return named, 0
-    if slot.kind == "rot":
-        keys, values = codec.rotating_arrays(leaf)
-        return {"k": keys, "v": values}, codec.held_range(slot, leaf)[0]
-    return {"k": leaf.keys, "v": leaf.values}, 0
-
-
-def _host_arrays(slots, leaves, wanted: list[int]) -> dict[int, tuple[dict[str, tensorfile.HostArray], int]]:
-    """Zero-copy host views of the wanted slots' arrays after one evaluation for all of them (an
-    evaluation per layer costs ~0.07 ms, a millisecond or two of a small save)."""
-    views = {s: _host_views(slots[s], leaves[s]) for s in wanted}
-    mx.eval([a for named, _lo in views.values() for a in named.values()])
-    return {s: ({n: tensorfile.host(a) for n, a in named.items()}, lo) for s, (named, lo) in views.items()}
-
-
-def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
-    return {n: tensorfile.HostArray(h.data[..., a:b, :], h.dtype) for n, h in arrays.items()}
-
-
-def plan_pieces(
-    slots,
-    leaves,
-    *,
-    n_tokens: int,
-    chunk_size: int,
-    keys: list[bytes],
-    have: Mapping[tuple[bytes, int], int],
-    captured: dict | None,
-) -> list[Piece]:
-    """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
-    spans = chunk_spans(n_tokens, chunk_size)
-    # Chunks the index holds whole need nothing: a turn plans over its new chunks only (kvstore.index.layers).
-    todo = have.unfilled(keys[: len(spans)]) if isinstance(have, StoredLayers) else range(len(spans))
-    want: dict[tuple[int, int], Piece] = {}
-    missing: dict[int, list[tuple[int, int]]] = {}  # slot -> [(chunk, first)] the index lacks
-    for s, (slot, leaf) in enumerate(zip(slots, leaves)):
-        if slot.kind == "state":
-            if spans and (keys[-1], s) not in have:
-                arrays, meta = codec.extract_state(slot, leaf, n_tokens)
-                want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
-            continue
-        lo, hi = codec.held_range(slot, leaf)
-        for i in todo:
-            start, length = spans[i]
-            end = start + length
-            if end <= lo or start >= hi:
-                continue
-            first = max(start, lo) - start
-            if have.get((keys[i], s), length + 1) > first:
-                missing.setdefault(s, []).append((i, first))
-    hosts = _host_arrays(slots, leaves, list(missing)) if missing else {}
-    for s, pieces in missing.items():
-        host, base = hosts[s]
-        for i, first in pieces:
-            start, length = spans[i]
-            want[(i, s)] = Piece(i, s, first, _slice(host, start + first - base, start + length - base))
-    for (i, s), piece in (captured or {}).items():
-        if i >= len(spans):
-            continue
-        best = want.get((i, s))
-        if have.get((keys[i], s), spans[i][1] + 1) > piece.first and (best is None or best.first > piece.first):
-            want[(i, s)] = piece
-    return sorted(want.values(), key=lambda p: (p.slot, p.chunk))
-
-
-def _group(pieces: list[Piece], slots) -> list[list[Piece]]:
-    """Pieces that share one blob: every positional layer of a chunk holding the same positions.
-
-    One file per chunk rather than per (chunk, layer): creating and fsyncing a file costs a few
-    milliseconds on ext4 and far more with F_FULLFSYNC on macOS, and a 32-layer model would need
-    32x the files (docs/ARCHITECTURE.md, "Why a blob holds all layers of a chunk").
-    """
-    groups: dict[tuple, list[Piece]] = {}
-    for p in pieces:
-        key = ("state", p.chunk, p.slot) if slots[p.slot].kind == "state" else ("pos", p.chunk, p.first)
-        groups.setdefault(key, []).append(p)
-    return list(groups.values())
-
-
-def _encode(group: list[Piece], slots, model: str) -> list:
-    first = group[0]
-    if slots[first.slot].kind == "state":
-        meta = {"kind": "state", "cls": slots[first.slot].cls, "slot": str(first.slot), "model": model}
-        meta.update(first.meta or {})
-        return tensorfile.encode(first.arrays, meta)
-    arrays = {f"{p.slot}.{name}": a for p in group for name, a in p.arrays.items()}
-    meta = {"kind": "chunk", "first": str(first.first), "slots": ",".join(str(p.slot) for p in group), "model": model}
-    return tensorfile.encode(arrays, meta)
-
-
-@dataclass
-class _Blob:
-    """One group of pieces, encoded: the file's buffers and the id (hash) they are stored under."""
-
-    group: list[Piece]
-    buffers: list
-    blob_id: str
-    nbytes: int
-
-
-def _encoded(group: list[Piece], slots, model: str) -> _Blob:
-    """A group's blob, its id still to come: the blob store hashes it as it copies it (see put)."""
-    buffers = _encode(group, slots, model)  # blobs name the model that computed them
-    return _Blob(group, buffers, "", sum(len(b) for b in buffers))
-
-
-STAGED_MAX = 64  # blobs copied before their durable halves start: temp files held open at once
-
-
-def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[_Blob], Future]:
-    """Encode each blob and start storing it (store.blobs.start_put: a local store copies and hashes it
-    here, naming it by that hash), then hand what waits on the device (fsyncs, renames) to one of the
-    store's I/O threads (store.blobs.finish_all); returns the blobs, their ids set, and a future holding, per blob, whether it was
-    written (False for a dedup hit). The caller meanwhile fills in its transaction (see _commit).
-
-    Copies and hashes run on this thread, one blob after another, with no I/O thread running beside
-    them: a thread woken per blob took the GIL from the copies (milliseconds each on a busy machine).
-    Returns once every blob's bytes are copied to the kernel: the fsyncs that follow need no GIL.
-    """
-    groups = _group(pieces, slots)
-    if not groups:
-        return [], gather([])
-    mx.eval([a for p in pieces for a in p.arrays.values() if isinstance(a, mx.array)])
-    blobs: list[_Blob] = []
-    puts: list[Future] = []
-    staged: list = []
-    try:
-        for group in groups:
-            b = _encoded(group, slots, model)
-            b.blob_id, finish = store.blobs.start_put(b.buffers)
-            blobs.append(b)
-            staged.append(finish)
-            # With one I/O thread nothing runs beside this one: each blob is finished before the next.
-            if len(staged) >= STAGED_MAX or store.io.threads <= 1:
-                puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
-                staged = []
-    finally:  # also when a copy failed: what was copied is finished (or cleaned up) before it is raised
-        if staged:
-            puts.append(store.io.submit(store.blobs.finish_all, staged, store.io))
-        pending = gather(puts)
-        if len(blobs) < len(groups):
-            pending.exception()
-    return blobs, pending
-
-
-def finish_writes(store: Store, blobs: list[_Blob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
-    """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
-    flags = [written for batch in pending.result() for _id, _n, written in batch]
-    store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote
-    return [(p, b.blob_id, b.nbytes, w) for b, w in zip(blobs, flags) for p in b.group]
 
 
 @dataclass(frozen=True)
@@ -290,7 +122,7 @@ def save(
         blobs, pending = start(plan, have)
         return _commit(store, plan, have=have, blobs=blobs, pending=pending, stale_layout=stale)
 
-    def start(plan: SavePlan, have: Mapping[tuple[bytes, int], int]) -> tuple[list[_Blob], Future]:
+    def start(plan: SavePlan, have: Mapping[tuple[bytes, int], int]) -> tuple[list[PendingBlob], Future]:
         """Plan the pieces the index lacks and start writing their blobs."""
         pieces = plan_pieces(
             slots, leaves, n_tokens=n, chunk_size=store.chunk_size, keys=plan.keys, have=have, captured=captured
@@ -358,7 +190,7 @@ def _commit(
     plan: SavePlan,
     *,
     have: Mapping[tuple[bytes, int], int],
-    blobs: list[_Blob],
+    blobs: list[PendingBlob],
     pending: Future,
     locked=None,
     stale_layout: bool,
@@ -406,7 +238,7 @@ def _commit(
     )
 
 
-def _chain(plan: SavePlan, blobs: list[_Blob], now: float) -> Chain:
+def _chain(plan: SavePlan, blobs: list[PendingBlob], now: float) -> Chain:
     """What the save commits: its model, the blobs it wrote (or found) and their layer rows, the agent and
     its new head."""
     label = model_name(plan.model)

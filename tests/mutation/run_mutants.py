@@ -120,7 +120,7 @@ MUTANTS = {
         "save keeps a stored piece that lacks the chunk's first position",
         [
             (
-                "kvstore/ops/save.py",
+                "kvstore/ops/pieces.py",
                 "if have.get((keys[i], s), length + 1) > first:",
                 "if have.get((keys[i], s), length + 1) > first + 1:",
             )
