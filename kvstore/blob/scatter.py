@@ -153,12 +153,11 @@ PARALLEL_BYTES = 16 << 20  # below this one thread is faster: the GIL-bound book
 # threads contends, and there are few page faults to overlap (a 24 MiB qwen restore read side by side:
 # cold 0.94-0.95x mlx-lm's against 1.10-1.13x serial, warm alike)
 _SERIAL = IoPool(1)
-# Blobs read side by side: at least as many readers as mlx's loader has (4), more on more cores.
-# On an idle 2-core machine 2 readers were a little faster (qwen 4096 warm: 9.2 ms against 11-12 ms
-# on 4), but on a shared one a process's share of the CPU goes by its runnable threads: with the
-# machine loaded (load average 6-7 on 2 cores) 4 readers beat 2 in 8 of 8 side-by-side rounds
-# against mlx-lm (qwen 4096: 27-52 ms against 60-107 ms; issue 23).
-READ_WIDTH = max(CORES, 4)
+# Blobs read side by side: one per core. Copies out of the page cache are CPU work, and more readers
+# than cores only contend on an idle machine (qwen 4096 warm: 9.2 ms on 2 threads, 11-12 ms on 4; llama
+# 4096 with MLX's cache limit raised: 98 ms on 4 against mlx-lm's 60). (On a loaded machine 4 readers
+# won only by taking a larger share of the CPU from other processes.)
+READ_WIDTH = CORES
 
 
 @dataclass(frozen=True)
