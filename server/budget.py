@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvstore.index import wal
 from kvstore.index.location import INDEX_FILE
 
 from .retention import MARK, conversation_mark, is_anonymous, namespace_of, pinned_until
@@ -152,6 +153,18 @@ class DiskBudget:
         """What --max-disk counts: the blob bytes the index records, and the index itself."""
         return self.store.stats().bytes_on_disk + index_bytes(self.store)
 
+    def _over(self) -> bool:
+        """Whether the store is over --max-disk. A SQLite index's WAL keeps its high-water mark until a
+        checkpoint truncates it, and every eviction's deletes append to it: when the store looks over,
+        the WAL is truncated first, so that an eviction's own log is not counted as data to evict for."""
+        if self.max_disk is None or self.used() <= self.max_disk:
+            return False
+        try:
+            wal.checkpoint(self.store.engine, truncate=True)
+        except Exception:  # noqa: BLE001 - best effort: a busy reader keeps the WAL, counted as it is
+            log.debug("disk budget: could not checkpoint the index's WAL", exc_info=True)
+        return self.used() > self.max_disk
+
     def _conversations(self) -> list[AgentInfo]:
         fp = self.manager.fingerprints
         return [a for a in self.store.agents() if is_conversation(a, fp)]
@@ -182,7 +195,7 @@ class DiskBudget:
         if self.store.readonly:
             return []
         now = self.clock()
-        over = self.max_disk is not None and self.used() > self.max_disk
+        over = self._over()
         every = HOUSEKEEPING_SECONDS if self.anon_ttl is None else min(HOUSEKEEPING_SECONDS, self.anon_ttl / 4)
         due = force or now - self._last_housekeeping >= every
         quota = self.namespace_quota is not None and (due or namespace is not None)
@@ -212,8 +225,8 @@ class DiskBudget:
         )
         if out or (due and not over) or (over and not victims):  # (else the drops below collect)
             self._collect(conversations)
-        if self.max_disk is not None and self.used() > self.max_disk:
-            while victims and (excess := self.used() - self.max_disk) > 0:
+        if self.max_disk is not None and self._over():
+            while victims and self._over() and (excess := self.used() - self.max_disk) > 0:
                 # Drop as many as their unique bytes say it takes, then collect once (a gc per drop
                 # cost 0.15 s each); chunks shared among the dropped ones count for none, so look again.
                 while victims and excess > 0:

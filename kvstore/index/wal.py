@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 __all__ = ["checkpoint"]
 
 
-def checkpoint(engine: Engine) -> None:
-    """Move the WAL's frames into the index file and restart the WAL (a no-op on PostgreSQL)."""
+def checkpoint(engine: Engine, *, truncate: bool = False) -> None:
+    """Move the WAL's frames into the index file and restart the WAL (a no-op on PostgreSQL); with
+    `truncate`, also cut the WAL file to zero bytes, so that its size counts only what came since."""
     if engine.dialect.name != "sqlite":
         return
     with engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(RESTART)")
+        conn.exec_driver_sql(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'RESTART'})")

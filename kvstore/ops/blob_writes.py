@@ -82,6 +82,8 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
     staged: list = []
     try:
         for group in groups:
+            if any(f.done() and f.exception() is not None for f in puts):
+                break  # a blob already failed (a full disk): writing more would only fail again
             b = _encoded(group, slots, model)
             b.blob_id, finish = store.blobs.start_put(b.buffers)
             blobs.append(b)
