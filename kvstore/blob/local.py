@@ -29,6 +29,7 @@ import xxhash
 from kvstore._crash import crash_point
 from kvstore.blob.backend import BlobBackend, PathOf
 from kvstore.blob.iopool import IoPool
+from kvstore.blob.libc import LIBC
 from kvstore.errors import CorruptBlobError, InvalidBlobIdError, MissingBlobError, ReadOnlyStoreError, StoreFullError
 from kvstore.formats import BLOB_SUFFIX
 
@@ -125,22 +126,12 @@ class _Staged:
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 
 
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 def start_writeback(fd: int) -> None:
     """Ask Linux to start writing a file's dirty pages now, without waiting (sync_file_range). Only a
     head start for the fsync that follows, which still makes the file durable: the device works on
     one blob while the next is copied, before its fsync's thread even wakes. Nothing elsewhere."""
-    if _LIBC is not None:
-        _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+    if LIBC is not None:
+        LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
 
 
 _SYNC_THREADS = 16  # fsyncs at once: threads that only wait on the device

@@ -28,13 +28,13 @@ import ctypes
 import json
 import math
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from kvstore.blob.libc import LIBC
 from kvstore.blob.tensorfile import PAGE, numpy_dtype, st_name, writable_view
 
 GROUP_BYTES = 64 << 20  # a qwen-0.5b 4096-token cache (48 MiB) in one buffer: one load instead of three
@@ -108,27 +108,17 @@ def _flats(sizes: list[int]) -> list[mx.array] | None:
     return flats
 
 
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
 def advise_huge_pages(address: int, nbytes: int) -> bool:
     """Ask Linux to back the whole pages of [address, address + nbytes) with transparent huge pages.
 
     Only advice: where the kernel has them off, or the memory was touched already (a buffer MLX
     recycled), nothing changes and nothing breaks. Returns whether the kernel took the advice.
     """
-    if _LIBC is None or nbytes < HUGE_PAGE:
+    if LIBC is None or nbytes < HUGE_PAGE:
         return False
     lo = -(-address // PAGE) * PAGE
     hi = (address + nbytes) // PAGE * PAGE
-    return _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
+    return LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) == 0
 
 
 def _groups(spans: list[int], lifetimes: list) -> list[list[int]]:
