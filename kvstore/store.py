@@ -20,7 +20,8 @@ from kvstore.errors import (
     UnknownAgentError,
 )
 from kvstore.formats import FORMAT_VERSION, HASH_NAME, new_chunk_size
-from kvstore.index import db, queries, sizes
+from kvstore.index import db, queries, removals, sizes
+from kvstore.index.layers import WholeSeen
 from kvstore.names import validate_name
 from kvstore.ops import reserve
 from kvstore.records import Match, Snapshot
@@ -64,6 +65,7 @@ class Store(StoreReads):
         self.readonly = readonly
         self.io_threads = io_threads
         self.io = IoPool(io_threads)
+        self.whole_seen = WholeSeen()  # chunks this process found whole: a turn's save looks up only its new ones
         self.blobs: BlobBackend = blobs or BlobStore(root, durable=durable)
         try:
             self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)
@@ -88,12 +90,12 @@ class Store(StoreReads):
     def _settings(self, chunk_size: int | None) -> int:
         with db.transaction(self.engine, write=False, what="reading store settings") as conn:
             meta = db.read_meta(conn)
-        if not meta:
+        if not meta.keys() - {removals.KEY}:  # (an index upgraded to 0004 before it had settings has the token)
             if self.readonly:
                 raise ReadOnlyStoreError(f"{self.url} is an empty index on a read-only store")
             size = new_chunk_size(chunk_size)
             with db.transaction(self.engine, write=True, what="initialising the store") as conn:
-                if not db.read_meta(conn):  # another process may have won the race
+                if not db.read_meta(conn).keys() - {removals.KEY}:  # another process may have won the race
                     db.write_meta(conn, {"format_version": FORMAT_VERSION, "chunk_size": size, "hash": HASH_NAME})
                 meta = db.read_meta(conn)
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:

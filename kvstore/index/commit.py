@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from kvstore.cache.keys import chunk_spans
 from kvstore.errors import StoreError
-from kvstore.index import queries, sizes
+from kvstore.index import queries, removals, sizes
+from kvstore.index.layers import StoredLayers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,10 +133,17 @@ def commit_chain(
     counted in the database (`queries.layers_present`: a save late in a long chat reuses thousands of
     rows): a row that stays only ever comes to hold more of its chunk (`widen_layer_rows`); one that a
     gc removed and another save put back may hold less of a sliding-window chunk, which restores a
-    shorter prefix, never a wrong one.
+    shorter prefix, never a wrong one. A save's plan (`StoredLayers`) carries the removals token it was
+    looked up under: if the index's token is still that one, nothing was removed since, and the count
+    is skipped (kvstore.index.removals).
     """
-    if reused and not queries.layers_present(conn, reused):
-        raise Retry()
+    present: frozenset[bytes] = frozenset()  # chunk keys known to be in the index: no need to look them up
+    if reused:
+        token = reused.token if isinstance(reused, StoredLayers) else None
+        if (token is None or removals.token(conn) != token) and not queries.layers_present(conn, reused):
+            raise Retry()
+        if isinstance(reused, StoredLayers):
+            present = reused.whole
     model = chain.model
     if isinstance(model, ModelRow):
         model_id = model.id
@@ -147,7 +155,7 @@ def commit_chain(
     lengths: dict[bytes, int] = {}
     for sn in chain.snapshots:
         lengths.update((k, ln) for k, (_start, ln) in zip(sn.keys, chunk_spans(int(sn.tokens.size), chunk_size)))
-    _add_chunks(conn, chain, model_id=model_id, fingerprint=model.fingerprint, lengths=lengths)
+    _add_chunks(conn, chain, model_id=model_id, fingerprint=model.fingerprint, lengths=lengths, present=present)
     agent_id = None if chain.agent is None else _agent(conn, chain.agent, model_id)
     ids = []
     for sn in chain.snapshots:
@@ -172,13 +180,22 @@ def _agent(conn, agent: AgentEntry, model_id: int) -> int:
     return agent_id
 
 
-def _add_chunks(conn, chain: Chain, *, model_id: int, fingerprint: str, lengths: dict[bytes, int]) -> None:
+def _add_chunks(
+    conn,
+    chain: Chain,
+    *,
+    model_id: int,
+    fingerprint: str,
+    lengths: dict[bytes, int],
+    present: frozenset[bytes] = frozenset(),
+) -> None:
     """Insert the chunk rows of the chain's snapshots and its layer rows, with their sizes.
 
     Each snapshot's chunk keys run from chunk 0. Layer rows of chunks the index already has
     are added first (a row holding more of a chunk, a smaller `first`, replaces the stored one) and
     their sizes refreshed; then the new chunks go in with sizes taken from their layer rows and their
-    parents' prefix bytes (kvstore.index.sizes).
+    parents' prefix bytes (kvstore.index.sizes). `present`: keys the caller knows the index has (only
+    the others are looked up: a turn's save late in a chat knows nearly all of its chain).
     """
     root = bytes.fromhex(fingerprint)
     place: dict[bytes, tuple[int, bytes]] = {}  # key -> (seq, parent)
@@ -186,8 +203,8 @@ def _add_chunks(conn, chain: Chain, *, model_id: int, fingerprint: str, lengths:
         for i, key in enumerate(keys):
             place.setdefault(key, (i, keys[i - 1] if i else root))
     # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).
-    stored = sizes.prefix_bytes(conn, list(place))
-    have = stored.keys()
+    stored = sizes.prefix_bytes(conn, [k for k in place if k not in present])
+    have = stored.keys() | (present & place.keys())
     old_rows = [r for r in chain.layers if r.chunk_key in have]
     new_rows = [r for r in chain.layers if r.chunk_key not in have]
     if old_rows:
@@ -204,6 +221,8 @@ def _add_chunks(conn, chain: Chain, *, model_id: int, fingerprint: str, lengths:
     stored_parents = {place[k][1] for k in fresh} & have
     if old_rows:  # refresh() above may have changed the prefix bytes of stored chunks
         stored = sizes.prefix_bytes(conn, sorted(stored_parents))
+    elif stored_parents - stored.keys():  # parents among `present`, not looked up above
+        stored.update(sizes.prefix_bytes(conn, sorted(stored_parents - stored.keys())))
     prefix.update((k, stored[k]) for k in stored_parents)
     rows = []
     for key in sorted(fresh, key=lambda k: place[k][0]):  # parents before children

@@ -193,6 +193,9 @@ def ensure_schema(engine: Engine, readonly: bool = False, initial_meta: dict | N
             command.stamp(_alembic_config(conn), "head")
             if initial_meta and not read_meta(conn):  # settings commit with the tables, or not at all
                 write_meta(conn, initial_meta)
+            from kvstore.index import removals  # (it imports this module)
+
+            removals.changed(conn)  # the token a fresh index starts with (revision 0004 gives older ones theirs)
             return schema.SCHEMA_REVISION
     with engine.connect() as conn, _upgrade_lock(conn):
         command.upgrade(_alembic_config(conn), "head")

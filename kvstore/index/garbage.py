@@ -13,7 +13,7 @@ from typing import NamedTuple
 from sqlalchemy import and_, delete, func, not_, select, text
 from sqlalchemy.engine import Engine
 
-from kvstore.index import db, schema
+from kvstore.index import db, removals, schema
 from kvstore.index.queries import batches
 
 __all__ = [
@@ -109,6 +109,8 @@ def drop_unreachable(conn, keep_last: int, agents: Iterable[str] | None) -> Drop
         conn.execute(delete(schema.snapshot_chunks).where(schema.snapshot_chunks.c.snapshot_id.in_(part)))
         conn.execute(delete(schema.snapshots).where(schema.snapshots.c.id.in_(part)))
     chunk_keys = [k for (k,) in conn.execute(_unreferenced_chunks())]
+    if chunk_keys:  # their layer rows go with them: a save's earlier lookups no longer hold
+        removals.changed(conn)
     for part in batches(chunk_keys):
         conn.execute(delete(schema.chunk_layers).where(schema.chunk_layers.c.chunk_key.in_(part)))
         conn.execute(delete(schema.chunks).where(schema.chunks.c.key.in_(part)))

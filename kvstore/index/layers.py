@@ -6,19 +6,24 @@ the chain into Python, and planning over each, made a turn's save grow with the 
 5: 4.5x from turn 8 to turn 512). The index answers instead which keys are whole, one short row per key
 (covered by ix_chunk_layers_first); only the other keys' rows come back. The planner skips whole chunks:
 no layer of one can be missing or held from a later token than a cache holds it.
+
+That answer still reads every key of the chain. A process remembers the keys it found whole
+(`WholeSeen`), valid while the index's removals token (kvstore.index.removals) stays the same: only a
+removal can make a whole chunk less than whole, so a turn's save asks the index about its new keys only.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import func, literal_column, select
 
-from kvstore.index import schema
+from kvstore.index import removals, schema
 from kvstore.index.prepared import PreparedIn
 
-__all__ = ["StoredLayers", "stored_layers", "whole_present"]
+__all__ = ["StoredLayers", "WholeSeen", "stored_layers", "whole_present"]
 
 _cl = schema.chunk_layers
 _ROWS_OF = PreparedIn(lambda keys: select(_cl.c.chunk_key, _cl.c.layer, _cl.c.first).where(_cl.c.chunk_key.in_(keys)))
@@ -64,12 +69,15 @@ class StoredLayers(Mapping[tuple[bytes, int], int]):
     """{(chunk key, slot): first} of the layer rows the index has for some keys, as `queries.existing_layers`
     gives it, held as the keys whole in every slot 0..slots-1 (first 0) and the rows of the others."""
 
-    __slots__ = ("whole", "rows", "slots")
+    __slots__ = ("whole", "rows", "slots", "token")
 
-    def __init__(self, whole: frozenset[bytes], rows: dict[tuple[bytes, int], int], slots: int):
+    def __init__(
+        self, whole: frozenset[bytes], rows: dict[tuple[bytes, int], int], slots: int, token: str | None = None
+    ):
         self.whole = whole  # keys with a row for every slot 0..slots-1, each with first 0
         self.rows = rows  # every row of the other keys
         self.slots = slots
+        self.token = token  # the removals token read before the lookups (None: not read)
 
     def __getitem__(self, pair: tuple[bytes, int]) -> int:
         key, slot = pair
@@ -104,13 +112,52 @@ class StoredLayers(Mapping[tuple[bytes, int], int]):
         return [i for i, key in enumerate(keys) if key not in whole]
 
 
-def stored_layers(conn, keys: Sequence[bytes], *, slots: int) -> StoredLayers:
-    """The layer rows the index has for `keys`, of a model with `slots` slots (see StoredLayers)."""
+class WholeSeen:
+    """Chunk keys a process found held whole, per model width, and the removals token they were found under.
+
+    One per Store, shared by its threads (a key is only ever added under the token it was found under, so a
+    lookup needs no lock). Valid only while the index's token is the same (kvstore.index.removals);
+    bounded: past `limit` keys of a width it starts again, and the index answers the rest."""
+
+    def __init__(self, limit: int = 200_000):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._seen: dict[int, tuple[str, set[bytes]]] = {}  # slots -> (token, keys)
+
+    def under(self, token: str | None, slots: int) -> set[bytes] | frozenset[bytes]:
+        """The keys found whole under `token` (none if the token changed since, or is None). Read only."""
+        got = self._seen.get(slots)
+        return got[1] if token is not None and got is not None and got[0] == token else frozenset()
+
+    def add(self, token: str | None, slots: int, keys: frozenset[bytes]) -> None:
+        """Remember `keys`, found whole after `token` was read (forgetting the keys of any other token)."""
+        if token is None or not keys:
+            return
+        with self._lock:
+            got = self._seen.get(slots)
+            if got is None or got[0] != token or len(got[1]) + len(keys) > self.limit:
+                self._seen[slots] = (token, set(keys))  # a new set: readers of the old one keep theirs
+            else:
+                got[1].update(keys)
+
+
+def stored_layers(conn, keys: Sequence[bytes], *, slots: int, seen: WholeSeen | None = None) -> StoredLayers:
+    """The layer rows the index has for `keys`, of a model with `slots` slots (see StoredLayers).
+
+    With `seen`, the keys it found whole under the index's current removals token are not looked up again,
+    and the keys found whole now join them."""
     if slots <= 0:
         return StoredLayers(frozenset(), _rows(conn, keys), max(slots, 0))
-    whole = frozenset(bytes(k) for (k,) in _whole_of(slots).rows(conn, keys))
-    rest = [k for k in dict.fromkeys(keys) if k not in whole]
-    return StoredLayers(whole, _rows(conn, rest) if rest else {}, slots)
+    token = removals.token(conn) if seen is not None else None  # before the lookups it vouches for
+    known = seen.under(token, slots) if seen is not None else frozenset()
+    distinct = list(dict.fromkeys(bytes(k) for k in keys))
+    ask = [k for k in distinct if k not in known] if known else distinct
+    found = frozenset(bytes(k) for (k,) in _whole_of(slots).rows(conn, ask)) if ask else frozenset()
+    whole = found.union(k for k in distinct if k in known) if known else found
+    if seen is not None:
+        seen.add(token, slots, found)
+    rest = [k for k in ask if k not in found]
+    return StoredLayers(whole, _rows(conn, rest) if rest else {}, slots, token)
 
 
 def _rows(conn, keys: Sequence[bytes]) -> dict[tuple[bytes, int], int]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
 
-from kvstore.index import db, schema
+from kvstore.index import db, removals, schema
 from kvstore.index.layers import StoredLayers, whole_present
 from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
@@ -208,9 +208,16 @@ def add_written(conn, day: str, nbytes: int) -> None:
     """
     key = WRITTEN_KEY + day
     db.insert_ignore(conn, _sm, [{"key": key, "value": "0"}])
-    conn.execute(
-        update(_sm).where(_sm.c.key == key).values(value=cast(cast(_sm.c.value, BigInteger) + int(nbytes), Text))
+    _ADD_WRITTEN.many(conn, [{"key": key, "n": int(nbytes)}])
+
+
+_ADD_WRITTEN = Prepared(
+    lambda _d: (
+        update(_sm)
+        .where(_sm.c.key == bindparam("key"))
+        .values(value=cast(cast(_sm.c.value, BigInteger) + bindparam("n", type_=BigInteger), Text))
     )
+)
 
 
 _META_VALUE = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
@@ -359,6 +366,8 @@ def drop_blob_rows(conn, blob_id: str) -> tuple[int, list[bytes]]:
     keys = [bytes(k) for (k,) in conn.execute(select(cl.c.chunk_key).where(cl.c.blob_id == blob_id))]
     n = conn.execute(delete(cl).where(cl.c.blob_id == blob_id)).rowcount
     conn.execute(delete(b).where(b.c.id == blob_id))
+    if n:
+        removals.changed(conn)
     return n, keys
 
 
@@ -415,6 +424,8 @@ def relist_snapshot(conn, snapshot_id: int, n_tokens: int, keys: Sequence[bytes]
 def drop_blobs(conn, blob_ids: Sequence[str]) -> None:
     """Delete these blobs' rows and every layer row naming them."""
     b = schema.blobs
+    if blob_ids:
+        removals.changed(conn)
     for part in batches(blob_ids):
         conn.execute(delete(_cl).where(_cl.c.blob_id.in_(part)))
         conn.execute(delete(b).where(b.c.id.in_(part)))
@@ -422,6 +433,7 @@ def drop_blobs(conn, blob_ids: Sequence[str]) -> None:
 
 def drop_layer(conn, chunk_key: bytes, layer: int) -> None:
     """Delete one (chunk, layer) row."""
+    removals.changed(conn)
     conn.execute(delete(_cl).where(_cl.c.chunk_key == chunk_key, _cl.c.layer == layer))
 
 

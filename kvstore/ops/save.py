@@ -115,7 +115,7 @@ def save(
                     moves_from=tuple(moves_from),
                 )
             stale = _check_model_and_agent(conn, plan)
-            have = stored_layers(conn, plan.keys, slots=len(slots))
+            have = stored_layers(conn, plan.keys, slots=len(slots), seen=store.whole_seen)
             if locked:  # this attempt cannot be undone by a gc
                 blobs, pending = start(plan, have)
                 return _commit(store, plan, have=have, blobs=blobs, pending=pending, locked=conn, stale_layout=stale)
