@@ -443,6 +443,10 @@ def test_a_queued_stream_gets_keep_alives_and_runs_after_the_request_before_it(t
         assert ": keep-alive" in lines  # sent while the stream waited for the model
         data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         assert data[-1]["usage"]["completion_tokens"] == 3 and lines[-1] == "data: [DONE]"
+        # The request's log line is written once its response has gone out: the client may read [DONE] first.
+        deadline = time.monotonic() + 30
+        while "generated 3," not in srv.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         log = srv.log.read_text()
         assert log.index("generated 500") < log.index("generated 3,")  # served in arrival order
     finally:
