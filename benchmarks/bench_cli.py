@@ -92,6 +92,7 @@ INSERT_SNAPSHOT = _insert(
     schema.snapshots, "id", "agent_id", "model_id", "n_tokens", "tokens", "created", "label", "pinned"
 )
 INSERT_SNAPSHOT_CHUNK = _insert(schema.snapshot_chunks, "snapshot_id", "seq", "chunk_key")
+INSERT_AGENT_CHUNK = _insert(schema.agent_chunks, "chunk_key", "agent_id")
 
 
 def build_big_store(
@@ -122,7 +123,7 @@ def build_big_store(
         model_id = 1 + (fam // FAMILY) % 2
         fp = fps[model_id - 1]
         prefix = rng.integers(0, 150_000, PREFIX_CHUNKS * CHUNK, dtype=np.uint32)
-        chunks, layers, blobs, agents, snaps, snap_chunks = [], [], [], [], [], []
+        chunks, layers, blobs, agents, snaps, snap_chunks, agent_chunks = [], [], [], [], [], [], []
         for i in range(fam, min(fam + FAMILY, n_agents)):
             n_unique = unique_chunks[0] if i % 5 else unique_chunks[1]
             own = rng.integers(0, 150_000, n_unique * CHUNK - int(rng.integers(1, CHUNK)), dtype=np.uint32)
@@ -130,8 +131,11 @@ def build_big_store(
             versions = [toks]
             if i % OLD_SNAPSHOT_EVERY == 0:
                 versions.insert(0, toks[: toks.size - 700])
+            listed: set[bytes] = set()
             for v, t in enumerate(versions):
                 keys = chunk_keys(fp, t, CHUNK)
+                agent_chunks += [(k, i + 1) for k in keys if k not in listed]
+                listed.update(keys)
                 snap_id += 1
                 snaps.append((snap_id, i + 1, model_id, int(t.size), t.astype("<u4").tobytes(), now - 100 + v, None, 0))
                 for seq, key in enumerate(keys):
@@ -153,6 +157,7 @@ def build_big_store(
         conn.executemany(INSERT_AGENT, agents)
         conn.executemany(INSERT_SNAPSHOT, snaps)
         conn.executemany(INSERT_SNAPSHOT_CHUNK, snap_chunks)
+        conn.executemany(INSERT_AGENT_CHUNK, agent_chunks)
         for k, rows in (
             ("agents", agents),
             ("snapshots", snaps),
@@ -187,8 +192,8 @@ def own_blobs(root: Path, agents: list[str]) -> list[tuple[str, int]]:
         JOIN snapshots s ON s.agent_id = a.id
         JOIN snapshot_chunks sc ON sc.snapshot_id = s.id JOIN chunk_layers cl ON cl.chunk_key = sc.chunk_key
         WHERE a.name IN ({marks}) AND NOT EXISTS (
-            SELECT 1 FROM snapshot_chunks o JOIN snapshots os ON os.id = o.snapshot_id
-            JOIN agents oa ON oa.id = os.agent_id WHERE o.chunk_key = sc.chunk_key AND oa.name NOT IN ({marks}))""",
+            SELECT 1 FROM agent_chunks o JOIN agents oa ON oa.id = o.agent_id
+            WHERE o.chunk_key = sc.chunk_key AND oa.name NOT IN ({marks}))""",
         agents + agents,
     ).fetchall()
     conn.close()

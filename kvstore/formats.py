@@ -6,7 +6,7 @@ DEFAULT_CHUNK_SIZE = 256  # MLX's KV allocation step; LMCache and LM Studio use 
 BLOB_SUFFIX = ".safetensors"
 # The index schema's Alembic head; open() refuses an index stamped with a revision it does not know.
 # Here, not in kvstore.index.schema, so read commands check it without importing SQLAlchemy.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 MAX_CHUNK_SIZE = 1 << 20
 
 

@@ -87,7 +87,7 @@ class Stats(_Record):
 
 @dataclass(frozen=True)
 class Problem(_Record):
-    kind: str  # corrupt_blob | missing_blob | orphan_file | stale_temp | dangling_ref | token_mismatch | wrong_size ...
+    kind: str  # corrupt_blob | missing_blob | orphan_file | stale_temp | dangling_ref | token_mismatch | wrong_size | chunk_owners ...
     subject: str  # the blob id, snapshot id or path it concerns
     detail: str
     repaired: bool = False

@@ -204,3 +204,14 @@ def real_model(real_model_dir):
     from kvstore.agents import resolve_model
 
     return resolve_model(str(real_model_dir))
+
+
+def downgrade_index(store: kvstore.Store, revision: str) -> None:
+    """Take a store's index back to an older schema revision, as an older kvstore left it (Alembic's
+    downgrades, in one transaction)."""
+    from alembic import command
+
+    from kvstore.index import db
+
+    with store.engine.begin() as conn:
+        command.downgrade(db._alembic_config(conn), revision)

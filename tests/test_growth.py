@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEST_CHUNK
+from conftest import TEST_CHUNK, downgrade_index
 from sqlalchemy import create_engine, delete, inspect, update
 
 import kvstore
@@ -119,9 +119,7 @@ def test_an_index_at_0002_is_upgraded_and_keeps_its_agents(tmp_path):
     cache = make_cache("kv", len(toks), seed=5)
     with kvstore.open(tmp_path / "s", chunk_size=C) as store:
         store.save("a", cache, toks, model=FP)
-        with store.engine.begin() as conn:  # back to revision 0002, as an older kvstore left it
-            conn.exec_driver_sql("DROP INDEX ix_chunk_layers_first")
-            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0002'")
+        downgrade_index(store, "0002")  # as an older kvstore left it
     with kvstore.open(tmp_path / "s") as store:
         assert store.schema_revision == schema.SCHEMA_REVISION
         with store.engine.connect() as conn:

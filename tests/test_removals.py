@@ -7,11 +7,12 @@ from __future__ import annotations
 import re
 
 import mlx.core as mx
-from conftest import TEST_CHUNK, make_store
+from conftest import TEST_CHUNK, downgrade_index, make_store
 from sqlalchemy import event
 
 import kvstore
 from kvstore.cache.keys import chunk_keys
+from kvstore.formats import SCHEMA_REVISION
 from kvstore.index import db, removals
 from kvstore.ops import save as save_op
 from kvstore.testing import extend, make_cache, same_cache, tokens
@@ -159,11 +160,9 @@ def test_an_index_upgraded_to_0004_gets_a_token(tmp_path):
     toks = tokens(3 * C, seed=5)
     with kvstore.open(tmp_path / "s", chunk_size=C) as store:
         store.save("a", make_cache("kv", len(toks), seed=5), toks, model=FP)
-        with store.engine.begin() as conn:  # back to revision 0003, as an older kvstore left it
-            conn.exec_driver_sql("DELETE FROM store_meta WHERE key = 'removals'")
-            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0003'")
+        downgrade_index(store, "0003")
         assert _token(store) is None
     with kvstore.open(tmp_path / "s") as store:
-        assert store.schema_revision == "0004" and _token(store) is not None
+        assert store.schema_revision == SCHEMA_REVISION and _token(store) is not None
         assert store.load("a", model=FP)[1] == toks
         assert store.stats().agents == 1

@@ -15,7 +15,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from kvstore.cache.keys import chunk_spans
 from kvstore.errors import StoreError
 from kvstore.index import queries, removals, sizes
 from kvstore.index.layers import StoredLayers
@@ -152,10 +151,7 @@ def commit_chain(
             queries.record_namespace(conn, model.fingerprint, model.stands_for)
         model_id = queries.model_row(conn, model.fingerprint, model.layout, now, name=model.name)
     queries.insert_blob_rows(conn, dict(chain.blobs), now)
-    lengths: dict[bytes, int] = {}
-    for sn in chain.snapshots:
-        lengths.update((k, ln) for k, (_start, ln) in zip(sn.keys, chunk_spans(int(sn.tokens.size), chunk_size)))
-    _add_chunks(conn, chain, model_id=model_id, fingerprint=model.fingerprint, lengths=lengths, present=present)
+    _add_chunks(conn, chain, model_id=model_id, fingerprint=model.fingerprint, chunk_size=chunk_size, present=present)
     agent_id = None if chain.agent is None else _agent(conn, chain.agent, model_id)
     ids = []
     for sn in chain.snapshots:
@@ -186,7 +182,7 @@ def _add_chunks(
     *,
     model_id: int,
     fingerprint: str,
-    lengths: dict[bytes, int],
+    chunk_size: int,
     present: frozenset[bytes] = frozenset(),
 ) -> None:
     """Insert the chunk rows of the chain's snapshots and its layer rows, with their sizes.
@@ -198,10 +194,11 @@ def _add_chunks(
     the others are looked up: a turn's save late in a chat knows nearly all of its chain).
     """
     root = bytes.fromhex(fingerprint)
-    place: dict[bytes, tuple[int, bytes]] = {}  # key -> (seq, parent)
-    for keys in (sn.keys for sn in chain.snapshots):
+    place: dict[bytes, tuple[int, bytes, int]] = {}  # key -> (seq, parent, the snapshot's token count)
+    for sn in chain.snapshots:
+        keys, n = sn.keys, int(sn.tokens.size)
         for i, key in enumerate(keys):
-            place.setdefault(key, (i, keys[i - 1] if i else root))
+            place.setdefault(key, (i, keys[i - 1] if i else root, n))
     # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).
     stored = sizes.prefix_bytes(conn, [k for k in place if k not in present])
     have = stored.keys() | (present & place.keys())
@@ -226,7 +223,7 @@ def _add_chunks(
     prefix.update((k, stored[k]) for k in stored_parents)
     rows = []
     for key in sorted(fresh, key=lambda k: place[k][0]):  # parents before children
-        seq, parent = place[key]
+        seq, parent, n_tokens = place[key]
         nbytes = sum(chain.blobs[b] for b in blobs_of.get(key, ()))
         prefix[key] = prefix[parent] + nbytes
         rows.append(
@@ -234,7 +231,7 @@ def _add_chunks(
                 "key": key,
                 "model_id": model_id,
                 "seq": seq,
-                "length": lengths[key],
+                "length": min(chunk_size, n_tokens - seq * chunk_size),
                 "parent": parent,
                 "nbytes": nbytes,
                 "prefix_bytes": prefix[key],

@@ -28,16 +28,22 @@ __all__ = [
     "dangling_layers",
     "chunks_of_blobs",
     "snapshots_using",
+    "unrecorded_listings",
+    "stale_listings",
     "snapshot_tokens",
+    "agent_names",
+    "snapshot_agents",
 ]
 
-_s, _sc, _m, _a, _cl, _b = (
+_s, _sc, _m, _a, _cl, _b, _c, _ac = (
     schema.snapshots,
     schema.snapshot_chunks,
     schema.models,
     schema.agents,
     schema.chunk_layers,
     schema.blobs,
+    schema.chunks,
+    schema.agent_chunks,
 )
 
 
@@ -116,10 +122,50 @@ def chunks_of_blobs(conn, blob_ids: Sequence[str]) -> list[bytes]:
 
 
 def snapshots_using(conn, keys: Sequence[bytes]) -> set[int]:
-    """The snapshots whose chunk lists name any of `keys`."""
+    """The snapshots whose chunk lists name any of `keys` (of the agents agent_chunks says list them)."""
     out: set[int] = set()
     for part in batches(keys):
-        out |= {sid for (sid,) in conn.execute(select(_sc.c.snapshot_id).where(_sc.c.chunk_key.in_(part)))}
+        owners = select(_ac.c.agent_id).where(_ac.c.chunk_key.in_(part))
+        out |= {
+            sid
+            for (sid,) in conn.execute(
+                select(_sc.c.snapshot_id)
+                .select_from(_sc.join(_s, _s.c.id == _sc.c.snapshot_id))
+                .where(_s.c.agent_id.in_(owners), _sc.c.chunk_key.in_(part))
+            )
+        }
+    return out
+
+
+def unrecorded_listings(conn) -> dict[Any, int]:
+    """{agent id: how many chunks its snapshots list that agent_chunks does not record for it} (a gc would
+    take those chunks for unlisted), of the chunks that have a row."""
+    rows = conn.execute(
+        select(_s.c.agent_id, _sc.c.chunk_key)
+        .select_from(_sc.join(_s, _s.c.id == _sc.c.snapshot_id).join(_c, _c.c.key == _sc.c.chunk_key))
+        .where(
+            ~select(_ac.c.agent_id).where(_ac.c.chunk_key == _sc.c.chunk_key, _ac.c.agent_id == _s.c.agent_id).exists()
+        )
+        .distinct()
+    )
+    out: dict[Any, int] = {}
+    for agent_id, _key in rows:
+        out[agent_id] = out.get(agent_id, 0) + 1
+    return out
+
+
+def stale_listings(conn) -> dict[Any, int]:
+    """{agent id: how many chunks agent_chunks records for it that none of its snapshots lists} (they
+    would outlive their last snapshot until the agent is deleted)."""
+    listed = (
+        select(_sc.c.chunk_key)
+        .select_from(_sc.join(_s, _s.c.id == _sc.c.snapshot_id))
+        .where(_s.c.agent_id == _ac.c.agent_id, _sc.c.chunk_key == _ac.c.chunk_key)
+    )
+    rows = conn.execute(select(_ac.c.agent_id).where(~listed.exists()))
+    out: dict[Any, int] = {}
+    for (agent_id,) in rows:
+        out[agent_id] = out.get(agent_id, 0) + 1
     return out
 
 
@@ -127,3 +173,19 @@ def snapshot_tokens(conn, snapshot_id: int) -> tuple[int, bytes]:
     """(model row id, token ids) of one snapshot."""
     row = conn.execute(select(_s.c.model_id, _s.c.tokens).where(_s.c.id == snapshot_id)).first()
     return row.model_id, row.tokens
+
+
+def agent_names(conn, agent_ids: Sequence[Any]) -> dict[Any, str]:
+    """{agent id: name} of these agents."""
+    out: dict[Any, str] = {}
+    for part in batches(list(agent_ids)):
+        out.update(conn.execute(select(_a.c.id, _a.c.name).where(_a.c.id.in_(part))).all())
+    return out
+
+
+def snapshot_agents(conn, snapshot_ids: Sequence[Any]) -> set[Any]:
+    """The agent ids of these snapshots."""
+    out: set[Any] = set()
+    for part in batches([i for i in snapshot_ids if isinstance(i, int)]):
+        out |= {a for (a,) in conn.execute(select(_s.c.agent_id).where(_s.c.id.in_(part)))}
+    return out

@@ -15,9 +15,9 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, text, update
+from sqlalchemy import BigInteger, Integer, Text, bindparam, cast, delete, func, insert, select, text, update
 
-from kvstore.index import db, removals, schema
+from kvstore.index import agent_chunks, db, removals, schema
 from kvstore.index.layers import StoredLayers, whole_present
 from kvstore.index.prepared import Prepared, PreparedIn, inserting
 from kvstore.index.reads import NAMESPACE_KEY, WRITTEN_KEY
@@ -310,8 +310,42 @@ def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id:
         label=snapshot.label,
         pinned=bool(snapshot.pinned),
     )
-    _INSERT_SNAPSHOT_CHUNK.many(conn, [{"snapshot_id": snap_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)])
+    # A turn extends the agent's head: its list's common part is copied in the database, and only the
+    # chunks after it are new to the agent (agent_chunks already has the head's).
+    same = _common_prefix(keys, [bytes(k) for (k,) in _HEAD_KEYS.rows(conn, agent_id=agent_id)])
+    if same:
+        _COPY_HEAD_LIST.many(conn, [{"snapshot_id": snap_id, "agent_id": agent_id, "n": same}])
+    _INSERT_SNAPSHOT_CHUNK.many(
+        conn, [{"snapshot_id": snap_id, "seq": i, "chunk_key": keys[i]} for i in range(same, len(keys))]
+    )
+    agent_chunks.list_chunks(conn, agent_id, keys[same:])
     return snap_id
+
+
+def _common_prefix(a: Sequence[bytes], b: Sequence[bytes]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+_HEAD_KEYS = Prepared(
+    lambda _d: (
+        select(_sc.c.chunk_key)
+        .select_from(_a.join(_sc, _sc.c.snapshot_id == _a.c.head))
+        .where(_a.c.id == bindparam("agent_id"))
+        .order_by(_sc.c.seq)
+    )
+)
+_COPY_HEAD_LIST = Prepared(
+    lambda _d: insert(_sc).from_select(
+        ["snapshot_id", "seq", "chunk_key"],
+        select(cast(bindparam("snapshot_id"), Integer), _sc.c.seq, _sc.c.chunk_key).where(
+            _sc.c.snapshot_id == select(_a.c.head).where(_a.c.id == bindparam("agent_id")).scalar_subquery(),
+            _sc.c.seq < bindparam("n"),
+        ),
+    )
+)
 
 
 def snapshot_row(conn, snapshot_id: int):
@@ -355,6 +389,7 @@ def delete_agent(conn, name: str) -> bool:
         return False
     snaps = select(s.c.id).where(s.c.agent_id == row_id)
     conn.execute(delete(sc).where(sc.c.snapshot_id.in_(snaps)))
+    conn.execute(delete(schema.agent_chunks).where(schema.agent_chunks.c.agent_id == row_id))
     conn.execute(delete(s).where(s.c.agent_id == row_id))
     conn.execute(delete(a).where(a.c.id == row_id))
     return True
@@ -416,6 +451,9 @@ def relist_snapshot(conn, snapshot_id: int, n_tokens: int, keys: Sequence[bytes]
     _INSERT_SNAPSHOT_CHUNK.many(
         conn, [{"snapshot_id": snapshot_id, "seq": i, "chunk_key": k} for i, k in enumerate(keys)]
     )
+    agent_id = conn.execute(select(_s.c.agent_id).where(_s.c.id == snapshot_id)).scalar_one()
+    agent_chunks.list_chunks(conn, agent_id, keys)
+    agent_chunks.unlist(conn, [agent_id])
 
 
 # -- fsck's repairs --------------------------------------------------------------------------------

@@ -96,8 +96,10 @@ def agent_infos(conn: Reads, name: str | None) -> list[AgentInfo]:
 # Bytes of the chunks snapshot `s` was the first retained snapshot (of any agent) to list.
 _FIRST_WRITTEN = (
     "(SELECT COALESCE(SUM(c.nbytes), 0) FROM snapshot_chunks sc JOIN chunks c ON c.key = sc.chunk_key "
-    "WHERE sc.snapshot_id = s.id AND NOT EXISTS (SELECT 1 FROM snapshot_chunks o "
-    "WHERE o.chunk_key = sc.chunk_key AND o.snapshot_id < sc.snapshot_id))"
+    "WHERE sc.snapshot_id = s.id AND NOT EXISTS (SELECT 1 FROM agent_chunks ac "
+    "JOIN snapshots os ON os.agent_id = ac.agent_id AND os.id < sc.snapshot_id "
+    "JOIN snapshot_chunks o ON o.snapshot_id = os.id AND o.seq = sc.seq AND o.chunk_key = sc.chunk_key "
+    "WHERE ac.chunk_key = sc.chunk_key))"
 )
 
 _SNAPSHOTS = f"""

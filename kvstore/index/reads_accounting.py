@@ -95,10 +95,12 @@ def _n_chunks(snap: str) -> str:
 
 
 def _shared_at(head: str, seq: str) -> str:
-    """SQL: whether chunk `seq` of snapshot `head` is listed by another agent's head."""
-    return f"""EXISTS (SELECT 1 FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key
-               WHERE x.snapshot_id = {head} AND x.seq = {seq} AND y.snapshot_id <> {head}
-                 AND y.snapshot_id IN (SELECT head FROM agents WHERE head IS NOT NULL))"""
+    """SQL: whether chunk `seq` of snapshot `head` is listed by another agent's head (`head` qualified: the
+    agents table inside has a column of that name)."""
+    return f"""EXISTS (SELECT 1 FROM snapshot_chunks x JOIN agent_chunks ac ON ac.chunk_key = x.chunk_key
+               JOIN agents o ON o.id = ac.agent_id
+               JOIN snapshot_chunks y ON y.snapshot_id = o.head AND y.seq = x.seq AND y.chunk_key = x.chunk_key
+               WHERE x.snapshot_id = {head} AND x.seq = {seq} AND o.head <> {head})"""
 
 
 # The next bounds of a binary search step, from `hit`: whether chunk (lo + hi) / 2 is shared.
@@ -113,10 +115,10 @@ SHARED_DEPTH = f"""
 heads(aid, head, n) AS (
     SELECT a.id, a.head, {_n_chunks("a.head")} FROM agents a WHERE a.head IS NOT NULL {{where}}),
 bs(aid, head, lo, hi, hit) AS (
-    SELECT aid, head, 0, n, CASE WHEN n > 0 THEN {_shared_at("head", "n / 2")} ELSE FALSE END FROM heads
+    SELECT aid, head, 0, n, CASE WHEN n > 0 THEN {_shared_at("heads.head", "heads.n / 2")} ELSE FALSE END FROM heads
     UNION ALL
     SELECT aid, head, {_LO}, {_HI},
-           CASE WHEN {_LO} < {_HI} THEN {_shared_at("head", f"({_LO} + {_HI}) / 2")} ELSE FALSE END
+           CASE WHEN {_LO} < {_HI} THEN {_shared_at("bs.head", f"({_LO} + {_HI}) / 2")} ELSE FALSE END
     FROM bs WHERE lo < hi),
 depth(aid, d) AS (SELECT aid, lo FROM bs WHERE lo = hi)"""
 
@@ -141,8 +143,9 @@ _HEAD_CHUNKS = (
 )
 
 _SHARERS = (
-    "SELECT x.seq, o.name FROM snapshot_chunks x JOIN snapshot_chunks y ON y.chunk_key = x.chunk_key "
-    "JOIN agents o ON o.head = y.snapshot_id "
+    "SELECT x.seq, o.name FROM snapshot_chunks x JOIN agent_chunks ac ON ac.chunk_key = x.chunk_key "
+    "JOIN agents o ON o.id = ac.agent_id "
+    "JOIN snapshot_chunks y ON y.snapshot_id = o.head AND y.seq = x.seq AND y.chunk_key = x.chunk_key "
     "WHERE x.snapshot_id = :head AND o.id <> :aid ORDER BY x.seq, o.name"
 )
 

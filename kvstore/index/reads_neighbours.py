@@ -10,9 +10,10 @@ from kvstore.index.reads import Reads
 __all__ = ["listing_chunk", "recent_heads", "models"]
 
 _BY_CHUNK = """
-    SELECT a.name, s.tokens FROM snapshot_chunks sc JOIN snapshots s ON s.id = sc.snapshot_id
-    JOIN agents a ON a.id = s.agent_id
-    WHERE sc.chunk_key = :key AND sc.seq = :seq ORDER BY s.id DESC LIMIT {limit}"""
+    SELECT a.name, s.tokens FROM agent_chunks ac JOIN agents a ON a.id = ac.agent_id
+    JOIN snapshots s ON s.agent_id = a.id
+    JOIN snapshot_chunks sc ON sc.snapshot_id = s.id AND sc.seq = :seq AND sc.chunk_key = ac.chunk_key
+    WHERE ac.chunk_key = :key ORDER BY s.id DESC LIMIT {limit}"""
 
 _RECENT_HEADS = """
     SELECT a.name, s.tokens FROM agents a JOIN snapshots s ON s.id = a.head JOIN models m ON m.id = a.model_id

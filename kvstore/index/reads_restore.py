@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import groupby
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, text
 
 from kvstore.errors import UnknownAgentError
 from kvstore.index import queries, schema
@@ -29,13 +29,14 @@ __all__ = [
     "chunk_lists",
 ]
 
-_a, _m, _s, _sc, _c, _cl = (
+_a, _m, _s, _sc, _c, _cl, _ac = (
     schema.agents,
     schema.models,
     schema.snapshots,
     schema.snapshot_chunks,
     schema.chunks,
     schema.chunk_layers,
+    schema.agent_chunks,
 )
 
 
@@ -138,15 +139,21 @@ def stored_tails(conn, parents: Iterable[bytes], chunk_size: int) -> list[TailRo
     return out
 
 
+# The newest snapshot of the first agent agent_chunks names: every agent it names lists the chunk, and its
+# newest snapshots most likely do (a late chunk of a long chat is in none of its first snapshots).
+_LISTED_TOKENS = Prepared(
+    lambda _d: text(
+        """SELECT (SELECT s.tokens FROM snapshots s JOIN snapshot_chunks sc
+                   ON sc.snapshot_id = s.id AND sc.seq = :seq AND sc.chunk_key = ac.chunk_key
+                   WHERE s.agent_id = ac.agent_id ORDER BY s.id DESC LIMIT 1)
+           FROM agent_chunks ac WHERE ac.chunk_key = :key LIMIT 1"""
+    )
+)
+
+
 def listed_tokens(conn, key: bytes, seq: int) -> bytes | None:
     """The token ids of a snapshot that lists chunk `key` at position `seq`, or None if none does."""
-    row = conn.execute(
-        select(_s.c.tokens)
-        .select_from(_sc.join(_s, _sc.c.snapshot_id == _s.c.id))
-        .where(_sc.c.chunk_key == key, _sc.c.seq == seq)
-        .limit(1)
-    ).first()
-    return None if row is None else row.tokens
+    return _LISTED_TOKENS.scalar(conn, key=key, seq=seq)
 
 
 def snapshot_owners(conn, snapshot_ids: list[int]) -> dict[int, SnapshotOwner]:

@@ -108,5 +108,18 @@ snapshot_chunks = Table(
     Column("snapshot_id", Integer, ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True),
     Column("seq", Integer, primary_key=True),
     Column("chunk_key", LargeBinary(16), ForeignKey("chunks.key"), nullable=False),
-    Index("ix_snapshot_chunks_chunk", "chunk_key"),
+)
+
+# Which agents' snapshots list a chunk: the lookups by chunk (gc's reachability, sharing, a match's token
+# check) read this instead of an index of snapshot_chunks by chunk. A turn's save late in a chat lists
+# every chunk of its history again; an index of those rows took a write on a page of its own for each
+# (issue 23, point 5), where this gets rows only for the chunks new to the agent. Kept by every writer
+# of snapshot_chunks (kvstore.index.queries) and by gc's retention; checked and rebuilt by fsck.
+agent_chunks = Table(
+    "agent_chunks",
+    metadata,
+    Column("chunk_key", LargeBinary(16), ForeignKey("chunks.key"), primary_key=True),
+    Column("agent_id", Integer, ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True),
+    Index("ix_agent_chunks_agent", "agent_id"),
+    sqlite_with_rowid=False,
 )

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvstore.blob.local import is_blob_id
 from kvstore.cache.keys import chunk_keys, tokens_from_bytes
-from kvstore.index import db, integrity, queries, sizes
+from kvstore.index import agent_chunks, db, integrity, queries, sizes
 from kvstore.index.commit import Chain, ModelRow, Relisted, commit_chain
 from kvstore.ops.restorable import Restorable, restorable
 from kvstore.records import FsckReport, Problem
@@ -141,6 +141,27 @@ def _check_snapshots(conn, chunk_size: int) -> list[tuple[Problem, int, bytes | 
     return out
 
 
+def _check_owners(conn, relisted: set[int]) -> list[tuple[Problem, int]]:
+    """(problem, agent id) for each agent whose agent_chunks rows disagree with its snapshots' chunk lists.
+
+    Rows that only outlive a damaged chunk list are not reported for the agents in `relisted` (whose lists
+    the repair rebuilds from their token ids, and their rows with them)."""
+    lacking, stale = integrity.unrecorded_listings(conn), integrity.stale_listings(conn)
+    stale = {a: n for a, n in stale.items() if a not in relisted}
+    ids = [a for a in {*lacking, *stale} if isinstance(a, int)]
+    names = integrity.agent_names(conn, ids)
+    out = []
+    for agent_id in sorted(ids):
+        subject = f"agent {names.get(agent_id, agent_id)}"
+        if agent_id in lacking:
+            detail = f"agent_chunks lacks {lacking[agent_id]} chunk(s) its snapshots list (a gc would collect them)"
+            out.append((Problem("chunk_owners", subject, detail), agent_id))
+        if agent_id in stale:
+            detail = f"agent_chunks records {stale[agent_id]} chunk(s) none of its snapshots lists"
+            out.append((Problem("chunk_owners", subject, detail), agent_id))
+    return out
+
+
 def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
     from kvstore.ops.gc import check_grace, stale_temps
 
@@ -151,6 +172,8 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
         blob_rows = integrity.blob_rows(conn)
         snap_problems = _check_snapshots(conn, store.chunk_size)
         dangling_layers = integrity.dangling_layers(conn)
+        relisted = integrity.snapshot_agents(conn, [sid for p, sid, _ in snap_problems if p.kind == "token_mismatch"])
+        owners = _check_owners(conn, relisted)
         try:
             wrong_sizes = sizes.check(conn)
         except (TypeError, ValueError) as e:  # a size column holding text or NULL: damaged, not a crash
@@ -182,6 +205,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
         Problem("wrong_size", f"chunk {k.hex()}", f"records {column} = {got}, its blobs make {want}")
         for k, column, got, want in wrong_sizes
     ]
+    problems += [p for p, _ in owners]
 
     bad_blobs: dict[str, Problem] = {}
     total = len(blob_rows)
@@ -220,6 +244,7 @@ def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
             stray,
             temps,
             bool(wrong_sizes) or size_damage,
+            sorted({a for _, a in owners}),
         )
         # What a damaged page destroyed (token ids, blob rows) stays a problem: no repair can invent it.
         problems = [
@@ -249,7 +274,7 @@ def _shortened(sid: int, before: Restorable, after: Restorable) -> Problem:
 
 
 def _repair(
-    store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool
+    store, bad_blobs, snap_problems, dangling_layers, stray, temps, wrong_sizes: bool, owners: list[int]
 ) -> tuple[set[int], dict[int, tuple[Restorable, Restorable]]]:
     """Repair in one write transaction: (snapshots that need recomputing, {snapshot: (restorable before, after)}
     for each whose restorable prefix the dropped KV shortened)."""
@@ -297,6 +322,7 @@ def _repair(
                 now=now,
             )
             affected.add(sid)
+        agent_chunks.rebuild(conn, owners)
         for blob_id in filter(is_blob_id, bad_ids):  # files go after their rows, under the same write lock
             store.blobs.remove(blob_id)
         store.blobs.remove_many([b for b, _ in stray])
