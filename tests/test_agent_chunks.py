@@ -89,6 +89,14 @@ def test_every_writer_keeps_agent_chunks_equal_to_the_chunk_lists(tmp_path, back
         other = tokens(2 * C + 3, seed=99)
         store.save("a2", make_cache("kv", len(other), seed=99), other, model=FP)
         assert_kept(store)
+        # One that goes back to a shorter prefix of the head, and one that ends inside the head's last chunk:
+        # neither is answered by the head's last two keys (the whole list is compared).
+        back = shared + tokens(C + 1, seed=10)[:5]
+        store.save("b", make_cache("kv", len(back), seed=7), back, model=FP)
+        back2 = back[: 2 * C + 7]
+        store.save("b", make_cache("kv", len(back2), seed=8), back2, model=FP)
+        assert_kept(store)
+        assert store.fsck().ok  # every chunk list is the one its token ids derive
         store.delete("b")
         assert_kept(store)
         report = store.gc(keep_last=1, grace=0)

@@ -312,7 +312,7 @@ def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id:
     )
     # A turn extends the agent's head: its list's common part is copied in the database, and only the
     # chunks after it are new to the agent (agent_chunks already has the head's).
-    same = _common_prefix(keys, [bytes(k) for (k,) in _HEAD_KEYS.rows(conn, agent_id=agent_id)])
+    same = _shared_with_head(conn, agent_id, keys)
     if same:
         _COPY_HEAD_LIST.many(conn, [{"snapshot_id": snap_id, "agent_id": agent_id, "n": same}])
     _INSERT_SNAPSHOT_CHUNK.many(
@@ -322,6 +322,18 @@ def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id:
     return snap_id
 
 
+def _shared_with_head(conn, agent_id: int, keys: Sequence[bytes]) -> int:
+    """How many leading chunks `keys` shares with the agent's head's list (0: no head).
+
+    Keys are prefix-closed (a key names its whole prefix), so when the head's last or second-last key
+    is in `keys` at its place, so is everything before it: a turn, which extends the head, is answered
+    from those two rows; anything else reads the head's whole list."""
+    for seq, key in _HEAD_LAST_KEYS.rows(conn, agent_id=agent_id):
+        if seq < len(keys) and keys[seq] == bytes(key):
+            return seq + 1
+    return _common_prefix(keys, [bytes(k) for (k,) in _HEAD_KEYS.rows(conn, agent_id=agent_id)])
+
+
 def _common_prefix(a: Sequence[bytes], b: Sequence[bytes]) -> int:
     n = min(len(a), len(b))
     if list(a[:n]) == list(b[:n]):
@@ -329,6 +341,12 @@ def _common_prefix(a: Sequence[bytes], b: Sequence[bytes]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
+_HEAD_LAST_KEYS = Prepared(
+    lambda _d: text(
+        "SELECT sc.seq, sc.chunk_key FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
+        "WHERE a.id = :agent_id ORDER BY sc.seq DESC LIMIT 2"
+    )
+)
 _HEAD_KEYS = Prepared(
     lambda _d: (
         select(_sc.c.chunk_key)
