@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from conftest import TEST_CHUNK, downgrade_index, make_store
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 
 import kvstore
 from kvstore.formats import SCHEMA_REVISION
@@ -150,24 +150,35 @@ def test_fsck_finds_and_repairs_agent_chunks_that_differ_from_the_lists(tmp_path
         assert got == toks and same_cache(cache, loaded)
 
 
-def test_an_index_at_0004_is_upgraded_with_agent_chunks_filled(tmp_path):
+def _shape(store) -> tuple[bool, set[str], set[str]]:
+    """(whether agent_chunks exists, the indexes of snapshot_chunks, the tables its foreign keys name)."""
+    with store.engine.connect() as conn:
+        look = inspect(conn)
+        return (
+            look.has_table("agent_chunks"),
+            {i["name"] for i in look.get_indexes("snapshot_chunks")},
+            {f["referred_table"] for f in look.get_foreign_keys("snapshot_chunks")},
+        )
+
+
+def test_an_index_at_0004_is_upgraded_with_agent_chunks_filled(tmp_path, backend):
     shared = tokens(2 * C, seed=5)
-    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+    store = make_store(tmp_path, backend, chunk_size=C)
+    with store:
+        fresh = _shape(store)
         for i in range(3):
             toks = shared + tokens(C + i, seed=i)
             store.save(f"a{i}", make_cache("kv", len(toks), seed=i), toks, model=FP)
         expected = listed_by_agent(store)
         downgrade_index(store, "0004")
-        with store.engine.connect() as conn:
-            tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
-            assert "agent_chunks" not in tables
-    with kvstore.open(tmp_path / "s") as store:
+        assert _shape(store) == (False, {"ix_snapshot_chunks_chunk"}, {"snapshots", "chunks"})
+        assert listed_by_agent(store) == expected  # the rows survive the way back too
+    with make_store(tmp_path, backend) as store:  # the same index, opened again: upgraded
         assert store.schema_revision == SCHEMA_REVISION
+        assert _shape(store) == fresh == (True, set(), {"snapshots"})
         assert agent_chunks(store) == expected
-        with store.engine.connect() as conn:
-            names = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'index'"))}
-        assert "ix_snapshot_chunks_chunk" not in names and "ix_agent_chunks_agent" in names
         assert store.match(shared + tokens(C + 1, seed=1), model=FP).n_tokens == 3 * C + 1
+        assert store.gc(grace=0).chunks_removed == 0
         assert store.fsck().ok
 
 
@@ -183,3 +194,21 @@ def test_a_match_verifies_against_the_newest_snapshot_of_an_agent_listing_the_ch
             toks = toks + tokens(C, seed=70 + turn)
         assert store.match(toks[: 6 * C] + [1, 2, 3], model=FP).n_tokens == 6 * C
         assert os.path.exists(tmp_path / "s" / "index.db")
+
+
+def test_a_turn_on_a_damaged_chunk_list_writes_its_own(tmp_path):
+    """A turn copies the part of its chunk list it shares with the head inside the database, but only
+    after comparing the head's whole list with its own keys: a head whose list lost a row in the middle
+    does not pass the damage on, and the new snapshot loads."""
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        toks = tokens(4 * C, seed=8)
+        cache = make_cache("kv", len(toks), seed=8)
+        store.save("a", cache, toks, model=FP)
+        head = store.agent("a").head
+        with store.engine.begin() as conn:
+            conn.execute(text("DELETE FROM snapshot_chunks WHERE snapshot_id = :s AND seq = 1"), {"s": head})
+        extend(cache, C, seed=9)
+        toks = toks + tokens(C, seed=9)
+        store.save("a", cache, toks, model=FP)
+        loaded, got = store.load("a", model=FP)
+        assert got == toks and same_cache(cache, loaded)

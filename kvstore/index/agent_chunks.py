@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from kvstore.index import db, schema
+from kvstore.index.prepared import Prepared
 
 __all__ = ["list_chunks", "rebuild", "unlist"]
 
@@ -26,16 +27,23 @@ def list_chunks(conn, agent_id: int, keys: Sequence[bytes]) -> None:
     db.insert_ignore(conn, _ac, [{"chunk_key": k, "agent_id": agent_id} for k in keys])
 
 
-def _listed(agent_id: int):
+def _listed(agent_id):
     return (
         select(_sc.c.chunk_key).select_from(_sc.join(_s, _s.c.id == _sc.c.snapshot_id)).where(_s.c.agent_id == agent_id)
     )
 
 
+# One statement compiled once and run for every agent (gc's retention prunes thousands at a time).
+_UNLIST = Prepared(
+    lambda _d: delete(_ac).where(
+        _ac.c.agent_id == bindparam("agent_id"), _ac.c.chunk_key.not_in(_listed(bindparam("agent_id")))
+    )
+)
+
+
 def unlist(conn, agent_ids: Sequence[int]) -> None:
     """Drop the rows of these agents whose chunk none of the agent's snapshots lists any more."""
-    for agent_id in sorted(set(agent_ids)):
-        conn.execute(delete(_ac).where(_ac.c.agent_id == agent_id, _ac.c.chunk_key.not_in(_listed(agent_id))))
+    _UNLIST.many(conn, [{"agent_id": a} for a in sorted(set(agent_ids))])
 
 
 def rebuild(conn, agent_ids: Sequence[int]) -> None:

@@ -325,12 +325,8 @@ def insert_snapshot(conn, snapshot: NewSnapshot, *, agent_id: int, model_row_id:
 def _shared_with_head(conn, agent_id: int, keys: Sequence[bytes]) -> int:
     """How many leading chunks `keys` shares with the agent's head's list (0: no head).
 
-    Keys are prefix-closed (a key names its whole prefix), so when the head's last or second-last key
-    is in `keys` at its place, so is everything before it: a turn, which extends the head, is answered
-    from those two rows; anything else reads the head's whole list."""
-    for seq, key in _HEAD_LAST_KEYS.rows(conn, agent_id=agent_id):
-        if seq < len(keys) and keys[seq] == bytes(key):
-            return seq + 1
+    The head's whole list is read and compared, not only its last keys: a list damaged in the middle
+    is then not copied into the new snapshot (which writes its own rows from that chunk on)."""
     return _common_prefix(keys, [bytes(k) for (k,) in _HEAD_KEYS.rows(conn, agent_id=agent_id)])
 
 
@@ -341,12 +337,6 @@ def _common_prefix(a: Sequence[bytes], b: Sequence[bytes]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
-_HEAD_LAST_KEYS = Prepared(
-    lambda _d: text(
-        "SELECT sc.seq, sc.chunk_key FROM agents a JOIN snapshot_chunks sc ON sc.snapshot_id = a.head "
-        "WHERE a.id = :agent_id ORDER BY sc.seq DESC LIMIT 2"
-    )
-)
 _HEAD_KEYS = Prepared(
     lambda _d: (
         select(_sc.c.chunk_key)

@@ -107,7 +107,9 @@ snapshot_chunks = Table(
     metadata,
     Column("snapshot_id", Integer, ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True),
     Column("seq", Integer, primary_key=True),
-    Column("chunk_key", LargeBinary(16), ForeignKey("chunks.key"), nullable=False),
+    # No foreign key to chunks (revision 0005): with no index by chunk, each chunk gc deletes would make
+    # the database scan this table for rows naming it. gc deletes only chunks no agent_chunks row names.
+    Column("chunk_key", LargeBinary(16), nullable=False),
 )
 
 # Which agents' snapshots list a chunk: the lookups by chunk (gc's reachability, sharing, a match's token
