@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from itertools import groupby
 from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from kvstore.index import schema
 from kvstore.index.queries import batches
@@ -157,16 +157,20 @@ def unrecorded_listings(conn) -> dict[Any, int]:
 def stale_listings(conn) -> dict[Any, int]:
     """{agent id: how many chunks agent_chunks records for it that none of its snapshots lists} (they
     would outlive their last snapshot until the agent is deleted)."""
+    # A key has one place (chunks.seq): each snapshot is probed at it, not scanned (0.57 s of a 1.03 s fsck
+    # for one chat of 512 snapshots when every list was scanned for every row).
     listed = (
         select(_sc.c.chunk_key)
         .select_from(_sc.join(_s, _s.c.id == _sc.c.snapshot_id))
-        .where(_s.c.agent_id == _ac.c.agent_id, _sc.c.chunk_key == _ac.c.chunk_key)
+        .where(_s.c.agent_id == _ac.c.agent_id, _sc.c.seq == _c.c.seq, _sc.c.chunk_key == _ac.c.chunk_key)
     )
-    rows = conn.execute(select(_ac.c.agent_id).where(~listed.exists()))
-    out: dict[Any, int] = {}
-    for (agent_id,) in rows:
-        out[agent_id] = out.get(agent_id, 0) + 1
-    return out
+    rows = conn.execute(
+        select(_ac.c.agent_id, func.count())
+        .select_from(_ac.join(_c, _c.c.key == _ac.c.chunk_key))
+        .where(~listed.exists())
+        .group_by(_ac.c.agent_id)
+    )
+    return dict(rows.all())
 
 
 def snapshot_tokens(conn, snapshot_id: int) -> tuple[int, bytes]:
