@@ -13,9 +13,11 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a little-endian uint32 array (the hashed and stored form)."""
     if tokens is None or isinstance(tokens, (str, bytes)):
         raise TypeError(f"tokens must be a sequence of integer token ids, not {type(tokens).__name__}")
-    arr = _int_list(tokens) if type(tokens) is list else None
-    if arr is None:
-        arr = np.asarray(tokens)
+    if type(tokens) is list:
+        listed = _int_list(tokens)
+        if listed is not None:  # array.array checked every id against uint32's range on the way in
+            return np.ascontiguousarray(listed, dtype="<u4")
+    arr = np.asarray(tokens)
     if arr.size == 0:
         return np.zeros(0, dtype="<u4")
     if not np.issubdtype(arr.dtype, np.integer):  # floats would be truncated into other token ids

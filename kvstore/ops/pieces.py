@@ -11,7 +11,6 @@ import mlx.core as mx
 
 from kvstore.blob import tensorfile
 from kvstore.cache import codec
-from kvstore.cache.keys import chunk_spans
 from kvstore.index.layers import StoredLayers
 
 __all__ = ["Piece", "plan_pieces"]
@@ -62,20 +61,24 @@ def plan_pieces(
     captured: dict | None,
 ) -> list[Piece]:
     """Pieces of the live cache (and captured during prefill) that the index lacks or holds less of."""
-    spans = chunk_spans(n_tokens, chunk_size)
+    n_chunks = -(-n_tokens // chunk_size)
+
+    def span(i: int) -> tuple[int, int]:  # (start, length) of chunk i, as chunk_spans has it, without the list
+        return i * chunk_size, min(chunk_size, n_tokens - i * chunk_size)
+
     # Chunks the index holds whole need nothing: a turn plans over its new chunks only (kvstore.index.layers).
-    todo = have.unfilled(keys[: len(spans)]) if isinstance(have, StoredLayers) else range(len(spans))
+    todo = have.unfilled(keys[:n_chunks]) if isinstance(have, StoredLayers) else range(n_chunks)
     want: dict[tuple[int, int], Piece] = {}
     missing: dict[int, list[tuple[int, int]]] = {}  # slot -> [(chunk, first)] the index lacks
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
         if slot.kind == "state":
-            if spans and (keys[-1], s) not in have:
+            if n_chunks and (keys[-1], s) not in have:
                 arrays, meta = codec.extract_state(slot, leaf, n_tokens)
-                want[(len(spans) - 1, s)] = Piece(len(spans) - 1, s, 0, arrays, meta)
+                want[(n_chunks - 1, s)] = Piece(n_chunks - 1, s, 0, arrays, meta)
             continue
         lo, hi = codec.held_range(slot, leaf)
         for i in todo:
-            start, length = spans[i]
+            start, length = span(i)
             end = start + length
             if end <= lo or start >= hi:
                 continue
@@ -86,12 +89,12 @@ def plan_pieces(
     for s, pieces in missing.items():
         host, base = hosts[s]
         for i, first in pieces:
-            start, length = spans[i]
+            start, length = span(i)
             want[(i, s)] = Piece(i, s, first, _slice(host, start + first - base, start + length - base))
     for (i, s), piece in (captured or {}).items():
-        if i >= len(spans):
+        if i >= n_chunks:
             continue
         best = want.get((i, s))
-        if have.get((keys[i], s), spans[i][1] + 1) > piece.first and (best is None or best.first > piece.first):
+        if have.get((keys[i], s), span(i)[1] + 1) > piece.first and (best is None or best.first > piece.first):
             want[(i, s)] = piece
     return sorted(want.values(), key=lambda p: (p.slot, p.chunk))
