@@ -66,6 +66,7 @@ class Store(StoreReads):
         self.io_threads = io_threads
         self.io = IoPool(io_threads)
         self.whole_seen = WholeSeen()  # chunks this process found whole: a turn's save looks up only its new ones
+        self.window_warned: set[str] = set()  # models a save warned about lost window chunks (ops.save)
         self.blobs: BlobBackend = blobs or BlobStore(root, durable=durable)
         try:
             self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)

@@ -25,12 +25,12 @@ from kvstore.names import validate_name
 from kvstore.records import Stats
 
 if TYPE_CHECKING:
-    from kvstore.store_reads import StoreReads as Store  # a Store or a StoreReader
+    from kvstore.ops.parts import Described, Reading  # a Store or the CLI's StoreReader
 
 __all__ = ["store_stats", "agent_bytes", "chunk_runs", "model_summary", "model_names"]
 
 
-def store_stats(store: Store) -> Stats:
+def store_stats(store: Described) -> Stats:
     """Counts, bytes on disk (every blob the index records), logical bytes (every head, stored apart)."""
     with store.reading("reading statistics") as conn:
         t = q.totals(conn)
@@ -52,7 +52,7 @@ def store_stats(store: Store) -> Stats:
     )
 
 
-def head_chunk_bytes(store: Store) -> int:
+def head_chunk_bytes(store: Reading) -> int:
     """Bytes of the distinct chunks the agents' heads list: each shared chunk once (what the heads need on disk)."""
     with store.reading("reading statistics") as conn:
         return q.head_chunk_bytes(conn)
@@ -61,12 +61,12 @@ def head_chunk_bytes(store: Store) -> int:
 PARALLEL_AGENTS = 2000  # from this many agents on, the accounting runs as two halves on two connections
 
 
-def _agent_half(store: Store, k: int) -> list[q.HeadBytes]:
+def _agent_half(store: Reading, k: int) -> list[q.HeadBytes]:
     with store.reading("accounting bytes") as conn:
         return q.head_bytes(conn, half=k)
 
 
-def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, int]]:
+def agent_bytes(store: Reading, name: str | None = None) -> dict[str, dict[str, int]]:
     """Per agent (or just `name`): {"unique_bytes", "shared_bytes", "total_bytes"} of its head snapshot."""
     if name is not None:
         validate_name(name)
@@ -88,7 +88,7 @@ def agent_bytes(store: Store, name: str | None = None) -> dict[str, dict[str, in
     return out
 
 
-def chunk_runs(store: Store, name: str) -> list[dict]:
+def chunk_runs(store: Reading, name: str) -> list[dict]:
     """The chunk map of an agent's head: runs of consecutive chunks that the same other agents share.
 
     Each run: first and last chunk index, token range [start, end), chunk count, bytes, and the
@@ -125,7 +125,7 @@ def chunk_runs(store: Store, name: str) -> list[dict]:
     return runs
 
 
-def model_summary(store: Store) -> list[dict]:
+def model_summary(store: Reading) -> list[dict]:
     """Every model the store knows: fingerprint, name hint, layer layout, and its agents, snapshots and chunks."""
     with store.reading("listing models") as conn:
         models = q.models(conn)
@@ -151,7 +151,7 @@ def model_summary(store: Store) -> list[dict]:
     return out
 
 
-def model_names(store: Store) -> dict[str, str | None]:
+def model_names(store: Reading) -> dict[str, str | None]:
     """fingerprint -> the model's name hint (None when the store was never told one): one small query."""
     with store.reading("listing models") as conn:
         return q.model_names(conn)

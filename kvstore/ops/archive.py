@@ -41,7 +41,7 @@ from kvstore.ops.archive_tar import bad, manifest_bytes, open_archive, parse_man
 from kvstore.ops.archive_tar import members as tar_members
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.ops.parts import Importer, Stored
 
 __all__ = ["export_agent", "import_agent", "read_manifest", "ArchiveSummary", "ARCHIVE_VERSION"]
 
@@ -155,7 +155,7 @@ def _apart(plan: ArchivePlan, salted: str, chunk_size: int) -> ArchivePlan:
 # -- import ----------------------------------------------------------------------------------------
 
 
-def _plan_target(store: Store, plan: ArchivePlan, name: str) -> dict[tuple[bytes, int], int]:
+def _plan_target(store: Stored, plan: ArchivePlan, name: str) -> dict[tuple[bytes, int], int]:
     """Refuse a clash with the target (agent name, model layout); return its (chunk, layer) -> first."""
     with db.transaction(store.engine, write=False, what="planning an import") as conn:
         _check_target(conn, plan, name)
@@ -182,7 +182,7 @@ def _needed(plan: ArchivePlan, have: dict[tuple[bytes, int], int]) -> list[Layer
 
 
 def import_agent(
-    store: Store,
+    store: Importer,
     file: str | os.PathLike,
     name: str | None = None,
     progress: Progress = None,
@@ -265,7 +265,7 @@ class _Source:
 
 
 def _write(
-    store: Store,
+    store: Importer,
     source: _Source,
     plan: ArchivePlan,
     *,
@@ -315,7 +315,7 @@ def _write(
 
 
 def _commit(
-    store: Store,
+    store: Importer,
     plan: ArchivePlan,
     *,
     target: str,
@@ -358,7 +358,7 @@ def _commit(
     return ids
 
 
-def _forget(store: Store, blob_ids: list[str]) -> None:
+def _forget(store: Stored, blob_ids: list[str]) -> None:
     """After a failed import: remove the blob files it wrote that no row names (the store is as before)."""
     if not blob_ids:
         return

@@ -25,7 +25,7 @@ from kvstore.ops.archive_tar import BLOB_PREFIX, MANIFEST
 
 if TYPE_CHECKING:
     from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
-    from kvstore.store import Store
+    from kvstore.ops.parts import Stored
 
 Progress = Callable[[int, int], None] | None
 KEPT_APART = " (imported, kept apart)"  # the suffix of a kept-apart import's model name
@@ -115,7 +115,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes | bytearray, mtime:
 
 
 def export_agent(
-    store: Store, name: str, file: str | os.PathLike, progress: Progress = None, *, overwrite: bool = False
+    store: Stored, name: str, file: str | os.PathLike, progress: Progress = None, *, overwrite: bool = False
 ) -> ArchiveSummary:
     """Write agent `name` (record, every snapshot, every blob they need) to the archive `file`.
 

@@ -14,7 +14,7 @@ from kvstore.blob.iopool import gather
 from kvstore.ops.pieces import Piece
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.ops.parts import Reader
 
 __all__ = ["PendingBlob", "start_writes", "finish_writes"]
 
@@ -63,7 +63,7 @@ def _encoded(group: list[Piece], slots, model: str) -> PendingBlob:
 STAGED_MAX = 64  # blobs copied before their durable halves start: temp files held open at once
 
 
-def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[list[PendingBlob], Future]:
+def start_writes(store: Reader, pieces: list[Piece], slots, model: str) -> tuple[list[PendingBlob], Future]:
     """Encode each blob and start storing it (store.blobs.start_put: a local store copies and hashes it
     here, naming it by that hash), then hand what waits on the device (fsyncs, renames) to one of the
     store's I/O threads (store.blobs.finish_all); returns the blobs, their ids set, and a future holding, per blob, whether it was
@@ -101,7 +101,7 @@ def start_writes(store: Store, pieces: list[Piece], slots, model: str) -> tuple[
     return blobs, pending
 
 
-def finish_writes(store: Store, blobs: list[PendingBlob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
+def finish_writes(store: Reader, blobs: list[PendingBlob], pending: Future) -> list[tuple[Piece, str, int, bool]]:
     """Wait until every blob is durable; (piece, blob id, blob bytes, newly written) per piece."""
     flags = [written for batch in pending.result() for _id, _n, written in batch]
     store.blobs.sync_dirs({b.blob_id for b, w in zip(blobs, flags) if not w})  # put() synced what it wrote

@@ -24,7 +24,7 @@ from kvstore.ops.restorable import Restorable, restorable
 from kvstore.records import FsckReport, Problem
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.ops.parts import Checked, Stored
 
 
 DAMAGED = "damaged_index"  # a row whose values no longer have their types: a damaged page of index.db
@@ -44,7 +44,7 @@ def _hex(key) -> str:
     return bytes(key).hex() if isinstance(key, bytes) else repr(key)
 
 
-def _check_blob(store: Store, blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
+def _check_blob(store: Stored, blob_id: str, nbytes: int, entry) -> tuple[str, str] | None:
     """None if the blob is sound, else (kind, detail). `entry` is its listing (None: not listed)."""
     if not is_blob_id(blob_id):  # a crafted row: never build a path from it (repair drops the row only)
         return "corrupt_blob", f"blob id {blob_id[:80]!r} is not 32 hex digits"
@@ -162,7 +162,7 @@ def _check_owners(conn, relisted: set[int]) -> list[tuple[Problem, int]]:
     return out
 
 
-def fsck(store: Store, repair: bool, grace: float, progress=None) -> FsckReport:
+def fsck(store: Checked, repair: bool, grace: float, progress=None) -> FsckReport:
     from kvstore.ops.gc import check_grace, stale_temps
 
     check_grace(grace)

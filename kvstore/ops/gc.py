@@ -24,7 +24,7 @@ from kvstore.records import GcReport
 if TYPE_CHECKING:
     from kvstore.blob.backend import BlobBackend
     from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
-    from kvstore.store import Store
+    from kvstore.ops.parts import Collected
 
 __all__ = ["gc", "gc_lock", "check_grace", "stale_temps", "temp_in_use"]
 
@@ -32,7 +32,7 @@ FILE_BATCH = 1000  # files removed per write transaction: keeps the write lock s
 
 
 @contextlib.contextmanager
-def gc_lock(store: Store) -> Iterator[None]:
+def gc_lock(store: Collected) -> Iterator[None]:
     """One gc at a time per store: a file lock beside a SQLite index, an advisory lock on PostgreSQL."""
     if store.engine.dialect.name == "postgresql":
         with garbage.advisory_lock(store.engine) as got:
@@ -61,7 +61,7 @@ def check_grace(grace) -> None:
 
 
 def gc(
-    store: Store, dry_run: bool, keep_last: int, grace: float, progress=None, agents: Iterable[str] | None = None
+    store: Collected, dry_run: bool, keep_last: int, grace: float, progress=None, agents: Iterable[str] | None = None
 ) -> GcReport:
     if not isinstance(keep_last, int) or keep_last < 1:
         raise ValueError(f"keep_last must be a whole number >= 1, not {keep_last!r}")
@@ -173,7 +173,7 @@ def _sweep_temp(blobs: BlobBackend, grace: float) -> int:
     return n
 
 
-def _dry_run(store: Store, keep_last: int, grace: float, t0: float, agents: Iterable[str] | None) -> GcReport:
+def _dry_run(store: Collected, keep_last: int, grace: float, t0: float, agents: Iterable[str] | None) -> GcReport:
     """What gc would remove, counted without changing anything."""
     with db.transaction(store.engine, write=False, what="planning gc") as conn:
         found = garbage.unreachable(conn, keep_last, agents)

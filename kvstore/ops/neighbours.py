@@ -18,8 +18,8 @@ from kvstore.cache.keys import tokens_from_bytes, tokens_to_array
 from kvstore.index import reads_neighbours as reads
 
 if TYPE_CHECKING:
+    from kvstore.ops.parts import Reading
     from kvstore.records import Match
-    from kvstore.store_reads import StoreReads as Store
 
 __all__ = ["Neighbour", "nearest_stored", "other_models"]
 
@@ -40,7 +40,7 @@ def _common(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def nearest_stored(store: Store, tokens, fingerprint: str, match: Match) -> Neighbour | None:
+def nearest_stored(store: Reading, tokens, fingerprint: str, match: Match) -> Neighbour | None:
     """The stored snapshot of model `fingerprint` that shares the longest token prefix with `tokens`."""
     toks = tokens_to_array(tokens)
     with store.reading("finding where a prompt leaves the store") as conn:
@@ -57,7 +57,7 @@ def nearest_stored(store: Store, tokens, fingerprint: str, match: Match) -> Neig
     return best
 
 
-def other_models(store: Store, own: Collection[str]) -> list[tuple[str, str | None]]:
+def other_models(store: Reading, own: Collection[str]) -> list[tuple[str, str | None]]:
     """(fingerprint, name hint) of every model in the store but those in `own`."""
     with store.reading("listing models") as conn:
         return [(fp, name) for fp, name in reads.models(conn) if fp not in own]

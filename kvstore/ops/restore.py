@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +26,7 @@ from kvstore.index import db, queries
 from kvstore.index import reads_restore as reads
 from kvstore.index.reads_restore import head_snapshot
 from kvstore.index.rows import SnapshotRow
+from kvstore.ops.parts import Reader
 from kvstore.ops.plan import (
     Chain,
     Found,
@@ -41,18 +42,6 @@ from kvstore.ops.plan import (
 from kvstore.records import Match
 
 __all__ = ["Head", "head", "head_snapshot", "load", "match", "restore", "build_cache", "tokens_from_bytes"]
-
-if TYPE_CHECKING:
-    from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
-
-
-class Reader(Protocol):
-    """What the read path uses of a store: its index, chunk size, blobs and I/O threads."""
-
-    engine: Engine
-    chunk_size: int
-    blobs: BlobBackend
-    io: IoPool
 
 
 def _parse_layout(text, model: str):

@@ -27,7 +27,7 @@ from kvstore.ops.pieces import plan_pieces
 from kvstore.records import Snapshot
 
 if TYPE_CHECKING:
-    from kvstore.store import Store
+    from kvstore.ops.parts import Writer
 
 MAX_ATTEMPTS = 5
 LOCKED_AFTER = 2  # attempts before a save plans and writes under the write lock (see save)
@@ -56,7 +56,7 @@ class SavePlan:
 
 
 def save(
-    store: Store,
+    store: Writer,
     name: str,
     cache: list,
     tokens: Any,
@@ -137,12 +137,12 @@ def save(
     )
 
 
-def _warn_window_lost(store: Store, plan: SavePlan, *, slots, leaves, have, captured) -> None:
+def _warn_window_lost(store: Writer, plan: SavePlan, *, slots, leaves, have, captured) -> None:
     """Warn (once per store and model) when sliding-window chunks that already left the window are
     neither stored nor captured: the snapshot then restores only at exactly its length, never at an
     earlier chunk boundary (issue 15, item 3)."""
     model, keys, spans, n = plan.model, plan.keys, plan.spans, int(plan.tokens.size)
-    warned = store.__dict__.setdefault("_window_warned", set())
+    warned = store.window_warned
     if model in warned:
         return
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
@@ -186,7 +186,7 @@ def _check_model_and_agent(conn, plan: SavePlan) -> bool:
 
 
 def _commit(
-    store: Store,
+    store: Writer,
     plan: SavePlan,
     *,
     have: Mapping[tuple[bytes, int], int],
