@@ -153,17 +153,18 @@ class DiskBudget:
         """What --max-disk counts: the blob bytes the index records, and the index itself."""
         return self.store.stats().bytes_on_disk + index_bytes(self.store)
 
-    def _over(self) -> bool:
-        """Whether the store is over --max-disk. A SQLite index's WAL keeps its high-water mark until a
-        checkpoint truncates it, and every eviction's deletes append to it: when the store looks over,
-        the WAL is truncated first, so that an eviction's own log is not counted as data to evict for."""
+    def _excess(self) -> int:
+        """Bytes the store is over --max-disk (0: within it, or no budget). A SQLite index's WAL keeps its
+        high-water mark until a checkpoint truncates it, and every eviction's deletes append to it: when
+        the store looks over, the WAL is truncated first, so that an eviction's own log is not counted as
+        data to evict for."""
         if self.max_disk is None or self.used() <= self.max_disk:
-            return False
+            return 0
         try:
             wal.checkpoint(self.store.engine, truncate=True)
         except Exception:  # noqa: BLE001 - best effort: a busy reader keeps the WAL, counted as it is
             log.debug("disk budget: could not checkpoint the index's WAL", exc_info=True)
-        return self.used() > self.max_disk
+        return max(0, self.used() - self.max_disk)
 
     def _conversations(self) -> list[AgentInfo]:
         fp = self.manager.fingerprints
@@ -195,7 +196,7 @@ class DiskBudget:
         if self.store.readonly:
             return []
         now = self.clock()
-        over = self._over()
+        over = self._excess() > 0
         every = HOUSEKEEPING_SECONDS if self.anon_ttl is None else min(HOUSEKEEPING_SECONDS, self.anon_ttl / 4)
         due = force or now - self._last_housekeeping >= every
         quota = self.namespace_quota is not None and (due or namespace is not None)
@@ -225,8 +226,9 @@ class DiskBudget:
         )
         if out or (due and not over) or (over and not victims):  # (else the drops below collect)
             self._collect(conversations)
-        if self.max_disk is not None and self._over():
-            while victims and self._over() and (excess := self.used() - self.max_disk) > 0:
+        excess = self._excess()
+        if excess > 0:
+            while victims and excess > 0:
                 # Drop as many as their unique bytes say it takes, then collect once (a gc per drop
                 # cost 0.15 s each); chunks shared among the dropped ones count for none, so look again.
                 while victims and excess > 0:
@@ -236,6 +238,7 @@ class DiskBudget:
                     out.append(Dropped(info.name, "budget"))
                 gone = {d.name for d in out}
                 self.store.gc(keep_last=1, agents=[a.name for a in conversations if a.name not in gone])
+                excess = self._excess()
             self._report(conversations, {d.name for d in out}, now)
         elif self.pinned_over_budget:
             self.pinned_over_budget = False

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, create_engine, event, insert, inspect, text
+from sqlalchemy import bindparam, create_engine, event, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
@@ -257,6 +257,17 @@ def reading(engine: Engine, what: str) -> Iterator[SqlAlchemyReads]:
     """A read transaction for the queries of kvstore.index.reads."""
     with transaction(engine, write=False, what=what) as conn:
         yield SqlAlchemyReads(conn)
+
+
+_META_VALUE = Prepared(
+    lambda _d: select(schema.store_meta.c.value).where(schema.store_meta.c.key == bindparam("key"))
+)
+
+
+def meta_value(conn: Connection, key: str) -> str | None:
+    """One store_meta value (None: no such key), by a statement compiled once (a save reads two)."""
+    got = _META_VALUE.scalar(conn, key=key)
+    return None if got is None else str(got)
 
 
 def read_meta(conn: Connection) -> dict[str, str]:

@@ -220,12 +220,9 @@ _ADD_WRITTEN = Prepared(
 )
 
 
-_META_VALUE = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
-
-
 def namespace_model(conn, salted: str) -> str | None:
     """The model an imported namespace stands for; None for an ordinary fingerprint."""
-    return _META_VALUE.scalar(conn, key=NAMESPACE_KEY + salted)
+    return db.meta_value(conn, NAMESPACE_KEY + salted)
 
 
 def agent_namespace(conn, name: str, fingerprint: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, update
 
 from kvstore.index import db, schema
 from kvstore.index.prepared import Prepared
@@ -26,14 +26,12 @@ __all__ = ["KEY", "token", "changed"]
 KEY = "removals"  # the store_meta key
 
 _sm = schema.store_meta
-_READ = Prepared(lambda _d: select(_sm.c.value).where(_sm.c.key == bindparam("key")))
 _SET = Prepared(lambda _d: update(_sm).where(_sm.c.key == bindparam("key")).values(value=bindparam("value")))
 
 
 def token(conn) -> str | None:
     """The current token (None: the index keeps none, trust nothing). Read it before the lookups it vouches for."""
-    got = _READ.scalar(conn, key=KEY)
-    return None if got is None else str(got)
+    return db.meta_value(conn, KEY)
 
 
 def changed(conn) -> None:
