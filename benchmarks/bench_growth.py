@@ -164,6 +164,12 @@ def _timed_save(store, name: str, cache: list, toks: list[int]) -> tuple[float, 
     return time.perf_counter() - t0, time.process_time() - c0, snap
 
 
+def _window_start(turn: int, turns: int) -> int:
+    """The first of the 2 * WINDOW + 1 turns whose medians stand for `turn`: centred on it, moved inside the
+    run at its ends (at the last turn, the ones up to it: the same number of pairs as any other)."""
+    return max(1, min(turn - WINDOW, turns - 2 * WINDOW))
+
+
 def measure_history(root: Path, turns: int) -> dict:
     """One agent, `turns` turns of PER_TURN tokens after a PROMPT-token prompt: every turn's save seconds and bytes.
 
@@ -214,7 +220,7 @@ def measure_history(root: Path, turns: int) -> dict:
     for t in REPORTED_TURNS:
         if t > turns:
             continue
-        near = [p for p in per if abs(p["turn"] - t) <= WINDOW]
+        near = per[_window_start(t, len(per)) - 1 :][: 2 * WINDOW + 1]
         reported.append(
             {
                 "turn": t,
@@ -392,8 +398,8 @@ def section(r: dict) -> str:
     out += [
         "",
         f"**(b) The history.** One agent: a {h['prompt_tokens']}-token prompt, then turns of {h['per_turn_tokens']} "
-        f"tokens, chunks of {h['chunk_size']} tokens. Save time is the median of the turns within {WINDOW} of the one "
-        "named, wall clock and CPU time of the process (all its threads); bytes are the blob bytes that turn's "
+        f"tokens, chunks of {h['chunk_size']} tokens. Save time is the median of the {2 * WINDOW + 1} turns around the one "
+        "named (at the last turn, the ones up to it), wall clock and CPU time of the process (all its threads); bytes are the blob bytes that turn's "
         "save wrote (a turn writes its last, partial chunk again, so the bytes cycle with the chunk: the median is "
         "over the same turns). Each turn is timed beside a short chat's turn in the same store, in alternating "
         f"order: {h['short_chunks']} whole chunks of history, then as many tokens in its last chunk as the long "
