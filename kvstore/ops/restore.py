@@ -231,7 +231,7 @@ def _verify_prefix(conn, *, keys: list[bytes], spans, toks: np.ndarray, n: int) 
     """How many of the first n tokens agree with a stored snapshot that holds chunk n ends at."""
     i = last_chunk(spans, n)
     raw = reads.listed_tokens(conn, keys[i], i)
-    stored = None if raw is None else tokens_to_array(tokens_from_bytes(raw))
+    stored = None if raw is None else np.frombuffer(raw, dtype="<u4")  # the stored form is the compared form
     return agreeing(stored, toks, spans, n)
 
 
