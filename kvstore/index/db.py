@@ -259,9 +259,7 @@ def reading(engine: Engine, what: str) -> Iterator[SqlAlchemyReads]:
         yield SqlAlchemyReads(conn)
 
 
-_META_VALUE = Prepared(
-    lambda _d: select(schema.store_meta.c.value).where(schema.store_meta.c.key == bindparam("key"))
-)
+_META_VALUE = Prepared(lambda _d: select(schema.store_meta.c.value).where(schema.store_meta.c.key == bindparam("key")))
 
 
 def meta_value(conn: Connection, key: str) -> str | None:
