@@ -147,3 +147,17 @@ def _outcome(fn, arg):
 def test_a_token_list_converts_as_numpy_converts_it(toks):
     """Lists take array.array's path (a turn's save converts the whole history); a tuple takes numpy's."""
     assert _outcome(tokens_to_array, toks) == _outcome(tokens_to_array, tuple(toks))
+
+
+@pytest.mark.parametrize("turns", [64, 512])
+def test_every_reported_turn_is_the_median_of_as_many_pairs(turns):
+    """bench_growth's last reported turn is the run's last: its median takes the turns up to it, as many as
+    any other turn's (centred) median takes, not the half of a centred window that the run reached."""
+    from benchmarks import bench_growth as bg
+
+    width = 2 * bg.WINDOW + 1
+    for t in [t for t in bg.REPORTED_TURNS if t <= turns] + [turns]:
+        start = bg._window_start(t, turns)
+        assert start >= 1 and start + width - 1 <= turns
+        assert start <= t <= start + width - 1
+        assert t != turns or start + width - 1 == turns
