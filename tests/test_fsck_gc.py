@@ -200,3 +200,93 @@ def test_gc_of_named_agents_leaves_every_other_agents_snapshots(store):
 def test_keep_last_must_be_positive(store):
     with pytest.raises(ValueError, match="keep_last"):
         store.gc(keep_last=0)
+
+
+
+def _stock_sqlite_limit(store):
+    """Give the store's SQLite connections the parameter limit of SQLite builds before 3.32 (999): what a
+    statement binding one parameter per row meets, at a smaller count, in any SQLite (32,766) or in
+    PostgreSQL (65,535)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    if not hasattr(sqlite3.Connection, "setlimit"):
+        pytest.skip("sqlite3's setlimit needs Python 3.11")
+
+    @event.listens_for(store.engine, "connect")
+    def _limit(dbapi_conn, _record):
+        dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+
+    store.engine.dispose()
+
+
+def _older_copies(store, snapshot_id: int, n: int) -> None:
+    """n more snapshots of the same agent, older than all, copies of `snapshot_id` with its chunk list."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :k) "
+                "INSERT INTO snapshots (id, agent_id, model_id, n_tokens, tokens, created, label, pinned) "
+                "SELECT -i, agent_id, model_id, n_tokens, tokens, created - i, NULL, 0 "
+                "FROM snapshots, n WHERE snapshots.id = :old"
+            ),
+            {"k": n, "old": snapshot_id},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO snapshot_chunks (snapshot_id, seq, chunk_key) SELECT s.id, sc.seq, sc.chunk_key "
+                "FROM snapshots s JOIN snapshot_chunks sc ON sc.snapshot_id = :old WHERE s.id < 0"
+            ),
+            {"old": snapshot_id},
+        )
+
+
+def test_gc_dry_run_counts_more_prunable_snapshots_than_a_statement_may_bind(tmp_path):
+    """A dry run over more prunable snapshots than one statement may bind reports what gc then removes;
+    it bound every snapshot id in one `IN (...)` and failed with "too many SQL variables"."""
+    n_old = 1_200
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        save(store, "talker", 3 * C, seed=1)
+        save(store, "talker", 4 * C, seed=1)  # its head; the snapshot before it is kept by keep_last=2
+        first = store.snapshots("talker")[0].id
+        _older_copies(store, first, n_old)
+        _stock_sqlite_limit(store)
+        dry = store.gc(dry_run=True, keep_last=2, grace=0)
+        assert dry.snapshots_removed == n_old
+        real = store.gc(keep_last=2, grace=0)
+        assert (real.snapshots_removed, real.chunks_removed, real.blobs_removed) == (
+            dry.snapshots_removed,
+            dry.chunks_removed,
+            dry.blobs_removed,
+        )
+        assert [s.n_tokens for s in store.snapshots("talker")] == [3 * C, 4 * C]
+
+
+def test_an_agent_with_more_snapshots_than_a_statement_may_bind_exports(tmp_path):
+    """An export read the chunk lists of all the agent's snapshots by a list of their ids in one `IN (...)`."""
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        _cache, toks = save(store, "talker", 3 * C, seed=1)
+        _older_copies(store, store.snapshots("talker")[0].id, 1_200)
+        _stock_sqlite_limit(store)
+        got = kvstore.export_agent(store, "talker", tmp_path / "talker.kvstore")
+        assert got.snapshots == 1_201
+    with kvstore.open(tmp_path / "t", chunk_size=C) as other:
+        kvstore.import_agent(other, tmp_path / "talker.kvstore", trust=True)
+        assert len(other.snapshots("talker")) == 1_201
+        assert other.restore(toks, model=FP)[1] == 3 * C
+
+
+def test_gc_sweeps_more_orphan_files_than_a_statement_may_bind(tmp_path):
+    """gc re-checks the files it is about to remove a thousand at a time, under the write lock: the check
+    bound all thousand ids in one `IN (...)`."""
+    with kvstore.open(tmp_path / "s", chunk_size=C) as store:
+        save(store, "talker", 3 * C, seed=1)
+        kept = {p.name for p in (tmp_path / "s" / "blobs").rglob("*.safetensors")}
+        for i in range(1_200):
+            blob_id = f"{i:032x}"
+            (tmp_path / "s" / "blobs" / blob_id[:2] / (blob_id[2:] + ".safetensors")).write_bytes(b"orphan")
+        _stock_sqlite_limit(store)
+        got = store.gc(keep_last=1, grace=0)
+        assert got.files_removed == 1_200
+        assert {p.name for p in (tmp_path / "s" / "blobs").rglob("*.safetensors")} == kept

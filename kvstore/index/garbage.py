@@ -145,8 +145,9 @@ def known_blob_ids(conn) -> set[str]:
 
 
 def still_named(conn, blob_ids: list[str]) -> set[str]:
-    """Those of `blob_ids` that have a blob row."""
-    return {b for (b,) in conn.execute(select(schema.blobs.c.id).where(schema.blobs.c.id.in_(blob_ids)))}
+    """Those of `blob_ids` that have a blob row (asked in batches: gc sweeps files a thousand at a time)."""
+    b = schema.blobs
+    return {bid for part in batches(blob_ids) for (bid,) in conn.execute(select(b.c.id).where(b.c.id.in_(part)))}
 
 
 class Unreachable(NamedTuple):
@@ -159,10 +160,17 @@ class Unreachable(NamedTuple):
 
 
 def unreachable(conn, keep_last: int, agents: Iterable[str] | None) -> Unreachable:
-    """What drop_unreachable would remove (and every known blob id), read in the caller's transaction."""
+    """What drop_unreachable would remove (and every known blob id), read in the caller's transaction.
+
+    The doomed snapshots are excluded by their query, not by a list of their ids: a busy server's store
+    has more than one statement may bind (65,535 parameters in PostgreSQL, 32,766 in SQLite)."""
     doomed = doomed_snapshots(conn, keep_last, agents)
     sc, cl, b = schema.snapshot_chunks, schema.chunk_layers, schema.blobs
-    surviving = select(sc.c.chunk_key).where(not_(sc.c.snapshot_id.in_(doomed))) if doomed else select(sc.c.chunk_key)
+    surviving = select(sc.c.chunk_key)
+    if doomed:
+        parts = [None] if agents is None else batches(sorted(set(agents)))
+        for part in parts:
+            surviving = surviving.where(not_(sc.c.snapshot_id.in_(doomed_snapshots_query(keep_last, part))))
     dead_chunks = [
         k for (k,) in conn.execute(select(schema.chunks.c.key).where(not_(schema.chunks.c.key.in_(surviving))))
     ]

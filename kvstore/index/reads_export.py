@@ -45,9 +45,11 @@ def agent_rows(conn, name: str) -> AgentRows:
     real = queries.namespace_model(conn, model.fingerprint)
     snaps = conn.execute(select(s).where(s.c.agent_id == agent.id).order_by(s.c.id)).all()
     lists: dict[int, list[bytes]] = {sn.id: [] for sn in snaps}
+    # Listed by agent, not by a list of its snapshot ids: it may have more than one statement can bind.
     for sid, key in conn.execute(
         select(sc.c.snapshot_id, sc.c.chunk_key)
-        .where(sc.c.snapshot_id.in_(list(lists)))
+        .select_from(sc.join(s, s.c.id == sc.c.snapshot_id))
+        .where(s.c.agent_id == agent.id)
         .order_by(sc.c.snapshot_id, sc.c.seq)
     ):
         lists[sid].append(bytes(key))
