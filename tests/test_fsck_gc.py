@@ -202,7 +202,6 @@ def test_keep_last_must_be_positive(store):
         store.gc(keep_last=0)
 
 
-
 def _stock_sqlite_limit(store):
     """Give the store's SQLite connections the parameter limit of SQLite builds before 3.32 (999): what a
     statement binding one parameter per row meets, at a smaller count, in any SQLite (32,766) or in
