@@ -45,7 +45,7 @@ def agent_rows(conn, name: str) -> AgentRows:
     real = queries.namespace_model(conn, model.fingerprint)
     snaps = conn.execute(select(s).where(s.c.agent_id == agent.id).order_by(s.c.id)).all()
     lists: dict[int, list[bytes]] = {sn.id: [] for sn in snaps}
-    # Listed by agent, not by a list of its snapshot ids: it may have more than one statement can bind.
+    # Listed by agent, not by a list of its snapshot ids: it may have more snapshots than a statement can bind.
     for sid, key in conn.execute(
         select(sc.c.snapshot_id, sc.c.chunk_key)
         .select_from(sc.join(s, s.c.id == sc.c.snapshot_id))
