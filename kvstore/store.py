@@ -13,6 +13,7 @@ from kvstore.blob.backend import BlobBackend
 from kvstore.blob.iopool import IoPool
 from kvstore.blob.local import BlobStore
 from kvstore.cache.fingerprint import fingerprint
+from kvstore.cache.recent_tokens import RecentTokens
 from kvstore.errors import (
     AgentExistsError,
     IncompatibleStoreError,
@@ -67,6 +68,7 @@ class Store(StoreReads):
         self.io = IoPool(io_threads)
         self.whole_seen = WholeSeen()  # chunks this process found whole: a turn's save looks up only its new ones
         self.window_warned: set[str] = set()  # models a save warned about lost window chunks (ops.save)
+        self.recent_tokens = RecentTokens()  # each agent's last saved token list: a turn converts only its new ids
         self.blobs: BlobBackend = blobs or BlobStore(root, durable=durable)
         try:
             self.engine = db.make_engine(url, timeout=timeout, readonly=readonly)

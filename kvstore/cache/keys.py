@@ -32,7 +32,7 @@ def tokens_to_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 # array.array's code of a 4-byte unsigned int ("I" on every platform MLX runs on)
-_U32 = next(code for code in "ILH" if array.array(code).itemsize == 4)
+U32_CODE = next(code for code in "ILH" if array.array(code).itemsize == 4)
 
 
 def _int_list(tokens: list) -> np.ndarray | None:
@@ -41,7 +41,7 @@ def _int_list(tokens: list) -> np.ndarray | None:
     if not tokens or type(tokens[0]) is bool:  # all bools: numpy makes a bool array, refused below
         return None
     try:
-        return np.frombuffer(array.array(_U32, tokens), dtype=np.uint32)
+        return np.frombuffer(array.array(U32_CODE, tokens), dtype=np.uint32)
     except (TypeError, OverflowError):  # floats, strings, ids outside uint32: numpy's path says what is wrong
         return None
 
@@ -50,18 +50,21 @@ def tokens_from_bytes(data: bytes) -> list[int]:
     return np.frombuffer(data, dtype="<u4").tolist()
 
 
-def chunk_keys(fingerprint: str, tokens: Sequence[int] | np.ndarray, chunk_size: int) -> list[bytes]:
+def chunk_keys(
+    fingerprint: str, tokens: Sequence[int] | np.ndarray, chunk_size: int, known: Sequence[bytes] = ()
+) -> list[bytes]:
     """Keys K_0..K_m: K_0 = H(F || chunk_0), K_i = H(K_{i-1} || chunk_i); a trailing partial chunk too.
 
     A key names the KV of a chunk given its whole prefix, so equal prefixes give equal keys
-    in any process.
+    in any process. `known`: the keys of the first whole chunks, when the caller has them (a turn's
+    save: its previous save's); only the keys after them are hashed.
     """
     data = tokens_to_array(tokens).tobytes()
     step = chunk_size * 4
-    prev = bytes.fromhex(fingerprint)
-    keys = []
+    keys = list(known)
+    prev = keys[-1] if keys else bytes.fromhex(fingerprint)
     digest = xxhash.xxh3_128_digest
-    for start in range(0, len(data), step):
+    for start in range(len(keys) * step, len(data), step):
         prev = digest(prev + data[start : start + step])
         keys.append(prev)
     return keys

@@ -198,10 +198,11 @@ def _add_chunks(
     for sn in chain.snapshots:
         keys, n = sn.keys, int(sn.tokens.size)
         for i, key in enumerate(keys):
-            place.setdefault(key, (i, keys[i - 1] if i else root, n))
+            if key not in present and key not in place:
+                place[key] = (i, keys[i - 1] if i else root, n)
     # Which chunks are stored, with their prefix bytes (a new chunk's parent may be one of them).
-    stored = sizes.prefix_bytes(conn, [k for k in place if k not in present])
-    have = stored.keys() | (present & place.keys())
+    stored = sizes.prefix_bytes(conn, list(place))
+    have = stored.keys() | present
     old_rows = [r for r in chain.layers if r.chunk_key in have]
     new_rows = [r for r in chain.layers if r.chunk_key not in have]
     if old_rows:

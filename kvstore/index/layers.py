@@ -150,10 +150,10 @@ def stored_layers(conn, keys: Sequence[bytes], *, slots: int, seen: WholeSeen | 
         return StoredLayers(frozenset(), _rows(conn, keys), max(slots, 0))
     token = removals.token(conn) if seen is not None else None  # before the lookups it vouches for
     known = seen.under(token, slots) if seen is not None else frozenset()
-    distinct = list(dict.fromkeys(bytes(k) for k in keys))
-    ask = [k for k in distinct if k not in known] if known else distinct
+    distinct = dict.fromkeys(k if type(k) is bytes else bytes(k) for k in keys)
+    ask = [k for k in distinct if k not in known] if known else list(distinct)
     found = frozenset(bytes(k) for (k,) in _whole_of(slots).rows(conn, ask)) if ask else frozenset()
-    whole = found.union(k for k in distinct if k in known) if known else found
+    whole = found | known.intersection(distinct) if known else found
     if seen is not None:
         seen.add(token, slots, found)
     rest = [k for k in ask if k not in found]

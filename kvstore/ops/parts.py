@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from kvstore.blob.backend import BlobBackend
     from kvstore.blob.iopool import IoPool
+    from kvstore.cache.recent_tokens import RecentTokens
     from kvstore.index.db import Engine  # the index's engine (SQLAlchemy stays in kvstore.index)
     from kvstore.index.layers import WholeSeen
     from kvstore.index.reads import Reads
@@ -41,11 +42,12 @@ class Reader(Stored, Protocol):
 
 
 class Writer(Reader, Protocol):
-    """The save path: the read path's parts, the chunks this process found whole, and the models it warned
-    about already (a cache whose window lost chunks it did not capture)."""
+    """The save path: the read path's parts, the chunks this process found whole, the models it warned
+    about already (a cache whose window lost chunks it did not capture), and each agent's last token list."""
 
     whole_seen: WholeSeen
     window_warned: set[str]
+    recent_tokens: RecentTokens
 
 
 class Importer(Stored, Protocol):

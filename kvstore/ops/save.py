@@ -15,7 +15,7 @@ import numpy as np
 
 from kvstore.cache import codec
 from kvstore.cache.fingerprint import model_name
-from kvstore.cache.keys import chunk_keys, chunk_spans, tokens_to_array
+from kvstore.cache.keys import chunk_spans
 from kvstore.errors import ModelMismatchError, WindowNotCapturedWarning
 from kvstore.index import db, queries
 from kvstore.index.commit import AgentEntry, Chain, LayerRow, ModelEntry, NewSnapshot, Retry, commit_chain, retrying
@@ -48,7 +48,6 @@ class SavePlan:
     layout: str  # the cache layout, JSON text
     tokens: np.ndarray  # uint32 token ids
     keys: list[bytes]  # chunk keys of `tokens`
-    spans: list[tuple[int, int]]
     meta_json: str | None  # None keeps the agent's stored metadata
     label: str | None
     pinned: bool
@@ -80,7 +79,7 @@ def save(
         validate_name(label, "snapshot label")
     if not isinstance(cache, (list, tuple)):
         raise TypeError(f"cache must be a list of mlx-lm cache objects, not {type(cache).__name__}")
-    toks = tokens_to_array(tokens)
+    toks = store.recent_tokens.convert(name, tokens)
     n = int(toks.size)
     tree, slots, leaves = codec.describe(list(cache))
     codec.check_offsets(leaves, slots, n)
@@ -107,8 +106,7 @@ def save(
                     fingerprint=fp,
                     layout=layout,
                     tokens=toks,
-                    keys=chunk_keys(fp, toks, store.chunk_size),
-                    spans=chunk_spans(n, store.chunk_size),
+                    keys=store.recent_tokens.chunk_keys(name, fp, toks, store.chunk_size),
                     meta_json=meta_json,
                     label=label,
                     pinned=bool(pinned),
@@ -141,10 +139,11 @@ def _warn_window_lost(store: Writer, plan: SavePlan, *, slots, leaves, have, cap
     """Warn (once per store and model) when sliding-window chunks that already left the window are
     neither stored nor captured: the snapshot then restores only at exactly its length, never at an
     earlier chunk boundary (issue 15, item 3)."""
-    model, keys, spans, n = plan.model, plan.keys, plan.spans, int(plan.tokens.size)
+    model, keys, n = plan.model, plan.keys, int(plan.tokens.size)
     warned = store.window_warned
-    if model in warned:
+    if model in warned or not any(slot.kind == "rot" for slot in slots):
         return
+    spans = chunk_spans(n, store.chunk_size)
     for s, (slot, leaf) in enumerate(zip(slots, leaves)):
         if slot.kind != "rot" or leaf.keys is None:
             continue
