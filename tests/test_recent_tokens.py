@@ -112,7 +112,27 @@ def test_entries_are_bounded_by_agents_and_by_ids():
     recent.convert("more", list(range(300)))  # past 1,000 ids too: the two oldest go
     assert list(recent._entries) == ["big", "more"] and recent._held == 1_000
     recent.convert("huge", list(range(2_000)))  # more than all entries may hold: not kept
-    assert "huge" not in recent._entries
+    assert recent._entries["huge"].kept is None and recent._held == 1_000
+
+
+def test_lists_made_again_each_time_are_kept_ever_more_rarely():
+    """A server tokenizes each request's whole prompt: its lists hold other int objects every time. They
+    convert whole (never compared by value), and after each miss more lists pass before one is kept."""
+    values = [random.Random(4).randrange(300, 2**32) for _ in range(2_000)]
+    recent = RecentTokens()
+    kept = []
+    for call in range(40):
+        toks = [int(str(v)) for v in values[: 1_000 + call]]  # equal ids, new objects
+        assert np.array_equal(recent.convert("a", toks), _expected(toks))
+        if recent._entries["a"].kept is not None:
+            kept.append(call)
+    assert kept == [0, 3, 7, 13, 23]
+    hits = []
+    for call in range(40, 80):  # a caller that starts extending its list: kept at the next chance, then hits
+        toks = toks + [call]
+        recent.convert("a", toks)
+        hits.append(recent._entries["a"].backoff == 0 and recent._entries["a"].kept is not None)
+    assert hits[-10:] == [True] * 10
 
 
 def test_a_chat_whose_list_grows_saves_and_loads_its_exact_tokens(tmp_path):

@@ -11,7 +11,9 @@ set to -1 and then to 2**32, `kept < tokens < kept` holds exactly when the kept 
 of `tokens` and one more id in uint32's range follows them: at the first pair of items that differ,
 the kept id cannot be both below and above the new one. The entry holds its items, so none is freed
 and another object put at its address: an item that is the same object is the same id. Items that are
-not the same object are compared by value, as Python compares lists.
+not the same object are compared by value, as Python compares lists; a list whose items are mostly other
+objects (made again from text, as a server does for each request) is converted whole instead, as
+comparing it by value costs more than converting it.
 
 Only lists of plain ints are kept (their first and last item, and every item added, are checked: a
 tokenizer's lists are). An int never changes its value, where an object of another type with an
@@ -31,24 +33,32 @@ from kvstore.cache.keys import U32_CODE, chunk_keys, tokens_to_array
 
 AGENTS = 64  # entries kept: the most recently saved agents'
 TOKENS = 1 << 20  # ids kept in all entries at most (about 12 bytes an id, and the ints they hold)
+SAMPLES = 8  # items of the kept list checked to be the same objects before a whole comparison
+MAX_BACKOFF = 64  # lists converted whole, at most, after a list that did not extend the kept one
 _BELOW, _ABOVE = -1, 1 << 32  # the sentinels: below and above every uint32 id
 
 
 class _Entry:
-    __slots__ = ("kept", "ids", "keyed")
+    __slots__ = ("kept", "ids", "keyed", "backoff", "skip")
 
-    def __init__(self, kept: list, ids: np.ndarray):
-        self.kept = kept  # the items converted, then a sentinel
-        self.ids = ids  # their uint32 ids (read-only)
+    def __init__(self):
+        self.kept: list | None = None  # the items converted, then a sentinel (None: not kept)
+        self.ids: np.ndarray | None = None  # their uint32 ids (read-only)
         self.keyed: tuple[str, int, list[bytes]] | None = None  # fingerprint, chunk size, keys of whole chunks
+        self.backoff = 0  # lists to convert whole, without keeping them, after the next miss
+        self.skip = 0  # lists left to convert whole before one is kept again
 
     @property
     def size(self) -> int:
-        return len(self.kept) - 1
+        return 0 if self.kept is None else len(self.kept) - 1
 
 
 class RecentTokens:
-    """Per agent name, the token list its last save converted and its chunk keys (one per store; thread-safe)."""
+    """Per agent name, the token list its last save converted and its chunk keys (one per store; thread-safe).
+
+    Keeping a list copies its item pointers (0.25 ms for 32,000 ints made apart). A list that does not
+    extend the kept one is converted whole and not kept, nor are the next 1, 2, 4 ... 64 lists after
+    repeated misses: a caller that makes its list again every time pays about what it paid before."""
 
     def __init__(self, agents: int = AGENTS, tokens: int = TOKENS):
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -63,10 +73,30 @@ class RecentTokens:
             return tokens_to_array(tokens)
         with self._lock:
             entry = self._entries.get(name)
-            ids = self._extended(name, entry, tokens) if entry is not None else None
-            if ids is None:
-                ids = tokens_to_array(tokens)
-                self._replace(name, tokens, ids)
+            if entry is None:
+                entry = self._entries[name] = _Entry()
+            self._entries.move_to_end(name)
+            missed = entry.kept is not None
+            if missed:
+                ids = self._extended(entry, tokens)
+                if ids is not None:
+                    entry.backoff = 0
+                    self._trim()
+                    return ids
+                self._held -= entry.size
+                entry.kept = entry.ids = entry.keyed = None
+                entry.backoff = min(MAX_BACKOFF, entry.backoff * 2 or 1)
+                entry.skip = entry.backoff
+            ids = tokens_to_array(tokens)
+            if missed:
+                pass
+            elif entry.skip:
+                entry.skip -= 1
+            elif len(tokens) <= self._tokens:
+                ids.setflags(write=False)
+                entry.kept, entry.ids = [*tokens, _ABOVE], ids
+                self._held += len(tokens)
+            self._trim()
             return ids
 
     def chunk_keys(self, name: str, fingerprint: str, ids: np.ndarray, chunk_size: int) -> list[bytes]:
@@ -82,10 +112,14 @@ class RecentTokens:
             entry.keyed = (fingerprint, chunk_size, keys[:whole])
             return keys
 
-    def _extended(self, name: str, entry: _Entry, tokens: list) -> np.ndarray | None:
+    def _extended(self, entry: _Entry, tokens: list) -> np.ndarray | None:
         """The ids of `tokens` if it extends the entry's list by plain ints (the entry then holds it), else None."""
-        kept, n = entry.kept, entry.size
-        if len(tokens) <= n:
+        kept, kept_ids, n = entry.kept, entry.ids, entry.size
+        if kept is None or kept_ids is None or len(tokens) <= n:
+            return None
+        # A list made again (a server tokenizes each request's whole prompt) holds other int objects:
+        # comparing those by value would cost three conversions. Some items are looked at first.
+        if any(tokens[i] is not kept[i] for i in range(0, n, max(1, n // SAMPLES))) or tokens[n - 1] is not kept[n - 1]:
             return None
         added = tokens[n:]
         try:
@@ -100,27 +134,14 @@ class RecentTokens:
             return None
         finally:
             kept[n] = _ABOVE
-        ids = np.concatenate((entry.ids, new))
+        ids = np.concatenate((kept_ids, new))
         ids.setflags(write=False)
         del kept[n:]
         kept.extend(added)
         kept.append(_ABOVE)
         entry.ids = ids  # (its keys of whole chunks stay those of the ids it extends)
         self._held += len(added)
-        self._entries.move_to_end(name)
-        self._trim()
         return ids
-
-    def _replace(self, name: str, tokens: list, ids: np.ndarray) -> None:
-        old = self._entries.pop(name, None)
-        if old is not None:
-            self._held -= old.size
-        if len(tokens) > self._tokens:
-            return
-        ids.setflags(write=False)
-        self._entries[name] = _Entry([*tokens, _ABOVE], ids)
-        self._held += len(tokens)
-        self._trim()
 
     def _trim(self) -> None:
         while self._entries and (len(self._entries) > self._agents or self._held > self._tokens):
