@@ -298,3 +298,50 @@ def test_a_flipped_byte_is_caught_on_the_parallel_read_path(big_store):
     finally:
         victim.write_bytes(good)
     assert store.fsck().ok
+
+
+def _evicted(paths, scratch) -> bool:
+    """Drop the files' pages from the page cache (they are clean: synced when saved); False if this file
+    system keeps them (tried on `scratch` first: a read that may not wait also starts a read-ahead, so
+    the files themselves are not probed)."""
+    scratch.write_bytes(b"x" * 65536)
+    fd = os.open(scratch, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(1)], 65535, os.RWF_NOWAIT)
+            return False
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(fd)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="Linux's RWF_NOWAIT tells a cold read apart")
+def test_a_restore_from_the_device_reads_more_blobs_side_by_side(big_store, monkeypatch, tmp_path):
+    """Blobs out of the page cache are read on the cold pool's wider set of threads, bit-exact; once
+    they are cached, on the store's own threads again."""
+    store, cache = big_store
+    if not _evicted([p for _, p in store.blobs.iter_files()], tmp_path / "probe"):
+        pytest.skip("this file system keeps file pages in memory")
+    maps = []
+    real_map = IoPool.map
+
+    def spy_map(self, fn, items, width=None):
+        maps.append((self, width))
+        return real_map(self, fn, items, width)
+
+    monkeypatch.setattr(IoPool, "map", spy_map)
+    loaded, _ = store.load("big", model=FP)
+    assert maps == [(scatter._COLD, scatter.COLD_READ_WIDTH)]
+    assert same_cache(cache, loaded)
+    store.load("big", model=FP)
+    assert maps[1:] == [(store.io, scatter.READ_WIDTH)]
