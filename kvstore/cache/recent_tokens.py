@@ -41,7 +41,7 @@ _BELOW, _ABOVE = -1, 1 << 32  # the sentinels: below and above every uint32 id
 class _Entry:
     __slots__ = ("kept", "ids", "keyed", "backoff", "skip")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.kept: list | None = None  # the items converted, then a sentinel (None: not kept)
         self.ids: np.ndarray | None = None  # their uint32 ids (read-only)
         self.keyed: tuple[str, int, list[bytes]] | None = None  # fingerprint, chunk size, keys of whole chunks
