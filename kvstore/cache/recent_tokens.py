@@ -18,7 +18,8 @@ comparing it by value costs more than converting it.
 Only lists of plain ints are kept (their first and last item, and every item added, are checked: a
 tokenizer's lists are). An int never changes its value, where an object of another type with an
 `__index__` could. Anything else (a shorter list, an edited one, an array) is converted whole, as
-before, and a list replaces the agent's entry.
+before; a list that misses drops the agent's entry, and the lists after it are kept again after a
+back-off (see RecentTokens).
 """
 
 from __future__ import annotations
@@ -76,21 +77,20 @@ class RecentTokens:
             if entry is None:
                 entry = self._entries[name] = _Entry()
             self._entries.move_to_end(name)
-            missed = entry.kept is not None
-            if missed:
+            if entry.kept is not None:
                 ids = self._extended(entry, tokens)
                 if ids is not None:
                     entry.backoff = 0
                     self._trim()
                     return ids
+                # A miss: this list and the next `backoff` ones are converted whole and not kept.
                 self._held -= entry.size
                 entry.kept = entry.ids = entry.keyed = None
                 entry.backoff = min(MAX_BACKOFF, entry.backoff * 2 or 1)
                 entry.skip = entry.backoff
+                return tokens_to_array(tokens)
             ids = tokens_to_array(tokens)
-            if missed:
-                pass
-            elif entry.skip:
+            if entry.skip:
                 entry.skip -= 1
             elif len(tokens) <= self._tokens:
                 ids.setflags(write=False)
