@@ -168,12 +168,6 @@ def _side_by_side(fn: Callable[[T], None], items: list[T]) -> None:
         raise errors[0]
 
 
-# Copies into the page cache, one at a time per process: on this project's Linux machine two threads
-# each writing a 3 MiB file took 6-10 ms where one thread writing both took 1.5-2.5 ms (tmpfs alike:
-# the kernel's page allocation contends). The fsyncs, where a write waits, still overlap.
-_COPY_LOCK = threading.Lock()
-
-
 class BlobStore(BlobBackend):
     """The `blobs/` and `tmp/` folders of a store: the blob backend of a folder (local disk, NFS, SMB)."""
 
@@ -335,8 +329,7 @@ class BlobStore(BlobBackend):
             # Locked until renamed: gc.temp_in_use leaves a live write's temp file alone.
             fcntl.flock(fd, fcntl.LOCK_EX)
             hasher = xxhash.xxh3_128() if blob_id is None else None
-            with _COPY_LOCK:
-                nbytes = write_all(fd, buffers, hasher)
+            nbytes = write_all(fd, buffers, hasher)
             if self.durable:
                 start_writeback(fd)
         except OSError as e:

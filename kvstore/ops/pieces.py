@@ -47,7 +47,7 @@ def _host_arrays(slots, leaves, wanted: list[int]) -> dict[int, tuple[dict[str, 
 
 
 def _slice(arrays: dict[str, tensorfile.HostArray], a: int, b: int) -> dict[str, tensorfile.HostArray]:
-    return {n: tensorfile.HostArray(h.data[..., a:b, :], h.dtype) for n, h in arrays.items()}
+    return {n: h.positions(a, b) for n, h in arrays.items()}
 
 
 def plan_pieces(
