@@ -57,7 +57,7 @@ PAGE = 4096
 PAGE_ALIGN_FROM = 1 << 20  # data sections of at least this many bytes start on a page
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 0.8 us against 0.16, and a save makes 768
 class HostArray:
     """A numpy view (any strides) of array memory, and its safetensors dtype; or, with `hi` set, only
     positions [lo, hi) of its second-to-last axis.
