@@ -19,6 +19,7 @@ from kvstore.ops import blob_writes
 from kvstore.testing import make_cache, same_cache, tokens
 
 FP = "5a" * 16
+REAL_START_PUT = local.BlobStore.start_put
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32, mx.uint32])
@@ -43,14 +44,19 @@ def test_blocks_cut_by_offset_are_the_bytes_of_numpy_views(dtype, lead):
         assert [len(b) for b in part.blocks()] == [len(b) for b in tensorfile.blocks(expect)]
 
 
-def _threads_copying(monkeypatch) -> set[str]:
-    """The names of the threads that copy a blob from now on (a spy on BlobStore.start_put)."""
+def _threads_copying(monkeypatch, wait_for: int = 1) -> set[str]:
+    """The names of the threads that copy a blob from now on (a spy on BlobStore.start_put). Each copy
+    waits until `wait_for` threads have started one (at most 10 s): small blobs could otherwise all be
+    copied by the caller before the helper thread wakes."""
     seen: set[str] = set()
-    real = local.BlobStore.start_put
+    enough = threading.Event()
 
     def spy(self, buffers):
         seen.add(threading.current_thread().name)
-        return real(self, buffers)
+        if len(seen) >= wait_for:
+            enough.set()
+        enough.wait(timeout=10)
+        return REAL_START_PUT(self, buffers)
 
     monkeypatch.setattr(local.BlobStore, "start_put", spy)
     return seen
@@ -59,12 +65,11 @@ def _threads_copying(monkeypatch) -> set[str]:
 def test_a_save_copied_on_two_threads_stores_the_blobs_one_thread_stores(tmp_path, monkeypatch):
     toks = tokens(200, seed=4)
     cache = make_cache("kv", 200, layers=4, seed=4)
-    seen = _threads_copying(monkeypatch)
     ids = {}
     for width in (1, 2):
         monkeypatch.setattr(blob_writes, "COPY_WIDTH", width)
         monkeypatch.setattr(blob_writes, "COPY_PARALLEL_BYTES", 0)
-        seen.clear()
+        seen = _threads_copying(monkeypatch, wait_for=width)
         with kvstore.open(tmp_path / f"w{width}", chunk_size=16, io_threads=4) as store:
             snap = store.save("a", cache, toks, model=FP)
             assert snap.blobs_written == 13  # 200 tokens in chunks of 16
