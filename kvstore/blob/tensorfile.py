@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -63,8 +62,8 @@ class HostArray:
     positions [lo, hi) of its second-to-last axis.
 
     `flat`, when known, is the bytes of `data`, which is then C-contiguous: a save's pieces are cut
-    from it by offset, with no numpy indexing (a 4,096-token qwen save cuts 384 pieces into 1,536
-    blocks: ~5 ms through numpy views, ~0.5 ms by offset).
+    from it by offset, with no numpy indexing (a 4,096-token qwen save's 1,536 blocks: 3.5 ms through
+    numpy views, 0.75 ms by offset).
     """
 
     data: np.ndarray
@@ -80,7 +79,10 @@ class HostArray:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.data.itemsize
+        if self.hi is None:
+            return self.data.nbytes
+        positions = self.data.shape[-2]
+        return self.data.nbytes // positions * (self.hi - self.lo) if positions else 0
 
     def positions(self, a: int, b: int) -> HostArray:
         """Positions [a, b) of the second-to-last axis (of the positions already chosen)."""
@@ -91,16 +93,20 @@ class HostArray:
 
     def blocks(self) -> list[memoryview]:
         """The bytes in C order as a few contiguous buffers (views, not copies): `blocks`."""
-        if self.flat is None:
+        flat, lo, hi = self.flat, self.lo, self.hi
+        if flat is None:
             return blocks(self.view())
-        if self.hi is None or self.nbytes == 0:
-            return [self.flat] if self.nbytes else []
-        *lead, positions, width = self.data.shape
+        if hi is None:
+            return [flat] if len(flat) else []
+        positions, width = self.data.shape[-2:]
         row = width * self.data.itemsize
-        if self.lo == 0 and self.hi == positions:
-            return [self.flat]
-        step, begin, n = positions * row, self.lo * row, (self.hi - self.lo) * row
-        return [self.flat[o + begin : o + begin + n] for o in range(0, math.prod(lead) * step, step)]
+        step = positions * row
+        if lo == hi or step == 0:
+            return []
+        if lo == 0 and hi == positions:
+            return [flat]
+        begin, end = lo * row, hi * row
+        return [flat[o + begin : o + end] for o in range(0, len(flat), step)]
 
 
 def st_name(dtype: mx.Dtype) -> str:
